@@ -1,0 +1,26 @@
+# Two commands on a fresh machine (Python 3.11 and make): `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean-outputs
+
+install: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes. Torch comes first, pinned, from the local wheels.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/doco demo --params params/toy_world.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-outputs:
+	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +

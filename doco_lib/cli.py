@@ -1,0 +1,90 @@
+"""The `doco` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from doco_lib.config import ParamsError
+
+
+def _cmd_toy_build(args) -> None:
+    from doco_lib.pipeline import TOY_WEIGHTS
+    from doco_lib.toy.build import build_toy_world
+
+    cache = args.cache or Path.home() / ".cache" / "doco_lab" / f"toy_build_seed{args.seed}"
+    report = build_toy_world(args.out or TOY_WEIGHTS, cache, seed=args.seed, quick=args.quick, device=args.device)
+    print({k: round(v["mean"], 3) for k, v in report["final_quality"].items()})
+
+
+def _cmd_sample(args) -> None:
+    from doco_lib.config import check_value
+    from doco_lib.figures import save_images
+    from doco_lib.pipeline import load_pipeline
+    from doco_lib.sampling import generate
+
+    for key, value in (("model", args.model), ("seed", args.seed), ("num_inference_steps", args.steps),
+                       ("guidance_scale", args.guidance), ("device", args.device)):
+        check_value(key, value)
+    if args.n < 1:
+        raise ParamsError(f"-n: {args.n} images asked for; expected at least 1.")
+    if args.unet is not None and not (Path(args.unet) / "config.json").is_file():
+        raise ParamsError(f"--unet: {args.unet!r} is not a diffusers UNet folder (expected config.json and "
+                          "diffusion_pytorch_model.safetensors inside).")
+    pipe = load_pipeline(args.model, args.device, unet=args.unet)
+    images = generate(pipe, [args.prompt] * args.n, [args.seed + i for i in range(args.n)], args.steps, args.guidance)
+    paths = save_images(images, Path(args.out))
+    print(f"wrote {len(paths)} images and grid.png to {args.out}")
+
+
+def _cmd_demo(args) -> None:
+    from doco_lib.notebooks import run_notebooks
+
+    for path in run_notebooks(args.params):
+        print(f"executed {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="doco", description="DoCo lab: concept erasure in diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    toy = commands.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command", required=True)
+    build = toy.add_parser("build", help="train the toy world from a seed (resumable)")
+    build.add_argument("--out", type=Path, help="where to write the built weights (default: the package's)")
+    build.add_argument("--cache", type=Path, help="checkpoint folder (default: ~/.cache/doco_lab/toy_build_seedS)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--quick", action="store_true", help="a few steps per stage: checks the code, not quality")
+    build.add_argument("--device", default="cpu")
+    build.set_defaults(func=_cmd_toy_build)
+
+    sample = commands.add_parser("sample", help="write N images for a prompt from a diffusers SD pipeline")
+    sample.add_argument("--model", default="toy", help="'toy', a pipeline folder or a hub id")
+    sample.add_argument("--unet", help="an erased UNet folder to use instead of the pipeline's")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("-n", type=int, default=4)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--guidance", type=float, default=5.0)
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--out", required=True)
+    sample.set_defaults(func=_cmd_sample)
+
+    demo = commands.add_parser("demo", help="run the main job: the numbered notebooks on the toy world")
+    demo.add_argument("--params", default="params/toy_world.yaml")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ParamsError, FileNotFoundError) as error:
+        print(f"doco: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

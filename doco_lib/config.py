@@ -1,0 +1,174 @@
+"""Parameters: one schema, shared by papermill notebooks, the `doco` command line and the tests.
+
+A params YAML file in `params/` holds values for any of the keys below; papermill passes them to
+each notebook's `parameters` cell (`-f`), and `load_params` checks them before any work starts:
+unknown keys (with the closest valid key suggested), wrong types, out-of-range values and missing
+files are reported in one paragraph that names the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params file or value is invalid; the message says which key, which value, what was expected."""
+
+
+@dataclass(frozen=True)
+class Param:
+    default: Any
+    kind: type | tuple[type, ...]
+    help: str
+    notebooks: tuple[str, ...]
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    optional: bool = False  # None is allowed
+    check: Callable[[str, Any], None] | None = None
+
+
+def _existing_file(key: str, value: Any) -> None:
+    if value and not Path(value).is_file():
+        raise ParamsError(f"{key}: file {value!r} does not exist (expected a path to an existing file, "
+                          f"relative to the directory the command runs in).")
+
+
+def _device(key: str, value: Any) -> None:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ParamsError(f"{key}: {value!r} is not a device; expected 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'.")
+
+
+def _model(key: str, value: Any) -> None:
+    from doco_lib.pipeline import check_model_reference
+
+    check_model_reference(value, key)
+
+
+def _run_name(key: str, value: Any) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise ParamsError(f"{key}: {value!r} is not a valid run name; use letters, digits, '_', '-' and '.', "
+                          "no path separators (it becomes a folder under output_root).")
+
+
+NB00 = "00_toy_world"
+ALL_NOTEBOOKS = (NB00,)
+
+SCHEMA: dict[str, Param] = {
+    "run_name": Param("toy_world", str, "folder under output_root for this run's artefacts", ALL_NOTEBOOKS,
+                      check=_run_name),
+    "output_root": Param("outputs", str, "root folder of all run outputs", ALL_NOTEBOOKS),
+    "model": Param("toy", str, "'toy', a local diffusers pipeline folder, or a hub id", ALL_NOTEBOOKS,
+                   check=_model),
+    "device": Param("auto", str, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", ALL_NOTEBOOKS, check=_device),
+    "seed": Param(0, int, "base seed; image i of a prompt uses seed + i", ALL_NOTEBOOKS, minimum=0),
+    "num_inference_steps": Param(25, int, "denoising steps when sampling", ALL_NOTEBOOKS, minimum=1, maximum=1000),
+    "guidance_scale": Param(5.0, (int, float), "classifier-free guidance scale", ALL_NOTEBOOKS, minimum=0.0,
+                            maximum=50.0),
+    "samples_per_prompt": Param(32, int, "images per prompt for the judge's accuracy table", (NB00,), minimum=1,
+                                maximum=10_000),
+    "grid_columns": Param(8, int, "images per row in sample grids", (NB00,), minimum=1, maximum=64),
+    "extra_prompts_file": Param("", str, "optional text file, one prompt a line, sampled into a grid ('' for none)",
+                                (NB00,), check=_existing_file),
+}
+
+
+def _type_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def check_value(key: str, value: Any) -> Any:
+    """Validate one value against the schema and return it (ints are accepted where numbers are)."""
+    if key not in SCHEMA:
+        raise ParamsError(unknown_key_message(key))
+    spec = SCHEMA[key]
+    if value is None:
+        if spec.optional:
+            return None
+        raise ParamsError(f"{key}: a value is required, got null (expected {_type_name(spec.kind)}; {spec.help}).")
+    kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ParamsError(f"{key}: {value!r} is {type(value).__name__}, expected {_type_name(spec.kind)} "
+                          f"({spec.help}).")
+    if spec.choices is not None and value not in spec.choices:
+        raise ParamsError(f"{key}: {value!r} is not one of {list(spec.choices)}.")
+    if spec.minimum is not None and value < spec.minimum:
+        raise ParamsError(f"{key}: {value!r} is below the minimum {spec.minimum} ({spec.help}).")
+    if spec.maximum is not None and value > spec.maximum:
+        raise ParamsError(f"{key}: {value!r} is above the maximum {spec.maximum} ({spec.help}).")
+    if spec.check is not None:
+        spec.check(key, value)
+    return value
+
+
+def unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, SCHEMA, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(sorted(SCHEMA))}."
+    return f"unknown key {key!r}.{hint}"
+
+
+def validate(values: dict[str, Any], source: str = "params") -> dict[str, Any]:
+    """Defaults overlaid with `values`, every value checked; raises ParamsError naming `source`."""
+    resolved = {key: spec.default for key, spec in SCHEMA.items()}
+    for key, value in values.items():
+        try:
+            resolved[key] = check_value(key, value)
+        except ParamsError as error:
+            raise ParamsError(f"{source}: {error}") from None
+    return resolved
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Parse a params YAML file (safe loader) into a dict, with clear errors for missing or malformed files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {str(path)!r} does not exist (expected a YAML file such as "
+                          "params/toy_world.yaml).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML ({str(error).splitlines()[0]}).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of key: value at the top level, got {type(data).__name__}.")
+    return data
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read, merge overrides into, and validate a params file."""
+    values = read_params_file(path)
+    values.update(overrides or {})
+    return validate(values, source=str(path))
+
+
+def notebook_params(resolved: dict[str, Any], notebook: str) -> dict[str, Any]:
+    """The subset of resolved params that `notebook` declares in its `parameters` cell."""
+    keys = notebook_keys(notebook)
+    return {key: resolved[key] for key in keys}
+
+
+def notebook_keys(notebook: str) -> list[str]:
+    """Keys that `notebook` declares in its `parameters` cell, in schema order."""
+    return [key for key, spec in SCHEMA.items() if notebook in spec.notebooks]
+
+
+def run_dir(resolved: dict[str, Any]) -> Path:
+    return Path(resolved["output_root"]) / resolved["run_name"]
+
+
+def write_resolved(resolved: dict[str, Any], directory: Path) -> Path:
+    """Record the resolved params of a run in its output folder (atomically)."""
+    from doco_lib.io import atomic_write_text
+
+    path = Path(directory) / "resolved_params.yaml"
+    atomic_write_text(yaml.safe_dump(resolved, sort_keys=True), path)
+    return path

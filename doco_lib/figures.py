@@ -1,0 +1,41 @@
+"""Image grids and saved figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] → PIL image."""
+    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def image_grid(images: torch.Tensor, columns: int, scale: int = 1, padding: int = 2) -> Image.Image:
+    """Tile (N, 3, H, W) images in [0, 1] into rows of `columns`, upscaled by `scale` (nearest)."""
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = Image.new("RGB", (columns * (w + padding) + padding, rows * (h + padding) + padding), "white")
+    for i, image in enumerate(images):
+        grid.paste(to_pil(image), (padding + (i % columns) * (w + padding), padding + (i // columns) * (h + padding)))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return grid
+
+
+def save_images(images: torch.Tensor, out_dir: Path, prefix: str = "image", columns: int = 8) -> list[Path]:
+    """Write each image as PNG plus `grid.png`; returns the image paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = out_dir / f"{prefix}_{i:04d}.png"
+        to_pil(image).save(path)
+        paths.append(path)
+    scale = max(1, 256 // images.shape[-1])
+    image_grid(images, min(columns, len(images)), scale=scale).save(out_dir / "grid.png")
+    return paths

@@ -1,0 +1,40 @@
+"""Run the numbered notebooks headlessly with papermill, after the params have been validated."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from doco_lib.config import load_params, notebook_params, run_dir, write_resolved
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_NOTEBOOKS = ("00_toy_world",)
+
+
+def notebook_path(name: str, notebooks_dir: Path | None = None) -> Path:
+    directory = Path(notebooks_dir) if notebooks_dir else REPO_ROOT / "notebooks"
+    path = directory / f"{name}.ipynb"
+    if not path.is_file():
+        raise FileNotFoundError(f"notebook {path} does not exist (expected one of the numbered notebooks in "
+                                f"{directory}).")
+    return path
+
+
+def run_notebooks(params_file: str | Path, notebooks: tuple[str, ...] = DEMO_NOTEBOOKS,
+                  overrides: dict | None = None, notebooks_dir: Path | None = None) -> list[Path]:
+    """Validate `params_file`, then execute each notebook into `<output_root>/<run_name>/`."""
+    import papermill
+
+    resolved = load_params(params_file, overrides)
+    inputs = [notebook_path(name, notebooks_dir) for name in notebooks]  # all checked before any runs
+    out_dir = run_dir(resolved)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(resolved, out_dir)
+    executed = []
+    for name, source in zip(notebooks, inputs):
+        target = out_dir / f"{name}.ipynb"
+        print(f"running {source} -> {target}", flush=True)
+        papermill.execute_notebook(str(source), str(target), parameters=notebook_params(resolved, name),
+                                   kernel_name="python3", cwd=os.getcwd(), progress_bar=False)
+        executed.append(target)
+    return executed

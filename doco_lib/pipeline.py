@@ -1,0 +1,84 @@
+"""Loading Stable Diffusion pipelines (real or toy) and the toy judge, with clear offline errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+TOY = "toy"
+TOY_WEIGHTS = Path(__file__).resolve().parent / "toy" / "weights"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def toy_weights_dir() -> Path:
+    """Folder of the shipped toy world (pipeline/, judge/, eval_clip/, build_report.json)."""
+    if not (TOY_WEIGHTS / "pipeline" / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"The toy world weights are missing from {TOY_WEIGHTS}. They ship with the repository; "
+            "rebuild them with `doco toy build` if you removed them.")
+    return TOY_WEIGHTS
+
+
+def resolve_model(model: str) -> str:
+    """'toy' → the shipped toy pipeline folder; a local folder stays a path; anything else is a hub id."""
+    if model == TOY:
+        return str(toy_weights_dir() / "pipeline")
+    return model
+
+
+def check_model_reference(model: str, key: str = "model") -> None:
+    """Fail fast, before any loading, on a model reference that cannot work."""
+    from doco_lib.config import ParamsError
+
+    if model == TOY:
+        return
+    path = Path(model)
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local:
+        if not path.is_dir():
+            raise ParamsError(f"{key}: {model!r} is not a folder (expected 'toy', a diffusers pipeline folder "
+                              "containing model_index.json, or a hub id such as 'CompVis/stable-diffusion-v1-4').")
+        if not (path / "model_index.json").is_file():
+            raise ParamsError(f"{key}: {model!r} has no model_index.json, so it is not a diffusers pipeline "
+                              "folder (save one with StableDiffusionPipeline.save_pretrained).")
+    elif not HUB_ID.fullmatch(model):
+        raise ParamsError(f"{key}: {model!r} is neither a local folder nor a hub id of the form 'org/name'.")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available on this machine.")
+    return torch.device(device)
+
+
+def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype = torch.float32, unet: str | None = None):
+    """A `StableDiffusionPipeline` without safety checker; `unet` swaps in an erased UNet folder."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    check_model_reference(model)
+    source = resolve_model(model)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=dtype, use_safetensors=True)
+    if unet is not None:
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, torch_dtype=dtype, use_safetensors=True)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise RuntimeError(
+            f"Could not load the pipeline {model!r}: {error}. Without internet access, a hub id only works if it "
+            "is already in the Hugging Face cache; otherwise pass a local folder saved with save_pretrained.") from None
+    if model == TOY:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(pick_device(device))
+
+
+def load_judge(device: str = "auto"):
+    from doco_lib.toy.models import ToyJudge
+
+    return ToyJudge.from_pretrained(toy_weights_dir() / "judge").to(pick_device(device))
