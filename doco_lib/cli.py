@@ -45,6 +45,22 @@ def _cmd_demo(args) -> None:
         print(f"executed {path}")
 
 
+def _cmd_train(args) -> None:
+    """Data preparation (if not cached yet), DoCo training and export, without the notebooks."""
+    from doco_lib import experiment
+    from doco_lib.config import load_params, run_dir, write_resolved
+    from doco_lib.pipeline import load_pipeline
+
+    params = load_params(args.params)
+    write_resolved(params, run_dir(params))
+    pipe = load_pipeline(params["model"], params["device"])
+    experiment.prepare_anchors(params, pipe)
+    trainer = experiment.make_trainer(params, pipe)
+    trainer.run(progress=not args.quiet)
+    for name, path in trainer.export(base_model=params["model"]).items():
+        print(f"{name}: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="doco", description="DoCo lab: concept erasure in diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto")
     sample.add_argument("--out", required=True)
     sample.set_defaults(func=_cmd_sample)
+
+    train = commands.add_parser("train", help="prepare anchor data and run DoCo training from a params file")
+    train.add_argument("--params", required=True)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
 
     demo = commands.add_parser("demo", help="run the main job: the numbered notebooks on the toy world")
     demo.add_argument("--params", default="params/toy_world.yaml")

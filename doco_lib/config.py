@@ -17,6 +17,17 @@ from typing import Any, Callable
 import yaml
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `4e-6` as a number (YAML 1.1 would make it a string)."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]"
+               r"?[0-9]+)?|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+    list("-+0123456789."))
+
+
 class ParamsError(ValueError):
     """A params file or value is invalid; the message says which key, which value, what was expected."""
 
@@ -57,26 +68,115 @@ def _run_name(key: str, value: Any) -> None:
                           "no path separators (it becomes a folder under output_root).")
 
 
-NB00 = "00_toy_world"
-ALL_NOTEBOOKS = (NB00,)
+def _list_of_words(key: str, value: Any) -> None:
+    if not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ParamsError(f"{key}: expected a non-empty list of words, got {value!r}.")
+
+
+def _positive(key: str, value: Any) -> None:
+    if value is not None and value <= 0:
+        raise ParamsError(f"{key}: {value!r} must be greater than 0.")
+
+
+NB00, NB01, NB02, NB03 = "00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training"
+ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03)
+CONCEPT = (NB01, NB02, NB03)
+TRAINING = (NB02, NB03)
+
+
+def _preset(default, kind, help, choices=None, minimum=None, check=None):
+    """A DoCo setting whose null default means: take it from the `fidelity` preset."""
+    return Param(default, kind, help + " (null: from the fidelity preset)", TRAINING, choices=choices,
+                 minimum=minimum, optional=True, check=check)
+
 
 SCHEMA: dict[str, Param] = {
+    # -- every notebook
     "run_name": Param("toy_world", str, "folder under output_root for this run's artefacts", ALL_NOTEBOOKS,
                       check=_run_name),
     "output_root": Param("outputs", str, "root folder of all run outputs", ALL_NOTEBOOKS),
     "model": Param("toy", str, "'toy', a local diffusers pipeline folder, or a hub id", ALL_NOTEBOOKS,
                    check=_model),
     "device": Param("auto", str, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", ALL_NOTEBOOKS, check=_device),
-    "seed": Param(0, int, "base seed; image i of a prompt uses seed + i", ALL_NOTEBOOKS, minimum=0),
+    "seed": Param(0, int, "base seed: image i of a prompt uses seed + i", ALL_NOTEBOOKS, minimum=0),
     "num_inference_steps": Param(25, int, "denoising steps when sampling", ALL_NOTEBOOKS, minimum=1, maximum=1000),
     "guidance_scale": Param(5.0, (int, float), "classifier-free guidance scale", ALL_NOTEBOOKS, minimum=0.0,
                             maximum=50.0),
+    # -- 00: the toy world
     "samples_per_prompt": Param(32, int, "images per prompt for the judge's accuracy table", (NB00,), minimum=1,
                                 maximum=10_000),
-    "grid_columns": Param(8, int, "images per row in sample grids", (NB00,), minimum=1, maximum=64),
+    "grid_columns": Param(8, int, "images per row in sample grids", (NB00, NB01, NB03), minimum=1, maximum=64),
     "extra_prompts_file": Param("", str, "optional text file, one prompt a line, sampled into a grid ('' for none)",
                                 (NB00,), check=_existing_file),
+    # -- the concept (01-03)
+    "concept_kind": Param("instance", str, "instance, style or nudity", CONCEPT,
+                          choices=("instance", "style", "nudity")),
+    "anchor": Param("pentagon", str, "anchor concept c (instance: a word every anchor prompt contains)", CONCEPT),
+    "target": Param("star", str, "target concept c* to erase", CONCEPT),
+    "anchor_prompts_file": Param("params/prompts/toy_pentagon.txt", str, "anchor prompts, one per line", CONCEPT,
+                                 check=_existing_file),
+    "related_concepts": Param(["pentagon", "hexagon", "circle", "triangle"], list,
+                              "concepts that must survive: shown in grids, measured in the toy world", (NB03,),
+                              check=_list_of_words),
+    # -- 01: anchor data
+    "n_anchor_images": Param(256, int, "anchor images the original model generates (paper: 1000)", (NB01,),
+                             minimum=1),
+    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01,), minimum=1),
+    # -- 02-03: training
+    "fidelity": Param("paper", str, "preset: 'paper' (the paper's text) or 'official' (the authors' code)",
+                      TRAINING, choices=("paper", "official")),
+    "iterations": Param(400, int, "total iterations, warm-up included (paper: 1000)", TRAINING, minimum=1),
+    "warmup_iterations": Param(100, int, "first iterations train only the discriminator (paper: 200)", TRAINING,
+                               minimum=0),
+    "batch_size": Param(8, int, "anchor latents per iteration (paper: 8)", TRAINING, minimum=1),
+    "lr": Param(1e-3, (int, float), "UNet learning rate, Adam (paper: 4e-6 on SD)", TRAINING, check=_positive),
+    "disc_lr": Param(1e-3, (int, float), "discriminator learning rate, Adam", TRAINING, check=_positive),
+    "retain_mode": Param("cp", str, "none (G_u alone), l2 (gradient of L_u + α L_r) or cp (concept-preserving gradient, eq. 9)",
+                         TRAINING, choices=("none", "l2", "cp")),
+    "retain_weight": _preset(None, (int, float), "α, the weight of the retaining loss L_r", minimum=0.0),
+    "surgery_lambda": Param(1.0, (int, float), "λ of eq. 9", TRAINING, minimum=0.0),
+    "surgery_scope": _preset(None, str, "dot products over all parameters (global) or per tensor",
+                             choices=("global", "per_tensor")),
+    "projection": _preset(None, str, "exact projection (eq. 9) or the authors' cos·unit(G_r) update",
+                          choices=("exact", "official")),
+    "add_retain_grad": _preset(None, bool, "with cp, also add G_r to the update"),
+    "disc_input": _preset(None, str, "what D sees: predicted noise (eps) or predicted clean latent (x0)",
+                          choices=("eps", "x0")),
+    "disc_real_source": _preset(None, str, "'real' anchor prediction from the trained UNet or a frozen copy",
+                                choices=("trained", "frozen")),
+    "disc_layers": _preset(3, int, "convolutions in the PatchGAN discriminator (toy 8×8 latents: at most 3)",
+                           minimum=2),
+    "disc_channels": Param(64, int, "width of D's first layer", TRAINING, minimum=1),
+    "disc_norm": _preset(None, str, "normalisation in D", choices=("batch", "instance", "none")),
+    "disc_final_stride": _preset(None, int, "stride of D's last convolution", minimum=1),
+    "disc_beta1": _preset(None, (int, float), "Adam beta1 of D", minimum=0.0),
+    "gan_mode": Param("vanilla", str, "vanilla (BCE with logits, eq. 8) or lsgan", TRAINING,
+                      choices=("vanilla", "lsgan")),
+    "max_grad_norm": _preset(None, (int, float), "clip G_u and G_r to this norm before surgery (0: off)",
+                             minimum=0.0),
+    "trainable": Param("cross_attention_kv", str, "which UNet parameters are fine-tuned", TRAINING,
+                       choices=("cross_attention_kv", "cross_attention", "non_cross_attention", "full")),
+    "checkpoint_every": Param(50, int, "iterations between checkpoints", TRAINING, minimum=1),
+    "mixed_precision": Param("no", str, "accelerate mixed precision", TRAINING, choices=("no", "bf16", "fp16")),
+    "gradient_accumulation_steps": Param(1, int, "micro-batches per update", TRAINING, minimum=1),
+    "gradient_checkpointing": Param(False, bool, "trade compute for UNet activation memory", TRAINING),
+    "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03,),
+                          minimum=1),
 }
+
+
+def _check_combinations(resolved: dict[str, Any]) -> None:
+    """Rules that involve several keys; each names the keys and the values."""
+    if resolved["warmup_iterations"] >= resolved["iterations"]:
+        raise ParamsError(f"warmup_iterations ({resolved['warmup_iterations']}) must be smaller than iterations "
+                          f"({resolved['iterations']}): the warm-up trains only the discriminator.")
+    from doco_lib.concepts import ConceptSpec, PromptFileError, read_prompt_file
+
+    spec = ConceptSpec(resolved["concept_kind"], resolved["anchor"], resolved["target"])
+    try:
+        read_prompt_file(resolved["anchor_prompts_file"], spec)
+    except PromptFileError as error:
+        raise ParamsError(f"anchor_prompts_file: {error}") from None
 
 
 def _type_name(kind) -> str:
@@ -123,6 +223,10 @@ def validate(values: dict[str, Any], source: str = "params") -> dict[str, Any]:
             resolved[key] = check_value(key, value)
         except ParamsError as error:
             raise ParamsError(f"{source}: {error}") from None
+    try:
+        _check_combinations(resolved)
+    except ParamsError as error:
+        raise ParamsError(f"{source}: {error}") from None
     return resolved
 
 
@@ -133,7 +237,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
         raise ParamsError(f"params file {str(path)!r} does not exist (expected a YAML file such as "
                           "params/toy_world.yaml).")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML ({str(error).splitlines()[0]}).") from None
     if data is None:

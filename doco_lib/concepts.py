@@ -1,0 +1,76 @@
+"""Concepts to erase: what the target is, what it is anchored to, and the prompt pairs for training.
+
+- `instance` ("dog" → "Snoopy"): anchor prompts contain the anchor word; target prompts substitute it.
+- `style` ("painting" → "Van Gogh"): target prompts append "in the style of {target}" to generic
+  painting prompts.
+- `nudity`: a target concept ("nudity") prefixed to anchor prompts of clothed people, as the authors'
+  code builds them ("{target}, {prompt}").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+KINDS = ("instance", "style", "nudity")
+
+
+class PromptFileError(ValueError):
+    """A prompt file is missing, empty or malformed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    kind: str
+    anchor: str
+    target: str
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"concept_kind {self.kind!r} is not one of {KINDS}")
+        if not self.anchor.strip() or not self.target.strip():
+            raise ValueError("anchor and target must be non-empty words or phrases")
+
+    def anchor_pattern(self) -> re.Pattern:
+        return re.compile(rf"\b{re.escape(self.anchor)}\b", re.IGNORECASE)
+
+    def target_prompt(self, anchor_prompt: str) -> str:
+        if self.kind == "instance":
+            return self.anchor_pattern().sub(self.target, anchor_prompt)
+        if self.kind == "style":
+            return f"{anchor_prompt}, in the style of {self.target}"
+        return f"{self.target}, {anchor_prompt}"
+
+    def prompt_pairs(self, anchor_prompts: list[str]) -> list[tuple[str, str]]:
+        """(anchor prompt c, target prompt c*) pairs, in file order."""
+        return [(p, self.target_prompt(p)) for p in anchor_prompts]
+
+
+def read_prompt_file(path: str | Path, spec: ConceptSpec | None = None) -> list[str]:
+    """Prompts one per line; lines starting with '#' are comments. Empty lines, repeated prompts and (for
+    instance concepts) prompts without the anchor word are errors that name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist.")
+    prompts: list[str] = []
+    first_seen: dict[str, int] = {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]  # the final newline
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if text.startswith("#"):
+            continue
+        if not text:
+            raise PromptFileError(f"{path}: line {number} is empty (expected one prompt per line).")
+        key = text.lower()
+        if key in first_seen:
+            raise PromptFileError(f"{path}: line {number} repeats the prompt of line {first_seen[key]}: {text!r}.")
+        if spec is not None and spec.kind == "instance" and not spec.anchor_pattern().search(text):
+            raise PromptFileError(f"{path}: line {number} does not contain the anchor word {spec.anchor!r}: {text!r}.")
+        first_seen[key] = number
+        prompts.append(text)
+    if not prompts:
+        raise PromptFileError(f"{path}: no prompts (expected one prompt per line).")
+    return prompts

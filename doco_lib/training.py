@@ -1,0 +1,388 @@
+"""DoCo training: a discriminator warm-up, then alternating discriminator and UNet (generator) updates.
+
+One iteration, on a batch of cached anchor latents z0 with noise ε and timesteps t:
+  1. x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε; the trained UNet predicts for the target prompt c* ("fake") and, in the
+     same forward pass, for the anchor prompt c. "Real" is the anchor prediction of the trained UNet
+     (paper) or of a frozen copy of the original UNet (authors' code).
+  2. After the warm-up: L_u = the generator term of eq. 8 (D should call the target prediction
+     "anchor"), L_r = the diffusion loss on the anchor prediction; their gradients G_u, G_r are combined
+     by `retain_mode` (none | l2 | cp, eq. 9) and applied by Adam.
+  3. D is updated to tell real from fake (BCE with logits, eq. 8), on detached predictions.
+All randomness comes from one generator saved in the checkpoint, so a resumed run equals an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from doco_lib.concepts import ConceptSpec
+from doco_lib.data import AnchorLatents
+from doco_lib.discriminator import GANLoss, NLayerDiscriminator
+from doco_lib.io import atomic_save_json, atomic_torch_save, atomic_write_text, load_torch_checkpoint
+from doco_lib.surgery import concept_preserving_gradient
+
+RETAIN_MODES = ("none", "l2", "cp")
+TRAINABLE = ("cross_attention_kv", "cross_attention", "non_cross_attention", "full")
+
+FIDELITY_PRESETS = {
+    # The paper's text: D on predicted noise, "real" = the trained UNet on the anchor prompt, eq. 9 with
+    # global dot products, no gradient clipping, the plain diffusion loss as L_r.
+    "paper": dict(disc_input="eps", disc_real_source="trained", surgery_scope="global", projection="exact",
+                  add_retain_grad=False, disc_layers=5, disc_final_stride=2, disc_norm="batch",
+                  disc_beta1=0.9, retain_weight=1.0, max_grad_norm=0.0),
+    # The authors' code (yongliang-wu/DoCo): D on predicted x0, "real" = a frozen original UNet, surgery
+    # per parameter tensor with its cos·unit(G_r) update after clipping both gradients to norm 1,
+    # L_r weighted 0.1·prior_loss_weight, D with BatchNorm and Adam betas (0.5, 0.999).
+    "official": dict(disc_input="x0", disc_real_source="frozen", surgery_scope="per_tensor", projection="official",
+                     add_retain_grad=False, disc_layers=5, disc_final_stride=1, disc_norm="batch",
+                     disc_beta1=0.5, retain_weight=0.1, max_grad_norm=1.0),
+}
+
+
+@dataclass(frozen=True)
+class DocoConfig:
+    iterations: int = 1000
+    warmup_iterations: int = 200
+    batch_size: int = 8
+    lr: float = 4e-6
+    disc_lr: float = 1e-4
+    retain_mode: str = "cp"
+    retain_weight: float = 1.0
+    surgery_lambda: float = 1.0
+    surgery_scope: str = "global"
+    projection: str = "exact"
+    add_retain_grad: bool = False
+    disc_input: str = "eps"
+    disc_real_source: str = "trained"
+    disc_layers: int = 5
+    disc_channels: int = 64
+    disc_norm: str = "batch"
+    disc_final_stride: int = 2
+    disc_beta1: float = 0.9
+    gan_mode: str = "vanilla"
+    max_grad_norm: float = 0.0
+    trainable: str = "cross_attention_kv"
+    checkpoint_every: int = 50
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    heldout_fraction: float = 0.1
+
+    @classmethod
+    def from_params(cls, params: dict) -> "DocoConfig":
+        """Preset values of `params['fidelity']`, overridden by every key the params set (not None)."""
+        values = dict(FIDELITY_PRESETS[params.get("fidelity", "paper")])
+        names = {f.name for f in fields(cls)}
+        values.update({k: v for k, v in params.items() if k in names and v is not None})
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def training_identity(self) -> dict:
+        """Everything that shapes the trajectory; `iterations` may grow on resume, the rest may not."""
+        identity = asdict(self)
+        identity.pop("iterations")
+        identity.pop("checkpoint_every")
+        return identity
+
+
+def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
+    """Parameters to fine-tune: cross-attention K/V (DoCo and ConAbl code), all cross-attention (ESD-x),
+    everything but cross-attention (ESD-u), or the full UNet."""
+    if mode not in TRAINABLE:
+        raise ValueError(f"trainable {mode!r} is not one of {TRAINABLE}")
+    rules = {
+        "cross_attention_kv": lambda n: "attn2.to_k" in n or "attn2.to_v" in n,
+        "cross_attention": lambda n: "attn2." in n,
+        "non_cross_attention": lambda n: "attn2." not in n and not n.startswith(("time_embedding", "conv_out")),
+        "full": lambda n: True,
+    }
+    selected = {name: p for name, p in unet.named_parameters() if rules[mode](name)}
+    if not selected:
+        raise ValueError(f"trainable={mode!r} selects no parameter of this UNet")
+    return selected
+
+
+def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t for a batch of timesteps (a batched DDPM `pred_original_sample`)."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1).to(x_t.dtype)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became non-finite."""
+
+
+class DocoTrainer:
+    def __init__(self, pipe, anchors: AnchorLatents, spec: ConceptSpec, config: DocoConfig, run_dir: Path,
+                 device: torch.device | str = "cpu"):
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+
+        self.config, self.spec, self.anchors = config, spec, anchors
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        device = torch.device(device)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
+        self.device = self.accelerator.device
+        self.unet = pipe.unet.to(self.device)
+        self.unet.requires_grad_(False)
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.params = select_trainable(self.unet, config.trainable)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.original = {name: p.detach().clone() for name, p in self.params.items()}
+        self.frozen_unet = None
+        if config.disc_real_source == "frozen":
+            self.frozen_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            if self.device.type == "cuda":
+                self.frozen_unet.half()
+        self.alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(self.device)
+
+        # Text embeddings of every anchor prompt and its target prompt, computed once (the encoder is frozen).
+        unique = sorted(set(anchors.prompts))
+        self.prompt_index = torch.tensor([unique.index(p) for p in anchors.prompts])
+        self.prompt_pairs = spec.prompt_pairs(unique)
+        self.anchor_embeddings = self._encode(pipe, [a for a, _ in self.prompt_pairs])
+        self.target_embeddings = self._encode(pipe, [t for _, t in self.prompt_pairs])
+
+        split = torch.randperm(len(anchors), generator=torch.Generator().manual_seed(config.seed))
+        n_heldout = max(1, int(len(anchors) * config.heldout_fraction))
+        self.heldout_index, self.train_index = split[:n_heldout], split[n_heldout:]
+
+        torch.manual_seed(config.seed)
+        self.discriminator = NLayerDiscriminator(self.unet.config.in_channels, config.disc_channels, config.disc_layers,
+                                                 config.disc_norm, config.disc_final_stride).to(self.device)
+        self.gan_loss = GANLoss(config.gan_mode).to(self.device)
+        self.opt_g = torch.optim.Adam(self.params.values(), lr=config.lr)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.disc_lr,
+                                      betas=(config.disc_beta1, 0.999))
+        self.discriminator, self.opt_d = self.accelerator.prepare(self.discriminator, self.opt_d)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.step = 0
+        self.history: list[dict] = []
+        self.checkpoint_path = self.run_dir / "checkpoint.pt"
+        if self.checkpoint_path.exists():
+            self._load_checkpoint()
+
+    @torch.no_grad()
+    def _encode(self, pipe, prompts: list[str]) -> torch.Tensor:
+        tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
+        encoder = pipe.text_encoder.to(self.device)
+        return torch.cat([encoder(chunk.to(self.device))[0] for chunk in tokens.split(64)]).float()
+
+    # ---------------------------------------------------------------- one iteration
+    def _batch(self, index: torch.Tensor, generator: torch.Generator):
+        z0 = self.anchors.sample(index, generator).to(self.device)
+        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        t = torch.randint(0, len(self.alphas_cumprod), (len(index),), generator=generator).to(self.device)
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        prompts = self.prompt_index[index]
+        return x_t, t, noise, self.anchor_embeddings[prompts], self.target_embeddings[prompts]
+
+    def _disc_view(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.config.disc_input == "x0":
+            return predicted_x0(x_t, prediction.float(), self.alphas_cumprod, t)
+        return prediction.float()
+
+    def _grads(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss, list(self.params.values()), retain_graph=retain_graph))
+
+    def _clip(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.config.max_grad_norm <= 0:
+            return grads
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        scale = (self.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        return [g * scale for g in grads]
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        adversarial = self.step >= cfg.warmup_iterations
+        accumulate = cfg.gradient_accumulation_steps
+        g_u_sum = g_r_sum = None
+        logs = {"d_loss": 0.0, "d_acc": 0.0}
+        if adversarial:
+            logs.update(g_loss=0.0, retain_loss=0.0)
+        self.opt_d.zero_grad(set_to_none=True)
+        for _ in range(accumulate):
+            index = self.train_index[torch.randint(0, len(self.train_index), (cfg.batch_size,),
+                                                   generator=self.generator)]
+            x_t, t, noise, c, c_star = self._batch(index, self.generator)
+            self.unet.train(adversarial)
+            with torch.set_grad_enabled(adversarial), self.accelerator.autocast():
+                # One pass for target (fake) and anchor predictions: the same x_t and t for both.
+                both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                 encoder_hidden_states=torch.cat([c_star, c])).sample
+            fake, anchor_prediction = both.chunk(2)
+            if self.frozen_unet is not None:
+                with torch.no_grad(), self.accelerator.autocast():
+                    real = self.frozen_unet(x_t.to(self.frozen_unet.dtype), t,
+                                            encoder_hidden_states=c.to(self.frozen_unet.dtype)).sample
+            else:
+                real = anchor_prediction
+            if adversarial:
+                # Generator term of eq. 8 with the current D: make the target prediction look like the anchor's.
+                g_loss = self.gan_loss(self.discriminator(self._disc_view(fake, x_t, t)), True)
+                retain_loss = F.mse_loss(anchor_prediction.float(), noise)
+                g_u, g_r = self._grads_for_mode(g_loss, retain_loss)
+                g_u_sum = g_u if g_u_sum is None else [a + b for a, b in zip(g_u_sum, g_u)]
+                if g_r is not None:
+                    g_r_sum = g_r if g_r_sum is None else [a + b for a, b in zip(g_r_sum, g_r)]
+                logs["g_loss"] += g_loss.item() / accumulate
+                logs["retain_loss"] += retain_loss.item() / accumulate
+            d_real = self.discriminator(self._disc_view(real.detach(), x_t, t))
+            d_fake = self.discriminator(self._disc_view(fake.detach(), x_t, t))
+            d_loss = 0.5 * (self.gan_loss(d_real, True) + self.gan_loss(d_fake, False))
+            self.accelerator.backward(d_loss / accumulate)
+            logs["d_loss"] += d_loss.item() / accumulate
+            logs["d_acc"] += 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item() / accumulate
+        if not all(map(lambda v: torch.isfinite(torch.tensor(v)), logs.values())):
+            raise TrainingDiverged(f"non-finite loss at step {self.step} ({logs}); the last good checkpoint is "
+                                   f"{self.checkpoint_path}")
+        self.opt_d.step()
+        if adversarial:
+            logs.update(self._apply_generator_update(g_u_sum, g_r_sum, accumulate))
+        self.step += 1
+        record = {"step": self.step, "phase": "adversarial" if adversarial else "warmup", **logs}
+        self.history.append(record)
+        return record
+
+    def _grads_for_mode(self, g_loss, retain_loss):
+        mode = self.config.retain_mode
+        if mode == "none":
+            return self._grads(g_loss, retain_graph=False), None
+        if mode == "l2":
+            return self._grads(g_loss + self.config.retain_weight * retain_loss, retain_graph=False), None
+        return self._grads(g_loss, retain_graph=True), self._grads(self.config.retain_weight * retain_loss, False)
+
+    def _apply_generator_update(self, g_u, g_r, accumulate: int) -> dict:
+        cfg = self.config
+        g_u = [g / accumulate for g in g_u]
+        if self.accelerator.num_processes > 1:
+            g_u = [self.accelerator.reduce(g, "mean") for g in g_u]
+        stats = {}
+        if g_r is not None:
+            g_r = [g / accumulate for g in g_r]
+            if self.accelerator.num_processes > 1:
+                g_r = [self.accelerator.reduce(g, "mean") for g in g_r]
+            g_u, g_r = self._clip(g_u), self._clip(g_r)
+            update, surgery = concept_preserving_gradient(g_u, g_r, cfg.surgery_lambda, cfg.surgery_scope,
+                                                          cfg.projection)
+            if cfg.add_retain_grad:
+                update = [u + r for u, r in zip(update, g_r)]
+            stats = {"cosine": surgery.cosine.item(), "fired": surgery.fired.item()}
+        else:
+            update = self._clip(g_u)
+        if not all(torch.isfinite(g).all() for g in update):
+            raise TrainingDiverged(f"non-finite gradient at step {self.step}; the last good checkpoint is "
+                                   f"{self.checkpoint_path}")
+        for p, g in zip(self.params.values(), update):
+            p.grad = g.to(p.dtype)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        return stats
+
+    # ---------------------------------------------------------------- loop, checkpoints, export
+    def run(self, until: int | None = None, progress: bool = True) -> list[dict]:
+        """Train until step `until` (default: all iterations), checkpointing every `checkpoint_every` steps."""
+        from tqdm.auto import tqdm
+
+        until = self.config.iterations if until is None else min(until, self.config.iterations)
+        bar = tqdm(total=until, initial=self.step, desc="DoCo", unit="it", disable=not progress)
+        while self.step < until:
+            record = self.train_step()
+            bar.update(1)
+            bar.set_postfix({k: round(v, 3) for k, v in record.items() if isinstance(v, float)}, refresh=False)
+            if self.step % self.config.checkpoint_every == 0 or self.step == until:
+                self.save_checkpoint()
+        bar.close()
+        return self.history
+
+    def save_checkpoint(self) -> None:
+        state = {"trainable": {n: p.detach().cpu() for n, p in self.params.items()},
+                 "discriminator": self.accelerator.unwrap_model(self.discriminator).state_dict(),
+                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step,
+                 "generator": self.generator.get_state(), "history": json.dumps(self.history),
+                 "identity": json.dumps(self.config.training_identity(), sort_keys=True)}
+        atomic_torch_save(state, self.checkpoint_path)
+        self.write_history()
+
+    def _load_checkpoint(self) -> None:
+        state = load_torch_checkpoint(self.checkpoint_path)
+        identity = json.dumps(self.config.training_identity(), sort_keys=True)
+        if state["identity"] != identity:
+            saved, now = json.loads(state["identity"]), self.config.training_identity()
+            changed = sorted(k for k in now if saved.get(k) != now[k])
+            raise ValueError(f"{self.checkpoint_path} was written with other settings ({', '.join(changed)}); "
+                             "delete it or pick another run_name to start afresh.")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["trainable"][name].to(p.device))
+        self.accelerator.unwrap_model(self.discriminator).load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+        self.history = json.loads(state["history"])
+
+    def write_history(self) -> Path:
+        import pandas as pd
+
+        path = self.run_dir / "training_log.csv"
+        atomic_write_text(pd.DataFrame(self.history).to_csv(index=False), path)
+        return path
+
+    def export(self, base_model: str) -> dict[str, Path]:
+        """The erased UNet in diffusers format, the weight delta (safetensors) and the discriminator."""
+        from safetensors.torch import save_file
+
+        unet_dir = self.run_dir / "unet"
+        self.unet.save_pretrained(unet_dir, safe_serialization=True)
+        delta = {n: (p.detach() - self.original[n]).cpu().contiguous() for n, p in self.params.items()}
+        metadata = {"method": "doco", "base_model": base_model, "trainable": self.config.trainable,
+                    "target": self.spec.target, "anchor": self.spec.anchor, "kind": self.spec.kind,
+                    "config": json.dumps(asdict(self.config))}
+        delta_path = self.run_dir / "delta.safetensors"
+        save_file(delta, str(delta_path), metadata=metadata)
+        disc_path = self.run_dir / "discriminator.safetensors"
+        state = self.accelerator.unwrap_model(self.discriminator).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(disc_path))
+        atomic_save_json(metadata, self.run_dir / "erasure.json")
+        return {"unet": unet_dir, "delta": delta_path, "discriminator": disc_path}
+
+    # ---------------------------------------------------------------- discriminator diagnostics
+    @torch.no_grad()
+    def discriminator_accuracy(self, n_buckets: int = 10, seed: int = 1234) -> list[dict]:
+        """Held-out accuracy of D (anchor vs target predictions) per timestep bucket."""
+        disc = self.accelerator.unwrap_model(self.discriminator)
+        disc.eval()
+        generator = torch.Generator().manual_seed(seed)
+        prompts = self.prompt_index[self.heldout_index]
+        c, c_star = self.anchor_embeddings[prompts], self.target_embeddings[prompts]
+        unet = self.frozen_unet if self.frozen_unet is not None else self.unet
+        n_steps = len(self.alphas_cumprod)
+        rows = []
+        for bucket in range(n_buckets):
+            low, high = bucket * n_steps // n_buckets, (bucket + 1) * n_steps // n_buckets
+            t = torch.randint(low, high, (len(self.heldout_index),), generator=generator).to(self.device)
+            z0 = self.anchors.sample(self.heldout_index, generator).to(self.device)
+            noise = torch.randn(z0.shape, generator=generator).to(self.device)
+            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            real = unet(x_t.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample.float()
+            fake = self.unet(x_t, t, encoder_hidden_states=c_star).sample
+            d_real = disc(self._disc_view(real, x_t, t))
+            d_fake = disc(self._disc_view(fake, x_t, t))
+            accuracy = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item()
+            rows.append({"t_low": low, "t_high": high - 1, "accuracy": accuracy})
+        disc.train()
+        return rows

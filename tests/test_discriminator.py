@@ -1,0 +1,45 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from doco_lib.discriminator import GANLoss, NLayerDiscriminator, check_discriminator_fits
+
+
+def test_paper_discriminator_on_sd_latents():
+    disc = NLayerDiscriminator(in_channels=4)  # paper: 5 convolutions, 4×4, stride 2
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in disc.modules()) == 5
+    out = disc(torch.randn(2, 4, 64, 64))
+    assert out.shape == (2, 1, 2, 2) and disc.output_size(64) == 2
+
+
+def test_official_discriminator_layout_on_sd_latents():
+    disc = NLayerDiscriminator(in_channels=4, base_channels=64, n_layers=5, norm="batch", final_stride=1)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(4, 64), (64, 128), (128, 256), (256, 512), (512, 1)]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules()) == 3
+    assert disc(torch.randn(2, 4, 64, 64)).shape == (2, 1, 3, 3)
+
+
+def test_toy_latents_fit_three_layers_but_not_five():
+    disc = NLayerDiscriminator(in_channels=4, n_layers=3, final_stride=1)
+    assert disc(torch.randn(3, 4, 8, 8)).shape == (3, 1, 1, 1)
+    check_discriminator_fits(3, 1, 8)
+    with pytest.raises(ValueError, match="too deep for 8×8"):
+        check_discriminator_fits(5, 2, 8)
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "none"])
+def test_norms_and_no_sigmoid(norm):
+    disc = NLayerDiscriminator(4, 8, 3, norm, 1)
+    assert not any(isinstance(m, torch.nn.Sigmoid) for m in disc.modules())
+    logits = disc(torch.randn(4, 4, 16, 16) * 50)
+    assert (logits.abs() > 1).any() or norm != "none"
+
+
+def test_gan_losses():
+    logits = torch.tensor([[2.0, -1.0]])
+    assert torch.allclose(GANLoss("vanilla")(logits, True), F.binary_cross_entropy_with_logits(logits, torch.ones(1, 2)))
+    assert torch.allclose(GANLoss("vanilla")(logits, False), F.binary_cross_entropy_with_logits(logits, torch.zeros(1, 2)))
+    assert torch.allclose(GANLoss("lsgan")(logits, True), ((logits - 1) ** 2).mean())
+    with pytest.raises(ValueError, match="gan_mode"):
+        GANLoss("wgan")

@@ -1,0 +1,111 @@
+"""DoCo training in the toy world on tiny settings: presets, resume after SIGKILL, exports."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from doco_lib.training import DocoConfig, FIDELITY_PRESETS, predicted_x0, select_trainable
+
+TINY = dict(n_anchor_images=8, anchor_shard_size=4, num_inference_steps=2, batch_size=4, iterations=40,
+            warmup_iterations=10, checkpoint_every=5, device="cpu")
+
+
+def write_params(tmp_path, run_name, **overrides):
+    path = tmp_path / f"{run_name}.yaml"
+    path.write_text(yaml.safe_dump({"run_name": run_name, "output_root": str(tmp_path / "outputs"), **TINY,
+                                    **overrides}))
+    return path
+
+
+def train(doco_command, params, **kwargs):
+    return subprocess.run(doco_command + ["train", "--params", str(params), "--quiet"], capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def test_presets_then_overrides():
+    official = DocoConfig.from_params({"fidelity": "official", "disc_layers": 3, "retain_weight": None})
+    assert official.disc_input == "x0" and official.disc_real_source == "frozen"
+    assert official.surgery_scope == "per_tensor" and official.projection == "official"
+    assert official.retain_weight == FIDELITY_PRESETS["official"]["retain_weight"] and official.disc_layers == 3
+    paper = DocoConfig.from_params({"fidelity": "paper", "surgery_scope": "per_tensor"})
+    assert paper.disc_input == "eps" and paper.surgery_scope == "per_tensor"
+
+
+def test_trainable_selection_counts():
+    from doco_lib.pipeline import load_pipeline
+
+    unet = load_pipeline("toy", "cpu").unet
+    counts = {mode: sum(p.numel() for p in select_trainable(unet, mode).values())
+              for mode in ("cross_attention_kv", "cross_attention", "non_cross_attention", "full")}
+    assert 0 < counts["cross_attention_kv"] < counts["cross_attention"] < counts["full"]
+    assert counts["cross_attention"] + counts["non_cross_attention"] < counts["full"]  # time embedding, conv_out
+    names = select_trainable(unet, "cross_attention_kv")
+    assert all("attn2.to_k" in n or "attn2.to_v" in n for n in names)
+
+
+def test_predicted_x0_inverts_the_forward_process():
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    z0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    a = alphas[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    assert torch.allclose(predicted_x0(x_t, eps, alphas, t), z0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fidelity, retain_mode", [("official", "cp"), ("paper", "l2"), ("paper", "none")])
+def test_modes_and_presets_run_end_to_end(tmp_path, doco_command, fidelity, retain_mode):
+    params = write_params(tmp_path, f"{fidelity}_{retain_mode}", fidelity=fidelity, retain_mode=retain_mode,
+                          iterations=6, warmup_iterations=2, checkpoint_every=3)
+    result = train(doco_command, params)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "outputs" / f"{fidelity}_{retain_mode}" / "doco"
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(run / "unet")
+    delta = load_file(str(run / "delta.safetensors"))
+    assert delta and all(("attn2.to_k" in n or "attn2.to_v" in n) for n in delta)
+    assert any(v.abs().max() > 0 for v in delta.values()), "training changed nothing"
+    log = (run / "training_log.csv").read_text().splitlines()
+    assert len(log) == 7  # header + 6 iterations
+
+
+def test_sigkill_mid_training_then_rerun_equals_an_uninterrupted_run(tmp_path, doco_command):
+    straight = write_params(tmp_path, "straight")
+    assert train(doco_command, straight).returncode == 0
+
+    killed = write_params(tmp_path, "killed")
+    run = tmp_path / "outputs" / "killed" / "doco"
+    process = subprocess.Popen(doco_command + ["train", "--params", str(killed), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run / "delta.safetensors").exists(), "the run finished before it could be killed"
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 40
+
+    resumed = train(doco_command, killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "outputs" / "straight" / "doco" / "delta.safetensors"))
+    b = load_file(str(run / "delta.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    d_a = load_file(str(tmp_path / "outputs" / "straight" / "doco" / "discriminator.safetensors"))
+    d_b = load_file(str(run / "discriminator.safetensors"))
+    assert all(torch.allclose(d_a[k].float(), d_b[k].float(), atol=1e-6) for k in d_a)
+
+
+def test_changed_settings_refuse_to_resume(tmp_path, doco_command):
+    params = write_params(tmp_path, "changed", iterations=6, warmup_iterations=2)
+    assert train(doco_command, params).returncode == 0
+    params.write_text(params.read_text().replace("batch_size: 4", "batch_size: 2"))
+    result = train(doco_command, params)
+    assert result.returncode != 0 and "batch_size" in result.stderr
