@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean-outputs
+.PHONY: demo test install bench clean-outputs
 
 install: $(STAMP)
 
@@ -24,3 +24,6 @@ test: $(STAMP)
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks

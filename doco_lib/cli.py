@@ -98,12 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from papermill.exceptions import PapermillExecutionError
+
+    from doco_lib.concepts import PromptFileError
+    from doco_lib.pipeline import ModelLoadError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ParamsError, FileNotFoundError) as error:
+    except (ParamsError, PromptFileError, FileNotFoundError, ModelLoadError) as error:
         print(f"doco: error: {error}", file=sys.stderr)
         return 2
+    except PapermillExecutionError as error:
+        print(f"doco: error: notebook cell {error.exec_count} raised {error.ename}: {error.evalue} "
+              "(the executed notebook under outputs/ shows the cell and the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,6 +8,11 @@ from pathlib import Path
 import torch
 
 TOY = "toy"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what was tried and what to do."""
+
 TOY_WEIGHTS = Path(__file__).resolve().parent / "toy" / "weights"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -53,7 +58,7 @@ def pick_device(device: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available on this machine.")
+        raise ModelLoadError(f"device {device!r} was asked for but CUDA is not available on this machine.")
     return torch.device(device)
 
 
@@ -62,20 +67,21 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype = t
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     check_model_reference(model)
+    target_device = pick_device(device)  # fail on a missing GPU before loading gigabytes
     source = resolve_model(model)
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=dtype, use_safetensors=True)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, use_safetensors=True)
     if unet is not None:
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, torch_dtype=dtype, use_safetensors=True)
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, dtype=dtype, use_safetensors=True)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:
-        raise RuntimeError(
+        raise ModelLoadError(
             f"Could not load the pipeline {model!r}: {error}. Without internet access, a hub id only works if it "
             "is already in the Hugging Face cache; otherwise pass a local folder saved with save_pretrained.") from None
     if model == TOY:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(pick_device(device))
+    return pipe.to(target_device)
 
 
 def load_judge(device: str = "auto"):
