@@ -39,10 +39,28 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_demo(args) -> None:
-    from doco_lib.notebooks import run_notebooks
+    from doco_lib.notebooks import DEMO_NOTEBOOKS, run_notebooks
 
-    for path in run_notebooks(args.params):
+    for path in run_notebooks(args.params, tuple(args.notebooks or DEMO_NOTEBOOKS)):
         print(f"executed {path}")
+
+
+def _cmd_eval(args) -> None:
+    from doco_lib import experiment
+    from doco_lib.config import load_params, run_dir, write_resolved
+    from doco_lib.evaluation import tables
+    from doco_lib.pipeline import load_judge
+
+    params = load_params(args.params)
+    experiment.evaluated_models(params)  # fail on a missing model before generating
+    out = experiment.evaluation_dir(params)
+    write_resolved(params, run_dir(params))
+    judge = load_judge(params["device"]) if params["model"] == "toy" else None
+    results, timing = experiment.run_evaluation(params, judge=judge)
+    table = tables.paper_table(results[results.metric.isin(tables.METRICS)], set(params["erased_concepts"]))
+    paths = tables.write_tables(table, out)
+    print(table.round(2).to_string())
+    print(f"{timing['seconds']:.1f} s, {timing['images_generated']} images generated; tables: {paths['md']}")
 
 
 def _cmd_train(args) -> None:
@@ -91,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 
+    evaluate = commands.add_parser("eval", help="evaluate the base and erased models (CS, CA, FID) into tables")
+    evaluate.add_argument("--params", required=True)
+    evaluate.set_defaults(func=_cmd_eval)
+
     demo = commands.add_parser("demo", help="run the main job: the numbered notebooks on the toy world")
     demo.add_argument("--params", default="params/toy_world.yaml")
+    demo.add_argument("--notebooks", nargs="+", help="only these notebooks (names without .ipynb), in order")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -79,8 +79,9 @@ def _positive(key: str, value: Any) -> None:
 
 
 NB00, NB01, NB02, NB03 = "00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training"
-ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03)
-CONCEPT = (NB01, NB02, NB03)
+NB04 = "04_evaluation"
+ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04)
+CONCEPT = (NB01, NB02, NB03, NB04)
 TRAINING = (NB02, NB03)
 
 
@@ -160,6 +161,29 @@ SCHEMA: dict[str, Param] = {
     "mixed_precision": Param("no", str, "accelerate mixed precision", TRAINING, choices=("no", "bf16", "fp16")),
     "gradient_accumulation_steps": Param(1, int, "micro-batches per update", TRAINING, minimum=1),
     "gradient_checkpointing": Param(False, bool, "trade compute for UNet activation memory", TRAINING),
+    # -- 04: evaluation
+    "eval_models": Param([], list, "erased UNet folders to evaluate ([]: this run's doco/unet)", (NB04,),
+                         check=lambda key, value: _list_of_words(key, value) if value else None),
+    "eval_concepts": Param(["star", "pentagram", "pentagon", "hexagon", "circle", "triangle"], list,
+                           "concepts in the results table", (NB04,), check=_list_of_words),
+    "erased_concepts": Param(["star", "pentagram"], list, "concepts the models erased (↓ columns), synonyms too",
+                             (NB04,), check=_list_of_words),
+    "eval_templates": Param("toy", str, "prompt templates: clip80 (CLIP's 80 ImageNet templates) or toy", (NB04,),
+                            choices=("clip80", "toy")),
+    "n_templates": Param(0, int, "templates per concept (0: all of the set)", (NB04,), minimum=0, maximum=80),
+    "images_per_template": Param(8, int, "images per template and concept", (NB04,), minimum=1),
+    "clip_model": Param("toy", str, "CLIP for CS/CA: 'toy' (the evaluation toy CLIP) or a local folder or hub id, "
+                        "e.g. openai/clip-vit-large-patch14", (NB04,)),
+    "clip_score_definition": Param("torchmetrics", str, "torchmetrics (100·max(cos,0)), logits (100·cos) or hessel "
+                                   "(2.5·max(cos,0))", (NB04,), choices=("torchmetrics", "logits", "hessel")),
+    "fid_features": Param("judge", str, "FID features: inception (FID InceptionV3) or judge (toy world)", (NB04,),
+                          choices=("inception", "judge")),
+    "related_top_k": Param(10, int, "vocabulary words shown in the related-concept ranking", (NB04,), minimum=1),
+    "i2p_csv": Param("", str, "I2P prompts CSV for the nudity evaluation ('' to skip)", (NB04,),
+                     check=_existing_file),
+    "i2p_limit": Param(0, int, "use only the first N I2P prompts (0: all)", (NB04,), minimum=0),
+    "nudity_threshold": Param(0.2, (int, float), "NudeNet score threshold (NudeNet's own floor is 0.2)", (NB04,),
+                              minimum=0.0, maximum=1.0),
     "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03,),
                           minimum=1),
 }

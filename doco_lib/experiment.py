@@ -50,3 +50,38 @@ def make_trainer(params: dict, pipe) -> DocoTrainer:
     spec, _ = concept(params)
     cfg = doco_config(params, pipe.unet.config.sample_size)
     return DocoTrainer(pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device)
+
+
+def evaluation_dir(params: dict) -> Path:
+    return config.run_dir(params) / "evaluation"
+
+
+def evaluated_models(params: dict) -> list:
+    """The base model first, then each erased UNet (default: this run's DoCo result)."""
+    from doco_lib.evaluation.runner import EvaluatedModel
+
+    unets = params["eval_models"] or [str(training_dir(params) / "unet")]
+    for unet in unets:
+        if not (Path(unet) / "config.json").is_file():
+            raise config.ParamsError(f"eval_models: {unet!r} is not a trained UNet folder (no config.json); run "
+                                     "notebook 03 first or list existing erased models.")
+    base = EvaluatedModel("SD base" if params["model"] != "toy" else "toy base")
+    labels = [f"DoCo ({Path(u).parent.parent.name})" if Path(u).parent.name == "doco" else Path(u).name
+              for u in unets]
+    erased = [EvaluatedModel(label if labels.count(label) == 1 else str(u), u, list(params["erased_concepts"]))
+              for label, u in zip(labels, unets)]
+    return [base] + erased
+
+
+def run_evaluation(params: dict, judge=None):
+    from doco_lib.evaluation.runner import evaluate
+    from doco_lib.pipeline import toy_weights_dir
+
+    clip = str(toy_weights_dir() / "eval_clip") if params["clip_model"] == "toy" else params["clip_model"]
+    return evaluate(params["model"], evaluated_models(params), list(params["eval_concepts"]),
+                    cache_dir=evaluation_dir(params) / "image_cache", clip_model=clip,
+                    template_set=params["eval_templates"], n_templates=params["n_templates"],
+                    images_per_template=params["images_per_template"], steps=params["num_inference_steps"],
+                    guidance=params["guidance_scale"], seed=params["seed"], device=params["device"],
+                    clip_score_definition=params["clip_score_definition"], fid_features=params["fid_features"],
+                    judge=judge)

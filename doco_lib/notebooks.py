@@ -8,7 +8,8 @@ from pathlib import Path
 from doco_lib.config import load_params, notebook_params, run_dir, write_resolved
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_NOTEBOOKS = ("00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training")
+DEMO_NOTEBOOKS = ("00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training",
+                  "04_evaluation")
 
 
 def notebook_path(name: str, notebooks_dir: Path | None = None) -> Path:

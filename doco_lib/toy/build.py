@@ -445,7 +445,8 @@ class ToyWorldBuilder:
         out_dir.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)
         judge.save_pretrained(out_dir / "judge")
-        eval_clip.save_pretrained(out_dir / "eval_clip")  # its tokenizer is the pipeline's
+        eval_clip.save_pretrained(out_dir / "eval_clip")
+        tokenizer.save_pretrained(out_dir / "eval_clip")  # a complete CLIP folder, loadable by CLIPProcessor
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                            image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out_dir / "eval_clip")
         self._save_report()

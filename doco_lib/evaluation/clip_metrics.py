@@ -1,0 +1,83 @@
+"""CLIP score and CLIP accuracy.
+
+CLIP score (CS), by default as torchmetrics' `CLIPScore` defines it: 100 · max(cos(E_image, E_text), 0),
+averaged over (image, prompt) pairs. Repos in this field differ, so the definition is an option:
+`torchmetrics` (default), `logits` (100 · cos, unclamped: HF `logits_per_image`, used by MACE) and
+`hessel` (2.5 · max(cos, 0), Hessel et al., used by SPM). Numbers are comparable only within one.
+
+CLIP accuracy (CA): the fraction of images CLIP scores closer to the target prompt than to the anchor
+prompt (binary; SPM's error rate is 1 − CA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFINITIONS = {"torchmetrics": (100.0, True), "logits": (100.0, False), "hessel": (2.5, True)}
+
+
+@dataclass
+class ClipScorer:
+    model: object  # transformers.CLIPModel
+    processor: object  # transformers.CLIPProcessor
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu") -> "ClipScorer":
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device).eval()
+            processor = CLIPProcessor.from_pretrained(path)
+        except OSError as error:
+            raise FileNotFoundError(f"CLIP model {path!r} could not be loaded ({error}); pass a local folder with "
+                                    "a CLIPModel, its tokenizer and processor (offline, hub ids work only when "
+                                    "cached).") from None
+        return cls(model, processor)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @torch.no_grad()
+    def image_embeddings(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Unit-norm embeddings of images in [0, 1], shape (N, 3, H, W), through the model's processor."""
+        out = []
+        for chunk in images.split(batch_size):
+            pixels = self.processor(images=list((chunk.clamp(0, 1) * 255).cpu()), return_tensors="pt")["pixel_values"]
+            out.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))))
+        return F.normalize(torch.cat(out).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.processor(text=texts[start:start + batch_size], return_tensors="pt", padding=True,
+                                    truncation=True)
+            out.append(_features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                              attention_mask=tokens["attention_mask"].to(self.device))))
+        return F.normalize(torch.cat(out).float(), dim=-1)
+
+    def clip_score(self, images: torch.Tensor, texts: list[str], definition: str = "torchmetrics") -> float:
+        """Mean CLIP score of each image with its own text."""
+        if definition not in DEFINITIONS:
+            raise ValueError(f"clip_score_definition {definition!r} is not one of {list(DEFINITIONS)}")
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images but {len(texts)} texts; expected one text per image")
+        cos = (self.image_embeddings(images) * self.text_embeddings(texts)).sum(-1)
+        weight, clamp = DEFINITIONS[definition]
+        scores = weight * (cos.clamp(min=0) if clamp else cos)
+        return scores.mean().item()
+
+    def clip_accuracy(self, images: torch.Tensor, target_texts: list[str], anchor_texts: list[str]) -> float:
+        """Fraction of images closer (cosine) to their target text than to their anchor text."""
+        image = self.image_embeddings(images)
+        to_target = (image * self.text_embeddings(target_texts)).sum(-1)
+        to_anchor = (image * self.text_embeddings(anchor_texts)).sum(-1)
+        return (to_target > to_anchor).float().mean().item()
+
+
+def _features(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output

@@ -1,0 +1,95 @@
+"""Evaluate a base model and erased models on a list of concepts, with cached, paired generations.
+
+For each concept: prompts from the 80 CLIP ImageNet templates (or, in the toy world, the toy caption
+templates), `images_per_template` images each, the same seeds for every model. Per (model, concept):
+CLIP score against the concept prompt, CLIP accuracy against the concept-free prompt, and FID of the
+model's images against the base model's images for the same prompts and seeds (as the paper does).
+In the toy world the judge adds its own accuracy (the shape it names) and provides the FID features.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from doco_lib.evaluation import templates
+from doco_lib.evaluation.cache import ImageCache, model_key
+from doco_lib.evaluation.clip_metrics import ClipScorer
+from doco_lib.evaluation.fid import InceptionFeatures, fid_from_features
+from doco_lib.pipeline import load_pipeline
+
+
+@dataclass
+class EvaluatedModel:
+    label: str
+    unet: str | None = None  # an erased UNet folder; None for the base model
+    erased: list[str] = field(default_factory=list)
+
+
+def concept_prompts(concept: str, template_set: str, n_templates: int, images_per_template: int) -> tuple[list, list]:
+    """(concept prompts, concept-free prompts), one entry per image."""
+    if template_set == "toy":
+        from doco_lib.toy.erasure import SHAPE_TEMPLATES, shape_prompts
+
+        count = n_templates or len(SHAPE_TEMPLATES)
+        prompts = shape_prompts(concept, count)
+        anchors = shape_prompts("shape", count)
+    else:
+        count = n_templates or len(templates.IMAGENET_TEMPLATES)
+        prompts, anchors = templates.concept_prompts(concept, count), templates.anchor_prompts(count)
+    repeat = lambda items: [p for p in items for _ in range(images_per_template)]  # noqa: E731
+    return repeat(prompts), repeat(anchors)
+
+
+def evaluate(base_model: str, models: list[EvaluatedModel], concepts: list[str], *, cache_dir: Path, clip_model: str,
+             template_set: str = "clip80", n_templates: int = 80, images_per_template: int = 1, steps: int = 25,
+             guidance: float = 5.0, seed: int = 0, device: str = "auto", clip_score_definition: str = "torchmetrics",
+             fid_features: str = "inception", judge=None) -> tuple[pd.DataFrame, dict]:
+    """Long-form results (model, concept, metric, value) and timing information."""
+    started = time.perf_counter()
+    scorer = ClipScorer.from_pretrained(clip_model, device="cpu" if device == "auto" else device)
+    featurize = _feature_extractor(fid_features, judge)
+    caches = {m.label: ImageCache(Path(cache_dir), model_key(base_model, m.unet),
+                                  lambda m=m: load_pipeline(base_model, device, unet=m.unet)) for m in models}
+    rows = []
+    for concept in concepts:
+        prompts, anchor_texts = concept_prompts(concept, template_set, n_templates, images_per_template)
+        seeds = [seed + i for i in range(len(prompts))]
+        images = {m.label: caches[m.label].images(prompts, seeds, steps, guidance) for m in models}
+        reference = featurize(images[models[0].label])
+        for m in models:
+            values = {"CS": scorer.clip_score(images[m.label], prompts, clip_score_definition),
+                      "CA": 100 * scorer.clip_accuracy(images[m.label], prompts, anchor_texts),
+                      "FID": fid_from_features(featurize(images[m.label]), reference) if m is not models[0] else None}
+            if judge is not None:
+                values["judge acc"] = 100 * _judge_accuracy(judge, images[m.label], concept)
+            rows += [{"model": m.label, "concept": concept, "metric": k, "value": v} for k, v in values.items()]
+    generated = sum(c.generated for c in caches.values())
+    return pd.DataFrame(rows), {"seconds": time.perf_counter() - started, "images_generated": generated}
+
+
+def _feature_extractor(kind: str, judge):
+    if kind == "judge":
+        if judge is None:
+            raise ValueError("fid_features='judge' needs the toy judge")
+        from doco_lib.toy.quality import images_to_judge_input
+
+        return lambda images: judge.embed(images_to_judge_input(images).to(next(judge.parameters()).device)).detach().cpu()
+    if kind == "inception":
+        return InceptionFeatures()
+    raise ValueError(f"fid_features {kind!r} is not 'inception' or 'judge'")
+
+
+def _judge_accuracy(judge, images: torch.Tensor, concept: str) -> float:
+    from doco_lib.toy import render
+    from doco_lib.toy.quality import images_to_judge_input
+
+    shape = {render.SYNONYMS.get(s, s): s for s in render.SHAPES} | {s: s for s in render.SHAPES}
+    if concept not in shape:
+        return float("nan")
+    predicted = judge.predict(images_to_judge_input(images).to(next(judge.parameters()).device))["shape"].cpu()
+    return (predicted == render.SHAPES.index(shape[concept])).float().mean().item()
