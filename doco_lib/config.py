@@ -167,7 +167,7 @@ SCHEMA: dict[str, Param] = {
     "eval_concepts": Param(["star", "pentagram", "pentagon", "hexagon", "circle", "triangle"], list,
                            "concepts in the results table", (NB04,), check=_list_of_words),
     "erased_concepts": Param(["star", "pentagram"], list, "concepts the models erased (↓ columns), synonyms too",
-                             (NB04,), check=_list_of_words),
+                             (NB04,), check=lambda key, value: _list_of_words(key, value) if value else None),
     "eval_templates": Param("toy", str, "prompt templates: clip80 (CLIP's 80 ImageNet templates) or toy", (NB04,),
                             choices=("clip80", "toy")),
     "n_templates": Param(0, int, "templates per concept (0: all of the set)", (NB04,), minimum=0, maximum=80),

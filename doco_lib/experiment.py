@@ -57,8 +57,24 @@ def evaluation_dir(params: dict) -> Path:
 
 
 def evaluated_models(params: dict) -> list:
-    """The base model first, then each erased UNet (default: this run's DoCo result)."""
+    """The base model first, then each erased UNet (default: this run's DoCo result).
+
+    Also checks, before anything is generated, that the concepts and the I2P CSV are usable."""
+    from doco_lib.evaluation.nudity import read_i2p_csv
     from doco_lib.evaluation.runner import EvaluatedModel
+
+    missing = [c for c in params["erased_concepts"] if c not in params["eval_concepts"]]
+    if missing:
+        raise config.ParamsError(f"erased_concepts: {missing} are not in eval_concepts {params['eval_concepts']}; "
+                                 "every erased concept must be measured.")
+    if params["target"] not in params["eval_concepts"]:
+        raise config.ParamsError(f"eval_concepts: the target {params['target']!r} is missing from "
+                                 f"{params['eval_concepts']}.")
+    if params["i2p_csv"]:
+        try:
+            read_i2p_csv(params["i2p_csv"], limit=1)
+        except ValueError as error:
+            raise config.ParamsError(f"i2p_csv: {error}") from None
 
     unets = params["eval_models"] or [str(training_dir(params) / "unet")]
     for unet in unets:

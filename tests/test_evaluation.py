@@ -32,13 +32,31 @@ def test_80_templates_and_concept_free_counterparts():
         templates.concept_prompts("x", 81)
 
 
+class TensorFeatures(torch.nn.Module):
+    """torchmetrics 1.9 expects `get_*_features` to return tensors; transformers 5 returns model outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs):
+        return _tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return _tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _tensor(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def test_clip_score_equals_torchmetrics(scorer):
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     images = rendered("star", 6)
     texts = ["a photo of a star", "a red star", "a photo of a circle", "a star on a dotted background",
              "a shape", "a photo of a heart"]
-    metric = CLIPScore(model_name_or_path=lambda: (scorer.model, scorer.processor))
+    metric = CLIPScore(model_name_or_path=lambda: (TensorFeatures(scorer.model), scorer.processor))
     expected = metric((images * 255).to(torch.uint8), texts).item()
     assert abs(scorer.clip_score(images, texts) - expected) < 1e-3
     assert scorer.clip_score(images, texts, "hessel") == pytest.approx(
@@ -117,3 +135,49 @@ def test_nudenet_plumbing_on_fixture_images():
     assert len(counts) == 2 and set(counts[0]) == set(nudity.EXPOSED_CLASSES)
     assert nudity.totals(counts) == {c: 0 for c in nudity.EXPOSED_CLASSES}  # toy shapes expose nothing
     assert nudity.reduction_percent(200, 50) == 75.0
+
+
+def eval_params(tmp_path, **overrides):
+    from doco_lib import config
+
+    values = {"output_root": str(tmp_path), "run_name": "ev", "n_templates": 1, "images_per_template": 2,
+              "num_inference_steps": 3, "eval_concepts": ["star", "pentagram", "circle"], "device": "cpu"}
+    values.update(overrides)
+    return config.validate(values)
+
+
+def test_second_evaluation_reads_the_cache_and_is_much_faster(tmp_path):
+    from doco_lib import experiment
+    from doco_lib.pipeline import load_judge
+
+    base_unet = toy_weights_dir() / "pipeline" / "unet"  # the base UNet standing in for an erased one
+    params = eval_params(tmp_path, eval_models=[str(base_unet)])
+    judge = load_judge("cpu")
+    first, timing_first = experiment.run_evaluation(params, judge=judge)
+    second, timing_second = experiment.run_evaluation(params, judge=judge)
+    assert timing_first["images_generated"] > 0 and timing_second["images_generated"] == 0
+    assert first.equals(second)
+    star_fid = first[(first.metric == "FID") & (first.concept == "star")].value.dropna()
+    assert (star_fid.abs() < 1e-6).all(), "the same UNet gives the same images: FID 0"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"eval_models": ["/no/such/unet"]}, "is not a trained UNet folder"),
+    ({"erased_concepts": ["dragon"]}, "are not in eval_concepts"),
+    ({"eval_concepts": ["circle"], "erased_concepts": []}, "the target 'star' is missing"),
+])
+def test_bad_evaluation_inputs_fail_before_generation(tmp_path, overrides, message):
+    from doco_lib import config, experiment
+
+    with pytest.raises(config.ParamsError, match=message):
+        experiment.evaluated_models(eval_params(tmp_path, **overrides))
+    assert not (tmp_path / "ev" / "evaluation").exists()
+
+
+def test_unreadable_i2p_csv_fails_before_generation(tmp_path):
+    from doco_lib import config, experiment
+
+    bad = tmp_path / "i2p.csv"
+    bad.write_text("text\nsomething\n")
+    with pytest.raises(config.ParamsError, match="i2p_csv: .*missing column"):
+        experiment.evaluated_models(eval_params(tmp_path, i2p_csv=str(bad)))
