@@ -18,6 +18,19 @@ def _cmd_toy_build(args) -> None:
     print({k: round(v["mean"], 3) for k, v in report["final_quality"].items()})
 
 
+def _cmd_toy_erasure(args) -> None:
+    from doco_lib.config import load_params, run_dir
+    from doco_lib.io import atomic_write_text
+    from doco_lib.toy.erasure import retain_mode_study
+
+    params = load_params(args.params)
+    table, _ = retain_mode_study(params, args.retain_modes, args.samples)
+    path = run_dir(params).parent / f"{params['run_name']}_retain_modes.csv"
+    atomic_write_text(table.to_csv(index=False), path)
+    print(table.round(3).to_string(index=False))
+    print(f"written to {path}")
+
+
 def _cmd_sample(args) -> None:
     from doco_lib.config import check_value
     from doco_lib.figures import save_images
@@ -69,14 +82,17 @@ def _cmd_train(args) -> None:
     from doco_lib.config import load_params, run_dir, write_resolved
     from doco_lib.pipeline import load_pipeline
 
+    from doco_lib.io import run_lock
+
     params = load_params(args.params)
-    write_resolved(params, run_dir(params))
-    pipe = load_pipeline(params["model"], params["device"])
-    experiment.prepare_anchors(params, pipe)
-    trainer = experiment.make_trainer(params, pipe)
-    trainer.run(progress=not args.quiet)
-    for name, path in trainer.export(base_model=params["model"]).items():
-        print(f"{name}: {path}")
+    with run_lock(run_dir(params)):
+        write_resolved(params, run_dir(params))
+        pipe = load_pipeline(params["model"], params["device"])
+        experiment.prepare_anchors(params, pipe)
+        trainer = experiment.make_trainer(params, pipe)
+        trainer.run(progress=not args.quiet)
+        for name, path in trainer.export(base_model=params["model"]).items():
+            print(f"{name}: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--quick", action="store_true", help="a few steps per stage: checks the code, not quality")
     build.add_argument("--device", default="cpu")
     build.set_defaults(func=_cmd_toy_build)
+    study = toy.add_parser("erasure", help="train DoCo per retain mode and judge the erasure (toy Table 3)")
+    study.add_argument("--params", default="params/toy_world.yaml")
+    study.add_argument("--retain-modes", nargs="+", default=["none", "l2", "cp"], choices=["none", "l2", "cp"])
+    study.add_argument("--samples", type=int, help="images per prompt set (default: eval_samples)")
+    study.set_defaults(func=_cmd_toy_erasure)
 
     sample = commands.add_parser("sample", help="write N images for a prompt from a diffusers SD pipeline")
     sample.add_argument("--model", default="toy", help="'toy', a pipeline folder or a hub id")
@@ -124,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
     from doco_lib.concepts import PromptFileError
+    from doco_lib.io import RunLocked
     from doco_lib.pipeline import ModelLoadError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ParamsError, PromptFileError, FileNotFoundError, ModelLoadError) as error:
+    except (ParamsError, PromptFileError, FileNotFoundError, ModelLoadError, RunLocked) as error:
         print(f"doco: error: {error}", file=sys.stderr)
         return 2
     except PapermillExecutionError as error:

@@ -8,6 +8,8 @@ to unpickle arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -51,3 +53,29 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def load_torch_checkpoint(path: Path) -> Any:
     """Load one of our own checkpoints; `weights_only=True` so no arbitrary object is ever unpickled."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing to the same run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path):
+    """Hold an exclusive lock on `directory/.lock` while a run writes there; a second run refuses at once.
+
+    The lock is an `flock`, released by the kernel when the process dies, so a killed run leaves no
+    stale lock behind."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunLocked(f"{directory} is in use by another run (lock {directory / '.lock'}); wait for it to finish "
+                        "or choose another run_name.") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

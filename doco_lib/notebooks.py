@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from doco_lib.config import load_params, notebook_params, run_dir, write_resolved
+from doco_lib.io import run_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_NOTEBOOKS = ("00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training",
@@ -29,13 +30,13 @@ def run_notebooks(params_file: str | Path, notebooks: tuple[str, ...] = DEMO_NOT
     resolved = load_params(params_file, overrides)
     inputs = [notebook_path(name, notebooks_dir) for name in notebooks]  # all checked before any runs
     out_dir = run_dir(resolved)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved(resolved, out_dir)
     executed = []
-    for name, source in zip(notebooks, inputs):
-        target = out_dir / f"{name}.ipynb"
-        print(f"running {source} -> {target}", flush=True)
-        papermill.execute_notebook(str(source), str(target), parameters=notebook_params(resolved, name),
-                                   kernel_name="python3", cwd=os.getcwd(), progress_bar=False)
-        executed.append(target)
+    with run_lock(out_dir):
+        write_resolved(resolved, out_dir)
+        for name, source in zip(notebooks, inputs):
+            target = out_dir / f"{name}.ipynb"
+            print(f"running {source} -> {target}", flush=True)
+            papermill.execute_notebook(str(source), str(target), parameters=notebook_params(resolved, name),
+                                       kernel_name="python3", cwd=os.getcwd(), progress_bar=False)
+            executed.append(target)
     return executed

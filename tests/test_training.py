@@ -109,3 +109,13 @@ def test_changed_settings_refuse_to_resume(tmp_path, doco_command):
     params.write_text(params.read_text().replace("batch_size: 4", "batch_size: 2"))
     result = train(doco_command, params)
     assert result.returncode != 0 and "batch_size" in result.stderr
+
+
+def test_a_second_run_on_the_same_folder_refuses(tmp_path, doco_command):
+    from doco_lib.io import run_lock
+
+    params = write_params(tmp_path, "locked", iterations=6, warmup_iterations=2)
+    with run_lock(tmp_path / "outputs" / "locked"):
+        result = train(doco_command, params)
+    assert result.returncode == 2 and "in use by another run" in result.stderr
+    assert not (tmp_path / "outputs" / "locked" / "doco").exists()
