@@ -45,7 +45,7 @@ def _cmd_sample(args) -> None:
     if args.unet is not None and not (Path(args.unet) / "config.json").is_file():
         raise ParamsError(f"--unet: {args.unet!r} is not a diffusers UNet folder (expected config.json and "
                           "diffusion_pytorch_model.safetensors inside).")
-    pipe = load_pipeline(args.model, args.device, unet=args.unet)
+    pipe = load_pipeline(args.model, args.device, unet=args.unet, trust_pickle=args.trust_pickle)
     images = generate(pipe, [args.prompt] * args.n, [args.seed + i for i in range(args.n)], args.steps, args.guidance)
     paths = save_images(images, Path(args.out))
     print(f"wrote {len(paths)} images and grid.png to {args.out}")
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance", type=float, default=5.0)
     sample.add_argument("--device", default="auto")
     sample.add_argument("--out", required=True)
+    sample.add_argument("--trust-pickle", action="store_true",
+                        help="also load pickle weights (.bin/.ckpt): only for files from a source you trust")
     sample.set_defaults(func=_cmd_sample)
 
     train = commands.add_parser("train", help="prepare anchor data and run DoCo training from a params file")
@@ -147,12 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     from doco_lib.concepts import PromptFileError
     from doco_lib.io import RunLocked
     from doco_lib.pipeline import ModelLoadError
+    from doco_lib.training import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ParamsError, PromptFileError, FileNotFoundError, ModelLoadError, RunLocked) as error:
         print(f"doco: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"doco: error: {error}", file=sys.stderr)
+        return 3
+    except PermissionError as error:
+        print(f"doco: error: cannot write {error.filename}: {error.strerror}; check the output folder's permissions "
+              "(nothing already written was changed)", file=sys.stderr)
         return 2
     except PapermillExecutionError as error:
         print(f"doco: error: notebook cell {error.exec_count} raised {error.ename}: {error.evalue} "

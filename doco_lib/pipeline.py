@@ -62,16 +62,38 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype = torch.float32, unet: str | None = None):
-    """A `StableDiffusionPipeline` without safety checker; `unet` swaps in an erased UNet folder."""
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def check_safetensors_only(folder: str | Path, trust_pickle: bool = False) -> None:
+    """Refuse a weights folder that holds only pickle files: unpickling runs arbitrary code."""
+    folder = Path(folder)
+    if trust_pickle or not folder.is_dir() or any(folder.rglob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); they can run arbitrary "
+                             "code when loaded, so only safetensors are read. Convert them (load once in a trusted "
+                             "session and save_pretrained(..., safe_serialization=True)), or pass --trust-pickle.")
+
+
+def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype = torch.float32, unet: str | None = None,
+                  trust_pickle: bool = False):
+    """A `StableDiffusionPipeline` without safety checker; `unet` swaps in an erased UNet folder.
+
+    Weights are read from safetensors only, unless `trust_pickle`."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     check_model_reference(model)
     target_device = pick_device(device)  # fail on a missing GPU before loading gigabytes
     source = resolve_model(model)
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, use_safetensors=True)
+    for folder in (source, unet):
+        if folder is not None:
+            check_safetensors_only(folder, trust_pickle)
+    safetensors = None if trust_pickle else True
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, use_safetensors=safetensors)
     if unet is not None:
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, dtype=dtype, use_safetensors=True)
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, dtype=dtype, use_safetensors=safetensors)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:
