@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -245,7 +246,7 @@ class DocoTrainer:
             self.accelerator.backward(d_loss / accumulate)
             logs["d_loss"] += d_loss.item() / accumulate
             logs["d_acc"] += 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item() / accumulate
-        if not all(map(lambda v: torch.isfinite(torch.tensor(v)), logs.values())):
+        if not all(math.isfinite(v) for v in logs.values()):
             raise TrainingDiverged(f"non-finite loss at step {self.step} ({logs}); the last good checkpoint is "
                                    f"{self.checkpoint_path}")
         self.opt_d.step()
