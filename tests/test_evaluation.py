@@ -181,3 +181,14 @@ def test_unreadable_i2p_csv_fails_before_generation(tmp_path):
     bad.write_text("text\nsomething\n")
     with pytest.raises(config.ParamsError, match="i2p_csv: .*missing column"):
         experiment.evaluated_models(eval_params(tmp_path, i2p_csv=str(bad)))
+
+
+def test_paper_reference_rows_fit_the_table_layout():
+    from doco_lib.evaluation import tables
+    from doco_lib.evaluation.paper_results import reference_rows
+
+    rows = reference_rows("Snoopy", ["Snoopy", "Mickey"])
+    table = tables.paper_table(rows, {"Snoopy"})
+    assert table.loc["paper: DoCo", ("Snoopy", "CS ↓")] == 49.29
+    assert table.loc["paper: ESD", ("Mickey", "FID ↓")] == 141.35
+    assert reference_rows("Elsa").empty
