@@ -23,7 +23,7 @@ from doco_lib.concepts import ConceptSpec
 from doco_lib.data import prepare_anchor_latents
 from doco_lib.pipeline import load_pipeline
 from doco_lib.surgery import concept_preserving_gradient
-from doco_lib.training import DocoConfig, DocoTrainer, FIDELITY_PRESETS
+from doco_lib.training import TrainingConfig, DocoTrainer, FIDELITY_PRESETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOY_PROMPTS = ["a photo of a pentagon", "a red pentagon on a striped background", "a pentagon in dotted style"]
@@ -33,7 +33,7 @@ def make_trainer(pipe, anchors, work: Path, name: str, **settings) -> DocoTraine
     values = dict(FIDELITY_PRESETS[settings.pop("fidelity", "paper")])
     values.update(disc_layers=3, iterations=10**6, warmup_iterations=0, batch_size=8, lr=1e-4, disc_lr=1e-4,
                   checkpoint_every=10**6, **settings)
-    config = DocoConfig(**{k: v for k, v in values.items() if k in DocoConfig.__dataclass_fields__})
+    config = TrainingConfig(**{k: v for k, v in values.items() if k in TrainingConfig.__dataclass_fields__})
     return DocoTrainer(pipe, anchors, ConceptSpec("instance", "pentagon", "star"), config, work / name, pipe.device)
 
 

@@ -8,7 +8,7 @@ from doco_lib import config
 from doco_lib.concepts import ConceptSpec, read_prompt_file
 from doco_lib.data import AnchorLatents, load_anchor_latents, prepare_anchor_latents
 from doco_lib.discriminator import check_discriminator_fits
-from doco_lib.training import DocoConfig, DocoTrainer
+from doco_lib.training import DocoTrainer, ErasureTrainer, TrainingConfig
 
 
 def concept(params: dict) -> tuple[ConceptSpec, list[str]]:
@@ -21,7 +21,7 @@ def anchor_dir(params: dict) -> Path:
 
 
 def training_dir(params: dict) -> Path:
-    return config.run_dir(params) / "doco"
+    return config.run_dir(params) / params.get("method", "doco")
 
 
 def prepare_anchors(params: dict, pipe) -> AnchorLatents:
@@ -35,9 +35,9 @@ def load_anchors(params: dict, pipe) -> AnchorLatents:
     return load_anchor_latents(anchor_dir(params), pipe.vae.config.scaling_factor)
 
 
-def doco_config(params: dict, latent_size: int) -> DocoConfig:
+def training_config(params: dict, latent_size: int) -> TrainingConfig:
     """The fidelity preset overridden by the params; checks D fits the latent size before any training."""
-    cfg = DocoConfig.from_params(params)
+    cfg = TrainingConfig.from_params(params)
     try:
         check_discriminator_fits(cfg.disc_layers, cfg.disc_final_stride, latent_size)
     except ValueError as error:
@@ -45,11 +45,15 @@ def doco_config(params: dict, latent_size: int) -> DocoConfig:
     return cfg
 
 
-def make_trainer(params: dict, pipe) -> DocoTrainer:
-    """A trainer over the cached anchor latents; it resumes from `doco/checkpoint.pt` when one exists."""
+def make_trainer(params: dict, pipe) -> ErasureTrainer:
+    """The trainer of `params['method']` over the cached anchor latents, writing to `<run>/<method>/`; it
+    resumes from the checkpoint there when one exists."""
+    from doco_lib.baselines import TRAINERS
+
     spec, _ = concept(params)
-    cfg = doco_config(params, pipe.unet.config.sample_size)
-    return DocoTrainer(pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device)
+    cfg = training_config(params, pipe.unet.config.sample_size)
+    trainer_class = DocoTrainer if cfg.method == "doco" else TRAINERS[cfg.method]
+    return trainer_class(pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device)
 
 
 def evaluation_dir(params: dict) -> Path:
@@ -82,8 +86,9 @@ def evaluated_models(params: dict) -> list:
             raise config.ParamsError(f"eval_models: {unet!r} is not a trained UNet folder (no config.json); run "
                                      "notebook 03 first or list existing erased models.")
     base = EvaluatedModel("SD base" if params["model"] != "toy" else "toy base")
-    labels = [f"DoCo ({Path(u).parent.parent.name})" if Path(u).parent.name == "doco" else Path(u).name
-              for u in unets]
+    names = {"doco": "DoCo", "esd": "ESD", "conabl": "ConAbl"}
+    labels = [f"{names[Path(u).parent.name]} ({Path(u).parent.parent.name})" if Path(u).parent.name in names
+              else Path(u).name for u in unets]
     erased = [EvaluatedModel(label if labels.count(label) == 1 else str(u), u, list(params["erased_concepts"]))
               for label, u in zip(labels, unets)]
     return [base] + erased

@@ -1,6 +1,7 @@
-"""DoCo training: a discriminator warm-up, then alternating discriminator and UNet (generator) updates.
+"""The training harness shared by every erasure method, and DoCo itself.
 
-One iteration, on a batch of cached anchor latents z0 with noise ε and timesteps t:
+`ErasureTrainer` holds what all methods share (see its docstring); `DocoTrainer` adds DoCo: a
+discriminator warm-up, then alternating discriminator and UNet (generator) updates. One DoCo iteration, on a batch of cached anchor latents z0 with noise ε and timesteps t:
   1. x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε; the trained UNet predicts for the target prompt c* ("fake") and, in the
      same forward pass, for the anchor prompt c. "Real" is the anchor prediction of the trained UNet
      (paper) or of a frozen copy of the original UNet (authors' code).
@@ -47,8 +48,14 @@ FIDELITY_PRESETS = {
 }
 
 
+METHODS = ("doco", "esd", "conabl")
+
+
 @dataclass(frozen=True)
-class DocoConfig:
+class TrainingConfig:
+    """Settings of one erasure run; `method` picks DoCo or a baseline, the rest of the harness is shared."""
+
+    method: str = "doco"
     iterations: int = 1000
     warmup_iterations: int = 200
     batch_size: int = 8
@@ -76,9 +83,14 @@ class DocoConfig:
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     heldout_fraction: float = 0.1
+    esd_eta: float = 1.0
+    esd_steps: int = 50
+    esd_start_guidance: float = 3.0
+    conabl_variant: str = "model"
+    conabl_retain: bool = True
 
     @classmethod
-    def from_params(cls, params: dict) -> "DocoConfig":
+    def from_params(cls, params: dict) -> "TrainingConfig":
         """Preset values of `params['fidelity']`, overridden by every key the params set (not None)."""
         values = dict(FIDELITY_PRESETS[params.get("fidelity", "paper")])
         names = {f.name for f in fields(cls)}
@@ -120,8 +132,15 @@ class TrainingDiverged(RuntimeError):
     """A loss or gradient became non-finite."""
 
 
-class DocoTrainer:
-    def __init__(self, pipe, anchors: AnchorLatents, spec: ConceptSpec, config: DocoConfig, run_dir: Path,
+class ErasureTrainer:
+    """The harness every method shares: trainable-parameter selection, cached text embeddings of the
+    prompt pairs, anchor latents with a held-out split, Adam on the selected parameters, one seeded
+    generator for all randomness, atomic checkpoints with resume, a training log, and export of the
+    erased UNet and its weight delta. Subclasses define `train_step` and any extra state."""
+
+    method = "base"
+
+    def __init__(self, pipe, anchors: AnchorLatents, spec: ConceptSpec, config: TrainingConfig, run_dir: Path,
                  device: torch.device | str = "cpu"):
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
@@ -141,11 +160,12 @@ class DocoTrainer:
             p.requires_grad_(True)
         self.original = {name: p.detach().clone() for name, p in self.params.items()}
         self.frozen_unet = None
-        if config.disc_real_source == "frozen":
+        if self.needs_frozen_unet():
             self.frozen_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
             if self.device.type == "cuda":
                 self.frozen_unet.half()
-        self.alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(self.device)
+        self.scheduler_config = pipe.scheduler.config
+        self.alphas_cumprod = DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.to(self.device)
 
         # Text embeddings of every anchor prompt and its target prompt, computed once (the encoder is frozen).
         unique = sorted(set(anchors.prompts))
@@ -153,25 +173,36 @@ class DocoTrainer:
         self.prompt_pairs = spec.prompt_pairs(unique)
         self.anchor_embeddings = self._encode(pipe, [a for a, _ in self.prompt_pairs])
         self.target_embeddings = self._encode(pipe, [t for _, t in self.prompt_pairs])
+        self.empty_embedding = self._encode(pipe, [""])
 
         split = torch.randperm(len(anchors), generator=torch.Generator().manual_seed(config.seed))
         n_heldout = max(1, int(len(anchors) * config.heldout_fraction))
         self.heldout_index, self.train_index = split[:n_heldout], split[n_heldout:]
 
         torch.manual_seed(config.seed)
-        self.discriminator = NLayerDiscriminator(self.unet.config.in_channels, config.disc_channels, config.disc_layers,
-                                                 config.disc_norm, config.disc_final_stride).to(self.device)
-        self.gan_loss = GANLoss(config.gan_mode).to(self.device)
+        self.build_extra()
         self.opt_g = torch.optim.Adam(self.params.values(), lr=config.lr)
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.disc_lr,
-                                      betas=(config.disc_beta1, 0.999))
-        self.discriminator, self.opt_d = self.accelerator.prepare(self.discriminator, self.opt_d)
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
         self.history: list[dict] = []
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
         if self.checkpoint_path.exists():
             self._load_checkpoint()
+
+    def needs_frozen_unet(self) -> bool:
+        return False
+
+    def build_extra(self) -> None:
+        """Modules and optimizers beyond the UNet's (DoCo's discriminator)."""
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def train_step(self) -> dict:
+        raise NotImplementedError
 
     @torch.no_grad()
     def _encode(self, pipe, prompts: list[str]) -> torch.Tensor:
@@ -190,11 +221,6 @@ class DocoTrainer:
         prompts = self.prompt_index[index]
         return x_t, t, noise, self.anchor_embeddings[prompts], self.target_embeddings[prompts]
 
-    def _disc_view(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.config.disc_input == "x0":
-            return predicted_x0(x_t, prediction.float(), self.alphas_cumprod, t)
-        return prediction.float()
-
     def _grads(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor]:
         return list(torch.autograd.grad(loss, list(self.params.values()), retain_graph=retain_graph))
 
@@ -204,6 +230,122 @@ class DocoTrainer:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         scale = (self.config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         return [g * scale for g in grads]
+
+
+    def apply_update(self, update: list[torch.Tensor]) -> None:
+        """Set `update` as the gradient of the trainable parameters and take an Adam step."""
+        if not all(torch.isfinite(g).all() for g in update):
+            raise TrainingDiverged(f"non-finite gradient at step {self.step}; the last good checkpoint is "
+                                   f"{self.checkpoint_path}")
+        for p, g in zip(self.params.values(), update):
+            p.grad = g.to(p.dtype)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+
+    def check_finite(self, logs: dict) -> None:
+        if not all(math.isfinite(v) for v in logs.values()):
+            raise TrainingDiverged(f"non-finite loss at step {self.step} ({logs}); the last good checkpoint is "
+                                   f"{self.checkpoint_path}")
+
+    def reduce(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Average gradients over processes (multi-GPU); the identity on one process."""
+        if self.accelerator.num_processes == 1:
+            return grads
+        return [self.accelerator.reduce(g, "mean") for g in grads]
+
+    # ---------------------------------------------------------------- loop, checkpoints, export
+    def run(self, until: int | None = None, progress: bool = True) -> list[dict]:
+        """Train until step `until` (default: all iterations), checkpointing every `checkpoint_every` steps."""
+        from tqdm.auto import tqdm
+
+        until = self.config.iterations if until is None else min(until, self.config.iterations)
+        bar = tqdm(total=until, initial=self.step, desc=self.method, unit="it", disable=not progress)
+        while self.step < until:
+            record = self.train_step()
+            bar.update(1)
+            bar.set_postfix({k: round(v, 3) for k, v in record.items() if isinstance(v, float)}, refresh=False)
+            if self.step % self.config.checkpoint_every == 0 or self.step == until:
+                self.save_checkpoint()
+        bar.close()
+        return self.history
+
+    def save_checkpoint(self) -> None:
+        state = {"trainable": {n: p.detach().cpu() for n, p in self.params.items()},
+                 "opt_g": self.opt_g.state_dict(), "step": self.step,
+                 "generator": self.generator.get_state(), "history": json.dumps(self.history),
+                 "identity": json.dumps(self.config.training_identity(), sort_keys=True), **self.extra_state()}
+        atomic_torch_save(state, self.checkpoint_path)
+        self.write_history()
+
+    def _load_checkpoint(self) -> None:
+        state = load_torch_checkpoint(self.checkpoint_path)
+        identity = json.dumps(self.config.training_identity(), sort_keys=True)
+        if state["identity"] != identity:
+            saved, now = json.loads(state["identity"]), self.config.training_identity()
+            changed = sorted(k for k in now if saved.get(k) != now[k])
+            raise ValueError(f"{self.checkpoint_path} was written with other settings ({', '.join(changed)}); "
+                             "delete it or pick another run_name to start afresh.")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["trainable"][name].to(p.device))
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.load_extra_state(state)
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+        self.history = json.loads(state["history"])
+
+    def write_history(self) -> Path:
+        import pandas as pd
+
+        path = self.run_dir / "training_log.csv"
+        atomic_write_text(pd.DataFrame(self.history).to_csv(index=False), path)
+        return path
+
+    def export(self, base_model: str) -> dict[str, Path]:
+        """The erased UNet in diffusers format and the weight delta (safetensors), with metadata."""
+        from safetensors.torch import save_file
+
+        unet_dir = self.run_dir / "unet"
+        self.unet.save_pretrained(unet_dir, safe_serialization=True)
+        delta = {n: (p.detach() - self.original[n]).cpu().contiguous() for n, p in self.params.items()}
+        metadata = {"method": self.method, "base_model": base_model, "trainable": self.config.trainable,
+                    "target": self.spec.target, "anchor": self.spec.anchor, "kind": self.spec.kind,
+                    "config": json.dumps(asdict(self.config))}
+        delta_path = self.run_dir / "delta.safetensors"
+        save_file(delta, str(delta_path), metadata=metadata)
+        atomic_save_json(metadata, self.run_dir / "erasure.json")
+        return {"unet": unet_dir, "delta": delta_path}
+
+
+class DocoTrainer(ErasureTrainer):
+    """DoCo: concept domain correction with a PatchGAN discriminator, and the concept-preserving gradient."""
+
+    method = "doco"
+
+    def needs_frozen_unet(self) -> bool:
+        return self.config.disc_real_source == "frozen"
+
+    def build_extra(self) -> None:
+        cfg = self.config
+        self.discriminator = NLayerDiscriminator(self.unet.config.in_channels, cfg.disc_channels, cfg.disc_layers,
+                                                 cfg.disc_norm, cfg.disc_final_stride).to(self.device)
+        self.gan_loss = GANLoss(cfg.gan_mode).to(self.device)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.disc_lr, betas=(cfg.disc_beta1, 0.999))
+        self.discriminator, self.opt_d = self.accelerator.prepare(self.discriminator, self.opt_d)
+
+    def extra_state(self) -> dict:
+        return {"discriminator": self.accelerator.unwrap_model(self.discriminator).state_dict(),
+                "opt_d": self.opt_d.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.accelerator.unwrap_model(self.discriminator).load_state_dict(state["discriminator"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+    def _disc_view(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.config.disc_input == "x0":
+            return predicted_x0(x_t, prediction.float(), self.alphas_cumprod, t)
+        return prediction.float()
+
 
     def train_step(self) -> dict:
         cfg = self.config
@@ -246,9 +388,7 @@ class DocoTrainer:
             self.accelerator.backward(d_loss / accumulate)
             logs["d_loss"] += d_loss.item() / accumulate
             logs["d_acc"] += 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item() / accumulate
-        if not all(math.isfinite(v) for v in logs.values()):
-            raise TrainingDiverged(f"non-finite loss at step {self.step} ({logs}); the last good checkpoint is "
-                                   f"{self.checkpoint_path}")
+        self.check_finite(logs)
         self.opt_d.step()
         if adversarial:
             logs.update(self._apply_generator_update(g_u_sum, g_r_sum, accumulate))
@@ -267,14 +407,10 @@ class DocoTrainer:
 
     def _apply_generator_update(self, g_u, g_r, accumulate: int) -> dict:
         cfg = self.config
-        g_u = [g / accumulate for g in g_u]
-        if self.accelerator.num_processes > 1:
-            g_u = [self.accelerator.reduce(g, "mean") for g in g_u]
+        g_u = self.reduce([g / accumulate for g in g_u])
         stats = {}
         if g_r is not None:
-            g_r = [g / accumulate for g in g_r]
-            if self.accelerator.num_processes > 1:
-                g_r = [self.accelerator.reduce(g, "mean") for g in g_r]
+            g_r = self.reduce([g / accumulate for g in g_r])
             g_u, g_r = self._clip(g_u), self._clip(g_r)
             update, surgery = concept_preserving_gradient(g_u, g_r, cfg.surgery_lambda, cfg.surgery_scope,
                                                           cfg.projection)
@@ -283,82 +419,18 @@ class DocoTrainer:
             stats = {"cosine": surgery.cosine.item(), "fired": surgery.fired.item()}
         else:
             update = self._clip(g_u)
-        if not all(torch.isfinite(g).all() for g in update):
-            raise TrainingDiverged(f"non-finite gradient at step {self.step}; the last good checkpoint is "
-                                   f"{self.checkpoint_path}")
-        for p, g in zip(self.params.values(), update):
-            p.grad = g.to(p.dtype)
-        self.opt_g.step()
-        self.opt_g.zero_grad(set_to_none=True)
+        self.apply_update(update)
         return stats
 
-    # ---------------------------------------------------------------- loop, checkpoints, export
-    def run(self, until: int | None = None, progress: bool = True) -> list[dict]:
-        """Train until step `until` (default: all iterations), checkpointing every `checkpoint_every` steps."""
-        from tqdm.auto import tqdm
-
-        until = self.config.iterations if until is None else min(until, self.config.iterations)
-        bar = tqdm(total=until, initial=self.step, desc="DoCo", unit="it", disable=not progress)
-        while self.step < until:
-            record = self.train_step()
-            bar.update(1)
-            bar.set_postfix({k: round(v, 3) for k, v in record.items() if isinstance(v, float)}, refresh=False)
-            if self.step % self.config.checkpoint_every == 0 or self.step == until:
-                self.save_checkpoint()
-        bar.close()
-        return self.history
-
-    def save_checkpoint(self) -> None:
-        state = {"trainable": {n: p.detach().cpu() for n, p in self.params.items()},
-                 "discriminator": self.accelerator.unwrap_model(self.discriminator).state_dict(),
-                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step,
-                 "generator": self.generator.get_state(), "history": json.dumps(self.history),
-                 "identity": json.dumps(self.config.training_identity(), sort_keys=True)}
-        atomic_torch_save(state, self.checkpoint_path)
-        self.write_history()
-
-    def _load_checkpoint(self) -> None:
-        state = load_torch_checkpoint(self.checkpoint_path)
-        identity = json.dumps(self.config.training_identity(), sort_keys=True)
-        if state["identity"] != identity:
-            saved, now = json.loads(state["identity"]), self.config.training_identity()
-            changed = sorted(k for k in now if saved.get(k) != now[k])
-            raise ValueError(f"{self.checkpoint_path} was written with other settings ({', '.join(changed)}); "
-                             "delete it or pick another run_name to start afresh.")
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(state["trainable"][name].to(p.device))
-        self.accelerator.unwrap_model(self.discriminator).load_state_dict(state["discriminator"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.generator.set_state(state["generator"])
-        self.step = state["step"]
-        self.history = json.loads(state["history"])
-
-    def write_history(self) -> Path:
-        import pandas as pd
-
-        path = self.run_dir / "training_log.csv"
-        atomic_write_text(pd.DataFrame(self.history).to_csv(index=False), path)
-        return path
-
     def export(self, base_model: str) -> dict[str, Path]:
-        """The erased UNet in diffusers format, the weight delta (safetensors) and the discriminator."""
+        """The erased UNet and delta, plus the discriminator (safetensors)."""
         from safetensors.torch import save_file
 
-        unet_dir = self.run_dir / "unet"
-        self.unet.save_pretrained(unet_dir, safe_serialization=True)
-        delta = {n: (p.detach() - self.original[n]).cpu().contiguous() for n, p in self.params.items()}
-        metadata = {"method": "doco", "base_model": base_model, "trainable": self.config.trainable,
-                    "target": self.spec.target, "anchor": self.spec.anchor, "kind": self.spec.kind,
-                    "config": json.dumps(asdict(self.config))}
-        delta_path = self.run_dir / "delta.safetensors"
-        save_file(delta, str(delta_path), metadata=metadata)
-        disc_path = self.run_dir / "discriminator.safetensors"
+        paths = super().export(base_model)
+        paths["discriminator"] = self.run_dir / "discriminator.safetensors"
         state = self.accelerator.unwrap_model(self.discriminator).state_dict()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(disc_path))
-        atomic_save_json(metadata, self.run_dir / "erasure.json")
-        return {"unet": unet_dir, "delta": delta_path, "discriminator": disc_path}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(paths["discriminator"]))
+        return paths
 
     # ---------------------------------------------------------------- discriminator diagnostics
     @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from doco_lib.training import DocoConfig, FIDELITY_PRESETS, predicted_x0, select_trainable
+from doco_lib.training import TrainingConfig, FIDELITY_PRESETS, predicted_x0, select_trainable
 
 TINY = dict(n_anchor_images=8, anchor_shard_size=4, num_inference_steps=2, batch_size=4, iterations=40,
             warmup_iterations=10, checkpoint_every=5, device="cpu")
@@ -28,11 +28,11 @@ def train(doco_command, params, **kwargs):
 
 
 def test_presets_then_overrides():
-    official = DocoConfig.from_params({"fidelity": "official", "disc_layers": 3, "retain_weight": None})
+    official = TrainingConfig.from_params({"fidelity": "official", "disc_layers": 3, "retain_weight": None})
     assert official.disc_input == "x0" and official.disc_real_source == "frozen"
     assert official.surgery_scope == "per_tensor" and official.projection == "official"
     assert official.retain_weight == FIDELITY_PRESETS["official"]["retain_weight"] and official.disc_layers == 3
-    paper = DocoConfig.from_params({"fidelity": "paper", "surgery_scope": "per_tensor"})
+    paper = TrainingConfig.from_params({"fidelity": "paper", "surgery_scope": "per_tensor"})
     assert paper.disc_input == "eps" and paper.surgery_scope == "per_tensor"
 
 
@@ -119,3 +119,22 @@ def test_a_second_run_on_the_same_folder_refuses(tmp_path, doco_command):
         result = train(doco_command, params)
     assert result.returncode == 2 and "in use by another run" in result.stderr
     assert not (tmp_path / "outputs" / "locked" / "doco").exists()
+
+
+@pytest.mark.parametrize("method, extra", [("esd", {"trainable": "cross_attention", "esd_steps": 4}),
+                                           ("conabl", {"conabl_variant": "model"}),
+                                           ("conabl", {"conabl_variant": "noise", "conabl_retain": False})])
+def test_baselines_train_in_the_same_harness(tmp_path, doco_command, method, extra):
+    run_name = f"{method}_{extra.get('conabl_variant', 'x')}"
+    params = write_params(tmp_path, run_name, method=method, iterations=4, warmup_iterations=0, checkpoint_every=2,
+                          **extra)
+    result = train(doco_command, params)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "outputs" / run_name / method
+    from doco_lib.deltas import read_delta_metadata
+
+    assert read_delta_metadata(run / "delta.safetensors")["method"] == method
+    delta = load_file(str(run / "delta.safetensors"))
+    assert any(v.abs().max() > 0 for v in delta.values())
+    assert not (run / "discriminator.safetensors").exists()
+    assert len((run / "training_log.csv").read_text().splitlines()) == 5

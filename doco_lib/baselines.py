@@ -1,0 +1,109 @@
+"""The paper's baselines in the same harness as DoCo (data, parameter selection, loop, checkpoints, export).
+
+ESD — Gandikota et al., "Erasing Concepts from Diffusion Models", ICCV 2023. The UNet is trained so that
+its prediction for the target prompt c* matches the frozen original's guidance pushed *away* from c*:
+
+    ε_θ(x_t, c*, t)  →  ε*(x_t, t) − η (ε*(x_t, c*, t) − ε*(x_t, t))
+
+on latents x_t obtained by partially denoising noise with prompt c* (the trained model, guidance
+`esd_start_guidance`, a random number of the `esd_steps` DDIM steps). ESD-x trains cross-attention
+(`trainable: cross_attention`), ESD-u everything else (`trainable: non_cross_attention`).
+
+Concept Ablation (ConAbl) — Kumari et al., "Ablating Concepts in Text-to-Image Diffusion Models", ICCV
+2023. On noised anchor latents, the prediction for the target prompt c* is pulled to the frozen model's
+prediction for the anchor prompt c (`conabl_variant: model`, eq. 4 of that paper) or to the true noise
+(`noise`), optionally with the diffusion loss on the anchor images as its retaining term (`conabl_retain`,
+weight `retain_weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from doco_lib.training import ErasureTrainer
+
+
+class ConAblTrainer(ErasureTrainer):
+    method = "conabl"
+
+    def needs_frozen_unet(self) -> bool:
+        return self.config.conabl_variant == "model"
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        index = self.train_index[torch.randint(0, len(self.train_index), (cfg.batch_size,), generator=self.generator)]
+        x_t, t, noise, c, c_star = self._batch(index, self.generator)
+        with self.accelerator.autocast():
+            if cfg.conabl_variant == "model":
+                with torch.no_grad():
+                    target = self.frozen_unet(x_t.to(self.frozen_unet.dtype), t,
+                                              encoder_hidden_states=c.to(self.frozen_unet.dtype)).sample.float()
+            else:
+                target = noise
+            both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([c_star, c])).sample
+        prediction, anchor_prediction = both.float().chunk(2)
+        ablation_loss = F.mse_loss(prediction, target)
+        retain_loss = F.mse_loss(anchor_prediction, noise)
+        loss = ablation_loss + (cfg.retain_weight * retain_loss if cfg.conabl_retain else 0.0)
+        logs = {"g_loss": ablation_loss.item(), "retain_loss": retain_loss.item()}
+        self.check_finite(logs)
+        self.apply_update(self._clip(self.reduce(self._grads(loss, retain_graph=False))))
+        self.step += 1
+        record = {"step": self.step, "phase": "ablation", **logs}
+        self.history.append(record)
+        return record
+
+
+class EsdTrainer(ErasureTrainer):
+    method = "esd"
+
+    def needs_frozen_unet(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def _partial_denoise(self, c_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoise fresh noise with prompt c* for a random number of DDIM steps; returns (x_t, t)."""
+        from diffusers import DDIMScheduler
+
+        cfg = self.config
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(cfg.esd_steps)
+        stop = int(torch.randint(0, cfg.esd_steps - 1, (1,), generator=self.generator))
+        shape = (len(c_star), self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        latents = torch.randn(shape, generator=self.generator).to(self.device) * scheduler.init_noise_sigma
+        empty = self.empty_embedding.expand_as(c_star)
+        for timestep in scheduler.timesteps[:stop]:
+            with self.accelerator.autocast():
+                eps_empty, eps_prompt = self.unet(torch.cat([latents, latents]), timestep,
+                                                  encoder_hidden_states=torch.cat([empty, c_star])).sample.float().chunk(2)
+            eps = eps_empty + cfg.esd_start_guidance * (eps_prompt - eps_empty)
+            latents = scheduler.step(eps, timestep, latents).prev_sample
+        t = scheduler.timesteps[stop].to(self.device).repeat(len(c_star))
+        return latents, t
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        index = self.train_index[torch.randint(0, len(self.train_index), (cfg.batch_size,), generator=self.generator)]
+        c_star = self.target_embeddings[self.prompt_index[index]]
+        x_t, t = self._partial_denoise(c_star)
+        empty = self.empty_embedding.expand_as(c_star)
+        with torch.no_grad(), self.accelerator.autocast():
+            frozen = self.frozen_unet
+            eps_empty, eps_prompt = frozen(torch.cat([x_t, x_t]).to(frozen.dtype), torch.cat([t, t]),
+                                           encoder_hidden_states=torch.cat([empty, c_star]).to(frozen.dtype)
+                                           ).sample.float().chunk(2)
+            target = eps_empty - cfg.esd_eta * (eps_prompt - eps_empty)
+        with self.accelerator.autocast():
+            prediction = self.unet(x_t, t, encoder_hidden_states=c_star).sample.float()
+        loss = F.mse_loss(prediction, target)
+        logs = {"g_loss": loss.item()}
+        self.check_finite(logs)
+        self.apply_update(self._clip(self.reduce(self._grads(loss, retain_graph=False))))
+        self.step += 1
+        record = {"step": self.step, "phase": "esd", **logs}
+        self.history.append(record)
+        return record
+
+
+TRAINERS = {"conabl": ConAblTrainer, "esd": EsdTrainer}
