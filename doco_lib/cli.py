@@ -77,17 +77,15 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_train(args) -> None:
-    """Data preparation (if not cached yet), DoCo training and export, without the notebooks."""
+    """Data preparation (if not cached yet), training of `method` and export, without the notebooks."""
     from doco_lib import experiment
     from doco_lib.config import load_params, run_dir, write_resolved
-    from doco_lib.pipeline import load_pipeline
-
     from doco_lib.io import run_lock
 
     params = load_params(args.params)
     with run_lock(run_dir(params)):
         write_resolved(params, run_dir(params))
-        pipe = load_pipeline(params["model"], params["device"])
+        pipe = experiment.starting_pipeline(params)
         experiment.prepare_anchors(params, pipe)
         trainer = experiment.make_trainer(params, pipe)
         trainer.run(progress=not args.quiet)
@@ -127,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also load pickle weights (.bin/.ckpt): only for files from a source you trust")
     sample.set_defaults(func=_cmd_sample)
 
-    train = commands.add_parser("train", help="prepare anchor data and run DoCo training from a params file")
+    train = commands.add_parser("train", help="prepare anchor data and train (DoCo or a baseline) from a params file")
     train.add_argument("--params", required=True)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)

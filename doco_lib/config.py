@@ -62,6 +62,12 @@ def _model(key: str, value: Any) -> None:
     check_model_reference(value, key)
 
 
+def _unet_folder(key: str, value: Any) -> None:
+    if value and not (Path(value) / "config.json").is_file():
+        raise ParamsError(f"{key}: {value!r} is not a diffusers UNet folder (expected config.json and "
+                          "diffusion_pytorch_model.safetensors inside).")
+
+
 def _run_name(key: str, value: Any) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
         raise ParamsError(f"{key}: {value!r} is not a valid run name; use letters, digits, '_', '-' and '.', "
@@ -110,6 +116,8 @@ SCHEMA: dict[str, Param] = {
     "extra_prompts_file": Param("", str, "optional text file, one prompt a line, sampled into a grid ('' for none)",
                                 (NB00,), check=_existing_file),
     # -- the concept (01-03)
+    "base_unet": Param("", str, "start from this erased UNet folder instead of the model's ('': the model's "
+                       "own), for sequential multi-concept erasure", (NB01, NB02, NB03), check=_unet_folder),
     "concept_kind": Param("instance", str, "instance, style or nudity", CONCEPT,
                           choices=("instance", "style", "nudity")),
     "anchor": Param("pentagon", str, "anchor concept c (instance: a word every anchor prompt contains)", CONCEPT),

@@ -11,6 +11,13 @@ from doco_lib.discriminator import check_discriminator_fits
 from doco_lib.training import DocoTrainer, ErasureTrainer, TrainingConfig
 
 
+def starting_pipeline(params: dict):
+    """The model a run starts from: the base model, or an erased UNet on it (`base_unet`, sequential erasure)."""
+    from doco_lib.pipeline import load_pipeline
+
+    return load_pipeline(params["model"], params["device"], unet=params.get("base_unet") or None)
+
+
 def concept(params: dict) -> tuple[ConceptSpec, list[str]]:
     spec = ConceptSpec(params["concept_kind"], params["anchor"], params["target"])
     return spec, read_prompt_file(params["anchor_prompts_file"], spec)

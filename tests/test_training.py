@@ -138,3 +138,23 @@ def test_baselines_train_in_the_same_harness(tmp_path, doco_command, method, ext
     assert any(v.abs().max() > 0 for v in delta.values())
     assert not (run / "discriminator.safetensors").exists()
     assert len((run / "training_log.csv").read_text().splitlines()) == 5
+
+
+def test_sequential_erasure_starts_from_the_previous_unet(tmp_path, doco_command):
+    first = write_params(tmp_path, "stage1", iterations=4, warmup_iterations=2, checkpoint_every=2)
+    assert train(doco_command, first).returncode == 0
+    stage1_unet = tmp_path / "outputs" / "stage1" / "doco" / "unet"
+    second = write_params(tmp_path, "stage2", iterations=4, warmup_iterations=2, checkpoint_every=2, target="heart",
+                          base_unet=str(stage1_unet))
+    result = train(doco_command, second)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from diffusers import UNet2DConditionModel
+
+    stage1 = dict(UNet2DConditionModel.from_pretrained(stage1_unet).named_parameters())
+    stage2 = dict(UNet2DConditionModel.from_pretrained(tmp_path / "outputs" / "stage2" / "doco" / "unet")
+                  .named_parameters())
+    delta2 = load_file(str(tmp_path / "outputs" / "stage2" / "doco" / "delta.safetensors"))
+    name = next(iter(delta2))
+    assert torch.allclose(stage1[name] + delta2[name], stage2[name], atol=1e-6), "stage 2 builds on stage 1"
+    untrained = next(n for n in stage1 if n not in delta2)
+    assert torch.equal(stage1[untrained], stage2[untrained])

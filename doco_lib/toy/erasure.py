@@ -80,7 +80,7 @@ def retain_mode_study(params: dict, retain_modes: list[str], samples: int | None
     after, unets = {}, {}
     for mode in retain_modes:
         run = config.validate({**params, "run_name": f"{params['run_name']}_{mode}", "retain_mode": mode})
-        pipe = load_pipeline(run["model"], run["device"])
+        pipe = experiment.starting_pipeline(run)
         experiment.prepare_anchors(run, pipe)
         trainer = experiment.make_trainer(run, pipe)
         trainer.run(progress=False)
