@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean-outputs
+.PHONY: demo test install bench ablation clean-outputs
 
 install: $(STAMP)
 
@@ -27,3 +27,7 @@ clean-outputs:
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# The ablation study (notebook 05) on the toy world: Table 3, the method comparison, sequential erasure.
+ablation: $(STAMP)
+	$(BIN)/doco demo --params params/toy_world.yaml --notebooks 05_ablations

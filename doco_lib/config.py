@@ -79,16 +79,30 @@ def _list_of_words(key: str, value: Any) -> None:
         raise ParamsError(f"{key}: expected a non-empty list of words, got {value!r}.")
 
 
+def _list_of_seeds(key: str, value: Any) -> None:
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ParamsError(f"{key}: expected a non-empty list of seeds (integers ≥ 0), got {value!r}.")
+
+
+def _stages(key: str, value: Any) -> None:
+    _list_of_words(key, value)
+    for stage in value:
+        parts = [p.strip() for p in stage.split("|")]
+        if len(parts) != 3 or not all(parts):
+            raise ParamsError(f"{key}: {stage!r} should read 'target|anchor|anchor prompt file'.")
+        _existing_file(key, parts[2])
+
+
 def _positive(key: str, value: Any) -> None:
     if value is not None and value <= 0:
         raise ParamsError(f"{key}: {value!r} must be greater than 0.")
 
 
 NB00, NB01, NB02, NB03 = "00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training"
-NB04 = "04_evaluation"
-ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04)
-CONCEPT = (NB01, NB02, NB03, NB04)
-TRAINING = (NB02, NB03)
+NB04, NB05 = "04_evaluation", "05_ablations"
+ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05)
+CONCEPT = (NB01, NB02, NB03, NB04, NB05)
+TRAINING = (NB02, NB03, NB05)
 
 
 def _preset(default, kind, help, choices=None, minimum=None, check=None):
@@ -117,7 +131,7 @@ SCHEMA: dict[str, Param] = {
                                 (NB00,), check=_existing_file),
     # -- the concept (01-03)
     "base_unet": Param("", str, "start from this erased UNet folder instead of the model's ('': the model's "
-                       "own), for sequential multi-concept erasure", (NB01, NB02, NB03), check=_unet_folder),
+                       "own), for sequential multi-concept erasure", (NB01, NB02, NB03, NB05), check=_unet_folder),
     "concept_kind": Param("instance", str, "instance, style or nudity", CONCEPT,
                           choices=("instance", "style", "nudity")),
     "anchor": Param("pentagon", str, "anchor concept c (instance: a word every anchor prompt contains)", CONCEPT),
@@ -125,12 +139,12 @@ SCHEMA: dict[str, Param] = {
     "anchor_prompts_file": Param("params/prompts/toy_pentagon.txt", str, "anchor prompts, one per line", CONCEPT,
                                  check=_existing_file),
     "related_concepts": Param(["pentagon", "hexagon", "circle", "triangle"], list,
-                              "concepts that must survive: shown in grids, measured in the toy world", (NB03,),
+                              "concepts that must survive: shown in grids, measured in the toy world", (NB03, NB05),
                               check=_list_of_words),
     # -- 01: anchor data
-    "n_anchor_images": Param(256, int, "anchor images the original model generates (paper: 1000)", (NB01,),
+    "n_anchor_images": Param(256, int, "anchor images the original model generates (paper: 1000)", (NB01, NB05),
                              minimum=1),
-    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01,), minimum=1),
+    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05), minimum=1),
     # -- 02-03: training
     "method": Param("doco", str, "doco, or a baseline in the same harness: esd or conabl", TRAINING,
                     choices=("doco", "esd", "conabl")),
@@ -200,8 +214,19 @@ SCHEMA: dict[str, Param] = {
     "i2p_limit": Param(0, int, "use only the first N I2P prompts (0: all)", (NB04,), minimum=0),
     "nudity_threshold": Param(0.2, (int, float), "NudeNet score threshold (NudeNet's own floor is 0.2)", (NB04,),
                               minimum=0.0, maximum=1.0),
-    "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03,),
+    "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03, NB05),
                           minimum=1),
+    # -- 05: ablations
+    "ablation_variants": Param(["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl"], list,
+                               "methods and retain modes compared (see doco_lib.ablation.VARIANTS)", (NB05,),
+                               check=_list_of_words),
+    "ablation_seeds": Param([0, 1, 2], list, "seeds per variant (the paper's tables: one run, we use several)",
+                            (NB05,), check=_list_of_seeds),
+    "sequential_stages": Param(["star|pentagon|params/prompts/toy_pentagon.txt",
+                                "heart|circle|params/prompts/toy_circle.txt",
+                                "cross|square|params/prompts/toy_square.txt"], list,
+                               "sequential erasure, in order: 'target|anchor|anchor prompt file' per stage", (NB05,),
+                               check=_stages),
 }
 
 

@@ -1,0 +1,135 @@
+"""The ablation study and the method comparison (paper Tables 1 and 3), over several seeds.
+
+Each (variant, seed) is an ordinary run under `<run>/ablation/<variant>_s<seed>/`, trained through the
+same harness as `doco train`; a finished run (its UNet exported) is never retrained, and an interrupted
+one resumes from its checkpoint. Sequential multi-concept erasure chains runs: stage k starts from the
+UNet of stage k−1 (`base_unet`). In the toy world every model is then judged on the same prompt sets
+and seeds, and results are summarised as mean ± 95% confidence interval (Student's t) over seeds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from doco_lib import config, experiment
+
+VARIANTS = {
+    "DoCo (none)": {"method": "doco", "retain_mode": "none"},
+    "DoCo (l2)": {"method": "doco", "retain_mode": "l2"},
+    "DoCo (cp)": {"method": "doco", "retain_mode": "cp"},
+    "ESD-x": {"method": "esd", "trainable": "cross_attention"},
+    "ESD-u": {"method": "esd", "trainable": "non_cross_attention"},
+    "ConAbl": {"method": "conabl", "conabl_variant": "model"},
+}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def parse_stage(stage: str) -> tuple[str, str, str]:
+    """'target|anchor|prompt file' → its three parts, with a clear error."""
+    parts = [p.strip() for p in stage.split("|")]
+    if len(parts) != 3 or not all(parts):
+        raise config.ParamsError(f"sequential_stages: {stage!r} should read 'target|anchor|anchor prompt file'.")
+    return parts[0], parts[1], parts[2]
+
+
+def run_params(params: dict, name: str, seed: int, overrides: dict) -> dict:
+    return config.validate({**params, **overrides, "seed": seed, "output_root": str(config.run_dir(params) / "ablation"),
+                            "run_name": f"{_slug(name)}_s{seed}"}, source=f"ablation run {name} seed {seed}")
+
+
+def train_run(run: dict) -> Path:
+    """Train one run unless its UNet is already exported; returns the UNet folder."""
+    unet = experiment.training_dir(run) / "unet"
+    if (unet / "config.json").is_file():
+        return unet
+    pipe = experiment.starting_pipeline(run)
+    experiment.prepare_anchors(run, pipe)
+    trainer = experiment.make_trainer(run, pipe)
+    trainer.run(progress=False)
+    return trainer.export(base_model=run["model"])["unet"]
+
+
+def train_grid(params: dict, variants: list[str], seeds: list[int]) -> pd.DataFrame:
+    """One run per (variant, seed); returns a table of their UNet folders."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise config.ParamsError(f"ablation_variants: unknown {unknown}; choose from {list(VARIANTS)}.")
+    runs = [(v, s, run_params(params, v, s, VARIANTS[v])) for v in variants for s in seeds]  # all validated first
+    return pd.DataFrame([{"variant": v, "seed": s, "unet": str(train_run(run))} for v, s, run in runs])
+
+
+def train_sequential(params: dict, stages: list[str], seeds: list[int], variant: str = "DoCo (cp)") -> pd.DataFrame:
+    """Erase the stages' targets one after another (each stage on top of the previous one's UNet)."""
+    parsed = [parse_stage(s) for s in stages]
+    rows = []
+    for seed in seeds:
+        previous = ""
+        for k, (target, anchor, prompts) in enumerate(parsed, start=1):
+            overrides = {**VARIANTS[variant], "target": target, "anchor": anchor, "anchor_prompts_file": prompts,
+                         "base_unet": previous}
+            run = run_params(params, f"sequential {k} {target}", seed, overrides)
+            previous = str(train_run(run))
+            rows.append({"stage": k, "erased so far": ", ".join(t for t, _, _ in parsed[:k]), "seed": seed,
+                         "unet": previous})
+    return pd.DataFrame(rows)
+
+
+def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: int) -> pd.DataFrame:
+    """Toy world: judged rate of every prompt set for each listed UNet and for the base model (per seed)."""
+    from doco_lib.pipeline import load_judge, load_pipeline
+    from doco_lib.toy.erasure import judged_rates, prompt_sets
+
+    judge = load_judge(params["device"])
+    steps, guidance = params["num_inference_steps"], params["guidance_scale"]
+    base = load_pipeline(params["model"], params["device"])
+    rows = []
+    for seed in sorted(set(unets["seed"])):
+        sets = prompt_sets(params["target"], shapes, samples, seed)
+        for name, rate in judged_rates(base, judge, sets, steps, guidance, seed).items():
+            rows.append({"model": "original", "seed": seed, "prompt set": name, "rate": rate})
+        for record in unets[unets.seed == seed].to_dict("records"):
+            erased = load_pipeline(params["model"], params["device"], unet=record["unet"])
+            label = {k: v for k, v in record.items() if k not in ("seed", "unet")}
+            for name, rate in judged_rates(erased, judge, sets, steps, guidance, seed).items():
+                rows.append({**label, "model": " ".join(str(v) for v in label.values()), "seed": seed,
+                             "prompt set": name, "rate": rate})
+    return pd.DataFrame(rows)
+
+
+def mean_ci(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the Student-t confidence interval (0 for a single value)."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return float(values.mean()), 0.0
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / n**0.5
+    return float(values.mean()), float(half)
+
+
+def summarise(judged: pd.DataFrame, by: str = "model") -> pd.DataFrame:
+    """Judged rate per (model, prompt set) as 'mean ± CI' strings and numeric columns, in percent."""
+    rows = []
+    for (model, prompt_set), group in judged.groupby([by, "prompt set"], sort=False):
+        mean, half = mean_ci(100 * group["rate"])
+        rows.append({by: model, "prompt set": prompt_set, "mean": mean, "ci95": half, "seeds": len(group),
+                     "cell": f"{mean:.1f} ± {half:.1f}"})
+    return pd.DataFrame(rows)
+
+
+def tradeoff(judged: pd.DataFrame, target: str, related: list[str]) -> pd.DataFrame:
+    """Per run: drop of the target's judged rate and mean drop over related concepts, in points."""
+    original = judged[judged.model == "original"].set_index(["seed", "prompt set"])["rate"]
+    rows = []
+    for (model, seed), group in judged[judged.model != "original"].groupby(["model", "seed"], sort=False):
+        rates = group.set_index("prompt set")["rate"]
+        rows.append({"model": model, "seed": seed,
+                     "target drop (pts)": 100 * (original[(seed, target)] - rates[target]),
+                     "related drop (pts)": 100 * sum(original[(seed, r)] - rates[r] for r in related) / len(related)})
+    return pd.DataFrame(rows)
