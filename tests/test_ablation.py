@@ -1,0 +1,40 @@
+import pandas as pd
+import pytest
+from scipy import stats
+
+from doco_lib import ablation, config
+
+
+def test_confidence_interval_is_student_t():
+    values = pd.Series([10.0, 12.0, 17.0])
+    mean, half = ablation.mean_ci(values)
+    low, high = stats.t.interval(0.95, 2, loc=values.mean(), scale=stats.sem(values))
+    assert mean == pytest.approx(13.0) and half == pytest.approx((high - low) / 2)
+    assert ablation.mean_ci(pd.Series([4.0])) == (4.0, 0.0)
+
+
+def test_summary_and_tradeoff_from_judged_rates():
+    judged = pd.DataFrame([
+        {"model": "original", "seed": s, "prompt set": p, "rate": r}
+        for s in (0, 1) for p, r in (("star", 0.9), ("circle", 0.8))
+    ] + [
+        {"model": "DoCo (cp)", "seed": s, "prompt set": p, "rate": r}
+        for s, (star, circle) in ((0, (0.1, 0.8)), (1, (0.3, 0.7))) for p, r in (("star", star), ("circle", circle))
+    ])
+    summary = ablation.summarise(judged)
+    row = summary[(summary.model == "DoCo (cp)") & (summary["prompt set"] == "star")].iloc[0]
+    assert row["mean"] == pytest.approx(20.0) and row["seeds"] == 2
+    points = ablation.tradeoff(judged, "star", ["circle"]).set_index("seed")
+    assert points.loc[0, "target drop (pts)"] == pytest.approx(80.0)
+    assert points.loc[1, "related drop (pts)"] == pytest.approx(10.0)
+
+
+def test_bad_stages_and_variants_are_named(tmp_path):
+    with pytest.raises(config.ParamsError, match="target\\|anchor\\|anchor prompt file"):
+        ablation.parse_stage("star|pentagon")
+    with pytest.raises(config.ParamsError, match="sequential_stages"):
+        config.check_value("sequential_stages", ["star|pentagon|nowhere.txt"])
+    with pytest.raises(config.ParamsError, match="unknown \\['DoCo \\(l1\\)'\\]"):
+        ablation.train_grid(config.validate({"output_root": str(tmp_path)}), ["DoCo (l1)"], [0])
+    with pytest.raises(config.ParamsError, match="list of seeds"):
+        config.check_value("ablation_seeds", [0, -1])
