@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from doco_lib.config import ParamsError
@@ -56,6 +57,31 @@ def _cmd_demo(args) -> None:
 
     for path in run_notebooks(args.params, tuple(args.notebooks or DEMO_NOTEBOOKS)):
         print(f"executed {path}")
+
+
+def _cmd_run(args) -> None:
+    """One concept of a batch: its notebooks in order, recorded in the batch manifest."""
+    from doco_lib.batch import BATCH_NOTEBOOKS, Manifest, run_concept
+
+    params_file = Path(args.params)
+    manifest = Manifest(Path(args.output_root) / args.run_id / "manifest.json")
+    ok = run_concept(params_file, args.run_id, Path(args.output_root), manifest,
+                     tuple(args.notebooks or BATCH_NOTEBOOKS), args.force, args.device,
+                     lambda: manifest.save_concept(params_file.stem))
+    if not ok:
+        raise SystemExit(f"doco: error: {params_file.stem}: {manifest.concept(params_file.stem).get('error')}")
+
+
+def _cmd_batch(args) -> None:
+    from doco_lib.batch import BATCH_NOTEBOOKS, run_batch
+
+    failures = run_batch(args.params, args.run_id, Path(args.output_root), args.jobs, args.force, args.device,
+                         tuple(args.notebooks or BATCH_NOTEBOOKS))
+    manifest = Path(args.output_root) / args.run_id / "manifest.json"
+    if failures:
+        raise SystemExit("doco: batch finished with failures:\n" + "\n".join(f"  {line}" for line in failures) +
+                         f"\nmanifest: {manifest}")
+    print(f"all concepts done; manifest: {manifest}")
 
 
 def _cmd_eval(args) -> None:
@@ -129,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--params", required=True)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    for name, helptext in (("batch", "run the numbered notebooks for each concept (params files, folders, globs)"),
+                           ("run", "run the numbered notebooks for one concept of a batch")):
+        sub = commands.add_parser(name, help=helptext)
+        if name == "batch":
+            sub.add_argument("params", nargs="+", help="params files, folders of them, or globs")
+            sub.add_argument("--jobs", type=int, default=1, help="concepts at once (one GPU each when there are GPUs)")
+        else:
+            sub.add_argument("--params", required=True)
+        sub.add_argument("--run-id", default=time.strftime("batch-%Y%m%d-%H%M%S"))
+        sub.add_argument("--output-root", default="outputs")
+        sub.add_argument("--notebooks", nargs="+", help="only these notebooks, in order")
+        sub.add_argument("--force", action="store_true", help="rerun notebooks that are already done")
+        sub.add_argument("--device", help="override the params files' device")
+        sub.set_defaults(func=_cmd_batch if name == "batch" else _cmd_run)
 
     evaluate = commands.add_parser("eval", help="evaluate the base and erased models (CS, CA, FID) into tables")
     evaluate.add_argument("--params", required=True)
