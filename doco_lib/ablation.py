@@ -20,9 +20,11 @@ VARIANTS = {
     "DoCo (none)": {"method": "doco", "retain_mode": "none"},
     "DoCo (l2)": {"method": "doco", "retain_mode": "l2"},
     "DoCo (cp)": {"method": "doco", "retain_mode": "cp"},
+    "DoCo (rgd)": {"method": "doco", "retain_mode": "rgd"},
     "ESD-x": {"method": "esd", "trainable": "cross_attention"},
     "ESD-u": {"method": "esd", "trainable": "non_cross_attention"},
     "ConAbl": {"method": "conabl", "conabl_variant": "model"},
+    "RGD": {"method": "rgd", "trainable": "full"},
 }
 
 

@@ -1,4 +1,4 @@
-"""The paper's baselines in the same harness as DoCo (data, parameter selection, loop, checkpoints, export).
+"""The baselines and comparable methods in the same harness as DoCo (data, parameter selection, loop, checkpoints, export).
 
 ESD — Gandikota et al., "Erasing Concepts from Diffusion Models", ICCV 2023. The UNet is trained so that
 its prediction for the target prompt c* matches the frozen original's guidance pushed *away* from c*:
@@ -14,6 +14,13 @@ Concept Ablation (ConAbl) — Kumari et al., "Ablating Concepts in Text-to-Image
 prediction for the anchor prompt c (`conabl_variant: model`, eq. 4 of that paper) or to the true noise
 (`noise`), optionally with the diffusion loss on the anchor images as its retaining term (`conabl_retain`,
 weight `retain_weight`).
+
+RGD — Ko et al., "Boosting Alignment for Post-Unlearning Text-to-Image Generative Models", NeurIPS 2024
+(restricted gradient + diversity). The ordinary diffusion loss on (forget image, forget prompt) pairs is
+*ascended* (G_u = −∇L_f, switched off for a batch whose L_f already exceeds the truncation m) and the
+same loss on the paired concept-free twins is descended (G_r = ∇L_r); where they conflict each is
+projected onto the normal plane of the other, and the update is G_u' + α G_r' (`rgd_alpha`, default 1.6
+as the authors' run script). Forget/retain prompts come from slot vocabularies (`doco_lib.diversity`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from doco_lib.data import AnchorLatents
+from doco_lib.surgery import restricted_gradient
 from doco_lib.training import ErasureTrainer
 
 
@@ -106,4 +115,44 @@ class EsdTrainer(ErasureTrainer):
         return record
 
 
-TRAINERS = {"conabl": ConAblTrainer, "esd": EsdTrainer}
+class RgdTrainer(ErasureTrainer):
+    """`anchors` are the retain images (concept-free prompts); `forget` the forget images, index-paired."""
+
+    method = "rgd"
+
+    def __init__(self, *args, forget: AnchorLatents, **kwargs):
+        self.forget = forget
+        super().__init__(*args, **kwargs)
+        if len(forget) != len(self.anchors):
+            raise ValueError(f"forget and retain caches must be index-paired; got {len(forget)} and "
+                             f"{len(self.anchors)} images")
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        index = self.train_index[torch.randint(0, len(self.train_index), (cfg.batch_size,), generator=self.generator)]
+        x_r, t_r, noise_r, c_r, c_f = self._batch(index, self.generator)
+        z_f = self.forget.sample(index, self.generator).to(self.device)
+        noise_f = torch.randn(z_f.shape, generator=self.generator).to(self.device)
+        t_f = torch.randint(0, len(self.alphas_cumprod), (len(index),), generator=self.generator).to(self.device)
+        a = self.alphas_cumprod[t_f].view(-1, 1, 1, 1)
+        x_f = a.sqrt() * z_f + (1 - a).sqrt() * noise_f
+        with self.accelerator.autocast():
+            both = self.unet(torch.cat([x_f, x_r]), torch.cat([t_f, t_r]), encoder_hidden_states=torch.cat([c_f, c_r])).sample
+        pred_f, pred_r = both.float().chunk(2)
+        forget_loss, retain_loss = F.mse_loss(pred_f, noise_f), F.mse_loss(pred_r, noise_r)
+        truncated = 0 < cfg.rgd_truncation < forget_loss.item()
+        g_f = self._grads(forget_loss, retain_graph=True)
+        g_u = [torch.zeros_like(g) if truncated else -g for g in g_f]  # ascend L_f unless it is already above m
+        g_r = self._grads(retain_loss, retain_graph=False)
+        update, stats = restricted_gradient(self.reduce(g_u), self.reduce(g_r), cfg.rgd_alpha)
+        logs = {"g_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
+        self.check_finite(logs)
+        self.apply_update(update)
+        self.step += 1
+        record = {"step": self.step, "phase": "rgd", **logs, "truncated": float(truncated),
+                  "cosine": stats.cosine.item(), "fired": stats.fired.item()}
+        self.history.append(record)
+        return record
+
+
+TRAINERS = {"conabl": ConAblTrainer, "esd": EsdTrainer, "rgd": RgdTrainer}

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_cmd_toy_build)
     study = toy.add_parser("erasure", help="train DoCo per retain mode and judge the erasure (toy Table 3)")
     study.add_argument("--params", default="params/toy_world.yaml")
-    study.add_argument("--retain-modes", nargs="+", default=["none", "l2", "cp"], choices=["none", "l2", "cp"])
+    study.add_argument("--retain-modes", nargs="+", default=["none", "l2", "cp"], choices=["none", "l2", "cp", "rgd"])
     study.add_argument("--samples", type=int, help="images per prompt set (default: eval_samples)")
     study.set_defaults(func=_cmd_toy_erasure)
 

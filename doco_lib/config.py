@@ -146,8 +146,14 @@ SCHEMA: dict[str, Param] = {
                              minimum=1),
     "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05), minimum=1),
     # -- 02-03: training
-    "method": Param("doco", str, "doco, or a baseline in the same harness: esd or conabl", TRAINING,
-                    choices=("doco", "esd", "conabl")),
+    "method": Param("doco", str, "doco, or another method in the same harness: esd, conabl or rgd", TRAINING,
+                    choices=("doco", "esd", "conabl", "rgd")),
+    "rgd_slots_file": Param("params/prompts/rgd_toy_star_slots.yaml", str, "RGD: slot vocabularies of the "
+                            "forget/retain prompt twins", TRAINING, check=_existing_file),
+    "rgd_prompts": Param(64, int, "RGD: number of training prompt twins", TRAINING, minimum=1),
+    "rgd_alpha": Param(1.6, (int, float), "RGD: weight α of the projected retain gradient", TRAINING, minimum=0.0),
+    "rgd_truncation": Param(1.1, (int, float), "RGD: no ascent on a batch whose forget loss exceeds m (0: off)",
+                            TRAINING, minimum=0.0),
     "esd_eta": Param(1.0, (int, float), "ESD: strength η of the negative guidance target", TRAINING, minimum=0.0),
     "esd_steps": Param(25, int, "ESD: DDIM steps of the partial denoising (ESD: 50)", TRAINING, minimum=2),
     "esd_start_guidance": Param(3.0, (int, float), "ESD: guidance of the partial denoising", TRAINING, minimum=0.0),
@@ -162,8 +168,9 @@ SCHEMA: dict[str, Param] = {
     "batch_size": Param(8, int, "anchor latents per iteration (paper: 8)", TRAINING, minimum=1),
     "lr": Param(1e-3, (int, float), "UNet learning rate, Adam (paper: 4e-6 on SD)", TRAINING, check=_positive),
     "disc_lr": Param(1e-3, (int, float), "discriminator learning rate, Adam", TRAINING, check=_positive),
-    "retain_mode": Param("cp", str, "none (G_u alone), l2 (gradient of L_u + α L_r) or cp (concept-preserving gradient, eq. 9)",
-                         TRAINING, choices=("none", "l2", "cp")),
+    "retain_mode": Param("cp", str, "none (G_u alone), l2 (gradient of L_u + α L_r), cp (concept-preserving "
+                         "gradient, eq. 9) or rgd (RGD's restricted gradient)", TRAINING,
+                         choices=("none", "l2", "cp", "rgd")),
     "retain_weight": _preset(None, (int, float), "α, the weight of the retaining loss L_r", minimum=0.0),
     "surgery_lambda": Param(1.0, (int, float), "λ of eq. 9", TRAINING, minimum=0.0),
     "surgery_scope": _preset(None, str, "dot products over all parameters (global) or per tensor",

@@ -31,11 +31,27 @@ def training_dir(params: dict) -> Path:
     return config.run_dir(params) / params.get("method", "doco")
 
 
-def prepare_anchors(params: dict, pipe) -> AnchorLatents:
-    _, prompts = concept(params)
-    return prepare_anchor_latents(pipe, prompts, params["n_anchor_images"], anchor_dir(params), model=params["model"],
+def rgd_pairs(params: dict) -> list[tuple[str, str]]:
+    """RGD's (forget, retain) training prompt twins from the slots file."""
+    from doco_lib.diversity import load_slots, prompt_pairs
+
+    return prompt_pairs(load_slots(params["rgd_slots_file"]), "train", params["rgd_prompts"], params["seed"])
+
+
+def _generate(params: dict, pipe, prompts: list[str], directory: Path) -> AnchorLatents:
+    return prepare_anchor_latents(pipe, prompts, params["n_anchor_images"], directory, model=params["model"],
                                   seed=params["seed"], steps=params["num_inference_steps"],
                                   guidance=params["guidance_scale"], shard_size=params["anchor_shard_size"])
+
+
+def prepare_anchors(params: dict, pipe) -> AnchorLatents:
+    """Images of the original model for the anchor prompts (RGD: the retain prompts, plus the forget set)."""
+    if params.get("method") == "rgd":
+        pairs = rgd_pairs(params)
+        _generate(params, pipe, [f for f, _ in pairs], config.run_dir(params) / "forget_latents")
+        return _generate(params, pipe, [r for _, r in pairs], anchor_dir(params))
+    _, prompts = concept(params)
+    return _generate(params, pipe, prompts, anchor_dir(params))
 
 
 def load_anchors(params: dict, pipe) -> AnchorLatents:
@@ -59,6 +75,11 @@ def make_trainer(params: dict, pipe) -> ErasureTrainer:
 
     spec, _ = concept(params)
     cfg = training_config(params, pipe.unet.config.sample_size)
+    if cfg.method == "rgd":
+        pairs = rgd_pairs(params)
+        forget = load_anchor_latents(config.run_dir(params) / "forget_latents", pipe.vae.config.scaling_factor)
+        return TRAINERS["rgd"](pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device,
+                               target_prompts={r: f for f, r in pairs}, forget=forget)
     trainer_class = DocoTrainer if cfg.method == "doco" else TRAINERS[cfg.method]
     return trainer_class(pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device)
 

@@ -28,9 +28,9 @@ from doco_lib.concepts import ConceptSpec
 from doco_lib.data import AnchorLatents
 from doco_lib.discriminator import GANLoss, NLayerDiscriminator
 from doco_lib.io import atomic_save_json, atomic_torch_save, atomic_write_text, load_torch_checkpoint
-from doco_lib.surgery import concept_preserving_gradient
+from doco_lib.surgery import concept_preserving_gradient, restricted_gradient
 
-RETAIN_MODES = ("none", "l2", "cp")
+RETAIN_MODES = ("none", "l2", "cp", "rgd")
 TRAINABLE = ("cross_attention_kv", "cross_attention", "non_cross_attention", "full")
 
 FIDELITY_PRESETS = {
@@ -48,7 +48,7 @@ FIDELITY_PRESETS = {
 }
 
 
-METHODS = ("doco", "esd", "conabl")
+METHODS = ("doco", "esd", "conabl", "rgd")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ class TrainingConfig:
     esd_start_guidance: float = 3.0
     conabl_variant: str = "model"
     conabl_retain: bool = True
+    rgd_alpha: float = 1.6
+    rgd_truncation: float = 1.1
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainingConfig":
@@ -141,7 +143,8 @@ class ErasureTrainer:
     method = "base"
 
     def __init__(self, pipe, anchors: AnchorLatents, spec: ConceptSpec, config: TrainingConfig, run_dir: Path,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", target_prompts: dict[str, str] | None = None):
+        """`target_prompts` maps each anchor prompt to its target prompt (default: the concept spec's rule)."""
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
@@ -170,7 +173,7 @@ class ErasureTrainer:
         # Text embeddings of every anchor prompt and its target prompt, computed once (the encoder is frozen).
         unique = sorted(set(anchors.prompts))
         self.prompt_index = torch.tensor([unique.index(p) for p in anchors.prompts])
-        self.prompt_pairs = spec.prompt_pairs(unique)
+        self.prompt_pairs = [(p, target_prompts[p]) for p in unique] if target_prompts else spec.prompt_pairs(unique)
         self.anchor_embeddings = self._encode(pipe, [a for a, _ in self.prompt_pairs])
         self.target_embeddings = self._encode(pipe, [t for _, t in self.prompt_pairs])
         self.empty_embedding = self._encode(pipe, [""])
@@ -412,8 +415,11 @@ class DocoTrainer(ErasureTrainer):
         if g_r is not None:
             g_r = self.reduce([g / accumulate for g in g_r])
             g_u, g_r = self._clip(g_u), self._clip(g_r)
-            update, surgery = concept_preserving_gradient(g_u, g_r, cfg.surgery_lambda, cfg.surgery_scope,
-                                                          cfg.projection)
+            if cfg.retain_mode == "rgd":  # RGD's restricted gradient in place of eq. 9
+                update, surgery = restricted_gradient(g_u, g_r, cfg.rgd_alpha)
+            else:
+                update, surgery = concept_preserving_gradient(g_u, g_r, cfg.surgery_lambda, cfg.surgery_scope,
+                                                              cfg.projection)
             if cfg.add_retain_grad:
                 update = [u + r for u, r in zip(update, g_r)]
             stats = {"cosine": surgery.cosine.item(), "fired": surgery.fired.item()}

@@ -38,3 +38,23 @@ def test_bad_stages_and_variants_are_named(tmp_path):
         ablation.train_grid(config.validate({"output_root": str(tmp_path)}), ["DoCo (l1)"], [0])
     with pytest.raises(config.ParamsError, match="list of seeds"):
         config.check_value("ablation_seeds", [0, -1])
+
+
+def test_rgd_prompt_twins_and_disjoint_test_vocabulary(repo_root, tmp_path):
+    from doco_lib.diversity import SlotsError, load_slots, prompt_pairs
+
+    slots = load_slots(repo_root / "params" / "prompts" / "rgd_nudity_slots.yaml")
+    train = prompt_pairs(slots, "train", 800)
+    test = prompt_pairs(slots, "test", 100)
+    assert len(train) == 800 and len(test) == 100
+    forget, retain = train[0]
+    assert any(w in forget.split() for w in slots["concept_words"]) and not any(
+        w in retain.split() for w in slots["concept_words"])
+    train_words = {w for f, _ in train for w in f.split()}
+    assert "melancholic" not in train_words and "guitar" not in train_words
+    assert prompt_pairs(slots, "train", 5, seed=1) == prompt_pairs(slots, "train", 5, seed=1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("templates: ['a {colour} {concept}']\nconcept_words: [star]\ntrain: {colour: [red]}\n"
+                   "test: {colour: [red]}\n")
+    with pytest.raises(SlotsError, match="shares \\['red'\\] between train and test"):
+        load_slots(bad)

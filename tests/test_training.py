@@ -158,3 +158,24 @@ def test_sequential_erasure_starts_from_the_previous_unet(tmp_path, doco_command
     assert torch.allclose(stage1[name] + delta2[name], stage2[name], atol=1e-6), "stage 2 builds on stage 1"
     untrained = next(n for n in stage1 if n not in delta2)
     assert torch.equal(stage1[untrained], stage2[untrained])
+
+
+def test_rgd_method_and_retain_mode_train(tmp_path, doco_command):
+    rgd = write_params(tmp_path, "rgd", method="rgd", trainable="full", iterations=3, warmup_iterations=0,
+                       checkpoint_every=3, rgd_prompts=4)
+    result = train(doco_command, rgd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "outputs" / "rgd"
+    assert (run / "forget_latents" / "manifest.json").is_file() and (run / "anchor_latents" / "manifest.json").is_file()
+    import json
+
+    forget = json.loads((run / "forget_latents" / "manifest.json").read_text())["images"]
+    retain = json.loads((run / "anchor_latents" / "manifest.json").read_text())["images"]
+    assert [f["seed"] for f in forget] == [r["seed"] for r in retain]
+    assert all(f["prompt"].replace("star", "shape") == r["prompt"] for f, r in zip(forget, retain)), "paired twins"
+    log = (run / "rgd" / "training_log.csv").read_text().splitlines()
+    assert log[0].startswith("step,phase,g_loss,retain_loss,truncated,cosine,fired") and len(log) == 4
+
+    doco_rgd = write_params(tmp_path, "doco_rgd", retain_mode="rgd", iterations=4, warmup_iterations=2,
+                            checkpoint_every=2)
+    assert train(doco_command, doco_rgd).returncode == 0

@@ -166,8 +166,8 @@ def caption(shape: int, colour: int, style: int, synonym: bool, template: int) -
 
 
 def with_articles(text: str) -> str:
-    """English article agreement: "a orange star" → "an orange star"."""
-    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+    """English article agreement: "a orange star" → "an orange star" (also "A excited" → "An excited")."""
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)
 
 
 def all_captions() -> list[str]:
