@@ -1,8 +1,11 @@
-"""Per-iteration time of DoCo against a plain diffusion fine-tuning step, measured side by side.
+"""Toy-world benchmarks, measured side by side in one run and reported as ratios (machines are noisy):
 
-Machines are noisy, so variants are timed in interleaved rounds and reported as ratios of medians to
-the reference step (same batch, same trainable parameters). Results go to
-benchmarks/results/<device>-<date>.json and .md, with the environment recorded.
+- per-iteration time of DoCo (each preset and retain mode), ESD-x, ConAbl and RGD against a plain
+  diffusion fine-tuning step of the same trainable parameters and batch (interleaved rounds, medians);
+- the concept-preserving gradient alone, as a fraction of a DoCo (cp) iteration, global and per tensor;
+- anchor-data generation throughput, and evaluation throughput on a first pass against a second pass
+  over the same models (which reads the image cache).
+Results go to benchmarks/results/<device>-<date>.json and .md, with the environment recorded.
 """
 
 from __future__ import annotations
@@ -23,18 +26,21 @@ from doco_lib.concepts import ConceptSpec
 from doco_lib.data import prepare_anchor_latents
 from doco_lib.pipeline import load_pipeline
 from doco_lib.surgery import concept_preserving_gradient
-from doco_lib.training import TrainingConfig, DocoTrainer, FIDELITY_PRESETS
+from doco_lib.baselines import ConAblTrainer, EsdTrainer, RgdTrainer
+from doco_lib.training import FIDELITY_PRESETS, DocoTrainer, TrainingConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOY_PROMPTS = ["a photo of a pentagon", "a red pentagon on a striped background", "a pentagon in dotted style"]
 
 
-def make_trainer(pipe, anchors, work: Path, name: str, **settings) -> DocoTrainer:
+def make_trainer(pipe, anchors, work: Path, name: str, trainer_class=DocoTrainer, **settings):
     values = dict(FIDELITY_PRESETS[settings.pop("fidelity", "paper")])
     values.update(disc_layers=3, iterations=10**6, warmup_iterations=0, batch_size=8, lr=1e-4, disc_lr=1e-4,
-                  checkpoint_every=10**6, **settings)
+                  checkpoint_every=10**6, esd_steps=25, **settings)
     config = TrainingConfig(**{k: v for k, v in values.items() if k in TrainingConfig.__dataclass_fields__})
-    return DocoTrainer(pipe, anchors, ConceptSpec("instance", "pentagon", "star"), config, work / name, pipe.device)
+    extra = {"forget": anchors} if trainer_class is RgdTrainer else {}  # timing only: any paired cache will do
+    return trainer_class(pipe, anchors, ConceptSpec("instance", "pentagon", "star"), config, work / name,
+                         pipe.device, **extra)
 
 
 def reference_step(trainer: DocoTrainer):
@@ -70,6 +76,29 @@ def time_variants(variants: dict, rounds: int, steps: int, warmup: int) -> dict[
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def measure_throughput(pipe, work: Path) -> dict[str, float]:
+    """Anchor generation (images/s, 25 steps) and evaluation: first pass vs second (cached) pass."""
+    from doco_lib.evaluation.runner import EvaluatedModel, evaluate
+    from doco_lib.pipeline import load_judge, toy_weights_dir
+
+    start = time.perf_counter()
+    prepare_anchor_latents(pipe, TOY_PROMPTS, 64, work / "throughput_anchors", model="toy", seed=1, steps=25,
+                           guidance=5.0, shard_size=32, save_images=False, progress=False)
+    generation = 64 / (time.perf_counter() - start)
+    models = [EvaluatedModel("base"), EvaluatedModel("same UNet", str(toy_weights_dir() / "pipeline" / "unet"))]
+    passes = []
+    for _ in range(2):
+        _, timing = evaluate("toy", models, ["star", "circle"], cache_dir=work / "eval_cache",
+                             clip_model=str(toy_weights_dir() / "eval_clip"), template_set="toy", n_templates=0,
+                             images_per_template=4, steps=25, device=str(pipe.device), fid_features="judge",
+                             judge=load_judge(str(pipe.device)))
+        passes.append(timing["seconds"])
+    images = 2 * 2 * 7 * 4
+    return {"anchor generation (images/s)": generation, "evaluation first pass (images/s)": images / passes[0],
+            "evaluation second pass (images/s)": images / passes[1],
+            "evaluation speed-up from the cache (×)": passes[0] / passes[1]}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -85,6 +114,10 @@ def main(argv=None) -> dict:
         trainers = {f"doco {fidelity} {mode}": make_trainer(pipe, anchors, work, f"{fidelity}_{mode}",
                                                             fidelity=fidelity, retain_mode=mode)
                     for fidelity in ("paper", "official") for mode in ("none", "l2", "cp")}
+        trainers["esd-x"] = make_trainer(pipe, anchors, work, "esd", EsdTrainer, method="esd",
+                                         trainable="cross_attention")
+        trainers["conabl"] = make_trainer(pipe, anchors, work, "conabl", ConAblTrainer, method="conabl")
+        trainers["rgd (cross_attention_kv)"] = make_trainer(pipe, anchors, work, "rgd", RgdTrainer, method="rgd")
         variants = {"reference (diffusion fine-tuning)": reference_step(trainers["doco paper cp"])}
         variants.update({name: trainer.train_step for name, trainer in trainers.items()})
         grads_u = [torch.randn_like(p) for p in trainers["doco paper cp"].params.values()]
@@ -93,6 +126,7 @@ def main(argv=None) -> dict:
             variants[f"surgery alone ({scope})"] = (
                 lambda scope=scope: concept_preserving_gradient(grads_u, grads_r, 1.0, scope, "exact"))
         seconds = time_variants(variants, args.rounds, args.steps, warmup=3)
+        throughput = measure_throughput(pipe, work)
 
     reference = seconds["reference (diffusion fine-tuning)"]
     rows = [{"variant": name, "seconds_per_step": s, "ratio_to_reference": s / reference} for name, s in seconds.items()]
@@ -103,13 +137,15 @@ def main(argv=None) -> dict:
     result = {"benchmark": "step_time", "world": "toy", "date": date.today().isoformat(), "device": args.device,
               "device_name": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "diffusers": __import__("diffusers").__version__, "dtype": "float32", "batch_size": 8,
-              "trainable": "cross_attention_kv", "rounds": args.rounds, "steps_per_round": args.steps, "rows": rows}
+              "trainable": "cross_attention_kv", "rounds": args.rounds, "steps_per_round": args.steps, "rows": rows,
+              "throughput": throughput}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{args.device.replace(':', '')}-{result['date']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Step time, toy world, {args.device} ({device_name}), {result['date']}", "",
              "| variant | s/step | × reference |", "|---|---|---|"]
     lines += [f"| {r['variant']} | {r['seconds_per_step']:.4f} | {r['ratio_to_reference']:.2f} |" for r in rows]
+    lines += ["", "| throughput | value |", "|---|---|"] + [f"| {k} | {v:.3g} |" for k, v in throughput.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

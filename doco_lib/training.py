@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -264,7 +265,9 @@ class ErasureTrainer:
         until = self.config.iterations if until is None else min(until, self.config.iterations)
         bar = tqdm(total=until, initial=self.step, desc=self.method, unit="it", disable=not progress)
         while self.step < until:
+            started = time.perf_counter()
             record = self.train_step()
+            record["seconds"] = time.perf_counter() - started  # wall time of the iteration, for run-time reports
             bar.update(1)
             bar.set_postfix({k: round(v, 3) for k, v in record.items() if isinstance(v, float)}, refresh=False)
             if self.step % self.config.checkpoint_every == 0 or self.step == until:
