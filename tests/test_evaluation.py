@@ -158,7 +158,7 @@ def test_second_evaluation_reads_the_cache_and_is_much_faster(tmp_path):
     assert timing_first["images_generated"] > 0 and timing_second["images_generated"] == 0
     assert first.equals(second)
     star_fid = first[(first.metric == "FID") & (first.concept == "star")].value.dropna()
-    assert (star_fid.abs() < 1e-6).all(), "the same UNet gives the same images: FID 0"
+    assert (star_fid.abs() < 1e-3).all(), "the same UNet gives the same images: FID 0 (up to eigensolver rounding)"
 
 
 @pytest.mark.parametrize("overrides, message", [
