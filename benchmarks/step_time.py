@@ -11,6 +11,7 @@ Results go to benchmarks/results/<device>-<date>.json and .md, with the environm
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -18,6 +19,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,10 @@ def make_trainer(pipe, anchors, work: Path, name: str, trainer_class=DocoTrainer
                   checkpoint_every=10**6, esd_steps=25, **settings)
     config = TrainingConfig(**{k: v for k, v in values.items() if k in TrainingConfig.__dataclass_fields__})
     extra = {"forget": anchors} if trainer_class is RgdTrainer else {}  # timing only: any paired cache will do
-    return trainer_class(pipe, anchors, ConceptSpec("instance", "pentagon", "star"), config, work / name,
+    # Each trainer fine-tunes its own copy of the UNet (trainers set requires_grad on the UNet they get).
+    own = SimpleNamespace(unet=copy.deepcopy(pipe.unet), scheduler=pipe.scheduler, tokenizer=pipe.tokenizer,
+                          text_encoder=pipe.text_encoder)
+    return trainer_class(own, anchors, ConceptSpec("instance", "pentagon", "star"), config, work / name,
                          pipe.device, **extra)
 
 
