@@ -55,13 +55,7 @@ class ConAblTrainer(ErasureTrainer):
         ablation_loss = F.mse_loss(prediction, target)
         retain_loss = F.mse_loss(anchor_prediction, noise)
         loss = ablation_loss + (cfg.retain_weight * retain_loss if cfg.conabl_retain else 0.0)
-        logs = {"g_loss": ablation_loss.item(), "retain_loss": retain_loss.item()}
-        self.check_finite(logs)
-        self.apply_update(self._clip(self.reduce(self._grads(loss, retain_graph=False))))
-        self.step += 1
-        record = {"step": self.step, "phase": "ablation", **logs}
-        self.history.append(record)
-        return record
+        return self.descend(loss, {"g_loss": ablation_loss.item(), "retain_loss": retain_loss.item()}, "ablation")
 
 
 class EsdTrainer(ErasureTrainer):
@@ -106,13 +100,7 @@ class EsdTrainer(ErasureTrainer):
         with self.accelerator.autocast():
             prediction = self.unet(x_t, t, encoder_hidden_states=c_star).sample.float()
         loss = F.mse_loss(prediction, target)
-        logs = {"g_loss": loss.item()}
-        self.check_finite(logs)
-        self.apply_update(self._clip(self.reduce(self._grads(loss, retain_graph=False))))
-        self.step += 1
-        record = {"step": self.step, "phase": "esd", **logs}
-        self.history.append(record)
-        return record
+        return self.descend(loss, {"g_loss": loss.item()}, "esd")
 
 
 class RgdTrainer(ErasureTrainer):
@@ -148,11 +136,8 @@ class RgdTrainer(ErasureTrainer):
         logs = {"g_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
         self.check_finite(logs)
         self.apply_update(update)
-        self.step += 1
-        record = {"step": self.step, "phase": "rgd", **logs, "truncated": float(truncated),
-                  "cosine": stats.cosine.item(), "fired": stats.fired.item()}
-        self.history.append(record)
-        return record
+        return self.record_step("rgd", {**logs, "truncated": float(truncated), "cosine": stats.cosine.item(),
+                                        "fired": stats.fired.item()})
 
 
 TRAINERS = {"conabl": ConAblTrainer, "esd": EsdTrainer, "rgd": RgdTrainer}

@@ -251,6 +251,19 @@ class ErasureTrainer:
             raise TrainingDiverged(f"non-finite loss at step {self.step} ({logs}); the last good checkpoint is "
                                    f"{self.checkpoint_path}")
 
+    def record_step(self, phase: str, logs: dict) -> dict:
+        """Count the iteration and append its log record."""
+        self.step += 1
+        record = {"step": self.step, "phase": phase, **logs}
+        self.history.append(record)
+        return record
+
+    def descend(self, loss: torch.Tensor, logs: dict, phase: str) -> dict:
+        """One plain gradient step on `loss` (clipped, averaged over processes), logged as `phase`."""
+        self.check_finite(logs)
+        self.apply_update(self._clip(self.reduce(self._grads(loss, retain_graph=False))))
+        return self.record_step(phase, logs)
+
     def reduce(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Average gradients over processes (multi-GPU); the identity on one process."""
         if self.accelerator.num_processes == 1:
@@ -398,10 +411,7 @@ class DocoTrainer(ErasureTrainer):
         self.opt_d.step()
         if adversarial:
             logs.update(self._apply_generator_update(g_u_sum, g_r_sum, accumulate))
-        self.step += 1
-        record = {"step": self.step, "phase": "adversarial" if adversarial else "warmup", **logs}
-        self.history.append(record)
-        return record
+        return self.record_step("adversarial" if adversarial else "warmup", logs)
 
     def _grads_for_mode(self, g_loss, retain_loss):
         mode = self.config.retain_mode
