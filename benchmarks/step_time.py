@@ -53,9 +53,7 @@ def reference_step(trainer: DocoTrainer):
     optimizer = torch.optim.Adam(trainer.params.values(), lr=1e-4)
 
     def step():
-        index = trainer.train_index[torch.randint(0, len(trainer.train_index), (trainer.config.batch_size,),
-                                                  generator=trainer.generator)]
-        x_t, t, noise, c, _ = trainer._batch(index, trainer.generator)
+        x_t, t, noise, c, _ = trainer._batch(trainer._sample_index(), trainer.generator)
         loss = F.mse_loss(trainer.unet(x_t, t, encoder_hidden_states=c).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

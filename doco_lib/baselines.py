@@ -41,7 +41,7 @@ class ConAblTrainer(ErasureTrainer):
 
     def train_step(self) -> dict:
         cfg = self.config
-        index = self.train_index[torch.randint(0, len(self.train_index), (cfg.batch_size,), generator=self.generator)]
+        index = self._sample_index()
         x_t, t, noise, c, c_star = self._batch(index, self.generator)
         with self.accelerator.autocast():
             if cfg.conabl_variant == "model":
@@ -87,7 +87,7 @@ class EsdTrainer(ErasureTrainer):
 
     def train_step(self) -> dict:
         cfg = self.config
-        index = self.train_index[torch.randint(0, len(self.train_index), (cfg.batch_size,), generator=self.generator)]
+        index = self._sample_index()
         c_star = self.target_embeddings[self.prompt_index[index]]
         x_t, t = self._partial_denoise(c_star)
         empty = self.empty_embedding.expand_as(c_star)
@@ -117,7 +117,7 @@ class RgdTrainer(ErasureTrainer):
 
     def train_step(self) -> dict:
         cfg = self.config
-        index = self.train_index[torch.randint(0, len(self.train_index), (cfg.batch_size,), generator=self.generator)]
+        index = self._sample_index()
         x_r, t_r, noise_r, c_r, c_f = self._batch(index, self.generator)
         z_f = self.forget.sample(index, self.generator).to(self.device)
         noise_f = torch.randn(z_f.shape, generator=self.generator).to(self.device)

@@ -216,6 +216,11 @@ class ErasureTrainer:
         return torch.cat([encoder(chunk.to(self.device))[0] for chunk in tokens.split(64)]).float()
 
     # ---------------------------------------------------------------- one iteration
+    def _sample_index(self) -> torch.Tensor:
+        """A batch of training-split anchor indices, drawn with replacement from the run's generator."""
+        return self.train_index[torch.randint(0, len(self.train_index), (self.config.batch_size,),
+                                              generator=self.generator)]
+
     def _batch(self, index: torch.Tensor, generator: torch.Generator):
         z0 = self.anchors.sample(index, generator).to(self.device)
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
@@ -376,8 +381,7 @@ class DocoTrainer(ErasureTrainer):
             logs.update(g_loss=0.0, retain_loss=0.0)
         self.opt_d.zero_grad(set_to_none=True)
         for _ in range(accumulate):
-            index = self.train_index[torch.randint(0, len(self.train_index), (cfg.batch_size,),
-                                                   generator=self.generator)]
+            index = self._sample_index()
             x_t, t, noise, c, c_star = self._batch(index, self.generator)
             self.unet.train(adversarial)
             with torch.set_grad_enabled(adversarial), self.accelerator.autocast():
