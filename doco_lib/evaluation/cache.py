@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from doco_lib.figures import to_pil
-from doco_lib.io import atomic_write_bytes
+from doco_lib.io import CorruptFileError, atomic_write_bytes
 from doco_lib.sampling import generate
 
 
@@ -54,5 +54,15 @@ class ImageCache:
                 to_pil(image).save(buffer, format="PNG")
                 atomic_write_bytes(buffer.getvalue(), paths[i])
             self.generated += len(missing)
-        arrays = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255 for path in paths]
+        arrays = [np.asarray(read_image(path), dtype=np.float32) / 255 for path in paths]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def read_image(path: Path) -> Image.Image:
+    """An RGB image from `path`, or an error naming the file when it is not a (complete) image."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some malformed PNG chunks
+        raise CorruptFileError(f"{path} is not a readable image ({error}); delete it and rerun: the evaluation "
+                               "regenerates missing images.") from None

@@ -1,0 +1,123 @@
+"""Tiny `doco train` runs for the tests, and a driver that injects one fault into such a run.
+
+As a script, `python tests/tiny_training.py POINT ACTION N train --params p.yaml --quiet` runs the `doco`
+command line with a fault at the N-th time the run reaches POINT. The library has no test hooks: the
+driver wraps the functions the run calls.
+
+  POINT  step          DocoTrainer.train_step (an iteration)
+         torch.save    half of a checkpoint's bytes written into its temporary file
+         rename:NAME   the temporary of file NAME complete, before it is renamed over NAME
+  ACTION kill          SIGKILL, as from the OOM killer, a pre-empted node or a power cut of the process
+         disk-full     the write fails with ENOSPC (only with torch.save), the process carries on
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+TINY = dict(n_anchor_images=8, anchor_shard_size=4, num_inference_steps=2, batch_size=4, iterations=40,
+            warmup_iterations=10, checkpoint_every=5, device="cpu")
+
+
+def write_params(tmp_path: Path, run_name: str, **overrides) -> Path:
+    path = tmp_path / f"{run_name}.yaml"
+    path.write_text(yaml.safe_dump({"run_name": run_name, "output_root": str(tmp_path / "outputs"), **TINY,
+                                    **overrides}))
+    return path
+
+
+def train(doco_command: list[str], params: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(doco_command + ["train", "--params", str(params), "--quiet"], capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def train_with_fault(params: Path, point: str, action: str, nth: int) -> subprocess.CompletedProcess:
+    """`doco train` with one fault injected (see the module docstring); returncode -9 when it was killed."""
+    return subprocess.run([sys.executable, __file__, point, action, str(nth), "train", "--params", str(params),
+                           "--quiet"], capture_output=True, text=True, timeout=600)
+
+
+# ------------------------------------------------------------------------------------------ the driver
+def _fail(action: str) -> None:
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _on_nth_call(owner, name: str, nth: int, fault, when=lambda *args: True) -> None:
+    """Replace `owner.name` by a wrapper that calls `fault(original, *args)` instead on its nth matching call."""
+    original = getattr(owner, name)
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        if when(*args):
+            calls += 1
+            if calls == nth:
+                return fault(original, *args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+def _half_written(action: str):
+    """torch.save that fails once half of the checkpoint is in the file, as a full disk or a kill would."""
+
+    def save(original, obj, handle, *args, **kwargs):
+        size = len(_serialized(original, obj))
+
+        class Failing(io.RawIOBase):
+            written = 0
+
+            def writable(self):
+                return True
+
+            def write(self, data):
+                if self.written + len(data) > size // 2:
+                    handle.write(bytes(data)[: size // 2 - self.written])
+                    handle.flush()
+                    _fail(action)
+                self.written += len(data)
+                return handle.write(data)
+
+        return original(obj, Failing(), *args, **kwargs)
+
+    return save
+
+
+def _serialized(save, obj) -> bytes:
+    buffer = io.BytesIO()
+    save(obj, buffer)
+    return buffer.getvalue()
+
+
+def arm(point: str, action: str, nth: int) -> None:
+    import torch
+
+    from doco_lib.training import DocoTrainer
+
+    if point == "step":
+        _on_nth_call(DocoTrainer, "train_step", nth, lambda original, *args: _fail(action))
+    elif point == "torch.save":
+        _on_nth_call(torch, "save", nth, _half_written(action))
+    elif point.startswith("rename:"):
+        name = point.split(":", 1)[1]
+        _on_nth_call(os, "replace", nth, lambda original, *args: _fail(action),
+                     when=lambda source, target, *rest: Path(target).name == name)
+    else:
+        raise SystemExit(f"unknown fault point {point!r}")
+
+
+if __name__ == "__main__":
+    from doco_lib import cli
+
+    arm(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    sys.exit(cli.main(sys.argv[4:]))
