@@ -5,11 +5,13 @@ artefacts, and `outputs/<run_id>/manifest.json`, rewritten atomically after ever
 concept and notebook: status (pending / running / done / failed), times, the params hash, output paths,
 and for a failure the exception and the cell. Rerunning the same command skips notebooks that are done
 with the same params hash, reruns failed or changed ones, and lets training resume from its checkpoint.
-One concept failing never stops the others.
+One concept failing never stops the others. `write_report` (`doco report`, also run at the end of every
+`doco batch`) gathers the statuses, durations and every concept's evaluation tables into `report.md`.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -21,8 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
+import yaml
+
 from doco_lib import config
-from doco_lib.io import atomic_save_json, run_lock
+from doco_lib.io import atomic_save_json, atomic_write_text, run_lock
 from doco_lib.notebooks import REPO_ROOT, notebook_path
 
 BATCH_NOTEBOOKS = ("01_data_preparation", "02_discriminator_warmup", "03_adversarial_training", "04_evaluation")
@@ -37,7 +41,7 @@ def expand_params_files(inputs: list[str]) -> list[Path]:
         if path.is_dir():
             files += sorted(path.glob("*.yaml"))
         elif any(ch in item for ch in "*?["):
-            files += sorted(Path().glob(item))
+            files += sorted(Path(match) for match in glob.glob(item))  # relative or absolute patterns
         else:
             files.append(path)
     if not files:
@@ -178,6 +182,7 @@ def run_batch(inputs: list[str], run_id: str, output_root: Path = Path("outputs"
                         lambda name=params_file.stem: manifest.save_concept(name))
     else:
         _run_parallel(files, run_id, Path(output_root), jobs, force, device, notebooks)
+    write_report(manifest.path.parent)
     concepts = Manifest(manifest.path).data["concepts"]
     return [f"{name}: {entry.get('error')} (failed notebook: {_failed_output(entry)})"
             for name, entry in concepts.items() if name in {f.stem for f in files} and entry.get("status") != "done"]
@@ -189,10 +194,13 @@ def _failed_output(entry: dict) -> str:
 
 
 def _run_parallel(files, run_id, output_root, jobs, force, device, notebooks) -> None:
-    """One `doco run` process per concept, at most `jobs` at once, each on its own GPU when there are GPUs."""
+    """One `doco run` process per concept, at most `jobs` at once, each on its own GPU when there are GPUs.
+    Each process's output goes to `<run>/logs/<concept>.log`."""
     import torch
 
     gpus = torch.cuda.device_count()
+    logs = output_root / run_id / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
 
     def launch(slot_and_file):
         slot, params_file = slot_and_file
@@ -202,7 +210,99 @@ def _run_parallel(files, run_id, output_root, jobs, force, device, notebooks) ->
         command = [sys.executable, "-m", "doco_lib.cli", "run", "--params", str(params_file), "--run-id", run_id,
                    "--output-root", str(output_root), "--notebooks", *notebooks] + (["--force"] if force else []) + \
                   (["--device", device] if device else [])
-        subprocess.run(command, env=env, capture_output=True, text=True)
+        log = logs / f"{params_file.stem}.log"
+        with open(log, "w") as handle:
+            code = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+        manifest = Manifest(output_root / run_id / "manifest.json")
+        entry = manifest.concept(params_file.stem)
+        if code != 0 and entry.get("status") != "failed":  # it died before it could record why
+            entry.update(status="failed", error=f"`doco run` exited with code {code}; see {log}")
+            manifest.save_concept(params_file.stem)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(launch, enumerate(files)))
+
+
+# Tables the notebooks write into a concept's folder, in report order: (title, path inside the folder).
+REPORT_TABLES = (
+    ("CS / CA / FID (notebook 04)", "04_evaluation/results.md"),
+    ("CS / CA / FID (`doco eval`)", "evaluation/results.md"),
+    ("NudeNet detections on I2P prompts (notebook 04)", "04_evaluation/nudity_counts.csv"),
+    ("Judged erasure, toy world (notebook 03)", "03_adversarial_training/erasure_judged.csv"),
+)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def _table_markdown(path: Path) -> str:
+    """A Markdown table file as written (caption included), or a CSV table rendered as Markdown."""
+    if path.suffix == ".md":
+        return path.read_text().strip()
+    import pandas as pd
+
+    return pd.read_csv(path).to_markdown(index=False, floatfmt=".3f")
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(run_folder: Path) -> Path:
+    """`<run_folder>/report.md`: the batch's environment, each concept's status and per-notebook durations from
+    the manifest, then every table of `REPORT_TABLES` each concept has written. Written atomically; concept
+    folders are found next to the manifest, so a moved run folder still reports."""
+    run_folder = Path(run_folder)
+    manifest_path = run_folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{run_folder}: no manifest.json (expected the folder of a `doco batch` or `doco run` "
+                                "run, outputs/<run_id>).")
+    manifest = json.loads(manifest_path.read_text())
+    concepts = manifest.get("concepts", {})
+    notebooks = sorted({name for entry in concepts.values() for name in entry.get("notebooks", {})})  # NN_ order
+
+    packages = ", ".join(f"{name} {version}" for name, version in manifest.get("packages", {}).items())
+    lines = [f"# Batch `{manifest.get('run_id', run_folder.name)}`", "",
+             f"Report of `{manifest_path}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}. Git commit "
+             f"`{manifest.get('git_commit')}`, device {manifest.get('device')}, host {manifest.get('host')}, "
+             f"Python {manifest.get('python')}; {packages}.", "",
+             "## Status and durations", "",
+             "| concept | status | " + " | ".join(notebooks) + " | total | failure |",
+             "|---|---|" + "---|" * len(notebooks) + "---|---|"]
+    for name, entry in concepts.items():
+        records = entry.get("notebooks", {})
+        finished = {nb: r for nb, r in records.items() if r.get("status") in ("done", "failed")}
+        cells = [f"{finished[nb]['status']} {_duration(finished[nb].get('duration_s'))}" if nb in finished
+                 else records.get(nb, {}).get("status", "–") for nb in notebooks]
+        total = sum(r.get("duration_s") or 0.0 for r in finished.values())
+        failure = ""
+        if entry.get("status") == "failed":
+            failed = [f"cell {r.get('cell')} of `{r.get('output')}`" for r in records.values()
+                      if r.get("status") == "failed"]
+            failure = f"{entry.get('error')}" + (f" ({failed[0]})" if failed else "")
+        lines.append(f"| {name} | {entry.get('status', 'pending')} | " + " | ".join(cells) +
+                     f" | {_duration(total)} | {_cell(failure)} |")
+    if any(entry.get("status") == "running" for entry in concepts.values()):
+        lines += ["", "'running' also marks a notebook whose batch was killed: rerun the same command to resume it."]
+
+    lines += ["", "## Evaluation tables"]
+    for name, entry in concepts.items():
+        folder = run_folder / name
+        lines += ["", f"### {name}", ""]
+        resolved = folder / "resolved_params.yaml"
+        if resolved.is_file():
+            params = yaml.safe_load(resolved.read_text())
+            lines += [f"{params['method']}: erase \"{params['target']}\" ({params['concept_kind']}), anchor "
+                      f"\"{params['anchor']}\", model `{params['model']}`.", ""]
+        found = [(title, folder / relative) for title, relative in REPORT_TABLES if (folder / relative).is_file()]
+        if not found:
+            lines.append(f"No evaluation tables yet (status: {entry.get('status', 'pending')}).")
+        for title, path in found:
+            lines += [f"**{title}** (`{path.relative_to(run_folder)}`)", "", _table_markdown(path), ""]
+    report = run_folder / "report.md"
+    atomic_write_text("\n".join(lines).rstrip() + "\n", report)
+    return report
