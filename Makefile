@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench ablation clean-outputs
+.PHONY: demo test install bench ablation clean-outputs ui-check
 
 install: $(STAMP)
 
@@ -31,3 +31,8 @@ bench: $(STAMP)
 # The ablation study (notebook 05) on the toy world: Table 3, the method comparison, sequential erasure.
 ablation: $(STAMP)
 	$(BIN)/doco demo --params params/toy_world.yaml --notebooks 05_ablations
+
+# The explorer (notebook 06) end to end in headless JupyterLab + Chromium; not part of `make test`.
+# Needs Debian's chromium (apt-get install -y chromium); writes outputs/ui_check/explorer.png.
+ui-check: $(STAMP)
+	$(BIN)/python scripts/ui_check.py
