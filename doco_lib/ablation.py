@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from doco_lib import config, experiment
+from doco_lib.config import parse_stage
 
 VARIANTS = {
     "DoCo (none)": {"method": "doco", "retain_mode": "none"},
@@ -30,14 +31,6 @@ VARIANTS = {
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def parse_stage(stage: str) -> tuple[str, str, str]:
-    """'target|anchor|prompt file' → its three parts, with a clear error."""
-    parts = [p.strip() for p in stage.split("|")]
-    if len(parts) != 3 or not all(parts):
-        raise config.ParamsError(f"sequential_stages: {stage!r} should read 'target|anchor|anchor prompt file'.")
-    return parts[0], parts[1], parts[2]
 
 
 def run_params(params: dict, name: str, seed: int, overrides: dict) -> dict:
@@ -72,33 +65,55 @@ def train_sequential(params: dict, stages: list[str], seeds: list[int], variant:
     rows = []
     for seed in seeds:
         previous = ""
-        for k, (target, anchor, prompts) in enumerate(parsed, start=1):
+        for k, (target, anchor, prompts, preservation) in enumerate(parsed, start=1):
             overrides = {**VARIANTS[variant], "target": target, "anchor": anchor, "anchor_prompts_file": prompts,
-                         "base_unet": previous}
+                         "preservation_prompts_file": preservation, "base_unet": previous}
             run = run_params(params, f"sequential {k} {target}", seed, overrides)
             previous = str(train_run(run))
-            rows.append({"stage": k, "erased so far": ", ".join(t for t, _, _ in parsed[:k]), "seed": seed,
+            rows.append({"stage": k, "erased so far": ", ".join(t for t, *_ in parsed[:k]), "seed": seed,
                          "unet": previous})
+    return pd.DataFrame(rows)
+
+
+def train_simultaneous(params: dict, stages: list[str], seeds: list[int], variant: str = "DoCo (cp)") -> pd.DataFrame:
+    """Erase all the stages' targets in one run per seed (the concepts' anchor images pooled, every batch mixing
+    them); preservation files of the stages are not used."""
+    concepts = [parse_stage(s)[:3] for s in stages]
+    targets = [t for t, _, _ in concepts]
+    rows = []
+    for seed in seeds:
+        target, anchor, prompts = concepts[0]
+        run = run_params(params, f"simultaneous {' '.join(targets)}", seed,
+                         {**VARIANTS[variant], "target": target, "anchor": anchor, "anchor_prompts_file": prompts,
+                          "preservation_prompts_file": ""})
+        unet = experiment.training_dir(run) / "unet"
+        if not (unet / "config.json").is_file():
+            trainer = experiment.make_multi_concept_trainer(run, concepts, experiment.starting_pipeline(run))
+            trainer.run(progress=False)
+            unet = trainer.export(base_model=run["model"])["unet"]
+        rows.append({"stage": "all at once", "erased so far": ", ".join(targets), "seed": seed, "unet": str(unet)})
     return pd.DataFrame(rows)
 
 
 def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: int) -> pd.DataFrame:
     """Toy world: judged rate of every prompt set for each listed UNet and for the base model (per seed)."""
     from doco_lib.pipeline import load_judge, load_pipeline
-    from doco_lib.toy.erasure import judged_rates, prompt_sets
+    from doco_lib.toy.erasure import cached_judged_rates, prompt_sets
 
     judge = load_judge(params["device"])
     steps, guidance = params["num_inference_steps"], params["guidance_scale"]
     base = load_pipeline(params["model"], params["device"])
+    base_cache = config.run_dir(params) / "ablation" / "original_judged_rates.json"
     rows = []
     for seed in sorted(set(unets["seed"])):
         sets = prompt_sets(params["target"], shapes, samples, seed)
-        for name, rate in judged_rates(base, judge, sets, steps, guidance, seed).items():
+        for name, rate in cached_judged_rates(base, judge, sets, steps, guidance, seed, base_cache).items():
             rows.append({"model": "original", "seed": seed, "prompt set": name, "rate": rate})
         for record in unets[unets.seed == seed].to_dict("records"):
             erased = load_pipeline(params["model"], params["device"], unet=record["unet"])
             label = {k: v for k, v in record.items() if k not in ("seed", "unet")}
-            for name, rate in judged_rates(erased, judge, sets, steps, guidance, seed).items():
+            cache = Path(record["unet"]).parent / "judged_rates.json"
+            for name, rate in cached_judged_rates(erased, judge, sets, steps, guidance, seed, cache).items():
                 rows.append({**label, "model": " ".join(str(v) for v in label.values()), "seed": seed,
                              "prompt set": name, "rate": rate})
     return pd.DataFrame(rows)
@@ -134,4 +149,28 @@ def tradeoff(judged: pd.DataFrame, target: str, related: list[str]) -> pd.DataFr
         rows.append({"model": model, "seed": seed,
                      "target drop (pts)": 100 * (original[(seed, target)] - rates[target]),
                      "related drop (pts)": 100 * sum(original[(seed, r)] - rates[r] for r in related) / len(related)})
+    return pd.DataFrame(rows)
+
+
+def heldout_retain_alignment(params: dict, unets: pd.DataFrame, samples: int) -> pd.DataFrame:
+    """Toy world, RGD's retain criterion: on the held-out retain twins (the slots file's disjoint test
+    vocabulary, concept word removed), how often the judge sees the named colour and style — the original
+    model and each listed UNet, per seed."""
+    from doco_lib.diversity import load_slots, prompt_pairs
+    from doco_lib.pipeline import load_judge, load_pipeline
+    from doco_lib.toy.erasure import attribute_accuracy
+
+    judge = load_judge(params["device"])
+    steps, guidance = params["num_inference_steps"], params["guidance_scale"]
+    prompts = [retain for _, retain in prompt_pairs(load_slots(params["rgd_slots_file"]), "test", samples)]
+    models = [("original", "")] + [(record["variant"], record["unet"]) for record in unets.to_dict("records")]
+    rows = []
+    for seed in sorted(set(unets["seed"])):
+        for label, unet in models:
+            if unet and unets[(unets.unet == unet)].seed.iloc[0] != seed:
+                continue
+            pipe = load_pipeline(params["model"], params["device"], unet=unet or None)
+            accuracy = attribute_accuracy(pipe, judge, prompts, steps, guidance, seed)
+            rows += [{"model": label, "seed": seed, "prompt set": f"held-out retain: {attribute}", "rate": rate}
+                     for attribute, rate in accuracy.items()]
     return pd.DataFrame(rows)

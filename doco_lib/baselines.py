@@ -43,6 +43,7 @@ class ConAblTrainer(ErasureTrainer):
         cfg = self.config
         index = self._sample_index()
         x_t, t, noise, c, c_star = self._batch(index, self.generator)
+        x_r, t_r, noise_r, c_r = self._retain_batch(x_t, t, noise, c) if cfg.conabl_retain else (x_t, t, noise, c)
         with self.accelerator.autocast():
             if cfg.conabl_variant == "model":
                 with torch.no_grad():
@@ -50,10 +51,11 @@ class ConAblTrainer(ErasureTrainer):
                                               encoder_hidden_states=c.to(self.frozen_unet.dtype)).sample.float()
             else:
                 target = noise
-            both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([c_star, c])).sample
-        prediction, anchor_prediction = both.float().chunk(2)
+            both = self.unet(torch.cat([x_t, x_r]), torch.cat([t, t_r]),
+                             encoder_hidden_states=torch.cat([c_star, c_r])).sample.float()
+        prediction, retain_prediction = both[: len(x_t)], both[len(x_t):]
         ablation_loss = F.mse_loss(prediction, target)
-        retain_loss = F.mse_loss(anchor_prediction, noise)
+        retain_loss = F.mse_loss(retain_prediction, noise_r)
         loss = ablation_loss + (cfg.retain_weight * retain_loss if cfg.conabl_retain else 0.0)
         return self.descend(loss, {"g_loss": ablation_loss.item(), "retain_loss": retain_loss.item()}, "ablation")
 
@@ -124,9 +126,10 @@ class RgdTrainer(ErasureTrainer):
         t_f = torch.randint(0, len(self.alphas_cumprod), (len(index),), generator=self.generator).to(self.device)
         a = self.alphas_cumprod[t_f].view(-1, 1, 1, 1)
         x_f = a.sqrt() * z_f + (1 - a).sqrt() * noise_f
+        # Separate passes, so that each of the two backward passes runs through its own batch only.
         with self.accelerator.autocast():
-            both = self.unet(torch.cat([x_f, x_r]), torch.cat([t_f, t_r]), encoder_hidden_states=torch.cat([c_f, c_r])).sample
-        pred_f, pred_r = both.float().chunk(2)
+            pred_f = self.unet(x_f, t_f, encoder_hidden_states=c_f).sample.float()
+            pred_r = self.unet(x_r, t_r, encoder_hidden_states=c_r).sample.float()
         forget_loss, retain_loss = F.mse_loss(pred_f, noise_f), F.mse_loss(pred_r, noise_r)
         truncated = 0 < cfg.rgd_truncation < forget_loss.item()
         g_f = self._grads(forget_loss, retain_graph=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,12 @@ def _cmd_batch(args) -> None:
     print(f"all concepts done; manifest: {manifest}")
 
 
+def _cmd_report(args) -> None:
+    from doco_lib.batch import write_report
+
+    print(f"report: {write_report(Path(args.run_folder))}")
+
+
 def _cmd_eval(args) -> None:
     from doco_lib import experiment
     from doco_lib.config import load_params, run_dir, write_resolved
@@ -117,6 +124,23 @@ def _cmd_train(args) -> None:
         trainer.run(progress=not args.quiet)
         for name, path in trainer.export(base_model=params["model"]).items():
             print(f"{name}: {path}")
+
+
+def _cmd_attack(args) -> None:
+    """Adversarial prompts against the base model and each erased UNet: attack success rates."""
+    from doco_lib import attack
+    from doco_lib.config import load_params, run_dir, write_resolved
+
+    overrides = {key: value for key, value in (("attack_attempts", args.attempts), ("attack_kinds", args.kinds))
+                 if value is not None}
+    params = load_params(args.params, overrides)
+    attack.check_unets(args.unet)  # before any generation
+    out = Path(args.out) if args.out else run_dir(params) / "attack"
+    write_resolved(params, out)
+    results = attack.attack_models(params, {"original": None, **attack.label_unets(args.unet)})
+    table, paths = attack.write_results(results, out)
+    print(table.round(1).to_string(index=False))
+    print(f"tables: {paths['asr.md']}, {paths['asr.csv']}; plot: {paths['asr.png']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,9 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", help="override the params files' device")
         sub.set_defaults(func=_cmd_batch if name == "batch" else _cmd_run)
 
+    report = commands.add_parser("report", help="summarise a batch: statuses, durations, every concept's tables")
+    report.add_argument("run_folder", help="the batch's folder, outputs/<run_id>; writes report.md there")
+    report.set_defaults(func=_cmd_report)
+
     evaluate = commands.add_parser("eval", help="evaluate the base and erased models (CS, CA, FID) into tables")
     evaluate.add_argument("--params", required=True)
     evaluate.set_defaults(func=_cmd_eval)
+
+    adversarial = commands.add_parser("attack", help="adversarial-prompt attacks on the base and erased models: "
+                                      "attack success rate (ASR) table and plot")
+    adversarial.add_argument("--params", required=True, help="the run's params file (model, target, attack_* budget)")
+    adversarial.add_argument("--unet", action="append", default=[], help="an erased UNet folder (repeat for several)")
+    adversarial.add_argument("--attempts", type=int, help="attempts per model and attack (default: attack_attempts)")
+    adversarial.add_argument("--kinds", nargs="+", help="tokens and/or soft (default: attack_kinds)")
+    adversarial.add_argument("--out", help="folder for asr.csv, asr.md, asr.png, attempts.csv (default: <run>/attack)")
+    adversarial.set_defaults(func=_cmd_attack)
 
     demo = commands.add_parser("demo", help="run the main job: the numbered notebooks on the toy world")
     demo.add_argument("--params", default="params/toy_world.yaml")
@@ -186,22 +223,24 @@ def main(argv: list[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
     from doco_lib.concepts import PromptFileError
-    from doco_lib.io import RunLocked
+    from doco_lib.io import CorruptFileError, RunLocked
     from doco_lib.pipeline import ModelLoadError
     from doco_lib.training import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ParamsError, PromptFileError, FileNotFoundError, ModelLoadError, RunLocked) as error:
+    except (ParamsError, PromptFileError, FileNotFoundError, ModelLoadError, RunLocked, CorruptFileError) as error:
         print(f"doco: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
         print(f"doco: error: {error}", file=sys.stderr)
         return 3
-    except PermissionError as error:
-        print(f"doco: error: cannot write {error.filename}: {error.strerror}; check the output folder's permissions "
-              "(nothing already written was changed)", file=sys.stderr)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"doco: error: {error.filename}: {error.strerror}; free some disk space or fix the folder's permissions, "
+              "then rerun: it resumes, and files already written were left intact", file=sys.stderr)
         return 2
     except PapermillExecutionError as error:
         print(f"doco: error: notebook cell {error.exec_count} raised {error.ename}: {error.evalue} "

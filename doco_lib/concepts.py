@@ -35,6 +35,9 @@ class ConceptSpec:
     def anchor_pattern(self) -> re.Pattern:
         return re.compile(rf"\b{re.escape(self.anchor)}\b", re.IGNORECASE)
 
+    def target_pattern(self) -> re.Pattern:
+        return re.compile(rf"\b{re.escape(self.target)}\b", re.IGNORECASE)
+
     def target_prompt(self, anchor_prompt: str) -> str:
         if self.kind == "instance":
             return self.anchor_pattern().sub(self.target, anchor_prompt)
@@ -73,4 +76,15 @@ def read_prompt_file(path: str | Path, spec: ConceptSpec | None = None) -> list[
         prompts.append(text)
     if not prompts:
         raise PromptFileError(f"{path}: no prompts (expected one prompt per line).")
+    return prompts
+
+
+def read_preservation_file(path: str | Path, spec: ConceptSpec) -> list[str]:
+    """Prompts of concepts the erasure must keep; the rules of `read_prompt_file`, and none may name the target
+    (retaining the target's own images would fight the erasure)."""
+    prompts = read_prompt_file(path)
+    for number, prompt in enumerate(prompts, start=1):
+        if spec.target_pattern().search(prompt):
+            raise PromptFileError(f"{path}: prompt {number} names the target {spec.target!r}, which is being "
+                                  f"erased: {prompt!r}.")
     return prompts

@@ -68,6 +68,11 @@ def _unet_folder(key: str, value: Any) -> None:
                           "diffusion_pytorch_model.safetensors inside).")
 
 
+def _unet_folders(key: str, value: Any) -> None:
+    for folder in value:
+        _unet_folder(key, folder)
+
+
 def _run_name(key: str, value: Any) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
         raise ParamsError(f"{key}: {value!r} is not a valid run name; use letters, digits, '_', '-' and '.', "
@@ -84,13 +89,45 @@ def _list_of_seeds(key: str, value: Any) -> None:
         raise ParamsError(f"{key}: expected a non-empty list of seeds (integers ≥ 0), got {value!r}.")
 
 
+def parse_stage(stage: str) -> tuple[str, str, str, str]:
+    """'target|anchor|anchor prompt file[|preservation prompt file]' → its parts ('' for no preservation file)."""
+    parts = [p.strip() for p in stage.split("|")]
+    if len(parts) == 3:
+        parts.append("")
+    if len(parts) != 4 or not all(parts[:3]):
+        raise ParamsError(f"sequential_stages: {stage!r} should read 'target|anchor|anchor prompt file' or "
+                          "'target|anchor|anchor prompt file|preservation prompt file'.")
+    return parts[0], parts[1], parts[2], parts[3]
+
+
 def _stages(key: str, value: Any) -> None:
     _list_of_words(key, value)
     for stage in value:
-        parts = [p.strip() for p in stage.split("|")]
-        if len(parts) != 3 or not all(parts):
-            raise ParamsError(f"{key}: {stage!r} should read 'target|anchor|anchor prompt file'.")
-        _existing_file(key, parts[2])
+        _, _, prompts, preservation = parse_stage(stage)
+        _existing_file(key, prompts)
+        _existing_file(key, preservation)
+
+
+def _variants(key: str, value: Any) -> None:
+    from doco_lib.ablation import VARIANTS
+
+    _list_of_words(key, value)
+    unknown = [v for v in value if v not in VARIANTS]
+    if unknown:
+        raise ParamsError(f"{key}: unknown {unknown}; choose from {list(VARIANTS)}.")
+
+
+def _attack_kinds(key: str, value: Any) -> None:
+    if not value or not set(value) <= {"tokens", "soft"}:
+        raise ParamsError(f"{key}: expected a non-empty list of 'tokens' and/or 'soft', got {value!r}.")
+
+
+def _optimizer(key: str, value: Any) -> None:
+    import importlib.util
+
+    if value == "adam_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ParamsError(f"{key}: adam_8bit needs the bitsandbytes package (pip install bitsandbytes); "
+                          "or use adam or adam_fused.")
 
 
 def _positive(key: str, value: Any) -> None:
@@ -100,9 +137,10 @@ def _positive(key: str, value: Any) -> None:
 
 NB00, NB01, NB02, NB03 = "00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training"
 NB04, NB05 = "04_evaluation", "05_ablations"
-ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05)
-CONCEPT = (NB01, NB02, NB03, NB04, NB05)
-TRAINING = (NB02, NB03, NB05)
+NB06, NB07 = "06_explorer", "07_robustness"
+ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05, NB06, NB07)
+CONCEPT = (NB01, NB02, NB03, NB04, NB05, NB07)
+TRAINING = (NB02, NB03, NB05, NB07)  # 07 trains the models it attacks
 
 
 def _preset(default, kind, help, choices=None, minimum=None, check=None):
@@ -139,12 +177,18 @@ SCHEMA: dict[str, Param] = {
     "anchor_prompts_file": Param("params/prompts/toy_pentagon.txt", str, "anchor prompts, one per line", CONCEPT,
                                  check=_existing_file),
     "related_concepts": Param(["pentagon", "hexagon", "circle", "triangle"], list,
-                              "concepts that must survive: shown in grids, measured in the toy world", (NB03, NB05),
-                              check=_list_of_words),
+                              "concepts that must survive: shown in grids, measured in the toy world",
+                              (NB03, NB05, NB07), check=_list_of_words),
     # -- 01: anchor data
-    "n_anchor_images": Param(256, int, "anchor images the original model generates (paper: 1000)", (NB01, NB05),
-                             minimum=1),
-    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05), minimum=1),
+    "n_anchor_images": Param(256, int, "anchor images the original model generates (paper: 1000)",
+                             (NB01, NB05, NB07), minimum=1),
+    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05, NB07),
+                               minimum=1),
+    "preservation_prompts_file": Param("", str, "optional prompts of other concepts to keep: the original model's "
+                                       "images for them join the retaining loss L_r ('' for none)", CONCEPT,
+                                       check=_existing_file),
+    "n_preservation_images": Param(128, int, "images the original model generates for the preservation prompts",
+                                   (NB01, NB05, NB07), minimum=1),
     # -- 02-03: training
     "method": Param("doco", str, "doco, or another method in the same harness: esd, conabl or rgd", TRAINING,
                     choices=("doco", "esd", "conabl", "rgd")),
@@ -198,6 +242,14 @@ SCHEMA: dict[str, Param] = {
     "mixed_precision": Param("no", str, "accelerate mixed precision", TRAINING, choices=("no", "bf16", "fp16")),
     "gradient_accumulation_steps": Param(1, int, "micro-batches per update", TRAINING, minimum=1),
     "gradient_checkpointing": Param(False, bool, "trade compute for UNet activation memory", TRAINING),
+    "optimizer": Param("adam", str, "UNet optimizer: adam (multi-tensor), adam_fused, or adam_8bit (bitsandbytes)",
+                       TRAINING, choices=("adam", "adam_fused", "adam_8bit"), check=_optimizer),
+    "frozen_dtype": Param("auto", str, "dtype of the frozen original UNet (auto: float16 on GPUs)", TRAINING,
+                          choices=("auto", "float32", "float16", "bfloat16")),
+    "attention": Param("sdpa", str, "attention kernels: sdpa (torch's fused attention) or classic", TRAINING,
+                       choices=("sdpa", "classic")),
+    "compile_unet": Param(False, bool, "torch.compile the UNet (slow first steps, faster later ones on GPUs)",
+                          TRAINING),
     # -- 04: evaluation
     "eval_models": Param([], list, "erased UNet folders to evaluate ([]: this run's doco/unet)", (NB04,),
                          check=lambda key, value: _list_of_words(key, value) if value else None),
@@ -209,8 +261,8 @@ SCHEMA: dict[str, Param] = {
                             choices=("clip80", "toy")),
     "n_templates": Param(0, int, "templates per concept (0: all of the set)", (NB04,), minimum=0, maximum=80),
     "images_per_template": Param(8, int, "images per template and concept", (NB04,), minimum=1),
-    "clip_model": Param("toy", str, "CLIP for CS/CA: 'toy' (the evaluation toy CLIP) or a local folder or hub id, "
-                        "e.g. openai/clip-vit-large-patch14", (NB04,)),
+    "clip_model": Param("toy", str, "CLIP for CS/CA and for 07's zero-shot judge on SD: 'toy' (the evaluation toy "
+                        "CLIP) or a local folder or hub id, e.g. openai/clip-vit-large-patch14", (NB04, NB07)),
     "clip_score_definition": Param("torchmetrics", str, "torchmetrics (100·max(cos,0)), logits (100·cos) or hessel "
                                    "(2.5·max(cos,0))", (NB04,), choices=("torchmetrics", "logits", "hessel")),
     "fid_features": Param("judge", str, "FID features: inception (FID InceptionV3) or judge (toy world)", (NB04,),
@@ -224,7 +276,7 @@ SCHEMA: dict[str, Param] = {
     "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03, NB05),
                           minimum=1),
     # -- 05: ablations
-    "ablation_variants": Param(["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl"], list,
+    "ablation_variants": Param(["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl", "RGD"], list,
                                "methods and retain modes compared (see doco_lib.ablation.VARIANTS)", (NB05,),
                                check=_list_of_words),
     "ablation_seeds": Param([0, 1, 2], list, "seeds per variant (the paper's tables: one run, we use several)",
@@ -232,8 +284,40 @@ SCHEMA: dict[str, Param] = {
     "sequential_stages": Param(["star|pentagon|params/prompts/toy_pentagon.txt",
                                 "heart|circle|params/prompts/toy_circle.txt",
                                 "cross|square|params/prompts/toy_square.txt"], list,
-                               "sequential erasure, in order: 'target|anchor|anchor prompt file' per stage", (NB05,),
-                               check=_stages),
+                               "multi-concept erasure, in order: 'target|anchor|anchor prompt file' per stage (a "
+                               "fourth field: that stage's preservation prompt file)", (NB05,), check=_stages),
+    "multi_concept_seeds": Param([0, 1, 2], list, "seeds of the sequential and simultaneous multi-concept runs",
+                                 (NB05,), check=_list_of_seeds),
+    # -- 06: the interactive explorer (doco_lib/explorer.py)
+    "explorer_prompt": Param("a photo of a star", str, "the explorer's first prompt (any prompt can be typed in)",
+                             (NB06,)),
+    # -- 07: robustness against adversarial prompts (doco_lib/attack.py)
+    "attack_variants": Param(["DoCo (cp)", "ESD-x", "ConAbl"], list, "erasure methods attacked, trained as in 05 "
+                             "(see doco_lib.ablation.VARIANTS)", (NB07,), check=_variants),
+    "attack_model_seeds": Param([0], list, "training seeds of the attacked models (05's runs are reused)", (NB07,),
+                                check=_list_of_seeds),
+    "attack_unets": Param([], list, "further erased UNet folders to attack ([]: none)", (NB07,),
+                          check=_unet_folders),
+    "attack_kinds": Param(["tokens", "soft"], list, "attacks: tokens (greedy token search, black box) and/or soft "
+                          "(soft-prompt embeddings, white box)", (NB07,), check=_attack_kinds),
+    "attack_attempts": Param(6, int, "attempts per model and attack (start prompts and seeds differ)", (NB07,),
+                             minimum=1, maximum=10_000),
+    "attack_tokens": Param(2, int, "adversarial tokens per prompt (appended, or substituted)", (NB07,), minimum=1,
+                           maximum=20),
+    "attack_positions": Param("append", str, "tokens attack: append slots to the prompt or substitute its non-target "
+                              "tokens", (NB07,), choices=("append", "substitute")),
+    "attack_search_steps": Param(3, int, "tokens attack: greedy steps (one slot each)", (NB07,), minimum=1),
+    "attack_candidates": Param(4, int, "tokens attack: vocabulary tokens tried per step", (NB07,), minimum=1),
+    "attack_images": Param(4, int, "images k per prompt, for the search score and for the final judgement", (NB07,),
+                           minimum=1, maximum=50),
+    "attack_vocabulary": Param("captions", str, "candidate tokens: captions (the toy captions' words) or words (every "
+                               "whole-word token)", (NB07,), choices=("captions", "words")),
+    "attack_soft_steps": Param(30, int, "soft attack: Adam steps on the adversarial embeddings", (NB07,), minimum=1),
+    "attack_soft_lr": Param(0.01, (int, float), "soft attack: Adam learning rate", (NB07,), check=_positive),
+    "attack_soft_images": Param(8, int, "soft attack: target images of the original model per attempt", (NB07,),
+                                minimum=1, maximum=50),
+    "attack_success_fraction": Param(0.5, (int, float), "an attempt succeeds when at least this fraction of its k "
+                                     "images is judged the target", (NB07,), maximum=1.0, check=_positive),
 }
 
 
@@ -242,13 +326,35 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
     if resolved["warmup_iterations"] >= resolved["iterations"]:
         raise ParamsError(f"warmup_iterations ({resolved['warmup_iterations']}) must be smaller than iterations "
                           f"({resolved['iterations']}): the warm-up trains only the discriminator.")
-    from doco_lib.concepts import ConceptSpec, PromptFileError, read_prompt_file
+    if resolved["n_anchor_images"] < 2:
+        raise ParamsError(f"n_anchor_images: {resolved['n_anchor_images']} leaves no retain data: one anchor image is "
+                          "held out to measure the discriminator, and training draws its batches (and the retaining "
+                          "loss L_r of retain_mode l2/cp) from the others; expected at least 2.")
+    if resolved["method"] == "doco" and resolved["retain_mode"] != "none" and resolved["retain_weight"] == 0:
+        raise ParamsError(f"retain_weight: 0 with retain_mode {resolved['retain_mode']!r} leaves no retaining term "
+                          "(L_r is multiplied by 0); set retain_mode: none, or a retain_weight above 0.")
+    if resolved["method"] == "rgd":
+        from doco_lib.diversity import SlotsError, load_slots
+
+        try:
+            if not resolved["rgd_slots_file"]:
+                raise SlotsError("no slots file given ('')")
+            load_slots(resolved["rgd_slots_file"])
+        except (SlotsError, yaml.YAMLError) as error:
+            raise ParamsError(f"rgd_slots_file: {str(error).rstrip('.')}; method 'rgd' trains on the forget/retain "
+                              "prompt twins of a slots file, e.g. params/prompts/rgd_toy_star_slots.yaml.") from None
+    from doco_lib.concepts import ConceptSpec, PromptFileError, read_preservation_file, read_prompt_file
 
     spec = ConceptSpec(resolved["concept_kind"], resolved["anchor"], resolved["target"])
     try:
         read_prompt_file(resolved["anchor_prompts_file"], spec)
     except PromptFileError as error:
         raise ParamsError(f"anchor_prompts_file: {error}") from None
+    if resolved["preservation_prompts_file"]:
+        try:
+            read_preservation_file(resolved["preservation_prompts_file"], spec)
+        except PromptFileError as error:
+            raise ParamsError(f"preservation_prompts_file: {error}") from None
 
 
 def _type_name(kind) -> str:
@@ -335,6 +441,19 @@ def notebook_params(resolved: dict[str, Any], notebook: str) -> dict[str, Any]:
 def notebook_keys(notebook: str) -> list[str]:
     """Keys that `notebook` declares in its `parameters` cell, in schema order."""
     return [key for key, spec in SCHEMA.items() if notebook in spec.notebooks]
+
+
+PARAMETERS_HEADER = "# Parameters: papermill injects the values of a params file (params/*.yaml) after this cell."
+
+
+def parameters_cell(notebook: str) -> str:
+    """The source of `notebook`'s `parameters` cell, rendered from the schema (one typed line a key)."""
+    lines = [PARAMETERS_HEADER]
+    for key in notebook_keys(notebook):
+        spec = SCHEMA[key]
+        kind = (spec.kind if isinstance(spec.kind, type) else spec.kind[-1]).__name__
+        lines.append(f"{key}: {kind} = {spec.default!r}  # {spec.help}")
+    return "\n".join(lines)
 
 
 def run_dir(resolved: dict[str, Any]) -> Path:

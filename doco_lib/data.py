@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from doco_lib.io import atomic_save_json, atomic_write_bytes
+from doco_lib.io import atomic_save_json, atomic_write_bytes, remove_stale_temporaries
 from doco_lib.sampling import generate
 
 MANIFEST = "manifest.json"
@@ -39,6 +39,15 @@ class AnchorLatents:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @classmethod
+    def concatenate(cls, caches: list["AnchorLatents"]) -> "AnchorLatents":
+        """One pool of several caches of the same model (multi-concept erasure)."""
+        if len({c.scaling_factor for c in caches}) != 1:
+            raise ValueError("caches of different VAEs (scaling factors differ) cannot be pooled")
+        return cls(torch.cat([c.latent_mean for c in caches]), torch.cat([c.latent_std for c in caches]),
+                   [p for c in caches for p in c.prompts], [s for c in caches for s in c.seeds],
+                   caches[0].scaling_factor)
 
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents z0 for `index`, drawn from the cached posteriors (as SD training samples them)."""
@@ -73,6 +82,7 @@ def prepare_anchor_latents(pipe, prompts: list[str], n_images: int, directory: P
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory)  # of a killed earlier run; a cache may be shared beyond one run's lock
     settings = cache_settings(model, prompts, n_images, seed, steps, guidance, shard_size)
     manifest_path = directory / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -104,6 +114,16 @@ def prepare_anchor_latents(pipe, prompts: list[str], n_images: int, directory: P
         manifest["shards"][str(shard)] = _sha256(path)
         atomic_save_json(manifest, manifest_path)
     return load_anchor_latents(directory, scaling_factor=vae.config.scaling_factor)
+
+
+def cache_is_complete(directory: Path) -> bool:
+    """Whether `directory` holds a manifest and every shard it lists, each matching its checksum."""
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    manifest = json.loads(manifest_path.read_text())
+    n_shards = -(-manifest["settings"]["n_images"] // manifest["settings"]["shard_size"])
+    return _valid_shards(Path(directory), manifest) == set(range(n_shards))
 
 
 def load_anchor_latents(directory: Path, scaling_factor: float) -> AnchorLatents:

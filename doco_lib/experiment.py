@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from doco_lib import config
-from doco_lib.concepts import ConceptSpec, read_prompt_file
-from doco_lib.data import AnchorLatents, load_anchor_latents, prepare_anchor_latents
+from doco_lib.concepts import ConceptSpec, read_preservation_file, read_prompt_file
+from doco_lib.data import MANIFEST, AnchorLatents, cache_is_complete, load_anchor_latents, prepare_anchor_latents
 from doco_lib.discriminator import check_discriminator_fits
 from doco_lib.training import DocoTrainer, ErasureTrainer, TrainingConfig
 
@@ -38,10 +38,49 @@ def rgd_pairs(params: dict) -> list[tuple[str, str]]:
     return prompt_pairs(load_slots(params["rgd_slots_file"]), "train", params["rgd_prompts"], params["seed"])
 
 
-def _generate(params: dict, pipe, prompts: list[str], directory: Path) -> AnchorLatents:
-    return prepare_anchor_latents(pipe, prompts, params["n_anchor_images"], directory, model=params["model"],
-                                  seed=params["seed"], steps=params["num_inference_steps"],
-                                  guidance=params["guidance_scale"], shard_size=params["anchor_shard_size"])
+def preservation_dir(params: dict) -> Path:
+    return config.run_dir(params) / "preservation_latents"
+
+
+def _generate(params: dict, pipe, prompts: list[str], directory: Path, n_images: int | None = None) -> AnchorLatents:
+    """The starting model's images for `prompts`, VAE-encoded, in `directory`. They are generated once per
+    output root into `latent_cache/<key>/`, the key hashing everything that determines them (model, base
+    UNet, prompts, count, seed, sampler settings), and hard-linked into the run: the runs of an ablation
+    grid or a retain-mode study share one seed's anchor images instead of generating them again."""
+    import hashlib
+    import json
+
+    n_images = n_images or params["n_anchor_images"]
+    determined_by = [params["model"], params.get("base_unet") or "", prompts, n_images, params["seed"],
+                     params["num_inference_steps"], params["guidance_scale"], params["anchor_shard_size"]]
+    key = hashlib.sha256(json.dumps(determined_by).encode()).hexdigest()[:20]
+    shared = Path(params["output_root"]) / "latent_cache" / key
+    prepare_anchor_latents(pipe, prompts, n_images, shared, model=params["model"], seed=params["seed"],
+                           steps=params["num_inference_steps"], guidance=params["guidance_scale"],
+                           shard_size=params["anchor_shard_size"])
+    manifest = Path(directory) / MANIFEST
+    if not (manifest.is_file() and manifest.read_bytes() == (shared / MANIFEST).read_bytes()
+            and cache_is_complete(directory)):
+        _link_copy(shared, Path(directory))
+    return load_anchor_latents(directory, pipe.vae.config.scaling_factor)
+
+
+def _link_copy(source: Path, destination: Path) -> None:
+    """Make `destination` a copy of `source` of hard links (no extra disk; plain copies where links fail),
+    replaced as a whole, so it is always complete."""
+    import os
+    import shutil
+
+    from doco_lib.io import atomic_directory
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    with atomic_directory(destination) as tmp:
+        shutil.copytree(source, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
 def prepare_anchors(params: dict, pipe) -> AnchorLatents:
@@ -50,7 +89,10 @@ def prepare_anchors(params: dict, pipe) -> AnchorLatents:
         pairs = rgd_pairs(params)
         _generate(params, pipe, [f for f, _ in pairs], config.run_dir(params) / "forget_latents")
         return _generate(params, pipe, [r for _, r in pairs], anchor_dir(params))
-    _, prompts = concept(params)
+    spec, prompts = concept(params)
+    if params["preservation_prompts_file"]:
+        _generate(params, pipe, read_preservation_file(params["preservation_prompts_file"], spec),
+                  preservation_dir(params), params["n_preservation_images"])
     return _generate(params, pipe, prompts, anchor_dir(params))
 
 
@@ -81,7 +123,39 @@ def make_trainer(params: dict, pipe) -> ErasureTrainer:
         return TRAINERS["rgd"](pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device,
                                target_prompts={r: f for f, r in pairs}, forget=forget)
     trainer_class = DocoTrainer if cfg.method == "doco" else TRAINERS[cfg.method]
-    return trainer_class(pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device)
+    preservation = None
+    if params["preservation_prompts_file"]:
+        preservation = load_anchor_latents(preservation_dir(params), pipe.vae.config.scaling_factor)
+    return trainer_class(pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device,
+                         preservation=preservation)
+
+
+def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]], pipe) -> ErasureTrainer:
+    """Several concepts erased at once: each (target, anchor, anchor prompt file) gets its own anchor images
+    (`<run>/anchor_latents_<target>/`), they are pooled, and every anchor prompt is paired with its own
+    concept's target prompt, so each batch mixes the concepts. DoCo, ConAbl or ESD."""
+    from doco_lib.baselines import TRAINERS
+
+    if params["method"] == "rgd":
+        raise config.ParamsError("method: rgd brings its own forget/retain prompt twins; erase several concepts with "
+                                 "it through its slots file instead.")
+    stages, pairs = [], {}
+    for target, anchor, prompt_file in concepts:  # every concept checked before any image is generated
+        stage = config.validate({**params, "target": target, "anchor": anchor, "anchor_prompts_file": prompt_file},
+                                source=f"concept {target!r}")
+        spec, prompts = concept(stage)
+        for anchor_prompt, target_prompt in spec.prompt_pairs(prompts):
+            if pairs.setdefault(anchor_prompt, target_prompt) != target_prompt:
+                raise config.ParamsError(f"anchor prompt {anchor_prompt!r} is paired with two targets "
+                                         f"({pairs[anchor_prompt]!r} and {target_prompt!r}); give the concepts "
+                                         "disjoint anchor prompts.")
+        stages.append((stage, spec, prompts))
+    cfg = training_config(params, pipe.unet.config.sample_size)
+    pool = AnchorLatents.concatenate([_generate(stage, pipe, prompts, anchor_dir(params).with_name(
+        f"anchor_latents_{spec.target}")) for stage, spec, prompts in stages])
+    trainer_class = DocoTrainer if cfg.method == "doco" else TRAINERS[cfg.method]
+    return trainer_class(pipe, pool, stages[0][1], cfg, training_dir(params), device=pipe.device,
+                         target_prompts=pairs)
 
 
 def evaluation_dir(params: dict) -> Path:

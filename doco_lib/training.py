@@ -16,6 +16,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from doco_lib.concepts import ConceptSpec
 from doco_lib.data import AnchorLatents
 from doco_lib.discriminator import GANLoss, NLayerDiscriminator
-from doco_lib.io import atomic_save_json, atomic_torch_save, atomic_write_text, load_torch_checkpoint
+from doco_lib.io import (atomic_directory, atomic_save_json, atomic_torch_save, atomic_write_bytes, atomic_write_text,
+                          load_torch_checkpoint)
 from doco_lib.surgery import concept_preserving_gradient, restricted_gradient
 
 RETAIN_MODES = ("none", "l2", "cp", "rgd")
@@ -91,6 +93,10 @@ class TrainingConfig:
     conabl_retain: bool = True
     rgd_alpha: float = 1.6
     rgd_truncation: float = 1.1
+    optimizer: str = "adam"
+    frozen_dtype: str = "auto"
+    attention: str = "sdpa"
+    compile_unet: bool = False
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainingConfig":
@@ -103,8 +109,8 @@ class TrainingConfig:
     def training_identity(self) -> dict:
         """Everything that shapes the trajectory; `iterations` may grow on resume, the rest may not."""
         identity = asdict(self)
-        identity.pop("iterations")
-        identity.pop("checkpoint_every")
+        for speed_only in ("iterations", "checkpoint_every", "attention", "compile_unet"):
+            identity.pop(speed_only)
         return identity
 
 
@@ -123,6 +129,32 @@ def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
     if not selected:
         raise ValueError(f"trainable={mode!r} selects no parameter of this UNet")
     return selected
+
+
+OPTIMIZERS = ("adam", "adam_fused", "adam_8bit")
+FROZEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """Adam for the UNet: torch's default (multi-tensor `foreach` where supported), its fused kernel, or
+    bitsandbytes' 8-bit Adam (optimizer state in 8 bits: about 3/4 less optimizer memory)."""
+    if name == "adam_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ImportError("optimizer: adam_8bit needs bitsandbytes (pip install bitsandbytes); or use adam "
+                              "or adam_fused.") from None
+        return bitsandbytes.optim.Adam8bit(params, lr=lr)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not one of {OPTIMIZERS}")
+    return torch.optim.Adam(params, lr=lr, fused=True if name == "adam_fused" else None)
+
+
+def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """dtype of the frozen original UNet (inference only): half precision on GPUs unless told otherwise."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return FROZEN_DTYPES[name]
 
 
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -144,8 +176,10 @@ class ErasureTrainer:
     method = "base"
 
     def __init__(self, pipe, anchors: AnchorLatents, spec: ConceptSpec, config: TrainingConfig, run_dir: Path,
-                 device: torch.device | str = "cpu", target_prompts: dict[str, str] | None = None):
-        """`target_prompts` maps each anchor prompt to its target prompt (default: the concept spec's rule)."""
+                 device: torch.device | str = "cpu", target_prompts: dict[str, str] | None = None,
+                 preservation: AnchorLatents | None = None):
+        """`target_prompts` maps each anchor prompt to its target prompt (default: the concept spec's rule).
+        `preservation`: the original model's images of other concepts to keep; they join the retaining batch."""
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
@@ -159,6 +193,10 @@ class ErasureTrainer:
         self.unet.requires_grad_(False)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if config.attention == "classic":  # diffusers' default is SDPA (torch's fused attention kernels)
+            from diffusers.models.attention_processor import AttnProcessor
+
+            self.unet.set_attn_processor(AttnProcessor())
         self.params = select_trainable(self.unet, config.trainable)
         for p in self.params.values():
             p.requires_grad_(True)
@@ -166,8 +204,13 @@ class ErasureTrainer:
         self.frozen_unet = None
         if self.needs_frozen_unet():
             self.frozen_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
-            if self.device.type == "cuda":
-                self.frozen_unet.half()
+            dtype = frozen_dtype(config.frozen_dtype, self.device)
+            if dtype != self.frozen_unet.dtype:
+                self.frozen_unet.to(dtype)
+        if config.compile_unet:  # in place: parameter names, state dicts and save_pretrained are unchanged
+            self.unet.compile()
+            if self.frozen_unet is not None:
+                self.frozen_unet.compile()
         self.scheduler_config = pipe.scheduler.config
         self.alphas_cumprod = DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.to(self.device)
 
@@ -178,6 +221,11 @@ class ErasureTrainer:
         self.anchor_embeddings = self._encode(pipe, [a for a, _ in self.prompt_pairs])
         self.target_embeddings = self._encode(pipe, [t for _, t in self.prompt_pairs])
         self.empty_embedding = self._encode(pipe, [""])
+        self.preservation = preservation
+        if preservation is not None:
+            kept = sorted(set(preservation.prompts))
+            self.preservation_prompt_index = torch.tensor([kept.index(p) for p in preservation.prompts])
+            self.preservation_embeddings = self._encode(pipe, kept)
 
         split = torch.randperm(len(anchors), generator=torch.Generator().manual_seed(config.seed))
         n_heldout = max(1, int(len(anchors) * config.heldout_fraction))
@@ -185,7 +233,7 @@ class ErasureTrainer:
 
         torch.manual_seed(config.seed)
         self.build_extra()
-        self.opt_g = torch.optim.Adam(self.params.values(), lr=config.lr)
+        self.opt_g = make_optimizer(config.optimizer, self.params.values(), config.lr)
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
         self.history: list[dict] = []
@@ -229,6 +277,20 @@ class ErasureTrainer:
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
         prompts = self.prompt_index[index]
         return x_t, t, noise, self.anchor_embeddings[prompts], self.target_embeddings[prompts]
+
+    def _retain_batch(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, c: torch.Tensor):
+        """The batch of the retaining loss: the anchor batch, plus as many preservation images when a
+        preservation set is given (drawn after the anchor batch, so runs without one are unchanged)."""
+        if self.preservation is None:
+            return x_t, t, noise, c
+        index = torch.randint(0, len(self.preservation), (len(x_t),), generator=self.generator)
+        z0 = self.preservation.sample(index, self.generator).to(self.device)
+        noise_p = torch.randn(z0.shape, generator=self.generator).to(self.device)
+        t_p = torch.randint(0, len(self.alphas_cumprod), (len(index),), generator=self.generator).to(self.device)
+        a = self.alphas_cumprod[t_p].view(-1, 1, 1, 1)
+        x_p = a.sqrt() * z0 + (1 - a).sqrt() * noise_p
+        c_p = self.preservation_embeddings[self.preservation_prompt_index[index]]
+        return torch.cat([x_t, x_p]), torch.cat([t, t_p]), torch.cat([noise, noise_p]), torch.cat([c, c_p])
 
     def _grads(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor]:
         return list(torch.autograd.grad(loss, list(self.params.values()), retain_graph=retain_graph))
@@ -297,16 +359,25 @@ class ErasureTrainer:
         state = {"trainable": {n: p.detach().cpu() for n, p in self.params.items()},
                  "opt_g": self.opt_g.state_dict(), "step": self.step,
                  "generator": self.generator.get_state(), "history": json.dumps(self.history),
-                 "identity": json.dumps(self.config.training_identity(), sort_keys=True), **self.extra_state()}
+                 "identity": json.dumps(self.identity(), sort_keys=True), **self.extra_state()}
         atomic_torch_save(state, self.checkpoint_path)
         self.write_history()
 
+    def identity(self) -> dict:
+        """What a checkpoint must share with this trainer to be resumed: the settings and the training data."""
+        data = [self.prompt_pairs, self.anchors.seeds]
+        if self.preservation is not None:
+            data += [self.preservation.prompts, self.preservation.seeds]
+        digest = hashlib.sha256(json.dumps(data).encode()).hexdigest()
+        return {**self.config.training_identity(), "training_data": digest}
+
     def _load_checkpoint(self) -> None:
         state = load_torch_checkpoint(self.checkpoint_path)
-        identity = json.dumps(self.config.training_identity(), sort_keys=True)
-        if state["identity"] != identity:
-            saved, now = json.loads(state["identity"]), self.config.training_identity()
-            changed = sorted(k for k in now if saved.get(k) != now[k])
+        # A setting added after the checkpoint was written counts as its default then.
+        defaults = {f.name: f.default for f in fields(TrainingConfig)}
+        saved, now = json.loads(state["identity"]), self.identity()
+        changed = sorted(k for k in now if saved.get(k, defaults.get(k)) != now[k])
+        if changed:
             raise ValueError(f"{self.checkpoint_path} was written with other settings ({', '.join(changed)}); "
                              "delete it or pick another run_name to start afresh.")
         with torch.no_grad():
@@ -326,17 +397,19 @@ class ErasureTrainer:
         return path
 
     def export(self, base_model: str) -> dict[str, Path]:
-        """The erased UNet in diffusers format and the weight delta (safetensors), with metadata."""
-        from safetensors.torch import save_file
+        """The erased UNet in diffusers format and the weight delta (safetensors), with metadata; each written
+        atomically, so a UNet folder with a config.json is always complete."""
+        from safetensors.torch import save
 
         unet_dir = self.run_dir / "unet"
-        self.unet.save_pretrained(unet_dir, safe_serialization=True)
+        with atomic_directory(unet_dir) as tmp:
+            self.unet.save_pretrained(tmp, safe_serialization=True)
         delta = {n: (p.detach() - self.original[n]).cpu().contiguous() for n, p in self.params.items()}
         metadata = {"method": self.method, "base_model": base_model, "trainable": self.config.trainable,
                     "target": self.spec.target, "anchor": self.spec.anchor, "kind": self.spec.kind,
                     "config": json.dumps(asdict(self.config))}
         delta_path = self.run_dir / "delta.safetensors"
-        save_file(delta, str(delta_path), metadata=metadata)
+        atomic_write_bytes(save(delta, metadata=metadata), delta_path)
         atomic_save_json(metadata, self.run_dir / "erasure.json")
         return {"unet": unet_dir, "delta": delta_path}
 
@@ -385,20 +458,19 @@ class DocoTrainer(ErasureTrainer):
             x_t, t, noise, c, c_star = self._batch(index, self.generator)
             self.unet.train(adversarial)
             with torch.set_grad_enabled(adversarial), self.accelerator.autocast():
-                # One pass for target (fake) and anchor predictions: the same x_t and t for both.
-                both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                 encoder_hidden_states=torch.cat([c_star, c])).sample
-            fake, anchor_prediction = both.chunk(2)
-            if self.frozen_unet is not None:
-                with torch.no_grad(), self.accelerator.autocast():
-                    real = self.frozen_unet(x_t.to(self.frozen_unet.dtype), t,
-                                            encoder_hidden_states=c.to(self.frozen_unet.dtype)).sample
-            else:
-                real = anchor_prediction
+                fake = self.unet(x_t, t, encoder_hidden_states=c_star).sample
+            retain_prediction = None
+            if adversarial:
+                # A pass of its own for L_r (anchor batch first, sharing x_t and t with the target's): G_u's and
+                # G_r's backward passes then each run through their own half of the work only.
+                x_r, t_r, noise_r, c_r = self._retain_batch(x_t, t, noise, c)
+                with torch.set_grad_enabled(cfg.retain_mode != "none"), self.accelerator.autocast():
+                    retain_prediction = self.unet(x_r, t_r, encoder_hidden_states=c_r).sample
+            real = self._real_prediction(x_t, t, c, retain_prediction)
             if adversarial:
                 # Generator term of eq. 8 with the current D: make the target prediction look like the anchor's.
                 g_loss = self.gan_loss(self.discriminator(self._disc_view(fake, x_t, t)), True)
-                retain_loss = F.mse_loss(anchor_prediction.float(), noise)
+                retain_loss = F.mse_loss(retain_prediction.float(), noise_r)
                 g_u, g_r = self._grads_for_mode(g_loss, retain_loss)
                 g_u_sum = g_u if g_u_sum is None else [a + b for a, b in zip(g_u_sum, g_u)]
                 if g_r is not None:
@@ -416,6 +488,17 @@ class DocoTrainer(ErasureTrainer):
         if adversarial:
             logs.update(self._apply_generator_update(g_u_sum, g_r_sum, accumulate))
         return self.record_step("adversarial" if adversarial else "warmup", logs)
+
+    def _real_prediction(self, x_t, t, c, retain_prediction) -> torch.Tensor:
+        """D's "real" sample: the frozen original's prediction for the anchor prompt, or the trained UNet's."""
+        if self.frozen_unet is not None:
+            with torch.no_grad(), self.accelerator.autocast():
+                return self.frozen_unet(x_t.to(self.frozen_unet.dtype), t,
+                                        encoder_hidden_states=c.to(self.frozen_unet.dtype)).sample
+        if retain_prediction is not None:
+            return retain_prediction[: len(x_t)]
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.unet(x_t, t, encoder_hidden_states=c).sample
 
     def _grads_for_mode(self, g_loss, retain_loss):
         mode = self.config.retain_mode
@@ -447,12 +530,12 @@ class DocoTrainer(ErasureTrainer):
 
     def export(self, base_model: str) -> dict[str, Path]:
         """The erased UNet and delta, plus the discriminator (safetensors)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         paths = super().export(base_model)
         paths["discriminator"] = self.run_dir / "discriminator.safetensors"
         state = self.accelerator.unwrap_model(self.discriminator).state_dict()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(paths["discriminator"]))
+        atomic_write_bytes(save({k: v.contiguous() for k, v in state.items()}), paths["discriminator"])
         return paths
 
     # ---------------------------------------------------------------- discriminator diagnostics

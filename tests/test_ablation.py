@@ -58,3 +58,27 @@ def test_rgd_prompt_twins_and_disjoint_test_vocabulary(repo_root, tmp_path):
                    "test: {colour: [red]}\n")
     with pytest.raises(SlotsError, match="shares \\['red'\\] between train and test"):
         load_slots(bad)
+
+
+def test_simultaneous_erasure_pools_the_concepts_and_pairs_each_with_its_target(tmp_path):
+    from doco_lib import experiment
+
+    params = config.validate({"output_root": str(tmp_path), "run_name": "both", "device": "cpu", "n_anchor_images": 4,
+                              "anchor_shard_size": 4, "num_inference_steps": 2, "iterations": 3,
+                              "warmup_iterations": 1, "batch_size": 4, "checkpoint_every": 3})
+    concepts = [("star", "pentagon", "params/prompts/toy_pentagon.txt"),
+                ("heart", "circle", "params/prompts/toy_circle.txt")]
+    trainer = experiment.make_multi_concept_trainer(params, concepts, experiment.starting_pipeline(params))
+    assert len(trainer.anchors) == 8
+    pairs = dict(trainer.prompt_pairs)
+    assert all(("pentagon" in a and t == a.replace("pentagon", "star")) or
+               ("circle" in a and t == a.replace("circle", "heart")) for a, t in pairs.items())
+    assert {"pentagon", "circle"} <= {w for a in pairs for w in a.split()}
+    trainer.run(progress=False)
+    assert (trainer.export("toy")["unet"] / "config.json").is_file()
+
+    clash = [("star", "pentagon", "params/prompts/toy_pentagon.txt"),
+             ("heart", "pentagon", "params/prompts/toy_pentagon.txt")]
+    with pytest.raises(config.ParamsError, match="paired with two targets"):
+        experiment.make_multi_concept_trainer({**params, "run_name": "clash"}, clash,
+                                              experiment.starting_pipeline(params))

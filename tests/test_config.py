@@ -107,3 +107,10 @@ def test_cli_rejects_bad_params_with_one_paragraph_and_no_traceback(tmp_path, do
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists(), "nothing may be written before the params are valid"
+
+
+def test_a_preservation_prompt_naming_the_target_is_rejected(tmp_path):
+    prompts = tmp_path / "keep.txt"
+    prompts.write_text("a red square\na blue star\n")
+    with pytest.raises(ParamsError, match=r"preservation_prompts_file: .*keep.txt: prompt 2 names the target 'star'"):
+        config.validate({"preservation_prompts_file": str(prompts)})

@@ -17,6 +17,7 @@ def test_exactly_one_parameters_cell_matching_the_schema(repo_root, name):
     notebook = load(repo_root, name)
     tagged = [c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
+    assert tagged[0].source == config.parameters_cell(name), "run scripts/sync_parameter_cells.py"
     assignments = {}
     for node in ast.parse(tagged[0].source).body:
         assert isinstance(node, ast.AnnAssign), "parameters are typed: `name: type = default  # comment`"

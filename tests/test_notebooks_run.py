@@ -8,17 +8,19 @@ import yaml
 TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n_anchor_images": 8,
         "anchor_shard_size": 4, "iterations": 4, "warmup_iterations": 2, "checkpoint_every": 2, "batch_size": 4,
         "eval_samples": 2, "images_per_template": 1, "n_templates": 2, "esd_steps": 3,
-        "ablation_variants": ["DoCo (cp)", "ConAbl"], "ablation_seeds": [0, 1],
+        "ablation_variants": ["DoCo (cp)", "ConAbl"], "ablation_seeds": [0, 1], "multi_concept_seeds": [0],
         "sequential_stages": ["star|pentagon|params/prompts/toy_pentagon.txt",
                               "heart|circle|params/prompts/toy_circle.txt"],
-        "extra_prompts_file": "params/prompts/toy_extra.txt"}
+        "extra_prompts_file": "params/prompts/toy_extra.txt", "attack_variants": ["DoCo (cp)"], "attack_attempts": 1,
+        "attack_search_steps": 1, "attack_candidates": 2, "attack_images": 2, "attack_soft_steps": 2,
+        "attack_soft_images": 2}
 
 
 def test_all_notebooks_run_with_papermill(tmp_path, doco_command, repo_root):
     params = tmp_path / "tiny.yaml"
     params.write_text(yaml.safe_dump({"run_name": "nb", "output_root": str(tmp_path / "out"), **TINY}))
     notebooks = ["00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training",
-                 "04_evaluation", "05_ablations"]
+                 "04_evaluation", "05_ablations", "07_robustness"]
     result = subprocess.run(doco_command + ["demo", "--params", str(params), "--notebooks", *notebooks],
                             capture_output=True, text=True, timeout=900, cwd=repo_root)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -32,5 +34,5 @@ def test_all_notebooks_run_with_papermill(tmp_path, doco_command, repo_root):
     for artefact in ("00_toy_world/judge_accuracy.csv", "01_data_preparation/anchor_images.png",
                      "02_discriminator_warmup/heldout_accuracy_by_timestep.csv", "doco/unet/config.json",
                      "03_adversarial_training/original_vs_erased.png", "04_evaluation/results.md",
-                     "05_ablations/table3.md", "05_ablations/sequential.md"):
+                     "05_ablations/table3.md", "05_ablations/sequential.md", "05_ablations/multi_concept.md"):
         assert (run / artefact).exists(), artefact

@@ -6,25 +6,10 @@ import time
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+from tiny_training import train, write_params
 
 from doco_lib.training import TrainingConfig, FIDELITY_PRESETS, predicted_x0, select_trainable
-
-TINY = dict(n_anchor_images=8, anchor_shard_size=4, num_inference_steps=2, batch_size=4, iterations=40,
-            warmup_iterations=10, checkpoint_every=5, device="cpu")
-
-
-def write_params(tmp_path, run_name, **overrides):
-    path = tmp_path / f"{run_name}.yaml"
-    path.write_text(yaml.safe_dump({"run_name": run_name, "output_root": str(tmp_path / "outputs"), **TINY,
-                                    **overrides}))
-    return path
-
-
-def train(doco_command, params, **kwargs):
-    return subprocess.run(doco_command + ["train", "--params", str(params), "--quiet"], capture_output=True,
-                          text=True, timeout=600, **kwargs)
 
 
 def test_presets_then_overrides():
@@ -179,3 +164,31 @@ def test_rgd_method_and_retain_mode_train(tmp_path, doco_command):
     doco_rgd = write_params(tmp_path, "doco_rgd", retain_mode="rgd", iterations=4, warmup_iterations=2,
                             checkpoint_every=2)
     assert train(doco_command, doco_rgd).returncode == 0
+
+
+def test_a_preservation_set_joins_the_retaining_batch(tmp_path, doco_command, repo_root):
+    from doco_lib import config, experiment
+
+    preserve = repo_root / "params" / "prompts" / "toy_preserve.txt"
+    params_file = write_params(tmp_path, "preserve", preservation_prompts_file=str(preserve), n_preservation_images=6,
+                               iterations=4, warmup_iterations=2, checkpoint_every=2)
+    assert train(doco_command, params_file).returncode == 0
+    params = config.load_params(params_file)
+    manifest = experiment.preservation_dir(params) / "manifest.json"
+    import json
+
+    prompts = [image["prompt"] for image in json.loads(manifest.read_text())["images"]]
+    assert len(prompts) == 6 and not any("star" in p for p in prompts)
+
+    trainer = experiment.make_trainer(params, experiment.starting_pipeline(params))
+    x_t, t, noise, c, _ = trainer._batch(trainer._sample_index(), trainer.generator)
+    x_r, t_r, noise_r, c_r = trainer._retain_batch(x_t, t, noise, c)
+    batch = len(x_t)
+    assert len(x_r) == len(t_r) == len(noise_r) == len(c_r) == 2 * batch
+    assert torch.equal(x_r[:batch], x_t) and torch.equal(c_r[:batch], c)
+    encoded = trainer._encode(experiment.starting_pipeline(params), sorted(set(prompts)))
+    assert all(any(torch.equal(row, e) for e in encoded) for row in c_r[batch:]), "preservation prompts' embeddings"
+
+    without = {**params, "preservation_prompts_file": ""}
+    with pytest.raises(ValueError, match="other settings \\(training_data\\)"):
+        experiment.make_trainer(without, experiment.starting_pipeline(without))

@@ -6,6 +6,8 @@ styles drawn from a fixed seed, so the original and the erased model see the sam
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from doco_lib.sampling import generate
@@ -50,6 +52,43 @@ def judged_rates(pipe, judge, sets: dict[str, tuple[list[str], str]], steps: int
     return rates
 
 
+def attribute_accuracy(pipe, judge, prompts: list[str], steps: int, guidance: float, seed: int = 0) -> dict[str, float]:
+    """For prompts that name a colour and/or a style (e.g. RGD's held-out retain twins, "a purple shape on a
+    dotted background"), how often the judge sees the named colour and style: prompt alignment, toy world."""
+    images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], steps, guidance)
+    predicted = judge.predict(images_to_judge_input(images))
+    words = [prompt.replace(",", " ").split() for prompt in prompts]
+    accuracy = {}
+    for attribute, values in (("colour", render.COLOURS), ("style", render.STYLES)):
+        named = [(i, value) for i, w in enumerate(words) for value in values if value in w]
+        if named:
+            hits = [predicted[attribute][i].item() == values.index(value) for i, value in named]
+            accuracy[attribute] = sum(hits) / len(hits)
+    return accuracy
+
+
+def cached_judged_rates(pipe, judge, sets: dict[str, tuple[list[str], str]], steps: int, guidance: float,
+                        seed: int, cache_file: Path) -> dict[str, float]:
+    """`judged_rates`, remembering each prompt set's rate in `cache_file` (JSON) under a hash of everything
+    that determines it, the UNet's weights included; only sets not measured before are generated."""
+    import hashlib
+    import json
+
+    from doco_lib.io import atomic_write_text
+
+    cache_file = Path(cache_file)
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in pipe.unet.parameters())).hexdigest()
+    keys = {name: hashlib.sha256(json.dumps([weights, prompts, shape, steps, guidance, seed]).encode()).hexdigest()
+            for name, (prompts, shape) in sets.items()}
+    missing = {name: sets[name] for name, key in keys.items() if key not in cache}
+    if missing:
+        cache.update({keys[name]: rate for name, rate in judged_rates(pipe, judge, missing, steps, guidance,
+                                                                      seed).items()})
+        atomic_write_text(json.dumps(cache, indent=1) + "\n", cache_file)
+    return {name: cache[key] for name, key in keys.items()}
+
+
 def erasure_table(before: dict[str, float], after: dict[str, dict[str, float]]):
     """Judged rates per prompt set: the original model, then each erased model, with changes in points."""
     import pandas as pd
@@ -76,7 +115,8 @@ def retain_mode_study(params: dict, retain_modes: list[str], samples: int | None
                                                    if w not in (params["target"], params["anchor"])]
     sets = prompt_sets(params["target"], words, samples or params["eval_samples"], params["seed"])
     steps, guidance, seed = params["num_inference_steps"], params["guidance_scale"], params["seed"]
-    before = judged_rates(base, judge, sets, steps, guidance, seed)
+    before = cached_judged_rates(base, judge, sets, steps, guidance, seed,
+                                 config.run_dir(params).with_name("original_judged_rates.json"))
     after, unets = {}, {}
     for mode in retain_modes:
         run = config.validate({**params, "run_name": f"{params['run_name']}_{mode}", "retain_mode": mode})
@@ -86,5 +126,6 @@ def retain_mode_study(params: dict, retain_modes: list[str], samples: int | None
         trainer.run(progress=False)
         unets[mode] = trainer.export(base_model=run["model"])["unet"]
         erased = load_pipeline(run["model"], run["device"], unet=str(unets[mode]))
-        after[f"DoCo ({mode})"] = judged_rates(erased, judge, sets, steps, guidance, seed)
+        after[f"DoCo ({mode})"] = cached_judged_rates(erased, judge, sets, steps, guidance, seed,
+                                                     Path(unets[mode]).parent / "judged_rates.json")
     return erasure_table(before, after), unets
