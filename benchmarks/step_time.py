@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from doco_lib.concepts import ConceptSpec
+from doco_lib.config import SCHEMA
 from doco_lib.data import prepare_anchor_latents
 from doco_lib.pipeline import load_pipeline
 from doco_lib.surgery import concept_preserving_gradient
@@ -46,6 +47,10 @@ def make_trainer(pipe, anchors, work: Path, name: str, trainer_class=DocoTrainer
                           text_encoder=pipe.text_encoder)
     return trainer_class(own, anchors, ConceptSpec("instance", "pentagon", "star"), config, work / name,
                          pipe.device, **extra)
+
+
+def _slug(text: str) -> str:
+    return text.replace(" ", "_")
 
 
 def reference_step(trainer: DocoTrainer):
@@ -89,14 +94,15 @@ def measure_throughput(pipe, work: Path) -> dict[str, float]:
                            guidance=5.0, shard_size=32, save_images=False, progress=False)
     generation = 64 / (time.perf_counter() - start)
     models = [EvaluatedModel("base"), EvaluatedModel("same UNet", str(toy_weights_dir() / "pipeline" / "unet"))]
+    per_template = SCHEMA["images_per_template"].default  # notebook 04's default evaluation size
     passes = []
     for _ in range(2):
         _, timing = evaluate("toy", models, ["star", "circle"], cache_dir=work / "eval_cache",
                              clip_model=str(toy_weights_dir() / "eval_clip"), template_set="toy", n_templates=0,
-                             images_per_template=4, steps=25, device=str(pipe.device), fid_features="judge",
-                             judge=load_judge(str(pipe.device)))
+                             images_per_template=per_template, steps=25, device=str(pipe.device),
+                             fid_features="judge", judge=load_judge(str(pipe.device)))
         passes.append(timing["seconds"])
-    images = 2 * 2 * 7 * 4
+    images = 2 * 2 * 7 * per_template
     return {"anchor generation (images/s)": generation, "evaluation first pass (images/s)": images / passes[0],
             "evaluation second pass (images/s)": images / passes[1],
             "evaluation speed-up from the cache (×)": passes[0] / passes[1]}
@@ -117,6 +123,10 @@ def main(argv=None) -> dict:
         trainers = {f"doco {fidelity} {mode}": make_trainer(pipe, anchors, work, f"{fidelity}_{mode}",
                                                             fidelity=fidelity, retain_mode=mode)
                     for fidelity in ("paper", "official") for mode in ("none", "l2", "cp")}
+        for label, option in (("adam_fused", dict(optimizer="adam_fused")), ("classic attention",
+                              dict(attention="classic")), ("gradient checkpointing", dict(gradient_checkpointing=True))):
+            trainers[f"doco official cp + {label}"] = make_trainer(pipe, anchors, work, _slug(label), fidelity="official",
+                                                                  retain_mode="cp", **option)
         trainers["esd-x"] = make_trainer(pipe, anchors, work, "esd", EsdTrainer, method="esd",
                                          trainable="cross_attention")
         trainers["conabl"] = make_trainer(pipe, anchors, work, "conabl", ConAblTrainer, method="conabl")

@@ -119,6 +119,38 @@ def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: 
     return pd.DataFrame(rows)
 
 
+def clip_rates(params: dict, unets: pd.DataFrame, concepts: list[str]) -> pd.DataFrame:
+    """Real models: the CLIP accuracy of every concept for each listed UNet and the base model (per seed), as
+    a fraction — notebook 04's evaluation (templates, cached images), in the layout of `judge_models`."""
+    from doco_lib.evaluation.runner import EvaluatedModel, evaluate
+    from doco_lib.pipeline import load_judge, toy_weights_dir
+
+    clip = str(toy_weights_dir() / "eval_clip") if params["clip_model"] == "toy" else params["clip_model"]
+    judge = load_judge(params["device"]) if params["fid_features"] == "judge" else None  # the toy FID features
+    rows = []
+    for seed in sorted(set(unets["seed"])):
+        records = unets[unets.seed == seed].to_dict("records")
+        labels = [" ".join(str(v) for k, v in r.items() if k not in ("seed", "unet")) for r in records]
+        models = [EvaluatedModel("original")] + [EvaluatedModel(label, r["unet"]) for label, r in zip(labels, records)]
+        results, _ = evaluate(params["model"], models, concepts, cache_dir=config.run_dir(params) / "ablation" /
+                              "image_cache", clip_model=clip, template_set=params["eval_templates"],
+                              n_templates=params["n_templates"], images_per_template=params["images_per_template"],
+                              steps=params["num_inference_steps"], guidance=params["guidance_scale"], seed=seed,
+                              device=params["device"], fid_features=params["fid_features"], judge=judge)
+        accuracy = results[results.metric == "CA"]
+        rows += [{"model": r.model, "seed": seed, "prompt set": r.concept, "rate": r.value / 100}
+                 for r in accuracy.itertuples()]
+    return pd.DataFrame(rows)
+
+
+def rate_models(params: dict, unets: pd.DataFrame, concepts: list[str], samples: int) -> pd.DataFrame:
+    """How often each model draws each concept: the toy judge's rate in the toy world (`samples` images per
+    prompt set, with the target's synonym), CLIP accuracy for real models."""
+    if params["model"] == "toy":
+        return judge_models(params, unets, concepts, samples)
+    return clip_rates(params, unets, concepts)
+
+
 def mean_ci(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
     """Mean and half-width of the Student-t confidence interval (0 for a single value)."""
     from scipy import stats

@@ -506,7 +506,8 @@ class DocoTrainer(ErasureTrainer):
             return self._grads(g_loss, retain_graph=False), None
         if mode == "l2":
             return self._grads(g_loss + self.config.retain_weight * retain_loss, retain_graph=False), None
-        return self._grads(g_loss, retain_graph=True), self._grads(self.config.retain_weight * retain_loss, False)
+        # L_u and L_r come from separate forward passes, so neither backward needs the other's graph kept.
+        return self._grads(g_loss, retain_graph=False), self._grads(self.config.retain_weight * retain_loss, False)
 
     def _apply_generator_update(self, g_u, g_r, accumulate: int) -> dict:
         cfg = self.config

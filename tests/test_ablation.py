@@ -82,3 +82,18 @@ def test_simultaneous_erasure_pools_the_concepts_and_pairs_each_with_its_target(
     with pytest.raises(config.ParamsError, match="paired with two targets"):
         experiment.make_multi_concept_trainer({**params, "run_name": "clash"}, clash,
                                               experiment.starting_pipeline(params))
+
+
+def test_real_models_are_rated_by_clip_accuracy_in_the_judges_layout(tmp_path):
+    from doco_lib.pipeline import toy_weights_dir
+
+    params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 2,
+                              "n_templates": 1, "images_per_template": 2})
+    unet = str(toy_weights_dir() / "pipeline" / "unet")  # any UNet folder stands in for an erased one
+    grid = pd.DataFrame([{"variant": "same UNet", "seed": 0, "unet": unet}])
+    rates = ablation.clip_rates(params, grid, ["star", "circle"])
+    assert set(rates.columns) == {"model", "seed", "prompt set", "rate"}
+    assert set(rates.model) == {"original", "same UNet"} and set(rates["prompt set"]) == {"star", "circle"}
+    assert rates.rate.between(0, 1).all()
+    by_model = rates.pivot_table(index="prompt set", columns="model", values="rate")
+    assert (by_model["original"] == by_model["same UNet"]).all(), "the same weights draw the same images"
