@@ -121,11 +121,7 @@ class RgdTrainer(ErasureTrainer):
         cfg = self.config
         index = self._sample_index()
         x_r, t_r, noise_r, c_r, c_f = self._batch(index, self.generator)
-        z_f = self.forget.sample(index, self.generator).to(self.device)
-        noise_f = torch.randn(z_f.shape, generator=self.generator).to(self.device)
-        t_f = torch.randint(0, len(self.alphas_cumprod), (len(index),), generator=self.generator).to(self.device)
-        a = self.alphas_cumprod[t_f].view(-1, 1, 1, 1)
-        x_f = a.sqrt() * z_f + (1 - a).sqrt() * noise_f
+        x_f, t_f, noise_f = self._noised(self.forget.sample(index, self.generator).to(self.device), self.generator)
         # Separate passes, so that each of the two backward passes runs through its own batch only.
         with self.accelerator.autocast():
             pred_f = self.unet(x_f, t_f, encoder_hidden_states=c_f).sample.float()

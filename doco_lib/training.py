@@ -269,12 +269,15 @@ class ErasureTrainer:
         return self.train_index[torch.randint(0, len(self.train_index), (self.config.batch_size,),
                                               generator=self.generator)]
 
-    def _batch(self, index: torch.Tensor, generator: torch.Generator):
-        z0 = self.anchors.sample(index, generator).to(self.device)
+    def _noised(self, z0: torch.Tensor, generator: torch.Generator):
+        """(x_t, t, noise): `z0` noised at uniformly drawn timesteps, as in DDPM training."""
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
-        t = torch.randint(0, len(self.alphas_cumprod), (len(index),), generator=generator).to(self.device)
+        t = torch.randint(0, len(self.alphas_cumprod), (len(z0),), generator=generator).to(self.device)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise
+
+    def _batch(self, index: torch.Tensor, generator: torch.Generator):
+        x_t, t, noise = self._noised(self.anchors.sample(index, generator).to(self.device), generator)
         prompts = self.prompt_index[index]
         return x_t, t, noise, self.anchor_embeddings[prompts], self.target_embeddings[prompts]
 
@@ -284,11 +287,8 @@ class ErasureTrainer:
         if self.preservation is None:
             return x_t, t, noise, c
         index = torch.randint(0, len(self.preservation), (len(x_t),), generator=self.generator)
-        z0 = self.preservation.sample(index, self.generator).to(self.device)
-        noise_p = torch.randn(z0.shape, generator=self.generator).to(self.device)
-        t_p = torch.randint(0, len(self.alphas_cumprod), (len(index),), generator=self.generator).to(self.device)
-        a = self.alphas_cumprod[t_p].view(-1, 1, 1, 1)
-        x_p = a.sqrt() * z0 + (1 - a).sqrt() * noise_p
+        x_p, t_p, noise_p = self._noised(self.preservation.sample(index, self.generator).to(self.device),
+                                         self.generator)
         c_p = self.preservation_embeddings[self.preservation_prompt_index[index]]
         return torch.cat([x_t, x_p]), torch.cat([t, t_p]), torch.cat([noise, noise_p]), torch.cat([c, c_p])
 
