@@ -1,7 +1,8 @@
 """Toy-world benchmarks, measured side by side in one run and reported as ratios (machines are noisy):
 
-- per-iteration time of DoCo (each preset and retain mode), ESD-x, ConAbl and RGD against a plain
-  diffusion fine-tuning step of the same trainable parameters and batch (interleaved rounds, medians);
+- per-iteration time of DoCo (each preset and retain mode; with the option variants, and with L_u and L_r
+  in separate UNet passes instead of the joint one), ESD-x, ConAbl and RGD against a plain diffusion
+  fine-tuning step of the same trainable parameters and batch (interleaved rounds, medians);
 - the concept-preserving gradient alone, as a fraction of a DoCo (cp) iteration, global and per tensor;
 - anchor-data generation throughput, and evaluation throughput on a first pass against a second pass
   over the same models (which reads the image cache).
@@ -127,6 +128,9 @@ def main(argv=None) -> dict:
                               dict(attention="classic")), ("gradient checkpointing", dict(gradient_checkpointing=True))):
             trainers[f"doco official cp + {label}"] = make_trainer(pipe, anchors, work, _slug(label), fidelity="official",
                                                                   retain_mode="cp", **option)
+        separate = make_trainer(pipe, anchors, work, "separate", fidelity="official", retain_mode="cp")
+        separate.joint = None  # L_u and L_r in a UNet pass each, as before the joint pass
+        trainers["doco official cp, separate passes"] = separate
         trainers["esd-x"] = make_trainer(pipe, anchors, work, "esd", EsdTrainer, method="esd",
                                          trainable="cross_attention")
         trainers["conabl"] = make_trainer(pipe, anchors, work, "conabl", ConAblTrainer, method="conabl")

@@ -31,6 +31,7 @@ from doco_lib.data import AnchorLatents
 from doco_lib.discriminator import GANLoss, NLayerDiscriminator
 from doco_lib.io import (atomic_directory, atomic_save_json, atomic_torch_save, atomic_write_bytes, atomic_write_text,
                           load_torch_checkpoint)
+from doco_lib.split_gradients import SplitLinearGradients, bias_free_linears
 from doco_lib.surgery import concept_preserving_gradient, restricted_gradient
 
 RETAIN_MODES = ("none", "l2", "cp", "rgd")
@@ -429,6 +430,10 @@ class DocoTrainer(ErasureTrainer):
         self.gan_loss = GANLoss(cfg.gan_mode).to(self.device)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.disc_lr, betas=(cfg.disc_beta1, 0.999))
         self.discriminator, self.opt_d = self.accelerator.prepare(self.discriminator, self.opt_d)
+        # One UNet pass for L_u and L_r together where their gradients can be told apart afterwards (trained
+        # bias-free linear layers, e.g. the K/V default; not with recomputed or compiled forward passes).
+        linears = None if cfg.gradient_checkpointing or cfg.compile_unet else bias_free_linears(self.unet, self.params)
+        self.joint = SplitLinearGradients(linears) if linears else None
 
     def extra_state(self) -> dict:
         return {"discriminator": self.accelerator.unwrap_model(self.discriminator).state_dict(),
@@ -457,21 +462,20 @@ class DocoTrainer(ErasureTrainer):
             index = self._sample_index()
             x_t, t, noise, c, c_star = self._batch(index, self.generator)
             self.unet.train(adversarial)
-            with torch.set_grad_enabled(adversarial), self.accelerator.autocast():
-                fake = self.unet(x_t, t, encoder_hidden_states=c_star).sample
             retain_prediction = None
-            if adversarial:
-                # A pass of its own for L_r (anchor batch first, sharing x_t and t with the target's): G_u's and
-                # G_r's backward passes then each run through their own half of the work only.
+            if not adversarial:
+                with torch.no_grad(), self.accelerator.autocast():
+                    fake = self.unet(x_t, t, encoder_hidden_states=c_star).sample
+            else:
+                # L_r's batch: the anchor batch first (sharing x_t and t with the target's), then preservation.
                 x_r, t_r, noise_r, c_r = self._retain_batch(x_t, t, noise, c)
-                with torch.set_grad_enabled(cfg.retain_mode != "none"), self.accelerator.autocast():
-                    retain_prediction = self.unet(x_r, t_r, encoder_hidden_states=c_r).sample
+                fake, retain_prediction = self._generator_predictions(x_t, t, c_star, x_r, t_r, c_r)
             real = self._real_prediction(x_t, t, c, retain_prediction)
             if adversarial:
                 # Generator term of eq. 8 with the current D: make the target prediction look like the anchor's.
                 g_loss = self.gan_loss(self.discriminator(self._disc_view(fake, x_t, t)), True)
                 retain_loss = F.mse_loss(retain_prediction.float(), noise_r)
-                g_u, g_r = self._grads_for_mode(g_loss, retain_loss)
+                g_u, g_r = self._grads_for_mode(g_loss, retain_loss, len(x_t))
                 g_u_sum = g_u if g_u_sum is None else [a + b for a, b in zip(g_u_sum, g_u)]
                 if g_r is not None:
                     g_r_sum = g_r if g_r_sum is None else [a + b for a, b in zip(g_r_sum, g_r)]
@@ -500,8 +504,29 @@ class DocoTrainer(ErasureTrainer):
         with torch.no_grad(), self.accelerator.autocast():
             return self.unet(x_t, t, encoder_hidden_states=c).sample
 
-    def _grads_for_mode(self, g_loss, retain_loss):
+    def _generator_predictions(self, x_t, t, c_star, x_r, t_r, c_r):
+        """The trained UNet's predictions for the target batch (L_u) and the retaining batch (L_r): one pass over
+        both when G_u and G_r can be split afterwards, else a pass each, so that each backward pass runs through
+        its own part of the work only."""
+        if self.joint is not None:
+            with self.joint.recording(), self.accelerator.autocast():
+                both = self.unet(torch.cat([x_t, x_r]), torch.cat([t, t_r]),
+                                 encoder_hidden_states=torch.cat([c_star, c_r])).sample
+            return both[: len(x_t)], both[len(x_t):]
+        with self.accelerator.autocast():
+            fake = self.unet(x_t, t, encoder_hidden_states=c_star).sample
+        with torch.set_grad_enabled(self.config.retain_mode != "none"), self.accelerator.autocast():
+            return fake, self.unet(x_r, t_r, encoder_hidden_states=c_r).sample
+
+    def _grads_for_mode(self, g_loss, retain_loss, split: int):
+        """(G_u, G_r) for cp and rgd; (the one gradient, None) for none and l2."""
         mode = self.config.retain_mode
+        if self.joint is not None:
+            total = g_loss if mode == "none" else g_loss + self.config.retain_weight * retain_loss
+            g_u, g_r = self.joint.gradients(total, split)
+            if mode in ("none", "l2"):
+                return ([u + r for u, r in zip(g_u, g_r)] if mode == "l2" else g_u), None
+            return g_u, g_r
         if mode == "none":
             return self._grads(g_loss, retain_graph=False), None
         if mode == "l2":
