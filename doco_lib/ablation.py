@@ -3,7 +3,9 @@
 Each (variant, seed) is an ordinary run under `<run>/ablation/<variant>_s<seed>/`, trained through the
 same harness as `doco train`; a finished run (its UNet exported) is never retrained, and an interrupted
 one resumes from its checkpoint. Sequential multi-concept erasure chains runs: stage k starts from the
-UNet of stage k−1 (`base_unet`). In the toy world every model is then judged on the same prompt sets
+UNet of stage k−1 (`base_unet`), and retains, besides its anchor images, the starting model's images for
+the preservation prompts and (`sequential_keep_erased`) for the earlier stages' target prompts, which that
+model already draws erased — so a later stage cannot quietly undo an earlier one. In the toy world every model is then judged on the same prompt sets
 and seeds, and results are summarised as mean ± 95% confidence interval (Student's t) over seeds.
 """
 
@@ -15,7 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from doco_lib import config, experiment
+from doco_lib.concepts import ConceptSpec, read_prompt_file
 from doco_lib.config import parse_stage
+from doco_lib.io import atomic_write_text
 
 VARIANTS = {
     "DoCo (none)": {"method": "doco", "retain_mode": "none"},
@@ -59,13 +63,41 @@ def train_grid(params: dict, variants: list[str], seeds: list[int]) -> pd.DataFr
     return pd.DataFrame([{"variant": v, "seed": s, "unet": str(train_run(run))} for v, s, run in runs])
 
 
+def stage_preservation_prompts(params: dict, stages: list[str], k: int) -> list[str]:
+    """Preservation prompts of sequential stage k (0-based): the stage's own file, or else the params'
+    `preservation_prompts_file`, without the prompts that name this stage's target (it is being erased);
+    then, with `sequential_keep_erased`, the target prompts of every earlier stage."""
+    parsed = [parse_stage(s) for s in stages]
+    target, anchor, _, own = parsed[k]
+    spec = ConceptSpec(params["concept_kind"], anchor, target)
+    source = own or params["preservation_prompts_file"]
+    prompts = [p for p in read_prompt_file(source) if not spec.target_pattern().search(p)] if source else []
+    if params["sequential_keep_erased"]:
+        for earlier_target, earlier_anchor, earlier_prompts, _ in parsed[:k]:
+            earlier = ConceptSpec(params["concept_kind"], earlier_anchor, earlier_target)
+            prompts += [p for _, p in earlier.prompt_pairs(read_prompt_file(earlier_prompts, earlier))
+                        if not spec.target_pattern().search(p)]
+    unique: dict[str, str] = {}
+    for prompt in prompts:  # prompt files refuse case-insensitive repeats
+        unique.setdefault(prompt.lower(), prompt)
+    return list(unique.values())
+
+
 def train_sequential(params: dict, stages: list[str], seeds: list[int], variant: str = "DoCo (cp)") -> pd.DataFrame:
     """Erase the stages' targets one after another (each stage on top of the previous one's UNet)."""
     parsed = [parse_stage(s) for s in stages]
+    preservation_files = []
+    for k, (target, *_) in enumerate(parsed):  # written once, before any training
+        prompts = stage_preservation_prompts(params, stages, k)
+        path = config.run_dir(params) / "ablation" / "sequential_preservation" / f"stage{k + 1}_{_slug(target)}.txt"
+        if prompts:
+            atomic_write_text(f"# Preservation prompts of sequential stage {k + 1} (erasing {target!r}).\n"
+                              + "\n".join(prompts) + "\n", path)
+        preservation_files.append(str(path) if prompts else "")
     rows = []
     for seed in seeds:
         previous = ""
-        for k, (target, anchor, prompts, preservation) in enumerate(parsed, start=1):
+        for k, ((target, anchor, prompts, _), preservation) in enumerate(zip(parsed, preservation_files), start=1):
             overrides = {**VARIANTS[variant], "target": target, "anchor": anchor, "anchor_prompts_file": prompts,
                          "preservation_prompts_file": preservation, "base_unet": previous}
             run = run_params(params, f"sequential {k} {target}", seed, overrides)

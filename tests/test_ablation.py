@@ -3,6 +3,7 @@ import pytest
 from scipy import stats
 
 from doco_lib import ablation, config
+from doco_lib.concepts import read_prompt_file
 
 
 def test_confidence_interval_is_student_t():
@@ -97,3 +98,20 @@ def test_real_models_are_rated_by_clip_accuracy_in_the_judges_layout(tmp_path):
     assert rates.rate.between(0, 1).all()
     by_model = rates.pivot_table(index="prompt set", columns="model", values="rate")
     assert (by_model["original"] == by_model["same UNet"]).all(), "the same weights draw the same images"
+
+
+def test_sequential_stages_retain_other_concepts_and_keep_earlier_targets_erased(tmp_path):
+    stages = config.SCHEMA["sequential_stages"].default  # star|pentagon, heart|circle, cross|square
+    params = config.validate({"output_root": str(tmp_path), "preservation_prompts_file": "params/prompts/toy_preserve.txt"})
+    first, second, third = (ablation.stage_preservation_prompts(params, stages, k) for k in range(3))
+    assert first == read_prompt_file("params/prompts/toy_preserve.txt")  # nothing in it names 'star'
+    assert not any("heart" in p for p in second) and "a photo of a star" in second
+    assert "a photo of a star" in third and "a photo of a heart" in third and not any("cross" in p for p in third)
+    assert len(third) == len({p.lower() for p in third})
+    kept_out = config.validate({**params, "sequential_keep_erased": False})
+    assert not any("star" in p for p in ablation.stage_preservation_prompts(kept_out, stages, 1))
+    own = tmp_path / "own.txt"
+    own.write_text("a photo of a hexagon\na photo of a heart\n")
+    with_own = [*stages[:1], stages[1] + f"|{own}"]
+    assert ablation.stage_preservation_prompts(params, with_own, 1) == ["a photo of a hexagon"] + [
+        p for p in ablation.stage_preservation_prompts(params, stages, 1) if "star" in p]
