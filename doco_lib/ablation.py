@@ -2,10 +2,9 @@
 
 Each (variant, seed) is an ordinary run under `<run>/ablation/<variant>_s<seed>/`, trained through the
 same harness as `doco train`; a finished run (its UNet exported) is never retrained, and an interrupted
-one resumes from its checkpoint. Sequential multi-concept erasure chains runs: stage k starts from the
-UNet of stage k−1 (`base_unet`), and retains, besides its anchor images, the starting model's images for
-the preservation prompts and (`sequential_keep_erased`) for the earlier stages' target prompts, which that
-model already draws erased — so a later stage cannot quietly undo an earlier one. In the toy world every model is then judged on the same prompt sets
+one resumes from its checkpoint — in both cases only with the same settings, else the run is refused. Sequential multi-concept erasure chains runs: stage k starts from the
+UNet of stage k−1 (`base_unet`) and, with `sequential_keep_erased`, also trains on the earlier targets, so
+that it cannot quietly undo them. In the toy world every model is then judged on the same prompt sets
 and seeds, and results are summarised as mean ± 95% confidence interval (Student's t) over seeds.
 """
 
@@ -19,7 +18,7 @@ import pandas as pd
 from doco_lib import config, experiment
 from doco_lib.concepts import ConceptSpec, read_prompt_file
 from doco_lib.config import parse_stage
-from doco_lib.io import atomic_write_text
+from doco_lib.io import atomic_save_json, atomic_write_text
 
 VARIANTS = {
     "DoCo (none)": {"method": "doco", "retain_mode": "none"},
@@ -42,16 +41,44 @@ def run_params(params: dict, name: str, seed: int, overrides: dict) -> dict:
                             "run_name": f"{_slug(name)}_s{seed}"}, source=f"ablation run {name} seed {seed}")
 
 
-def train_run(run: dict) -> Path:
-    """Train one run unless its UNet is already exported; returns the UNet folder."""
+RUN_DATA_KEYS = ("model", "base_unet", "seed", "concept_kind", "target", "anchor", "anchor_prompts_file",
+                 "preservation_prompts_file", "n_anchor_images", "n_preservation_images", "num_inference_steps",
+                 "guidance_scale", "rgd_slots_file", "rgd_prompts")
+
+
+def run_identity(run: dict, concepts: list[tuple[str, str, str]] | None = None) -> dict:
+    """What a finished run must have been trained with to be reused: its training settings and data."""
+    from doco_lib.training import TrainingConfig
+
+    return {**TrainingConfig.from_params(run).training_identity(), **{k: run[k] for k in RUN_DATA_KEYS},
+            "concepts": [list(c) for c in concepts or []]}
+
+
+def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None) -> Path:
+    """Train one run unless it is already finished with the same settings; returns the UNet folder. With
+    `concepts` (target, anchor, anchor prompt file), the run erases them all at once."""
+    import json
+
     unet = experiment.training_dir(run) / "unet"
+    record = experiment.training_dir(run) / "ablation_run.json"
+    identity = json.loads(json.dumps(run_identity(run, concepts)))  # as it reads back from the file
     if (unet / "config.json").is_file():
+        saved = json.loads(record.read_text()) if record.is_file() else {}
+        changed = sorted(k for k in identity if saved.get(k) != identity[k])
+        if changed:
+            raise config.ParamsError(f"{unet.parent} was trained with other settings ({', '.join(changed)}); delete "
+                                     "it to train it again, or use another run_name.")
         return unet
     pipe = experiment.starting_pipeline(run)
-    experiment.prepare_anchors(run, pipe)
-    trainer = experiment.make_trainer(run, pipe)
+    if concepts:
+        trainer = experiment.make_multi_concept_trainer(run, concepts, pipe)
+    else:
+        experiment.prepare_anchors(run, pipe)
+        trainer = experiment.make_trainer(run, pipe)
     trainer.run(progress=False)
-    return trainer.export(base_model=run["model"])["unet"]
+    exported = trainer.export(base_model=run["model"])["unet"]
+    atomic_save_json(identity, record)
+    return exported
 
 
 def train_grid(params: dict, variants: list[str], seeds: list[int]) -> pd.DataFrame:
@@ -65,26 +92,22 @@ def train_grid(params: dict, variants: list[str], seeds: list[int]) -> pd.DataFr
 
 def stage_preservation_prompts(params: dict, stages: list[str], k: int) -> list[str]:
     """Preservation prompts of sequential stage k (0-based): the stage's own file, or else the params'
-    `preservation_prompts_file`, without the prompts that name this stage's target (it is being erased);
-    then, with `sequential_keep_erased`, the target prompts of every earlier stage."""
+    `preservation_prompts_file`, without the prompts that name a target the stage trains on (its own and,
+    with `sequential_keep_erased`, the earlier ones)."""
     parsed = [parse_stage(s) for s in stages]
-    target, anchor, _, own = parsed[k]
-    spec = ConceptSpec(params["concept_kind"], anchor, target)
+    own = parsed[k][3]
     source = own or params["preservation_prompts_file"]
-    prompts = [p for p in read_prompt_file(source) if not spec.target_pattern().search(p)] if source else []
-    if params["sequential_keep_erased"]:
-        for earlier_target, earlier_anchor, earlier_prompts, _ in parsed[:k]:
-            earlier = ConceptSpec(params["concept_kind"], earlier_anchor, earlier_target)
-            prompts += [p for _, p in earlier.prompt_pairs(read_prompt_file(earlier_prompts, earlier))
-                        if not spec.target_pattern().search(p)]
-    unique: dict[str, str] = {}
-    for prompt in prompts:  # prompt files refuse case-insensitive repeats
-        unique.setdefault(prompt.lower(), prompt)
-    return list(unique.values())
+    if not source:
+        return []
+    trained = parsed[: k + 1] if params["sequential_keep_erased"] else parsed[k: k + 1]
+    patterns = [ConceptSpec(params["concept_kind"], anchor, target).target_pattern() for target, anchor, *_ in trained]
+    return [p for p in read_prompt_file(source) if not any(pattern.search(p) for pattern in patterns)]
 
 
 def train_sequential(params: dict, stages: list[str], seeds: list[int], variant: str = "DoCo (cp)") -> pd.DataFrame:
-    """Erase the stages' targets one after another (each stage on top of the previous one's UNet)."""
+    """Erase the stages' targets one after another, each stage on top of the previous one's UNet. With
+    `sequential_keep_erased`, stage k also trains on the earlier targets (their anchor images drawn by its
+    starting model, where they are already erased), so that it keeps them erased instead of undoing them."""
     parsed = [parse_stage(s) for s in stages]
     preservation_files = []
     for k, (target, *_) in enumerate(parsed):  # written once, before any training
@@ -101,7 +124,8 @@ def train_sequential(params: dict, stages: list[str], seeds: list[int], variant:
             overrides = {**VARIANTS[variant], "target": target, "anchor": anchor, "anchor_prompts_file": prompts,
                          "preservation_prompts_file": preservation, "base_unet": previous}
             run = run_params(params, f"sequential {k} {target}", seed, overrides)
-            previous = str(train_run(run))
+            concepts = [stage[:3] for stage in parsed[:k]] if params["sequential_keep_erased"] and k > 1 else None
+            previous = str(train_run(run, concepts))
             rows.append({"stage": k, "erased so far": ", ".join(t for t, *_ in parsed[:k]), "seed": seed,
                          "unet": previous})
     return pd.DataFrame(rows)
@@ -118,11 +142,7 @@ def train_simultaneous(params: dict, stages: list[str], seeds: list[int], varian
         run = run_params(params, f"simultaneous {' '.join(targets)}", seed,
                          {**VARIANTS[variant], "target": target, "anchor": anchor, "anchor_prompts_file": prompts,
                           "preservation_prompts_file": ""})
-        unet = experiment.training_dir(run) / "unet"
-        if not (unet / "config.json").is_file():
-            trainer = experiment.make_multi_concept_trainer(run, concepts, experiment.starting_pipeline(run))
-            trainer.run(progress=False)
-            unet = trainer.export(base_model=run["model"])["unet"]
+        unet = train_run(run, concepts)
         rows.append({"stage": "all at once", "erased so far": ", ".join(targets), "seed": seed, "unet": str(unet)})
     return pd.DataFrame(rows)
 

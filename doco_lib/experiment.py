@@ -133,7 +133,8 @@ def make_trainer(params: dict, pipe) -> ErasureTrainer:
 def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]], pipe) -> ErasureTrainer:
     """Several concepts erased at once: each (target, anchor, anchor prompt file) gets its own anchor images
     (`<run>/anchor_latents_<target>/`), they are pooled, and every anchor prompt is paired with its own
-    concept's target prompt, so each batch mixes the concepts. DoCo, ConAbl or ESD."""
+    concept's target prompt, so each batch mixes the concepts. DoCo, ConAbl or ESD. The params' preservation
+    prompts (checked against every target) join the retaining batch as in a single-concept run."""
     from doco_lib.baselines import TRAINERS
 
     if params["method"] == "rgd":
@@ -153,9 +154,13 @@ def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]
     cfg = training_config(params, pipe.unet.config.sample_size)
     pool = AnchorLatents.concatenate([_generate(stage, pipe, prompts, anchor_dir(params).with_name(
         f"anchor_latents_{spec.target}")) for stage, spec, prompts in stages])
+    preservation = None
+    if params["preservation_prompts_file"]:  # validated above against every concept's target
+        preservation = _generate(params, pipe, read_prompt_file(params["preservation_prompts_file"]),
+                                 preservation_dir(params), params["n_preservation_images"])
     trainer_class = DocoTrainer if cfg.method == "doco" else TRAINERS[cfg.method]
     return trainer_class(pipe, pool, stages[0][1], cfg, training_dir(params), device=pipe.device,
-                         target_prompts=pairs)
+                         target_prompts=pairs, preservation=preservation)
 
 
 def evaluation_dir(params: dict) -> Path:

@@ -100,18 +100,28 @@ def test_real_models_are_rated_by_clip_accuracy_in_the_judges_layout(tmp_path):
     assert (by_model["original"] == by_model["same UNet"]).all(), "the same weights draw the same images"
 
 
-def test_sequential_stages_retain_other_concepts_and_keep_earlier_targets_erased(tmp_path):
+def test_sequential_stages_retain_other_concepts_but_no_target_they_train_on(tmp_path):
     stages = config.SCHEMA["sequential_stages"].default  # star|pentagon, heart|circle, cross|square
     params = config.validate({"output_root": str(tmp_path), "preservation_prompts_file": "params/prompts/toy_preserve.txt"})
     first, second, third = (ablation.stage_preservation_prompts(params, stages, k) for k in range(3))
     assert first == read_prompt_file("params/prompts/toy_preserve.txt")  # nothing in it names 'star'
-    assert not any("heart" in p for p in second) and "a photo of a star" in second
-    assert "a photo of a star" in third and "a photo of a heart" in third and not any("cross" in p for p in third)
-    assert len(third) == len({p.lower() for p in third})
-    kept_out = config.validate({**params, "sequential_keep_erased": False})
-    assert not any("star" in p for p in ablation.stage_preservation_prompts(kept_out, stages, 1))
+    assert not any("heart" in p for p in second) and any("cross" in p for p in second)
+    assert not any("heart" in p or "cross" in p for p in third) and any("square" in p for p in third)
+    alone = config.validate({**params, "sequential_keep_erased": False})  # stage 3 trains on cross only
+    assert any("heart" in p for p in ablation.stage_preservation_prompts(alone, stages, 2))
     own = tmp_path / "own.txt"
     own.write_text("a photo of a hexagon\na photo of a heart\n")
-    with_own = [*stages[:1], stages[1] + f"|{own}"]
-    assert ablation.stage_preservation_prompts(params, with_own, 1) == ["a photo of a hexagon"] + [
-        p for p in ablation.stage_preservation_prompts(params, stages, 1) if "star" in p]
+    assert ablation.stage_preservation_prompts(params, [stages[0], stages[1] + f"|{own}"], 1) == ["a photo of a hexagon"]
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
+    params = config.validate({"output_root": str(tmp_path), "device": "cpu", "n_anchor_images": 4,
+                              "anchor_shard_size": 4, "num_inference_steps": 2, "iterations": 3,
+                              "warmup_iterations": 1, "batch_size": 4, "checkpoint_every": 3})
+    run = ablation.run_params(params, "DoCo (cp)", 0, ablation.VARIANTS["DoCo (cp)"])
+    unet = ablation.train_run(run)
+    written = (unet / "config.json").stat().st_mtime_ns
+    assert ablation.train_run(run) == unet and (unet / "config.json").stat().st_mtime_ns == written
+    changed = ablation.run_params({**params, "lr": 1e-3}, "DoCo (cp)", 0, ablation.VARIANTS["DoCo (cp)"])
+    with pytest.raises(config.ParamsError, match="trained with other settings \\(lr\\)"):
+        ablation.train_run(changed)
