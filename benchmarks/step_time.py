@@ -3,6 +3,8 @@
 - per-iteration time of DoCo (each preset and retain mode; with the option variants, and with L_u and L_r
   in separate UNet passes instead of the joint one), ESD-x, ConAbl and RGD against a plain diffusion
   fine-tuning step of the same trainable parameters and batch (interleaved rounds, medians);
+- the peak memory each variant adds (its trainer, optimizer states, frozen copies, activations), each in a
+  process of its own: resident set on a CPU, allocated tensors on a GPU;
 - the concept-preserving gradient alone, as a fraction of a DoCo (cp) iteration, global and per tensor;
 - anchor-data generation throughput, and evaluation throughput on a first pass against a second pass
   over the same models (which reads the image cache).
@@ -13,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import date
@@ -31,7 +37,7 @@ from doco_lib.data import prepare_anchor_latents
 from doco_lib.pipeline import load_pipeline
 from doco_lib.surgery import concept_preserving_gradient
 from doco_lib.baselines import ConAblTrainer, EsdTrainer, RgdTrainer
-from doco_lib.training import FIDELITY_PRESETS, DocoTrainer, TrainingConfig
+from doco_lib.training import FIDELITY_PRESETS, DocoTrainer, TrainingConfig, select_trainable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOY_PROMPTS = ["a photo of a pentagon", "a red pentagon on a striped background", "a pentagon in dotted style"]
@@ -109,44 +115,102 @@ def measure_throughput(pipe, work: Path) -> dict[str, float]:
             "evaluation speed-up from the cache (×)": passes[0] / passes[1]}
 
 
+def variant_factories() -> dict:
+    """Variant name → a function (pipe, anchors, work) → one training step of that variant, with its own trainer."""
+    def doco(fidelity, mode, joint=True, **option):
+        def build(pipe, anchors, work):
+            trainer = make_trainer(pipe, anchors, work, "_".join([fidelity, mode, *option, "joint" if joint else "separate"]),
+                                   fidelity=fidelity, retain_mode=mode, **option)
+            if not joint:
+                trainer.joint = None  # L_u and L_r in a UNet pass each, as before the joint pass
+            return trainer.train_step
+        return build
+
+    def baseline(trainer_class, **settings):
+        return lambda pipe, anchors, work: make_trainer(pipe, anchors, work, settings["method"], trainer_class,
+                                                        **settings).train_step
+
+    factories = {"reference (diffusion fine-tuning)": lambda pipe, anchors, work: reference_step(
+        make_trainer(pipe, anchors, work, "reference", fidelity="paper", retain_mode="none"))}
+    factories.update({f"doco {fidelity} {mode}": doco(fidelity, mode)
+                      for fidelity in ("paper", "official") for mode in ("none", "l2", "cp")})
+    for label, option in (("adam_fused", dict(optimizer="adam_fused")), ("classic attention", dict(attention="classic")),
+                          ("gradient checkpointing", dict(gradient_checkpointing=True))):
+        factories[f"doco official cp + {label}"] = doco("official", "cp", **option)
+    factories["doco official cp, separate passes"] = doco("official", "cp", joint=False)
+    factories["esd-x"] = baseline(EsdTrainer, method="esd", trainable="cross_attention")
+    factories["conabl"] = baseline(ConAblTrainer, method="conabl")
+    factories["rgd (cross_attention_kv)"] = baseline(RgdTrainer, method="rgd")
+    return factories
+
+
+def _anchors(pipe, work: Path):
+    return prepare_anchor_latents(pipe, TOY_PROMPTS, 64, work / "anchors", model="toy", seed=0, steps=5, guidance=5.0,
+                                  shard_size=32, save_images=False, progress=False)
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_memory_of(name: str, device: str, steps: int = 5) -> float:
+    """MiB that one variant adds to the process's peak memory (its trainer, optimizer states, frozen copies and
+    activations over a few steps): resident set on a CPU, allocated tensors on a GPU. Run in a fresh process."""
+    pipe = load_pipeline("toy", device)
+    with tempfile.TemporaryDirectory() as tmp:
+        anchors = _anchors(pipe, Path(tmp))
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        before = _peak_bytes(device)
+        step = variant_factories()[name](pipe, anchors, Path(tmp))
+        for _ in range(steps):
+            step()
+        return (_peak_bytes(device) - before) / 2**20
+
+
+def measure_memory(names: list[str], device: str) -> dict[str, float]:
+    """`peak_memory_of` for each variant, each in a subprocess of its own (a peak cannot be reset in-process
+    on a CPU)."""
+    memory = {}
+    for name in names:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.step_time", "--peak-memory-of", name, "--device",
+                              device], capture_output=True, text=True, check=True).stdout
+        memory[name] = float(out.strip().splitlines()[-1])
+    return memory
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--peak-memory-of", metavar="VARIANT", help=argparse.SUPPRESS)  # the child of measure_memory
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    if args.peak_memory_of:
+        print(peak_memory_of(args.peak_memory_of, args.device))
+        return {}
     pipe = load_pipeline("toy", args.device)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        anchors = prepare_anchor_latents(pipe, TOY_PROMPTS, 64, work / "anchors", model="toy", seed=0, steps=5,
-                                         guidance=5.0, shard_size=32, save_images=False, progress=False)
-        trainers = {f"doco {fidelity} {mode}": make_trainer(pipe, anchors, work, f"{fidelity}_{mode}",
-                                                            fidelity=fidelity, retain_mode=mode)
-                    for fidelity in ("paper", "official") for mode in ("none", "l2", "cp")}
-        for label, option in (("adam_fused", dict(optimizer="adam_fused")), ("classic attention",
-                              dict(attention="classic")), ("gradient checkpointing", dict(gradient_checkpointing=True))):
-            trainers[f"doco official cp + {label}"] = make_trainer(pipe, anchors, work, _slug(label), fidelity="official",
-                                                                  retain_mode="cp", **option)
-        separate = make_trainer(pipe, anchors, work, "separate", fidelity="official", retain_mode="cp")
-        separate.joint = None  # L_u and L_r in a UNet pass each, as before the joint pass
-        trainers["doco official cp, separate passes"] = separate
-        trainers["esd-x"] = make_trainer(pipe, anchors, work, "esd", EsdTrainer, method="esd",
-                                         trainable="cross_attention")
-        trainers["conabl"] = make_trainer(pipe, anchors, work, "conabl", ConAblTrainer, method="conabl")
-        trainers["rgd (cross_attention_kv)"] = make_trainer(pipe, anchors, work, "rgd", RgdTrainer, method="rgd")
-        variants = {"reference (diffusion fine-tuning)": reference_step(trainers["doco paper cp"])}
-        variants.update({name: trainer.train_step for name, trainer in trainers.items()})
-        grads_u = [torch.randn_like(p) for p in trainers["doco paper cp"].params.values()]
-        grads_r = [torch.randn_like(p) for p in grads_u]
+        anchors = _anchors(pipe, work)
+        variants = {name: build(pipe, anchors, work) for name, build in variant_factories().items()}
+        params = list(select_trainable(pipe.unet, "cross_attention_kv").values())
+        grads_u = [torch.randn_like(p) for p in params]
+        grads_r = [torch.randn_like(p) for p in params]
         for scope in ("global", "per_tensor"):
             variants[f"surgery alone ({scope})"] = (
                 lambda scope=scope: concept_preserving_gradient(grads_u, grads_r, 1.0, scope, "exact"))
         seconds = time_variants(variants, args.rounds, args.steps, warmup=3)
         throughput = measure_throughput(pipe, work)
+    memory = measure_memory(list(variant_factories()), args.device)
 
     reference = seconds["reference (diffusion fine-tuning)"]
-    rows = [{"variant": name, "seconds_per_step": s, "ratio_to_reference": s / reference} for name, s in seconds.items()]
+    rows = [{"variant": name, "seconds_per_step": s, "ratio_to_reference": s / reference,
+             "peak_memory_mib": memory.get(name)} for name, s in seconds.items()]
     for row in rows:
         if row["variant"].startswith("surgery alone"):
             row["fraction_of_doco_cp_step"] = row["seconds_per_step"] / seconds["doco paper cp"]
@@ -160,8 +224,9 @@ def main(argv=None) -> dict:
     stem = RESULTS / f"{args.device.replace(':', '')}-{result['date']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Step time, toy world, {args.device} ({device_name}), {result['date']}", "",
-             "| variant | s/step | × reference |", "|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['seconds_per_step']:.4f} | {r['ratio_to_reference']:.2f} |" for r in rows]
+             "| variant | s/step | × reference | peak memory added (MiB) |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['seconds_per_step']:.4f} | {r['ratio_to_reference']:.2f} | "
+              + ("" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.1f}") + " |" for r in rows]
     lines += ["", "| throughput | value |", "|---|---|"] + [f"| {k} | {v:.3g} |" for k, v in throughput.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
