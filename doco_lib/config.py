@@ -287,8 +287,8 @@ SCHEMA: dict[str, Param] = {
                                "multi-concept erasure, in order: 'target|anchor|anchor prompt file' per stage (a "
                                "fourth field: that stage's preservation prompt file instead of "
                                "preservation_prompts_file)", (NB05,), check=_stages),
-    "sequential_keep_erased": Param(True, bool, "sequential erasure: each stage also retains the earlier stages' "
-                                    "target prompts with its starting model's (erased) images", (NB05,)),
+    "sequential_keep_erased": Param(True, bool, "sequential erasure: each stage also trains on the earlier "
+                                    "stages' targets so that it keeps them erased", (NB05,)),
     "multi_concept_seeds": Param([0, 1, 2], list, "seeds of the sequential and simultaneous multi-concept runs",
                                  (NB05,), check=_list_of_seeds),
     # -- 06: the interactive explorer (doco_lib/explorer.py)
