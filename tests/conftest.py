@@ -6,7 +6,8 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads at most (CI has 2 cores); fewer when OMP_NUM_THREADS asks, e.g. beside another torch job.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
