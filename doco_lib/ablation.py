@@ -63,7 +63,10 @@ def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None) -> 
     record = experiment.training_dir(run) / "ablation_run.json"
     identity = json.loads(json.dumps(run_identity(run, concepts)))  # as it reads back from the file
     if (unet / "config.json").is_file():
-        saved = json.loads(record.read_text()) if record.is_file() else {}
+        if not record.is_file():
+            raise config.ParamsError(f"{unet.parent} holds a finished run without a record of its settings ({record.name});"
+                                     " delete it to train it again, or use another run_name.")
+        saved = json.loads(record.read_text())
         changed = sorted(k for k in identity if saved.get(k) != identity[k])
         if changed:
             raise config.ParamsError(f"{unet.parent} was trained with other settings ({', '.join(changed)}); delete "
