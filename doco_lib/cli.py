@@ -143,6 +143,14 @@ def _cmd_attack(args) -> None:
     print(f"tables: {paths['asr.md']}, {paths['asr.csv']}; plot: {paths['asr.png']}")
 
 
+def _cmd_compose(args) -> None:
+    """SepME: the base UNet with the chosen concepts' increments added, the others left out (restored)."""
+    from doco_lib.sepme import compose_to_folder
+
+    out = compose_to_folder(args.base, Path(args.increments), args.erase, Path(args.out), device=args.device)
+    print(f"wrote the UNet with {args.erase} erased to {out} (use it with doco sample --unet {out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="doco", description="DoCo lab: concept erasure in diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     adversarial.add_argument("--kinds", nargs="+", help="tokens and/or soft (default: attack_kinds)")
     adversarial.add_argument("--out", help="folder for asr.csv, asr.md, asr.png, attempts.csv (default: <run>/attack)")
     adversarial.set_defaults(func=_cmd_attack)
+
+    composer = commands.add_parser("compose", help="SepME: a UNet with chosen concepts erased, from per-concept "
+                                   "increments (concepts left out stay restored)")
+    composer.add_argument("--base", required=True,
+                          help="the increments' base model: 'toy', a pipeline folder or a hub id")
+    composer.add_argument("--increments", required=True,
+                          help="folder of SepME increments, one *.safetensors per concept")
+    composer.add_argument("--erase", required=True, help="concepts to erase, comma-separated (e.g. 'van gogh,picasso')")
+    composer.add_argument("--out", required=True, help="where to write the composed diffusers UNet folder")
+    composer.add_argument("--device", default="cpu", help="where to add the increments (default: cpu)")
+    composer.set_defaults(func=_cmd_compose)
 
     demo = commands.add_parser("demo", help="run the main job: the numbered notebooks on the toy world")
     demo.add_argument("--params", default="params/toy_world.yaml")
