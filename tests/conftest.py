@@ -19,3 +19,13 @@ def repo_root() -> Path:
 def doco_command() -> list[str]:
     """The console command as installed in the running interpreter's environment."""
     return [sys.executable, "-m", "doco_lib.cli"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many tiny kernels (sampling, small matrices), where a second thread only adds
+    synchronisation: on a busy 2-core machine two threads ran 6-40× slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,13 +12,7 @@ TINY = {"device": "cpu", "num_inference_steps": 8, "attack_attempts": 1, "attack
         "attack_search_steps": 1, "attack_candidates": 2, "attack_soft_steps": 2, "attack_soft_images": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Sampling is many tiny kernels: on a shared, busy CPU two threads ran ~6× slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ OTHERS = ["a painting by pablo picasso", "a painting by claude monet"]
 LEAK = 1e-5  # the largest ‖ΔW e‖ / (‖ΔW‖₂ ‖e‖) allowed on a decoupled row e
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def get_dummy_components() -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -55,15 +58,6 @@ def get_dummy_components() -> dict:
     scheduler = DDIMScheduler(**make_scheduler_config(sampler=True))
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                 scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These matrices are tiny: more threads only add synchronisation, which costs 10-40x on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
