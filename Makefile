@@ -32,7 +32,7 @@ bench: $(STAMP)
 ablation: $(STAMP)
 	$(BIN)/doco demo --params params/toy_world.yaml --notebooks 05_ablations
 
-# The same study in under 45 minutes on 2 cores (fewer judged images, one multi-concept seed, ESD in 10 steps).
+# The same study in under 45 minutes on 2 cores (16 judged images per prompt set, one multi-concept seed, ESD in 10 steps).
 ablation-quick: $(STAMP)
 	$(BIN)/doco demo --params params/toy_ablation_quick.yaml --notebooks 05_ablations
 
