@@ -4,7 +4,7 @@
   in separate UNet passes instead of the joint one), ESD-x, ConAbl and RGD against a plain diffusion
   fine-tuning step of the same trainable parameters and batch (interleaved rounds, medians);
 - the peak memory each variant adds (its trainer, optimizer states, frozen copies, activations), each in a
-  process of its own: resident set on a CPU, allocated tensors on a GPU;
+  process of its own: resident set on a CPU (Linux), allocated tensors on a GPU;
 - the concept-preserving gradient alone, as a fraction of a DoCo (cp) iteration, global and per tensor;
 - anchor-data generation throughput, and evaluation throughput on a first pass against a second pass
   over the same models (which reads the image cache).
@@ -18,7 +18,6 @@ import copy
 import gc
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -149,10 +148,25 @@ def _anchors(pipe, work: Path):
                                   shard_size=32, save_images=False, progress=False)
 
 
-def _peak_bytes(device: str) -> int:
+def _status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status (Linux), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak(device: str) -> int:
+    """Start a fresh peak; returns the memory in use now."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # resets the resident-set high-water mark (VmHWM)
+    return _status_bytes("VmRSS")
+
+
+def _peak_bytes(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else _status_bytes("VmHWM")
 
 
 def peak_memory_of(name: str, device: str, steps: int = 5) -> float:
@@ -162,9 +176,7 @@ def peak_memory_of(name: str, device: str, steps: int = 5) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         anchors = _anchors(pipe, Path(tmp))
         gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        before = _peak_bytes(device)
+        before = _reset_peak(device)
         step = variant_factories()[name](pipe, anchors, Path(tmp))
         for _ in range(steps):
             step()
