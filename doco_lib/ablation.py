@@ -2,9 +2,10 @@
 
 Each (variant, seed) is an ordinary run under `<run>/ablation/<variant>_s<seed>/`, trained through the
 same harness as `doco train`; a finished run (its UNet exported) is never retrained, and an interrupted
-one resumes from its checkpoint — in both cases only with the same settings, else the run is refused. Sequential multi-concept erasure chains runs: stage k starts from the
-UNet of stage k−1 (`base_unet`) and, with `sequential_keep_erased`, also trains on the earlier targets, so
-that it cannot quietly undo them. In the toy world every model is then judged on the same prompt sets
+one resumes from its checkpoint — in both cases only with the same settings, else the run is refused.
+Sequential multi-concept erasure chains runs: stage k starts from the UNet of stage k−1 (`base_unet`)
+and, with `sequential_keep_erased`, also trains on the earlier targets, so that it cannot quietly undo
+them. In the toy world every model is then judged on the same prompt sets
 and seeds, and results are summarised as mean ± 95% confidence interval (Student's t) over seeds.
 """
 
@@ -64,8 +65,8 @@ def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None) -> 
     identity = json.loads(json.dumps(run_identity(run, concepts)))  # as it reads back from the file
     if (unet / "config.json").is_file():
         if not record.is_file():
-            raise config.ParamsError(f"{unet.parent} holds a finished run without a record of its settings ({record.name});"
-                                     " delete it to train it again, or use another run_name.")
+            raise config.ParamsError(f"{unet.parent} holds a finished run without a record of its settings "
+                                     f"({record.name}); delete it to train it again, or use another run_name.")
         saved = json.loads(record.read_text())
         changed = sorted(k for k in identity if saved.get(k) != identity[k])
         if changed:
