@@ -120,9 +120,9 @@ class ClipZeroShotJudge(Judge):
 
 def make_judge(params: dict) -> Judge:
     """Toy world: the toy judge. SD: CLIP zero-shot over the target, the anchor and the related concepts."""
-    if params["model"] == "toy":
-        from doco_lib.pipeline import load_judge
+    from doco_lib.pipeline import is_toy, load_judge
 
+    if is_toy(params["model"]):
         return ToyShapeJudge(load_judge(params["device"]), params["target"])
     if params["clip_model"] == "toy":
         raise config.ParamsError("clip_model: 'toy' cannot judge Stable Diffusion images; set a CLIP model, e.g. "

@@ -15,8 +15,11 @@ def _cmd_toy_build(args) -> None:
     from doco_lib.pipeline import TOY_WEIGHTS
     from doco_lib.toy.build import build_toy_world
 
-    cache = args.cache or Path.home() / ".cache" / "doco_lab" / f"toy_build_seed{args.seed}"
-    report = build_toy_world(args.out or TOY_WEIGHTS, cache, seed=args.seed, quick=args.quick, device=args.device)
+    name = f"toy_build{'_wide' if args.wide else ''}_seed{args.seed}"
+    cache = args.cache or Path.home() / ".cache" / "doco_lab" / name
+    out = args.out or (TOY_WEIGHTS / "pipeline_wide" if args.wide else TOY_WEIGHTS)
+    report = build_toy_world(out, cache, seed=args.seed, quick=args.quick, device=args.device,
+                             wide_from=TOY_WEIGHTS if args.wide else None)
     print({k: round(v["mean"], 3) for k, v in report["final_quality"].items()})
 
 
@@ -95,13 +98,13 @@ def _cmd_eval(args) -> None:
     from doco_lib import experiment
     from doco_lib.config import load_params, run_dir, write_resolved
     from doco_lib.evaluation import tables
-    from doco_lib.pipeline import load_judge
+    from doco_lib.pipeline import is_toy, load_judge
 
     params = load_params(args.params)
     experiment.evaluated_models(params)  # fail on a missing model before generating
     out = experiment.evaluation_dir(params)
     write_resolved(params, run_dir(params))
-    judge = load_judge(params["device"]) if params["model"] == "toy" else None
+    judge = load_judge(params["device"]) if is_toy(params["model"]) else None
     results, timing = experiment.run_evaluation(params, judge=judge)
     table = tables.paper_table(results[results.metric.isin(tables.METRICS)], set(params["erased_concepts"]))
     paths = tables.write_tables(table, out)
@@ -162,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--quick", action="store_true", help="a few steps per stage: checks the code, not quality")
     build.add_argument("--device", default="cpu")
+    build.add_argument("--wide", action="store_true", help="the SepME toy world's pipeline ('toy-wide'): a text "
+                       "encoder 96 wide for 16 token rows, on the shipped world's judge, VAE and tokenizer")
     build.set_defaults(func=_cmd_toy_build)
     study = toy.add_parser("erasure", help="train DoCo per retain mode and judge the erasure (toy Table 3)")
     study.add_argument("--params", default="params/toy_world.yaml")

@@ -8,6 +8,13 @@ from pathlib import Path
 import torch
 
 TOY = "toy"
+# The toy worlds by name: the shipped pipeline, and the SepME one (a text encoder wider than its token rows).
+TOY_PIPELINES = {TOY: "pipeline", "toy-wide": "pipeline_wide"}
+
+
+def is_toy(model: str) -> bool:
+    """Whether `model` names a toy world (judged by the toy judge, sampled with DDIM)."""
+    return model in TOY_PIPELINES
 
 
 class ModelLoadError(RuntimeError):
@@ -27,9 +34,14 @@ def toy_weights_dir() -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """'toy' → the shipped toy pipeline folder; a local folder stays a path; anything else is a hub id."""
-    if model == TOY:
-        return str(toy_weights_dir() / "pipeline")
+    """'toy' / 'toy-wide' → the shipped toy pipeline folder; a local folder stays a path; anything else is a
+    hub id."""
+    if is_toy(model):
+        folder = toy_weights_dir() / TOY_PIPELINES[model]
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"The toy pipeline {model!r} is missing from {folder}. It ships with the "
+                                    "repository; rebuild it with `doco toy build --wide` if you removed it.")
+        return str(folder)
     return model
 
 
@@ -37,7 +49,7 @@ def check_model_reference(model: str, key: str = "model") -> None:
     """Fail fast, before any loading, on a model reference that cannot work."""
     from doco_lib.config import ParamsError
 
-    if model == TOY:
+    if is_toy(model):
         return
     path = Path(model)
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
@@ -100,7 +112,7 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype = t
         raise ModelLoadError(
             f"Could not load the pipeline {model!r}: {error}. Without internet access, a hub id only works if it "
             "is already in the Hugging Face cache; otherwise pass a local folder saved with save_pretrained.") from None
-    if model == TOY:
+    if is_toy(model):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(target_device)

@@ -52,3 +52,39 @@ def test_stopped_training_resumes_to_identical_weights(tmp_path):
     resumed.run(10, step, checkpoint_every=3)
     for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_quick_wide_build_keeps_the_shipped_judge_vae_and_tokenizer(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from doco_lib.pipeline import TOY_WEIGHTS
+    from doco_lib.toy import render
+
+    build_toy_world(tmp_path / "wide", tmp_path / "cache", quick=True, wide_from=TOY_WEIGHTS)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "wide")
+    shipped = StableDiffusionPipeline.from_pretrained(TOY_WEIGHTS / "pipeline")
+    assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim == 96
+    assert pipe.tokenizer.model_max_length == 16 and len(pipe.tokenizer) == len(shipped.tokenizer)
+    for name, value in shipped.vae.state_dict().items():
+        assert torch.equal(pipe.vae.state_dict()[name], value), name
+    assert not (tmp_path / "cache" / "judge").exists() and not (tmp_path / "cache" / "vae").exists()
+    # Token-table rows of tokens no caption uses get no gradient: they stay at their zero start.
+    table = pipe.text_encoder.get_input_embeddings().weight
+    seen = torch.zeros(len(table), dtype=torch.bool)
+    seen[pipe.tokenizer(render.all_captions() + [""], padding="max_length", truncation=True,
+                        return_tensors="pt").input_ids.unique()] = True
+    assert (table[~seen] == 0).all() and (table[seen] != 0).any(dim=1).all()
+
+
+def test_shipped_wide_toy_world_has_room_for_sepme():
+    from doco_lib.pipeline import load_pipeline
+    from doco_lib.sepme import null_space_basis, token_rows
+
+    pipe = load_pipeline("toy-wide", "cpu")
+    rows = token_rows(pipe, ["", "a photo of a heart", "a photo of a cross"])
+    assert rows.shape == (3 * 16, 96)
+    basis = null_space_basis(rows)
+    assert len(basis) >= 40
+    assert (rows.double() @ basis.T).abs().max() <= 1e-6 * rows.double().norm(dim=1).max()
+    star = token_rows(pipe, ["a photo of a star"]).double()
+    assert (star @ basis.T).norm(dim=1).max() > 0.1 * star.norm(dim=1).max()  # star's own rows reach it

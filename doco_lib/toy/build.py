@@ -2,6 +2,8 @@
 
 Stages, each cached in the build folder and skipped when done:
   data → judge → tokenizer → pipeline CLIP → evaluation CLIP → VAE → latents/text cache → UNet → export.
+`reuse_from` (a built toy world) keeps its judge, VAE and tokenizer and rebuilds only the text side: a
+pipeline CLIP of another width or context and a UNet to match (`WIDE`, the SepME toy world).
 Training stages checkpoint every few hundred steps (models, optimizer, step, RNG state, elapsed
 time and the learning curve), written atomically, so a stopped build continues where it stopped and
 ends with the same weights as an uninterrupted one.
@@ -23,9 +25,9 @@ from torch import nn
 
 from doco_lib.io import atomic_save_json, atomic_torch_save, load_torch_checkpoint
 from doco_lib.toy import render
-from doco_lib.toy.models import ToyJudge, clip_config, make_scheduler_config, make_unet, make_vae
+from doco_lib.toy.models import TEXT_HIDDEN, ToyJudge, clip_config, make_scheduler_config, make_unet, make_vae
 from doco_lib.toy.quality import pipeline_quality
-from doco_lib.toy.tokenizer import build_clip_tokenizer
+from doco_lib.toy.tokenizer import MODEL_MAX_LENGTH, build_clip_tokenizer
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class BuildConfig:
     clip_steps: int = 1000
     clip_batch_size: int = 256
     vae_steps: int = 2000
-    unet_steps: int = 20000
+    unet_steps: int = 12000
     unet_lr: float = 1e-3
     unet_warmup: int = 500
     ema_decay: float = 0.999
@@ -49,11 +51,21 @@ class BuildConfig:
     final_eval_samples: int = 32
     sample_steps: int = 25
     guidance: float = 5.0
+    text_width: int = TEXT_HIDDEN
+    context_length: int = MODEL_MAX_LENGTH  # token rows per prompt, SD's 77 by default
+    zero_unseen_tokens: bool = False  # token-table rows no toy caption uses start (and so stay) zero
+    reuse_from: str = ""  # a built toy world whose judge, VAE and tokenizer are kept
 
 
 QUICK = BuildConfig(n_train=256, n_heldout=64, batch_size=8, judge_steps=3, clip_steps=3, clip_batch_size=16,
                     vae_steps=3, unet_steps=4, unet_warmup=1, checkpoint_every=2, eval_every=2, eval_samples=1,
                     final_eval_samples=1, sample_steps=2)
+
+# The SepME toy world: SepME's increments must leave every token row of "" and of the concepts they are
+# decoupled against unchanged, which needs a text encoder wider than those rows are many. SD v1 has 768
+# dimensions for 77 rows a prompt (room for 9 prompts); the shipped toy encoder 32 for 77 (none). WIDE has
+# 96 for 16 (room for 6; toy captions have at most 11 tokens). Only the text side and the UNet are new.
+WIDE = dict(text_width=96, context_length=16, zero_unseen_tokens=True)
 
 
 def _log(message: str) -> None:
@@ -157,7 +169,7 @@ class ToyWorldBuilder:
 
     # ---------------------------------------------------------------- judge
     def judge(self, data) -> ToyJudge:
-        done = self.cache / "judge"
+        done = Path(self.config.reuse_from) / "judge" if self.config.reuse_from else self.cache / "judge"
         if (done / "model.safetensors").exists():
             return ToyJudge.from_pretrained(done).to(self.device)
         cfg = self.config
@@ -203,9 +215,13 @@ class ToyWorldBuilder:
     def tokenizer(self):
         from transformers import CLIPTokenizer
 
+        length = self.config.context_length
+        if self.config.reuse_from:
+            return CLIPTokenizer.from_pretrained(Path(self.config.reuse_from) / "pipeline" / "tokenizer",
+                                                 model_max_length=length)
         done = self.cache / "tokenizer"
         if not (done / "tokenizer_config.json").exists():
-            build_clip_tokenizer(self.cache / "bpe").save_pretrained(done)
+            build_clip_tokenizer(self.cache / "bpe", length).save_pretrained(done)
         return CLIPTokenizer.from_pretrained(done)
 
     def caption_table(self, tokenizer):
@@ -240,11 +256,17 @@ class ToyWorldBuilder:
             return CLIPModel.from_pretrained(done).to(self.device).eval()
         cfg = self.config
         torch.manual_seed(seed)
-        model = CLIPModel(clip_config()).to(self.device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        model = CLIPModel(clip_config(cfg.text_width, cfg.context_length)).to(self.device)
         labels = self.labels(data, "train")
         pool = torch.arange(parity, len(data["train_images"]), 2)
         captions, ids, position = self.caption_table(tokenizer)
+        if cfg.zero_unseen_tokens:  # rows no caption uses get no gradient, so zeros stay zeros (and compress)
+            table = model.text_model.embeddings.token_embedding.weight
+            with torch.no_grad():
+                unseen = torch.ones(len(table), dtype=torch.bool)
+                unseen[ids.unique()] = False
+                table[unseen.to(table.device)] = 0
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
         def step(gen: torch.Generator) -> dict:
             model.train()
@@ -287,7 +309,7 @@ class ToyWorldBuilder:
     def vae(self, data, judge: ToyJudge):
         from diffusers import AutoencoderKL
 
-        done = self.cache / "vae"
+        done = Path(self.config.reuse_from) / "pipeline" / "vae" if self.config.reuse_from else self.cache / "vae"
         if (done / "config.json").exists():
             return AutoencoderKL.from_pretrained(done).to(self.device).eval()
         cfg = self.config
@@ -373,7 +395,7 @@ class ToyWorldBuilder:
         scaling = vae.config.scaling_factor
         noise_scheduler = DDPMScheduler(**make_scheduler_config())
         torch.manual_seed(cfg.seed + 4)
-        unet = make_unet().to(self.device)
+        unet = make_unet(cfg.text_width).to(self.device)
         ema = copy.deepcopy(unet).requires_grad_(False)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
         n = len(encoded["latent_mean"])
@@ -429,7 +451,8 @@ class ToyWorldBuilder:
         judge = self.judge(data)
         tokenizer = self.tokenizer()
         pipeline_clip = self.clip(data, tokenizer, "pipeline_clip", self.config.seed + 2, parity=0)
-        eval_clip = self.clip(data, tokenizer, "eval_clip", self.config.seed + 102, parity=1)
+        eval_clip = None if self.config.reuse_from else self.clip(data, tokenizer, "eval_clip", self.config.seed + 102,
+                                                                    parity=1)
         vae = self.vae(data, judge)
         text_encoder_model = _text_encoder_from_clip(pipeline_clip).to(self.device).eval()
         unet = self.unet(data, vae, text_encoder_model, tokenizer, judge)
@@ -443,13 +466,17 @@ class ToyWorldBuilder:
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        self._save_report()
+        if self.config.reuse_from:  # only the new pipeline; judge and evaluation CLIP stay the reused world's
+            pipe.save_pretrained(out_dir, safe_serialization=True)
+            atomic_save_json(self.report, out_dir / "build_report.json")
+            return self.report
         pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)
         judge.save_pretrained(out_dir / "judge")
         eval_clip.save_pretrained(out_dir / "eval_clip")
         tokenizer.save_pretrained(out_dir / "eval_clip")  # a complete CLIP folder, loadable by CLIPProcessor
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                            image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out_dir / "eval_clip")
-        self._save_report()
         atomic_save_json(self.report, out_dir / "build_report.json")
         return self.report
 
@@ -486,7 +513,11 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer):
 
 
 def build_toy_world(out_dir: Path, cache: Path, seed: int = 0, quick: bool = False, device: str = "cpu",
-                    **overrides) -> dict:
+                    wide_from: Path | None = None, **overrides) -> dict:
+    """The toy world into `out_dir` (pipeline/, judge/, eval_clip/); with `wide_from` (a built toy world),
+    the SepME toy world's pipeline alone, with that world's judge, VAE and tokenizer."""
+    if wide_from is not None:
+        overrides = {**WIDE, "reuse_from": str(wide_from), **overrides}
     config = replace(QUICK if quick else BuildConfig(), seed=seed, **overrides)
     if device == "cpu":
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -502,5 +533,6 @@ if __name__ == "__main__":  # pragma: no cover - convenience for `python -m doco
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--wide-from", type=Path)
     args = parser.parse_args()
-    build_toy_world(args.out, args.cache, args.seed, args.quick, args.device)
+    build_toy_world(args.out, args.cache, args.seed, args.quick, args.device, args.wide_from)

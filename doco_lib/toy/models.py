@@ -22,21 +22,22 @@ LATENT_SIZE = 8  # the VAE downsamples by 4, as SD's by 8: 32×32×3 → 8×8×4
 TEXT_HIDDEN = 32
 
 
-def text_config(seed_offset: int = 0):
+def text_config(width: int = TEXT_HIDDEN, context_length: int = MODEL_MAX_LENGTH):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH,
-                          projection_dim=TEXT_HIDDEN, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=4 * width,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=context_length,
+                          projection_dim=width, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 
-def clip_config():
+def clip_config(width: int = TEXT_HIDDEN, context_length: int = MODEL_MAX_LENGTH):
     """A CLIPModel small enough to train contrastively on toy pairs in minutes."""
     from transformers import CLIPConfig, CLIPVisionConfig
 
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=4, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=3, num_attention_heads=4, projection_dim=TEXT_HIDDEN, num_channels=3)
-    return CLIPConfig(text_config=text_config().to_dict(), vision_config=vision.to_dict(), projection_dim=TEXT_HIDDEN)
+                              num_hidden_layers=3, num_attention_heads=4, projection_dim=width, num_channels=3)
+    return CLIPConfig(text_config=text_config(width, context_length).to_dict(), vision_config=vision.to_dict(),
+                      projection_dim=width)
 
 
 def make_vae():
@@ -47,14 +48,14 @@ def make_vae():
                          block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=16)
 
 
-def make_unet():
+def make_unet(cross_attention_dim: int = TEXT_HIDDEN):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=cross_attention_dim,
         attention_head_dim=8, norm_num_groups=16)
 
 
@@ -103,13 +104,14 @@ class ToyJudge(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
-        """Class indices per head for images in [-1, 1]."""
+        """Class indices per head (on the CPU) for images in [-1, 1] on any device."""
         self.eval()
+        device = next(self.parameters()).device
         out: dict[str, list[torch.Tensor]] = {name: [] for name in self.heads}
         for start in range(0, len(images), batch_size):
-            logits = self(images[start:start + batch_size])
+            logits = self(images[start:start + batch_size].to(device))
             for name, value in logits.items():
-                out[name].append(value.argmax(1))
+                out[name].append(value.argmax(1).cpu())
         return {name: torch.cat(values) for name, values in out.items()}
 
     def save_pretrained(self, directory: Path) -> None:

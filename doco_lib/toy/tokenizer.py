@@ -61,12 +61,13 @@ def write_clip_tokenizer_files(bpe_gz: Path, out_dir: Path) -> tuple[Path, Path]
     return vocab_path, merges_path
 
 
-def build_clip_tokenizer(work_dir: Path):
-    """A `transformers.CLIPTokenizer` equal to Stable Diffusion v1's, built without the hub."""
+def build_clip_tokenizer(work_dir: Path, model_max_length: int = MODEL_MAX_LENGTH):
+    """A `transformers.CLIPTokenizer` equal to Stable Diffusion v1's, built without the hub (its context,
+    `model_max_length` token rows per prompt, can be shortened for a toy world)."""
     from transformers import CLIPTokenizer
 
     vocab_path, merges_path = write_clip_tokenizer_files(find_bpe_vocabulary(), work_dir)
     vocab = json.loads(vocab_path.read_text())
     merges = [tuple(line.split()) for line in merges_path.read_text(encoding="utf-8").strip().split("\n")[1:]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH, bos_token=BOS_TOKEN,
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, bos_token=BOS_TOKEN,
                          eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=EOS_TOKEN)
