@@ -20,6 +20,7 @@ from doco_lib import config, experiment
 from doco_lib.concepts import ConceptSpec, read_prompt_file
 from doco_lib.config import parse_stage
 from doco_lib.io import atomic_save_json, atomic_write_text
+from doco_lib.pipeline import is_toy
 
 VARIANTS = {
     "DoCo (none)": {"method": "doco", "retain_mode": "none"},
@@ -52,7 +53,8 @@ def run_identity(run: dict, concepts: list[tuple[str, str, str]] | None = None) 
     from doco_lib.training import TrainingConfig
 
     return {**TrainingConfig.from_params(run).training_identity(), **{k: run[k] for k in RUN_DATA_KEYS},
-            "concepts": [list(c) for c in concepts or []]}
+            "concepts": [list(c) for c in concepts or []],
+            "images drawn by": "the original model"}  # since 2026-11-26; earlier runs used a stage's start
 
 
 def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None) -> Path:
@@ -110,8 +112,8 @@ def stage_preservation_prompts(params: dict, stages: list[str], k: int) -> list[
 
 def train_sequential(params: dict, stages: list[str], seeds: list[int], variant: str = "DoCo (cp)") -> pd.DataFrame:
     """Erase the stages' targets one after another, each stage on top of the previous one's UNet. With
-    `sequential_keep_erased`, stage k also trains on the earlier targets (their anchor images drawn by its
-    starting model, where they are already erased), so that it keeps them erased instead of undoing them."""
+    `sequential_keep_erased`, stage k also trains on the earlier targets, so that it keeps them erased
+    instead of undoing them. Every stage's anchor and preservation images are the original model's."""
     parsed = [parse_stage(s) for s in stages]
     preservation_files = []
     for k, (target, *_) in enumerate(parsed):  # written once, before any training
@@ -202,7 +204,7 @@ def clip_rates(params: dict, unets: pd.DataFrame, concepts: list[str]) -> pd.Dat
 def rate_models(params: dict, unets: pd.DataFrame, concepts: list[str], samples: int) -> pd.DataFrame:
     """How often each model draws each concept: the toy judge's rate in the toy world (`samples` images per
     prompt set, with the target's synonym), CLIP accuracy for real models."""
-    if params["model"] == "toy":
+    if is_toy(params["model"]):
         return judge_models(params, unets, concepts, samples)
     return clip_rates(params, unets, concepts)
 

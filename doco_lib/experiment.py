@@ -43,18 +43,26 @@ def preservation_dir(params: dict) -> Path:
 
 
 def _generate(params: dict, pipe, prompts: list[str], directory: Path, n_images: int | None = None) -> AnchorLatents:
-    """The starting model's images for `prompts`, VAE-encoded, in `directory`. They are generated once per
-    output root into `latent_cache/<key>/`, the key hashing everything that determines them (model, base
-    UNet, prompts, count, seed, sampler settings), and hard-linked into the run: the runs of an ablation
-    grid or a retain-mode study share one seed's anchor images instead of generating them again."""
+    """The original model's images for `prompts`, VAE-encoded, in `directory`. They are generated once per
+    output root into `latent_cache/<key>/`, the key hashing everything that determines them (model, prompts,
+    count, seed, sampler settings), and hard-linked into the run: the runs of an ablation grid or a
+    retain-mode study share one seed's anchor images instead of generating them again.
+
+    A run that starts from an erased UNet (`base_unet`, a sequential stage) still gets the original model's
+    images: drawn by the previous stage, they would carry its damage (pentagon anchors it draws as squares,
+    say) into this stage's anchors and retaining loss, compounding from stage to stage."""
     import hashlib
     import json
 
     n_images = n_images or params["n_anchor_images"]
-    determined_by = [params["model"], params.get("base_unet") or "", prompts, n_images, params["seed"],
+    determined_by = [params["model"], "", prompts, n_images, params["seed"],  # "": no base UNet, as before
                      params["num_inference_steps"], params["guidance_scale"], params["anchor_shard_size"]]
     key = hashlib.sha256(json.dumps(determined_by).encode()).hexdigest()[:20]
     shared = Path(params["output_root"]) / "latent_cache" / key
+    if params.get("base_unet") and not cache_is_complete(shared):
+        from doco_lib.pipeline import load_pipeline
+
+        pipe = load_pipeline(params["model"], params["device"])  # the original model draws them
     prepare_anchor_latents(pipe, prompts, n_images, shared, model=params["model"], seed=params["seed"],
                            steps=params["num_inference_steps"], guidance=params["guidance_scale"],
                            shard_size=params["anchor_shard_size"])

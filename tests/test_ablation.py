@@ -1,5 +1,6 @@
 import pandas as pd
 import pytest
+import torch
 from scipy import stats
 
 from doco_lib import ablation, config
@@ -125,3 +126,27 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     changed = ablation.run_params({**params, "lr": 1e-3}, "DoCo (cp)", 0, ablation.VARIANTS["DoCo (cp)"])
     with pytest.raises(config.ParamsError, match="trained with other settings \\(lr\\)"):
         ablation.train_run(changed)
+
+
+def test_a_run_from_an_erased_unet_trains_on_the_original_models_images(tmp_path):
+    from doco_lib import experiment
+    from doco_lib.data import load_anchor_latents, prepare_anchor_latents
+    from doco_lib.pipeline import load_pipeline
+
+    original = load_pipeline("toy", "cpu")
+    erased = tmp_path / "erased_unet"
+    with torch.no_grad():
+        for name, p in original.unet.named_parameters():
+            if ".attn2.to_k." in name:
+                p.add_(0.5 * torch.randn_like(p))
+    original.unet.save_pretrained(erased)
+    params = config.validate({"output_root": str(tmp_path / "out"), "device": "cpu", "n_anchor_images": 2,
+                              "anchor_shard_size": 2, "num_inference_steps": 2, "base_unet": str(erased)})
+    latents = experiment.prepare_anchors(params, experiment.starting_pipeline(params))
+    prompts = experiment.concept(params)[1]
+    settings = dict(model="toy", seed=0, steps=2, guidance=params["guidance_scale"], shard_size=2, progress=False)
+    by_original = prepare_anchor_latents(load_pipeline("toy", "cpu"), prompts, 2, tmp_path / "a", **settings)
+    by_erased = prepare_anchor_latents(experiment.starting_pipeline(params), prompts, 2, tmp_path / "b", **settings)
+    assert torch.equal(latents.latent_mean, by_original.latent_mean)
+    assert not torch.allclose(latents.latent_mean, by_erased.latent_mean)  # the erased UNet draws otherwise
+    assert load_anchor_latents(experiment.anchor_dir(params), 1.0).prompts == by_original.prompts
