@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench ablation ablation-quick clean-outputs ui-check
+.PHONY: demo test install bench ablation ablation-quick sepme clean-outputs ui-check
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ ablation: $(STAMP)
 # The same study in under 45 minutes on 2 cores (16 judged images per prompt set, one multi-concept seed, ESD in 10 steps).
 ablation-quick: $(STAMP)
 	$(BIN)/doco demo --params params/toy_ablation_quick.yaml --notebooks 05_ablations
+
+# SepME (notebook 08) on the toy world: three concepts erased one increment each, every subset, one restored.
+sepme: $(STAMP)
+	$(BIN)/doco demo --params params/toy_sepme.yaml --notebooks 08_sepme
 
 # The explorer (notebook 06) end to end in headless JupyterLab + Chromium; not part of `make test`.
 # Needs Debian's chromium (apt-get install -y chromium); writes outputs/ui_check/explorer.png.

@@ -137,8 +137,8 @@ def _positive(key: str, value: Any) -> None:
 
 NB00, NB01, NB02, NB03 = "00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training"
 NB04, NB05 = "04_evaluation", "05_ablations"
-NB06, NB07 = "06_explorer", "07_robustness"
-ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05, NB06, NB07)
+NB06, NB07, NB08 = "06_explorer", "07_robustness", "08_sepme"
+ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05, NB06, NB07, NB08)
 CONCEPT = (NB01, NB02, NB03, NB04, NB05, NB07)
 TRAINING = (NB02, NB03, NB05, NB07)  # 07 trains the models it attacks
 
@@ -154,7 +154,7 @@ SCHEMA: dict[str, Param] = {
     "run_name": Param("toy_world", str, "folder under output_root for this run's artefacts", ALL_NOTEBOOKS,
                       check=_run_name),
     "output_root": Param("outputs", str, "root folder of all run outputs", ALL_NOTEBOOKS),
-    "model": Param("toy", str, "'toy', a local diffusers pipeline folder, or a hub id", ALL_NOTEBOOKS,
+    "model": Param("toy", str, "'toy', a local diffusers pipeline folder, or a hub id", ALL_NOTEBOOKS[:-1],
                    check=_model),
     "device": Param("auto", str, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", ALL_NOTEBOOKS, check=_device),
     "seed": Param(0, int, "base seed: image i of a prompt uses seed + i", ALL_NOTEBOOKS, minimum=0),
@@ -164,7 +164,8 @@ SCHEMA: dict[str, Param] = {
     # -- 00: the toy world
     "samples_per_prompt": Param(32, int, "images per prompt for the judge's accuracy table", (NB00,), minimum=1,
                                 maximum=10_000),
-    "grid_columns": Param(8, int, "images per row in sample grids", (NB00, NB01, NB03), minimum=1, maximum=64),
+    "grid_columns": Param(8, int, "images per row in sample grids", (NB00, NB01, NB03, NB08), minimum=1,
+                          maximum=64),
     "extra_prompts_file": Param("", str, "optional text file, one prompt a line, sampled into a grid ('' for none)",
                                 (NB00,), check=_existing_file),
     # -- the concept (01-03)
@@ -182,7 +183,7 @@ SCHEMA: dict[str, Param] = {
     # -- 01: anchor data
     "n_anchor_images": Param(256, int, "anchor images the original model generates (paper: 1000)",
                              (NB01, NB05, NB07), minimum=1),
-    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05, NB07),
+    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05, NB07, NB08),
                                minimum=1),
     "preservation_prompts_file": Param("", str, "optional prompts of other concepts to keep: the original model's "
                                        "images for them join the retaining loss L_r ('' for none)", CONCEPT,
@@ -257,15 +258,19 @@ SCHEMA: dict[str, Param] = {
                            "concepts in the results table", (NB04,), check=_list_of_words),
     "erased_concepts": Param(["star", "pentagram"], list, "concepts the models erased (↓ columns), synonyms too",
                              (NB04,), check=lambda key, value: _list_of_words(key, value) if value else None),
-    "eval_templates": Param("toy", str, "prompt templates: clip80 (CLIP's 80 ImageNet templates) or toy", (NB04, NB05),
+    "eval_templates": Param("toy", str, "prompt templates: clip80 (CLIP's 80 ImageNet templates) or toy",
+                            (NB04, NB05, NB08),
                             choices=("clip80", "toy")),
-    "n_templates": Param(0, int, "templates per concept (0: all of the set)", (NB04, NB05), minimum=0, maximum=80),
-    "images_per_template": Param(8, int, "images per template and concept", (NB04, NB05), minimum=1),
+    "n_templates": Param(0, int, "templates per concept (0: all of the set)", (NB04, NB05, NB08), minimum=0,
+                         maximum=80),
+    "images_per_template": Param(8, int, "images per template and concept", (NB04, NB05, NB08), minimum=1),
     "clip_model": Param("toy", str, "CLIP for CS/CA and for 07's zero-shot judge on SD: 'toy' (the evaluation toy "
-                        "CLIP) or a local folder or hub id, e.g. openai/clip-vit-large-patch14", (NB04, NB05, NB07)),
+                        "CLIP) or a local folder or hub id, e.g. openai/clip-vit-large-patch14",
+                        (NB04, NB05, NB07, NB08)),
     "clip_score_definition": Param("torchmetrics", str, "torchmetrics (100·max(cos,0)), logits (100·cos) or hessel "
                                    "(2.5·max(cos,0))", (NB04,), choices=("torchmetrics", "logits", "hessel")),
-    "fid_features": Param("judge", str, "FID features: inception (FID InceptionV3) or judge (toy world)", (NB04, NB05),
+    "fid_features": Param("judge", str, "FID features: inception (FID InceptionV3) or judge (toy world)",
+                          (NB04, NB05, NB08),
                           choices=("inception", "judge")),
     "related_top_k": Param(10, int, "vocabulary words shown in the related-concept ranking", (NB04,), minimum=1),
     "i2p_csv": Param("", str, "I2P prompts CSV for the nudity evaluation ('' to skip)", (NB04,),
@@ -273,7 +278,7 @@ SCHEMA: dict[str, Param] = {
     "i2p_limit": Param(0, int, "use only the first N I2P prompts (0: all)", (NB04,), minimum=0),
     "nudity_threshold": Param(0.2, (int, float), "NudeNet score threshold (NudeNet's own floor is 0.2)", (NB04,),
                               minimum=0.0, maximum=1.0),
-    "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03, NB05),
+    "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03, NB05, NB08),
                           minimum=1),
     # -- 05: ablations
     "ablation_variants": Param(["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl", "RGD"], list,
@@ -291,6 +296,34 @@ SCHEMA: dict[str, Param] = {
                                     "stages' targets so that it keeps them erased", (NB05,)),
     "multi_concept_seeds": Param([0, 1, 2], list, "seeds of the sequential and simultaneous multi-concept runs",
                                  (NB05,), check=_list_of_seeds),
+    # -- 08: SepME, separable erase and restore (doco_lib/sepme.py, doco_lib/sepme_study.py)
+    "sepme_model": Param("toy-wide", str, "SepME's base model: 'toy-wide' (the toy world with a text encoder wide "
+                         "enough for SepME's null spaces), a pipeline folder or a hub id", (NB08,), check=_model),
+    "sepme_concepts": Param(["star", "heart", "cross"], list, "concepts erased one increment each (at least 2)",
+                            (NB08,), check=_list_of_words),
+    "sepme_name_template": Param("a photo of a {concept}", str, "each concept's name prompt: the other "
+                                 "increments are decoupled against it", (NB08,)),
+    "sepme_prompt_files": Param([], list, "prompts of each concept's training images, a file per concept ([]: toy "
+                                "captions in a toy world, else the name prompt)", (NB08,),
+                                check=lambda key, value: _list_of_words(key, value) if value else None),
+    "sepme_images": Param(64, int, "images of each concept the base model generates for its increment", (NB08,),
+                          minimum=1),
+    "sepme_lr": Param(0.1, (int, float), "Adam learning rate of P (authors' README run: 0.1)", (NB08,),
+                      check=_positive),
+    "sepme_scale": Param(0.01, (int, float), "scale of the null-space basis B (README run: 1e-4, too small a step "
+                         "for the toy world, their argparse default: 1e-2)", (NB08,), check=_positive),
+    "sepme_threshold": Param(-2e-3, (int, float), "stop once the correlation's momentum falls below this "
+                             "(README run: 1e-4, which stops the toy increments with the correlation still near 0)",
+                             (NB08,)),
+    "sepme_beta": Param(1e-6, (int, float), "weight of the L1 penalty on the increment", (NB08,), minimum=0.0),
+    "sepme_max_steps": Param(1000, int, "most training steps per concept", (NB08,), minimum=1),
+    "sepme_batch_size": Param(1, int, "images per step (the authors': 1)", (NB08,), minimum=1),
+    "sepme_first_row_only": Param(False, bool, "the authors' quirk: the increment reaches batch element 0 only",
+                                  (NB08,)),
+    "sepme_accumulate_grads": Param(False, bool, "the authors' quirk: gradients are never zeroed", (NB08,)),
+    "sepme_related": Param(["pentagon", "circle"], list, "further concepts measured (not decoupled against)",
+                           (NB08,), check=_list_of_words),
+    "sepme_restore": Param("star", str, "the concept erased with another one and then restored", (NB08,)),
     # -- 06: the interactive explorer (doco_lib/explorer.py)
     "explorer_prompt": Param("a photo of a star", str, "the explorer's first prompt (any prompt can be typed in)",
                              (NB06,)),
@@ -346,6 +379,7 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
         except (SlotsError, yaml.YAMLError) as error:
             raise ParamsError(f"rgd_slots_file: {str(error).rstrip('.')}; method 'rgd' trains on the forget/retain "
                               "prompt twins of a slots file, e.g. params/prompts/rgd_toy_star_slots.yaml.") from None
+    _check_sepme(resolved)
     from doco_lib.concepts import ConceptSpec, PromptFileError, read_preservation_file, read_prompt_file
 
     spec = ConceptSpec(resolved["concept_kind"], resolved["anchor"], resolved["target"])
@@ -358,6 +392,29 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
             read_preservation_file(resolved["preservation_prompts_file"], spec)
         except PromptFileError as error:
             raise ParamsError(f"preservation_prompts_file: {error}") from None
+
+
+def _check_sepme(resolved: dict[str, Any]) -> None:
+    concepts = resolved["sepme_concepts"]
+    if len(concepts) < 2 or len(set(concepts)) != len(concepts):
+        raise ParamsError(f"sepme_concepts: {concepts!r}; expected at least two different concepts.")
+    template = resolved["sepme_name_template"]
+    if "{concept}" not in template:
+        raise ParamsError(f"sepme_name_template: {template!r} lacks '{{concept}}', where each concept's name goes.")
+    try:
+        template.format(concept="x")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ParamsError(f"sepme_name_template: {template!r} is not a format string with only {{concept}} "
+                          f"({error}).") from None
+    if resolved["sepme_restore"] not in concepts:
+        raise ParamsError(f"sepme_restore: {resolved['sepme_restore']!r} is not one of sepme_concepts {concepts}.")
+    files = resolved["sepme_prompt_files"]
+    if files:
+        if len(files) != len(concepts):
+            raise ParamsError(f"sepme_prompt_files: {len(files)} files for {len(concepts)} sepme_concepts; expected "
+                              "one file per concept, in the same order (or [] for the default prompts).")
+        for path in files:
+            _existing_file("sepme_prompt_files", path)
 
 
 def _type_name(kind) -> str:

@@ -6,7 +6,7 @@ say SepME). What the code does is summarised in shared/methods/sepme.md; this mo
 
 Weight decoupling. Only the cross-attention K/V matrices change (`attn2.to_k`, `attn2.to_v`, what
 `select_trainable(unet, "cross_attention_kv")` selects); they are the only weights that read the text
-embedding. For concept i, stack the token rows (all 77 positions) of the text embeddings of the empty
+embedding. For concept i, stack the token rows (every position: 77 on SD v1) of the text embeddings of the empty
 prompt "" and of the *other* known concepts' prompts into E (N×d), and let B_i (m×d) be an orthonormal
 basis of its null space. The increment of every K/V layer is
 
@@ -35,15 +35,17 @@ keyed by the UNet parameter name (out×in), with metadata saying which base mode
 prompts it was decoupled against and how it was trained. `compose` and `SeparableEraser` build
 W0 + Σ ΔW_i for any subset of concepts; `doco compose` writes such a UNet as a diffusers folder.
 
-Differences from the authors' code, on purpose:
+Differences from the authors' code, on purpose (the first two can be switched back, see `SepMEConfig`):
   - The increment is applied as a weight (W0 + ΔW through `torch.func.functional_call`), so it acts on
-    every row of a batch; the authors' `attention.py` adds it to batch element 0 only.
+    every row of a batch; the authors' `attention.py` adds it to batch element 0 only
+    (`first_row_only=True` trains that way: with more than one image a step, only the first image's
+    prediction sees the increment).
   - The null space comes from an SVD in float64 with a relative tolerance, not from sympy's exact
     `nullspace()` of floating-point values; the directions come most-null first, so `max_base`
     truncation keeps the best-decoupled ones.
   - Gradients are zeroed every step (their loop never calls `zero_grad`, so Adam sees accumulated
-    gradients), images are visited in a seeded random order (theirs: directory order, one per step),
-    and a batch may hold several images, each with its own timestep.
+    gradients: `accumulate_grads=True`), images are visited in a seeded random order (theirs: directory
+    order, one per step), and a batch may hold several images, each with its own timestep.
   - Their loop checks the stopping rule from its 12th step (0-based `i > 10`) and stops at most at step
     iter_break + 1; ours from step 11 (after 10 steps) and at most at `max_steps`.
 
@@ -67,6 +69,7 @@ from torch.func import functional_call
 from doco_lib.config import ParamsError
 from doco_lib.data import AnchorLatents
 from doco_lib.io import CorruptFileError, atomic_directory, atomic_save_json, atomic_write_bytes
+from doco_lib.pipeline import is_toy
 from doco_lib.training import TrainingDiverged, select_trainable
 
 METHOD = "sepme"
@@ -76,7 +79,7 @@ LAYERS = "cross_attention_kv"  # the K/V matrices of every cross-attention layer
 # ------------------------------------------------------------------------------------------ null space
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder `last_hidden_state` of each prompt, (len(prompts), 77, d) float32, padded to the
+    """Text-encoder `last_hidden_state` of each prompt, (len(prompts), tokens, d) float32, padded to the
     tokenizer's full length exactly as the pipeline pads prompts when it samples."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -85,7 +88,7 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
 
 
 def token_rows(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """All token rows of the prompts' embeddings stacked, (77·len(prompts), d): the rows the K/V layers see."""
+    """All token rows of the prompts' embeddings stacked, (tokens·len(prompts), d): the rows K/V layers see."""
     embeddings = encode_prompts(pipe, prompts)
     return embeddings.reshape(-1, embeddings.shape[-1])
 
@@ -108,8 +111,9 @@ def null_space_basis(embeddings: torch.Tensor, rtol: float = 1e-8, names: Sequen
         raise ParamsError(
             f"SepME: the {n_rows} stacked token rows{about} span all {width} dimensions of the text encoder "
             f"(rank {rank} at rtol={rtol:g}), so no weight increment can leave them all unchanged. The text "
-            f"encoder's width ({width}) must exceed the number of stacked token rows (77 per prompt): decouple "
-            "against fewer concepts or use a wider text encoder.")
+            f"encoder's width ({width}) must exceed the number of stacked token rows (one per token position of "
+            "each prompt): decouple against fewer concepts or use a wider text encoder ('toy-wide' in the toy "
+            "world).")
     return basis
 
 
@@ -199,6 +203,8 @@ class SepMEConfig:
     rtol: float = 1e-8
     max_base: int | None = None
     seed: int = 0
+    first_row_only: bool = False  # the authors' code: the increment reaches batch element 0 only
+    accumulate_grads: bool = False  # the authors' code: gradients are never zeroed between steps
 
     def __post_init__(self):
         for key in ("lr", "scale", "rtol"):
@@ -305,6 +311,8 @@ class SepMETrainer:
             d_orig = self.directions(x_t, t, c)
         deltas = self.increment.deltas()
         d_new = self.directions(x_t, t, c, deltas)
+        if self.config.first_row_only:  # the authors' batching: rows after the first keep W0
+            d_new = torch.cat([d_new[:1], d_orig[1:]])
         l1 = torch.stack([delta.abs().sum() for delta in deltas.values()]).mean()
         return (d_new * d_orig).mean(), l1
 
@@ -316,7 +324,8 @@ class SepMETrainer:
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"SepME: non-finite loss at step {self.step + 1} (correlation "
                                    f"{correlation.item()}, L1 {l1.item()}).")
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.config.accumulate_grads:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.step += 1
@@ -357,7 +366,8 @@ class SepMETrainer:
                     "prompts": self.prompts, "decoupled_against": self.against, "rtol": cfg.rtol,
                     "scale": cfg.scale, "beta": cfg.beta, "lr": cfg.lr, "threshold": cfg.threshold,
                     "max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "ddim_steps": cfg.ddim_steps,
-                    "seed": cfg.seed, "null_space_dim": self.null_space_dim,
+                    "seed": cfg.seed, "first_row_only": cfg.first_row_only,
+                    "accumulate_grads": cfg.accumulate_grads, "null_space_dim": self.null_space_dim,
                     "basis_size": len(self.increment.directions), "steps": self.step,
                     "final_correlation": self.history[-1]["correlation"] if self.history else float("nan"),
                     "final_momentum": self.momentum if self.momentum is not None else float("nan"),
@@ -378,6 +388,7 @@ def train_concept(pipe, concept: str, latents: AnchorLatents, against: Sequence[
 # Metadata values are strings in safetensors; these keys are read back as numbers or lists (JSON).
 _TYPED = {"prompts": list, "decoupled_against": list, "rtol": float, "scale": float, "beta": float, "lr": float,
           "threshold": float, "max_steps": int, "batch_size": int, "ddim_steps": int, "seed": int,
+          "first_row_only": bool, "accumulate_grads": bool,
           "null_space_dim": int, "basis_size": int, "steps": int, "final_correlation": float,
           "final_momentum": float}
 
@@ -464,9 +475,9 @@ def find_increments(folder: str | Path) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------------ compose
 def base_model_id(model: str) -> str:
-    """How an increment names its base: 'toy' and hub ids as given, a local folder by its absolute path."""
+    """How an increment names its base: toy worlds and hub ids as given, a local folder by its absolute path."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if model != "toy" and path.is_dir() else model
+    return model if is_toy(model) or not path.is_dir() else str(path.resolve())
 
 
 def check_base(stored: str, base_model: str, where: str, concept: str) -> None:

@@ -384,3 +384,31 @@ def test_cli_compose_errors_before_any_work(toy_increments, tmp_path, doco_comma
     assert "star.safetensors: the increment of 'star' was trained on base model 'toy', not on 'org/other-model'" \
         in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ the authors' quirks
+def test_the_authors_quirks_are_switches_defaulting_to_the_correct_version(pipe, concept_latents):
+    config = sepme.SepMEConfig(lr=1e-2, scale=1.0, threshold=float("-inf"), max_steps=3, batch_size=2, seed=0)
+    assert not config.first_row_only and not config.accumulate_grads
+
+    # first_row_only: with two images a step, only the first image's prediction sees the increment.
+    quirky = sepme.SepMETrainer(pipe, concept_latents, OTHERS, replace(config, first_row_only=True))
+    with torch.no_grad():
+        for p in quirky.increment.coefficients:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    x_t, t, c = quirky._noised_batch(torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    d_orig, d_new = quirky.directions(x_t, t, c), quirky.directions(x_t, t, c, quirky.increment.deltas())
+    correlation, _ = quirky.losses(x_t, t, c)
+    assert torch.allclose(correlation, (torch.cat([d_new[:1], d_orig[1:]]) * d_orig).mean())
+    assert not torch.allclose(correlation, (d_new * d_orig).mean())
+    assert quirky.result("van gogh", BASE).metadata["first_row_only"] is True
+
+    # accumulate_grads: the second step's gradient is added to the first one's instead of replacing it.
+    accumulating = sepme.SepMETrainer(pipe, concept_latents, OTHERS, replace(config, accumulate_grads=True))
+    zeroing = sepme.SepMETrainer(pipe, concept_latents, OTHERS, config)
+    accumulating.train_step(), zeroing.train_step()  # same seed, same batch, same update
+    first = [p.grad.clone() for p in zeroing.increment.coefficients]
+    accumulating.train_step(), zeroing.train_step()
+    for summed, fresh, old in zip(accumulating.increment.coefficients, zeroing.increment.coefficients, first):
+        assert torch.allclose(summed.grad, fresh.grad + old, rtol=1e-5, atol=1e-12)
+        assert not torch.allclose(summed.grad, fresh.grad)
