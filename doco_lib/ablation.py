@@ -32,6 +32,8 @@ VARIANTS = {
     "ConAbl": {"method": "conabl", "conabl_variant": "model"},
     "RGD": {"method": "rgd", "trainable": "full"},
 }
+# Not a harness method: the target's SepME increment (doco_lib/sepme_study.py), on `sepme_model`.
+SEPME = "SepME"
 
 
 def _slug(text: str) -> str:
@@ -88,12 +90,49 @@ def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None) -> 
 
 
 def train_grid(params: dict, variants: list[str], seeds: list[int]) -> pd.DataFrame:
-    """One run per (variant, seed); returns a table of their UNet folders."""
-    unknown = [v for v in variants if v not in VARIANTS]
+    """One run per (variant, seed); returns a table of their UNet folders (and, for SepME, of the base
+    model they belong to)."""
+    unknown = [v for v in variants if v not in [*VARIANTS, SEPME]]
     if unknown:
-        raise config.ParamsError(f"ablation_variants: unknown {unknown}; choose from {list(VARIANTS)}.")
-    runs = [(v, s, run_params(params, v, s, VARIANTS[v])) for v in variants for s in seeds]  # all validated first
-    return pd.DataFrame([{"variant": v, "seed": s, "unet": str(train_run(run))} for v, s, run in runs])
+        raise config.ParamsError(f"ablation_variants: unknown {unknown}; choose from {[*VARIANTS, SEPME]}.")
+    if SEPME in variants and params["target"] not in params["sepme_concepts"]:
+        raise config.ParamsError(f"ablation_variants: SepME erases the target {params['target']!r} with its "
+                                 f"notebook-08 increment, so sepme_concepts must name it (now "
+                                 f"{params['sepme_concepts']}).")
+    runs = [(v, s, run_params(params, v, s, VARIANTS[v])) for v in variants if v != SEPME
+            for s in seeds]  # all validated first
+    rows = [{"variant": v, "seed": s, "unet": str(train_run(run))} for v, s, run in runs]
+    if SEPME in variants:
+        rows += train_sepme(params, seeds)
+    return pd.DataFrame(rows)
+
+
+def train_sepme(params: dict, seeds: list[int]) -> list[dict]:
+    """Per seed, the target's SepME increment (decoupled against "" and the other `sepme_concepts`' name
+    prompts, as in notebook 08) composed onto `sepme_model`'s UNet."""
+    from doco_lib import sepme_study
+    from doco_lib.pipeline import load_pipeline
+
+    pipe = load_pipeline(params["sepme_model"], params["device"])
+    rows = []
+    for seed in seeds:
+        run = {**params, "seed": seed, "output_root": str(config.run_dir(params) / "ablation"),
+               "run_name": f"sepme_s{seed}"}
+        sepme_study.train_increments(run, pipe, progress=False, concepts=[params["target"]])
+        composed = sepme_study.compose_subsets(run, chosen=[(params["target"],)])
+        rows.append({"variant": SEPME, "seed": seed, "unet": composed.unet.iloc[0], "model": params["sepme_model"]})
+    return rows
+
+
+def record_model(params: dict, record: dict) -> str:
+    """The base model of a grid row: its own (SepME's `sepme_model`) or the params' model."""
+    model = record.get("model")
+    return model if isinstance(model, str) and model else params["model"]
+
+
+def model_label(params: dict, model: str, label: str) -> str:
+    """'original', 'SepME' … with the base model named when it is not the params' model."""
+    return label if model == params["model"] else f"{label} ({model})"
 
 
 def stage_preservation_prompts(params: dict, stages: list[str], k: int) -> list[str]:
@@ -154,26 +193,36 @@ def train_simultaneous(params: dict, stages: list[str], seeds: list[int], varian
 
 
 def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: int) -> pd.DataFrame:
-    """Toy world: judged rate of every prompt set for each listed UNet and for the base model (per seed)."""
+    """Toy world: judged rate of every prompt set for each listed UNet and for its base model (per seed)."""
     from doco_lib.pipeline import load_judge, load_pipeline
     from doco_lib.toy.erasure import cached_judged_rates, prompt_sets
 
     judge = load_judge(params["device"])
     steps, guidance = params["num_inference_steps"], params["guidance_scale"]
-    base = load_pipeline(params["model"], params["device"])
-    base_cache = config.run_dir(params) / "ablation" / "original_judged_rates.json"
+    records = unets.to_dict("records")
+    bases = dict.fromkeys([params["model"], *(record_model(params, r) for r in records)])
     rows = []
+    for base_model in bases:
+        base = load_pipeline(base_model, params["device"])
+        name = "original_judged_rates.json" if base_model == params["model"] else \
+            f"original_judged_rates_{_slug(base_model)}.json"
+        for seed in sorted(set(unets["seed"])):
+            sets = prompt_sets(params["target"], shapes, samples, seed)
+            cache = config.run_dir(params) / "ablation" / name
+            for prompt_set, rate in cached_judged_rates(base, judge, sets, steps, guidance, seed, cache).items():
+                rows.append({"model": model_label(params, base_model, "original"), "seed": seed,
+                             "prompt set": prompt_set, "rate": rate})
     for seed in sorted(set(unets["seed"])):
         sets = prompt_sets(params["target"], shapes, samples, seed)
-        for name, rate in cached_judged_rates(base, judge, sets, steps, guidance, seed, base_cache).items():
-            rows.append({"model": "original", "seed": seed, "prompt set": name, "rate": rate})
-        for record in unets[unets.seed == seed].to_dict("records"):
-            erased = load_pipeline(params["model"], params["device"], unet=record["unet"])
-            label = {k: v for k, v in record.items() if k not in ("seed", "unet")}
+        for record in (r for r in records if r["seed"] == seed):
+            base_model = record_model(params, record)
+            erased = load_pipeline(base_model, params["device"], unet=record["unet"])
+            label = {k: v for k, v in record.items() if k not in ("seed", "unet", "model")}
             cache = Path(record["unet"]).parent / "judged_rates.json"
-            for name, rate in cached_judged_rates(erased, judge, sets, steps, guidance, seed, cache).items():
-                rows.append({**label, "model": " ".join(str(v) for v in label.values()), "seed": seed,
-                             "prompt set": name, "rate": rate})
+            for prompt_set, rate in cached_judged_rates(erased, judge, sets, steps, guidance, seed, cache).items():
+                rows.append({**label, "model": model_label(params, base_model, " ".join(str(v) for v in
+                                                                                       label.values())),
+                             "seed": seed, "prompt set": prompt_set, "rate": rate})
     return pd.DataFrame(rows)
 
 
@@ -185,10 +234,15 @@ def clip_rates(params: dict, unets: pd.DataFrame, concepts: list[str]) -> pd.Dat
 
     clip = str(toy_weights_dir() / "eval_clip") if params["clip_model"] == "toy" else params["clip_model"]
     judge = load_judge(params["device"]) if params["fid_features"] == "judge" else None  # the toy FID features
+    others = sorted({record_model(params, r) for r in unets.to_dict("records")} - {params["model"]})
+    if others:
+        raise config.ParamsError(f"sepme_model: {others} differs from model {params['model']!r}; on real models "
+                                 "SepME is rated against the same base model (set sepme_model to it).")
     rows = []
     for seed in sorted(set(unets["seed"])):
         records = unets[unets.seed == seed].to_dict("records")
-        labels = [" ".join(str(v) for k, v in r.items() if k not in ("seed", "unet")) for r in records]
+        labels = [" ".join(str(v) for k, v in r.items() if k not in ("seed", "unet", "model") and v == v)
+                  for r in records]
         models = [EvaluatedModel("original")] + [EvaluatedModel(label, r["unet"]) for label, r in zip(labels, records)]
         results, _ = evaluate(params["model"], models, concepts, cache_dir=config.run_dir(params) / "ablation" /
                               "image_cache", clip_model=clip, template_set=params["eval_templates"],
@@ -232,9 +286,12 @@ def summarise(judged: pd.DataFrame, by: str = "model") -> pd.DataFrame:
 
 def tradeoff(judged: pd.DataFrame, target: str, related: list[str]) -> pd.DataFrame:
     """Per run: drop of the target's judged rate and mean drop over related concepts, in points."""
-    original = judged[judged.model == "original"].set_index(["seed", "prompt set"])["rate"]
+    originals = judged[judged.model.str.startswith("original")].set_index(["model", "seed", "prompt set"])["rate"]
     rows = []
-    for (model, seed), group in judged[judged.model != "original"].groupby(["model", "seed"], sort=False):
+    for (model, seed), group in judged[~judged.model.str.startswith("original")].groupby(["model", "seed"],
+                                                                                        sort=False):
+        own = [m for m in originals.index.levels[0] if m != "original" and model.endswith(m[len("original"):])]
+        original = originals[own[0] if own else "original"]  # SepME (toy-wide) against original (toy-wide)
         rates = group.set_index("prompt set")["rate"]
         rows.append({"model": model, "seed": seed,
                      "target drop (pts)": 100 * (original[(seed, target)] - rates[target]),

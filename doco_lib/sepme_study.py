@@ -93,15 +93,15 @@ def increment_path(params: dict, concept: str) -> Path:
     return folder(params) / "increments" / f"{_slug(concept)}.safetensors"
 
 
-def train_increments(params: dict, pipe, progress: bool = True) -> pd.DataFrame:
-    """Train (or reuse) every concept's increment on `pipe` (the `sepme_model` pipeline); one row per
-    concept: null-space size, steps, held-out correlation before and after, seconds."""
+def train_increments(params: dict, pipe, progress: bool = True, concepts: list[str] | None = None) -> pd.DataFrame:
+    """Train (or reuse) the increment of every concept (or of `concepts`) on `pipe` (the `sepme_model`
+    pipeline); one row per concept: null-space size, steps, held-out correlation before and after, seconds."""
     from doco_lib.data import prepare_anchor_latents
     from doco_lib.pipeline import pick_device
 
     run = study_params(params)
     rows = []
-    for concept in params["sepme_concepts"]:
+    for concept in concepts or params["sepme_concepts"]:
         settings = _settings(params, concept)
         path = increment_path(params, concept)
         record = path.with_suffix(".json")
@@ -151,14 +151,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def compose_subsets(params: dict) -> pd.DataFrame:
-    """Every non-empty subset of the trained increments as a UNet folder (base + Σ ΔW); a folder is reused
-    while the increments it was composed from are unchanged. Columns: erased, seed, unet."""
-    concepts = params["sepme_concepts"]
+def compose_subsets(params: dict, chosen: list[tuple[str, ...]] | None = None) -> pd.DataFrame:
+    """Every non-empty subset of the trained increments (or the `chosen` ones) as a UNet folder (base + Σ ΔW);
+    a folder is reused while the increments it was composed from are unchanged. Columns: erased, seed, unet."""
+    chosen = chosen or subsets(params["sepme_concepts"])[1:]
     increments = folder(params) / "increments"
-    hashes = {c: _sha256(increment_path(params, c)) for c in concepts}
+    hashes = {c: _sha256(increment_path(params, c)) for c in dict.fromkeys(c for s in chosen for c in s)}
     rows = []
-    for subset in subsets(concepts)[1:]:
+    for subset in chosen:
         out = folder(params) / "subsets" / _slug(subset_label(subset))
         record = out / "sepme_compose.json"
         wanted = {c: hashes[c] for c in subset}

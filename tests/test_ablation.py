@@ -150,3 +150,22 @@ def test_a_run_from_an_erased_unet_trains_on_the_original_models_images(tmp_path
     assert torch.equal(latents.latent_mean, by_original.latent_mean)
     assert not torch.allclose(latents.latent_mean, by_erased.latent_mean)  # the erased UNet draws otherwise
     assert load_anchor_latents(experiment.anchor_dir(params), 1.0).prompts == by_original.prompts
+
+
+def test_sepme_joins_the_method_grid_beside_its_own_base_model(tmp_path):
+    params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 2,
+                              "sepme_images": 2, "anchor_shard_size": 2, "sepme_max_steps": 2,
+                              "sepme_threshold": -1.0})
+    grid = ablation.train_grid(params, ["SepME"], [0])
+    assert list(grid.variant) == ["SepME"] and list(grid.model) == ["toy-wide"]
+    assert ablation.train_grid(params, ["SepME"], [0]).equals(grid)  # the increment is reused
+    judged = ablation.judge_models(params, grid, ["star", "heart"], 2)
+    assert set(judged.model) == {"original", "original (toy-wide)", "SepME (toy-wide)"}
+    points = ablation.tradeoff(judged, "star", ["heart"])
+    wide = judged[judged.model == "original (toy-wide)"].set_index("prompt set")["rate"]
+    erased = judged[judged.model == "SepME (toy-wide)"].set_index("prompt set")["rate"]
+    assert list(points.model) == ["SepME (toy-wide)"]
+    assert points["target drop (pts)"].iloc[0] == pytest.approx(100 * (wide["star"] - erased["star"]))
+    other = config.validate({**params, "sepme_concepts": ["heart", "cross"], "sepme_restore": "heart"})
+    with pytest.raises(config.ParamsError, match="sepme_concepts must name it"):
+        ablation.train_grid(other, ["DoCo (cp)", "SepME"], [0])

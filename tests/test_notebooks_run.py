@@ -8,7 +8,7 @@ import yaml
 TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n_anchor_images": 8,
         "anchor_shard_size": 4, "iterations": 4, "warmup_iterations": 2, "checkpoint_every": 2, "batch_size": 4,
         "eval_samples": 2, "images_per_template": 1, "n_templates": 2, "esd_steps": 3,
-        "ablation_variants": ["DoCo (cp)", "ConAbl"], "ablation_seeds": [0, 1], "multi_concept_seeds": [0],
+        "ablation_variants": ["DoCo (cp)", "ConAbl", "SepME"], "ablation_seeds": [0, 1], "multi_concept_seeds": [0],
         "sequential_stages": ["star|pentagon|params/prompts/toy_pentagon.txt",
                               "heart|circle|params/prompts/toy_circle.txt"],
         "extra_prompts_file": "params/prompts/toy_extra.txt", "attack_variants": ["DoCo (cp)"], "attack_attempts": 1,
