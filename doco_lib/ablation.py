@@ -11,7 +11,6 @@ and seeds, and results are summarised as mean ± 95% confidence interval (Studen
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +18,7 @@ import pandas as pd
 from doco_lib import config, experiment
 from doco_lib.concepts import ConceptSpec, read_prompt_file
 from doco_lib.config import parse_stage
-from doco_lib.io import atomic_save_json, atomic_write_text
+from doco_lib.io import atomic_save_json, atomic_write_text, slug
 from doco_lib.pipeline import is_toy
 
 VARIANTS = {
@@ -36,13 +35,9 @@ VARIANTS = {
 SEPME = "SepME"
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
 def run_params(params: dict, name: str, seed: int, overrides: dict) -> dict:
     return config.validate({**params, **overrides, "seed": seed, "output_root": str(config.run_dir(params) / "ablation"),
-                            "run_name": f"{_slug(name)}_s{seed}"}, source=f"ablation run {name} seed {seed}")
+                            "run_name": f"{slug(name)}_s{seed}"}, source=f"ablation run {name} seed {seed}")
 
 
 RUN_DATA_KEYS = ("model", "base_unet", "seed", "concept_kind", "target", "anchor", "anchor_prompts_file",
@@ -157,7 +152,7 @@ def train_sequential(params: dict, stages: list[str], seeds: list[int], variant:
     preservation_files = []
     for k, (target, *_) in enumerate(parsed):  # written once, before any training
         prompts = stage_preservation_prompts(params, stages, k)
-        path = config.run_dir(params) / "ablation" / "sequential_preservation" / f"stage{k + 1}_{_slug(target)}.txt"
+        path = config.run_dir(params) / "ablation" / "sequential_preservation" / f"stage{k + 1}_{slug(target)}.txt"
         if prompts:
             atomic_write_text(f"# Preservation prompts of sequential stage {k + 1} (erasing {target!r}).\n"
                               + "\n".join(prompts) + "\n", path)
@@ -205,7 +200,7 @@ def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: 
     for base_model in bases:
         base = load_pipeline(base_model, params["device"])
         name = "original_judged_rates.json" if base_model == params["model"] else \
-            f"original_judged_rates_{_slug(base_model)}.json"
+            f"original_judged_rates_{slug(base_model)}.json"
         for seed in sorted(set(unets["seed"])):
             sets = prompt_sets(params["target"], shapes, samples, seed)
             cache = config.run_dir(params) / "ablation" / name

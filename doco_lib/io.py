@@ -159,3 +159,8 @@ def run_lock(directory: Path):
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def slug(text: str) -> str:
+    """A file-name-safe lowercase form: "DoCo (cp)" → "doco_cp", "star + heart" → "star_heart"."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")

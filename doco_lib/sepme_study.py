@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ import torch
 from doco_lib import config, sepme
 from doco_lib.concepts import PromptFileError, read_prompt_file
 from doco_lib.config import ParamsError
-from doco_lib.io import atomic_write_text
+from doco_lib.io import atomic_write_text, slug
 from doco_lib.pipeline import is_toy
 
 
@@ -43,10 +42,6 @@ def study_params(params: dict) -> dict:
 
 def folder(params: dict) -> Path:
     return config.run_dir(params) / "sepme"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 def name_prompt(params: dict, concept: str) -> str:
@@ -90,7 +85,7 @@ def _settings(params: dict, concept: str) -> dict:
 
 
 def increment_path(params: dict, concept: str) -> Path:
-    return folder(params) / "increments" / f"{_slug(concept)}.safetensors"
+    return folder(params) / "increments" / f"{slug(concept)}.safetensors"
 
 
 def train_increments(params: dict, pipe, progress: bool = True, concepts: list[str] | None = None) -> pd.DataFrame:
@@ -109,7 +104,7 @@ def train_increments(params: dict, pipe, progress: bool = True, concepts: list[s
             rows.append(json.loads(record.read_text())["summary"])
             continue
         latents = prepare_anchor_latents(
-            pipe, settings["prompts"], params["sepme_images"], folder(params) / "images" / _slug(concept),
+            pipe, settings["prompts"], params["sepme_images"], folder(params) / "images" / slug(concept),
             model=run["model"], seed=params["seed"], steps=params["num_inference_steps"],
             guidance=params["guidance_scale"], shard_size=params["anchor_shard_size"], progress=progress)
         started = time.time()
@@ -159,7 +154,7 @@ def compose_subsets(params: dict, chosen: list[tuple[str, ...]] | None = None) -
     hashes = {c: _sha256(increment_path(params, c)) for c in dict.fromkeys(c for s in chosen for c in s)}
     rows = []
     for subset in chosen:
-        out = folder(params) / "subsets" / _slug(subset_label(subset))
+        out = folder(params) / "subsets" / slug(subset_label(subset))
         record = out / "sepme_compose.json"
         wanted = {c: hashes[c] for c in subset}
         if not (record.is_file() and json.loads(record.read_text()).get("increment_sha256") == wanted):
