@@ -205,7 +205,7 @@ def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: 
             sets = prompt_sets(params["target"], shapes, samples, seed)
             cache = config.run_dir(params) / "ablation" / name
             for prompt_set, rate in cached_judged_rates(base, judge, sets, steps, guidance, seed, cache).items():
-                rows.append({"model": model_label(params, base_model, "original"), "seed": seed,
+                rows.append({"model": model_label(params, base_model, "original"), "base": base_model, "seed": seed,
                              "prompt set": prompt_set, "rate": rate})
     for seed in sorted(set(unets["seed"])):
         sets = prompt_sets(params["target"], shapes, samples, seed)
@@ -217,7 +217,7 @@ def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: 
             for prompt_set, rate in cached_judged_rates(erased, judge, sets, steps, guidance, seed, cache).items():
                 rows.append({**label, "model": model_label(params, base_model, " ".join(str(v) for v in
                                                                                        label.values())),
-                             "seed": seed, "prompt set": prompt_set, "rate": rate})
+                             "base": base_model, "seed": seed, "prompt set": prompt_set, "rate": rate})
     return pd.DataFrame(rows)
 
 
@@ -280,13 +280,14 @@ def summarise(judged: pd.DataFrame, by: str = "model") -> pd.DataFrame:
 
 
 def tradeoff(judged: pd.DataFrame, target: str, related: list[str]) -> pd.DataFrame:
-    """Per run: drop of the target's judged rate and mean drop over related concepts, in points."""
-    originals = judged[judged.model.str.startswith("original")].set_index(["model", "seed", "prompt set"])["rate"]
+    """Per run: drop of the target's judged rate and mean drop over related concepts, in points, against the
+    original of the run's own base model (`base`, where the rates name one: SepME runs on `sepme_model`)."""
+    judged = judged.assign(base=judged["base"] if "base" in judged else "")
+    is_original = judged.model.str.startswith("original")
+    originals = judged[is_original].set_index(["base", "seed", "prompt set"])["rate"]
     rows = []
-    for (model, seed), group in judged[~judged.model.str.startswith("original")].groupby(["model", "seed"],
-                                                                                        sort=False):
-        own = [m for m in originals.index.levels[0] if m != "original" and model.endswith(m[len("original"):])]
-        original = originals[own[0] if own else "original"]  # SepME (toy-wide) against original (toy-wide)
+    for (model, base, seed), group in judged[~is_original].groupby(["model", "base", "seed"], sort=False):
+        original = originals[base]
         rates = group.set_index("prompt set")["rate"]
         rows.append({"model": model, "seed": seed,
                      "target drop (pts)": 100 * (original[(seed, target)] - rates[target]),

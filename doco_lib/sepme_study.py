@@ -100,8 +100,9 @@ def train_increments(params: dict, pipe, progress: bool = True, concepts: list[s
         settings = _settings(params, concept)
         path = increment_path(params, concept)
         record = path.with_suffix(".json")
-        if path.is_file() and record.is_file() and json.loads(record.read_text())["settings"] == settings:
-            rows.append(json.loads(record.read_text())["summary"])
+        saved = json.loads(record.read_text()) if path.is_file() and record.is_file() else {}
+        if saved.get("settings") == settings:
+            rows.append(saved["summary"])
             continue
         latents = prepare_anchor_latents(
             pipe, settings["prompts"], params["sepme_images"], folder(params) / "images" / slug(concept),
@@ -159,7 +160,7 @@ def compose_subsets(params: dict, chosen: list[tuple[str, ...]] | None = None) -
         wanted = {c: hashes[c] for c in subset}
         if not (record.is_file() and json.loads(record.read_text()).get("increment_sha256") == wanted):
             with _decoupled_by_name():
-                    sepme.compose_to_folder(params["sepme_model"], increments, list(subset), out, params["device"])
+                sepme.compose_to_folder(params["sepme_model"], increments, list(subset), out, params["device"])
             composed = json.loads(record.read_text())
             atomic_write_text(json.dumps({**composed, "increment_sha256": wanted}, indent=1), record)
         rows.append({"erased": subset_label(subset), "seed": params["seed"], "unet": str(out)})
