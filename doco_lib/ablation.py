@@ -4,8 +4,9 @@ Each (variant, seed) is an ordinary run under `<run>/ablation/<variant>_s<seed>/
 same harness as `doco train`; a finished run (its UNet exported) is never retrained, and an interrupted
 one resumes from its checkpoint — in both cases only with the same settings, else the run is refused.
 Sequential multi-concept erasure chains runs: stage k starts from the UNet of stage k−1 (`base_unet`)
-and, with `sequential_keep_erased`, also trains on the earlier targets, so that it cannot quietly undo
-them. In the toy world every model is then judged on the same prompt sets
+and, with `sequential_keep_erased`, also rehearses the earlier targets, so that it cannot quietly undo
+them; multi-concept runs use `multi_concept_model` and are long enough to give each newly erased target
+the samples of a single run. In the toy world every model is then judged on the same prompt sets
 and seeds, and results are summarised as mean ± 95% confidence interval (Student's t) over seeds.
 """
 
@@ -45,23 +46,27 @@ RUN_DATA_KEYS = ("model", "base_unet", "seed", "concept_kind", "target", "anchor
                  "guidance_scale", "rgd_slots_file", "rgd_prompts")
 
 
-def run_identity(run: dict, concepts: list[tuple[str, str, str]] | None = None) -> dict:
+def run_identity(run: dict, concepts: list[tuple[str, str, str]] | None = None,
+                 shares: list[float] | None = None) -> dict:
     """What a finished run must have been trained with to be reused: its training settings and data."""
     from doco_lib.training import TrainingConfig
 
     return {**TrainingConfig.from_params(run).training_identity(), **{k: run[k] for k in RUN_DATA_KEYS},
             "concepts": [list(c) for c in concepts or []],
+            **({"concept shares": list(shares)} if shares else {}),
             "images drawn by": "the original model"}  # since 2026-11-26; earlier runs used a stage's start
 
 
-def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None) -> Path:
+def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None,
+              shares: list[float] | None = None) -> Path:
     """Train one run unless it is already finished with the same settings; returns the UNet folder. With
-    `concepts` (target, anchor, anchor prompt file), the run erases them all at once."""
+    `concepts` (target, anchor, anchor prompt file), the run erases them all at once, each drawn in
+    proportion to its entry of `shares` (default: to its number of anchor images)."""
     import json
 
     unet = experiment.training_dir(run) / "unet"
     record = experiment.training_dir(run) / "ablation_run.json"
-    identity = json.loads(json.dumps(run_identity(run, concepts)))  # as it reads back from the file
+    identity = json.loads(json.dumps(run_identity(run, concepts, shares)))  # as it reads back from the file
     if (unet / "config.json").is_file():
         if not record.is_file():
             raise config.ParamsError(f"{unet.parent} holds a finished run without a record of its settings "
@@ -74,7 +79,7 @@ def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None) -> 
         return unet
     pipe = experiment.starting_pipeline(run)
     if concepts:
-        trainer = experiment.make_multi_concept_trainer(run, concepts, pipe)
+        trainer = experiment.make_multi_concept_trainer(run, concepts, pipe, shares)
     else:
         experiment.prepare_anchors(run, pipe)
         trainer = experiment.make_trainer(run, pipe)
@@ -132,58 +137,90 @@ def model_label(params: dict, model: str, label: str) -> str:
 
 def stage_preservation_prompts(params: dict, stages: list[str], k: int) -> list[str]:
     """Preservation prompts of sequential stage k (0-based): the stage's own file, or else the params'
-    `preservation_prompts_file`, without the prompts that name a target the stage trains on (its own and,
-    with `sequential_keep_erased`, the earlier ones)."""
+    `preservation_prompts_file`, without the prompts that name its target or an earlier one (retaining the
+    original model's images of an erased concept would teach it back)."""
     parsed = [parse_stage(s) for s in stages]
-    own = parsed[k][3]
-    source = own or params["preservation_prompts_file"]
-    if not source:
+    return prompts_naming_none(params, parsed[k][3] or params["preservation_prompts_file"], parsed[: k + 1])
+
+
+def prompts_naming_none(params: dict, prompt_file: str, erased: list[tuple]) -> list[str]:
+    """The prompts of `prompt_file` ('': none) that name none of the erased (target, anchor, …) concepts."""
+    if not prompt_file:
         return []
-    trained = parsed[: k + 1] if params["sequential_keep_erased"] else parsed[k: k + 1]
-    patterns = [ConceptSpec(params["concept_kind"], anchor, target).target_pattern() for target, anchor, *_ in trained]
-    return [p for p in read_prompt_file(source) if not any(pattern.search(p) for pattern in patterns)]
+    patterns = [ConceptSpec(params["concept_kind"], anchor, target).target_pattern() for target, anchor, *_ in erased]
+    return [p for p in read_prompt_file(prompt_file) if not any(pattern.search(p) for pattern in patterns)]
+
+
+def write_preservation(params: dict, name: str, heading: str, prompts: list[str]) -> str:
+    """A multi-concept run's preservation prompts as a file in the run folder ('' when there are none)."""
+    if not prompts:
+        return ""
+    path = config.run_dir(params) / "ablation" / "multi_concept_preservation" / f"{name}.txt"
+    atomic_write_text(f"# {heading}\n" + "\n".join(prompts) + "\n", path)
+    return str(path)
+
+
+def multi_concept_iterations(params: dict, share: float) -> int:
+    """Iterations of a multi-concept run in which a concept it newly erases gets `share` of the samples: the
+    adversarial iterations of a single-concept run divided by that share, so that the concept is trained on
+    as many samples as when erased alone (the warm-up is not repeated)."""
+    adversarial = params["iterations"] - params["warmup_iterations"]
+    return params["warmup_iterations"] + round(adversarial / share)
 
 
 def train_sequential(params: dict, stages: list[str], seeds: list[int], variant: str = "DoCo (cp)") -> pd.DataFrame:
-    """Erase the stages' targets one after another, each stage on top of the previous one's UNet. With
-    `sequential_keep_erased`, stage k also trains on the earlier targets, so that it keeps them erased
-    instead of undoing them. Every stage's anchor and preservation images are the original model's."""
+    """Erase the stages' targets one after another on `multi_concept_model`, each stage on top of the previous
+    one's UNet. With `sequential_keep_erased`, stage k also rehearses the earlier targets, so that it keeps them
+    erased instead of undoing them: they get `sequential_rehearsal_share` of its samples, its own target the
+    rest, and the stage runs long enough to give its own target a single run's samples. Every stage's anchor
+    and preservation images are the original model's."""
     parsed = [parse_stage(s) for s in stages]
-    preservation_files = []
-    for k, (target, *_) in enumerate(parsed):  # written once, before any training
-        prompts = stage_preservation_prompts(params, stages, k)
-        path = config.run_dir(params) / "ablation" / "sequential_preservation" / f"stage{k + 1}_{slug(target)}.txt"
-        if prompts:
-            atomic_write_text(f"# Preservation prompts of sequential stage {k + 1} (erasing {target!r}).\n"
-                              + "\n".join(prompts) + "\n", path)
-        preservation_files.append(str(path) if prompts else "")
+    model = params["multi_concept_model"] or params["model"]
+    preservation_files = [write_preservation(params, f"stage{k + 1}_{slug(target)}", f"Preservation prompts of "
+                                             f"sequential stage {k + 1} (erasing {target!r}).",
+                                             stage_preservation_prompts(params, stages, k))
+                          for k, (target, *_) in enumerate(parsed)]  # written once, before any training
+    rehearsal = params["sequential_rehearsal_share"]
     rows = []
     for seed in seeds:
         previous = ""
         for k, ((target, anchor, prompts, _), preservation) in enumerate(zip(parsed, preservation_files), start=1):
-            overrides = {**VARIANTS[variant], "target": target, "anchor": anchor, "anchor_prompts_file": prompts,
-                         "preservation_prompts_file": preservation, "base_unet": previous}
+            overrides = {**VARIANTS[variant], "model": model, "target": target, "anchor": anchor,
+                         "anchor_prompts_file": prompts, "preservation_prompts_file": preservation,
+                         "base_unet": previous}
+            concepts = shares = None
+            if params["sequential_keep_erased"] and k > 1:
+                concepts = [stage[:3] for stage in parsed[:k]]
+                shares = [rehearsal / (k - 1)] * (k - 1) + [1 - rehearsal]
+                overrides["iterations"] = multi_concept_iterations(params, 1 - rehearsal)
             run = run_params(params, f"sequential {k} {target}", seed, overrides)
-            concepts = [stage[:3] for stage in parsed[:k]] if params["sequential_keep_erased"] and k > 1 else None
-            previous = str(train_run(run, concepts))
+            previous = str(train_run(run, concepts, shares))
             rows.append({"stage": k, "erased so far": ", ".join(t for t, *_ in parsed[:k]), "seed": seed,
-                         "unet": previous})
+                         "unet": previous, "model": model})
     return pd.DataFrame(rows)
 
 
 def train_simultaneous(params: dict, stages: list[str], seeds: list[int], variant: str = "DoCo (cp)") -> pd.DataFrame:
-    """Erase all the stages' targets in one run per seed (the concepts' anchor images pooled, every batch mixing
-    them); preservation files of the stages are not used."""
+    """Erase all the stages' targets in one run per seed on `multi_concept_model` (the concepts' anchor images
+    pooled, every batch mixing them), long enough to give each target a single run's samples. It retains the
+    params' preservation prompts that name none of the targets; the stages' own preservation files are not
+    used."""
     concepts = [parse_stage(s)[:3] for s in stages]
     targets = [t for t, _, _ in concepts]
+    model = params["multi_concept_model"] or params["model"]
+    preservation = write_preservation(params, "simultaneous", f"Preservation prompts of the simultaneous run "
+                                      f"(erasing {', '.join(targets)}).",
+                                      prompts_naming_none(params, params["preservation_prompts_file"], concepts))
     rows = []
     for seed in seeds:
         target, anchor, prompts = concepts[0]
         run = run_params(params, f"simultaneous {' '.join(targets)}", seed,
-                         {**VARIANTS[variant], "target": target, "anchor": anchor, "anchor_prompts_file": prompts,
-                          "preservation_prompts_file": ""})
+                         {**VARIANTS[variant], "model": model, "target": target, "anchor": anchor,
+                          "anchor_prompts_file": prompts, "preservation_prompts_file": preservation,
+                          "iterations": multi_concept_iterations(params, 1 / len(concepts))})
         unet = train_run(run, concepts)
-        rows.append({"stage": "all at once", "erased so far": ", ".join(targets), "seed": seed, "unet": str(unet)})
+        rows.append({"stage": "all at once", "erased so far": ", ".join(targets), "seed": seed, "unet": str(unet),
+                     "model": model})
     return pd.DataFrame(rows)
 
 
@@ -195,7 +232,7 @@ def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: 
     judge = load_judge(params["device"])
     steps, guidance = params["num_inference_steps"], params["guidance_scale"]
     records = unets.to_dict("records")
-    bases = dict.fromkeys([params["model"], *(record_model(params, r) for r in records)])
+    bases = dict.fromkeys(record_model(params, r) for r in records)
     rows = []
     for base_model in bases:
         base = load_pipeline(base_model, params["device"])
@@ -231,8 +268,9 @@ def clip_rates(params: dict, unets: pd.DataFrame, concepts: list[str]) -> pd.Dat
     judge = load_judge(params["device"]) if params["fid_features"] == "judge" else None  # the toy FID features
     others = sorted({record_model(params, r) for r in unets.to_dict("records")} - {params["model"]})
     if others:
-        raise config.ParamsError(f"sepme_model: {others} differs from model {params['model']!r}; on real models "
-                                 "SepME is rated against the same base model (set sepme_model to it).")
+        raise config.ParamsError(f"sepme_model or multi_concept_model: {others} differs from model "
+                                 f"{params['model']!r}; on real models every run is rated against the params' "
+                                 "model (set them to it, or to '' where allowed).")
     rows = []
     for seed in sorted(set(unets["seed"])):
         records = unets[unets.seed == seed].to_dict("records")

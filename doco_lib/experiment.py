@@ -138,11 +138,15 @@ def make_trainer(params: dict, pipe) -> ErasureTrainer:
                          preservation=preservation)
 
 
-def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]], pipe) -> ErasureTrainer:
+def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]], pipe,
+                               shares: list[float] | None = None) -> ErasureTrainer:
     """Several concepts erased at once: each (target, anchor, anchor prompt file) gets its own anchor images
     (`<run>/anchor_latents_<target>/`), they are pooled, and every anchor prompt is paired with its own
-    concept's target prompt, so each batch mixes the concepts. DoCo, ConAbl or ESD. The params' preservation
-    prompts (checked against every target) join the retaining batch as in a single-concept run."""
+    concept's target prompt, so each batch mixes the concepts: each in proportion to its images, or to its
+    entry of `shares`. DoCo, ConAbl or ESD. The params' preservation prompts (checked against every target)
+    join the retaining batch as in a single-concept run."""
+    import torch
+
     from doco_lib.baselines import TRAINERS
 
     if params["method"] == "rgd":
@@ -160,15 +164,20 @@ def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]
                                          "disjoint anchor prompts.")
         stages.append((stage, spec, prompts))
     cfg = training_config(params, pipe.unet.config.sample_size)
-    pool = AnchorLatents.concatenate([_generate(stage, pipe, prompts, anchor_dir(params).with_name(
-        f"anchor_latents_{spec.target}")) for stage, spec, prompts in stages])
+    if shares is not None and (len(shares) != len(concepts) or min(shares) < 0 or sum(shares) <= 0):
+        raise ValueError(f"shares: {shares!r}; expected one non-negative share per concept ({len(concepts)})")
+    caches = [_generate(stage, pipe, prompts, anchor_dir(params).with_name(f"anchor_latents_{spec.target}"))
+              for stage, spec, prompts in stages]
+    pool = AnchorLatents.concatenate(caches)
+    weights = None if shares is None else torch.cat([torch.full((len(c),), share / len(c))
+                                                     for c, share in zip(caches, shares)])
     preservation = None
     if params["preservation_prompts_file"]:  # validated above against every concept's target
         preservation = _generate(params, pipe, read_prompt_file(params["preservation_prompts_file"]),
                                  preservation_dir(params), params["n_preservation_images"])
     trainer_class = DocoTrainer if cfg.method == "doco" else TRAINERS[cfg.method]
     return trainer_class(pipe, pool, stages[0][1], cfg, training_dir(params), device=pipe.device,
-                         target_prompts=pairs, preservation=preservation)
+                         target_prompts=pairs, preservation=preservation, sample_weights=weights)
 
 
 def evaluation_dir(params: dict) -> Path:

@@ -122,3 +122,21 @@ def load_judge(device: str = "auto"):
     from doco_lib.toy.models import ToyJudge
 
     return ToyJudge.from_pretrained(toy_weights_dir() / "judge").to(pick_device(device))
+
+
+@torch.no_grad()
+def concept_similarity(pipe, words: list[str], template: str = "a photo of a {}") -> "pd.DataFrame":
+    """How alike the text encoder encodes each word: cosine similarity of its final hidden state at the word's
+    last token in `template`, centred on the mean over `words` (what the prompts share drops out). Entangled
+    words move together under any edit of the cross-attention K/V weights."""
+    import pandas as pd
+
+    prompts = [template.format(w) for w in words]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    states = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu()
+    prefix = len(pipe.tokenizer(template.split("{}")[0].strip()).input_ids) - 1  # start token, no end token
+    last = [prefix + len(pipe.tokenizer(w, add_special_tokens=False).input_ids) - 1 for w in words]
+    vectors = torch.stack([states[i, position] for i, position in enumerate(last)])
+    vectors = torch.nn.functional.normalize(vectors - vectors.mean(0), dim=-1)
+    return pd.DataFrame((vectors @ vectors.T).numpy(), index=words, columns=words)

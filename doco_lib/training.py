@@ -178,9 +178,10 @@ class ErasureTrainer:
 
     def __init__(self, pipe, anchors: AnchorLatents, spec: ConceptSpec, config: TrainingConfig, run_dir: Path,
                  device: torch.device | str = "cpu", target_prompts: dict[str, str] | None = None,
-                 preservation: AnchorLatents | None = None):
+                 preservation: AnchorLatents | None = None, sample_weights: torch.Tensor | None = None):
         """`target_prompts` maps each anchor prompt to its target prompt (default: the concept spec's rule).
-        `preservation`: the original model's images of other concepts to keep; they join the retaining batch."""
+        `preservation`: the original model's images of other concepts to keep; they join the retaining batch.
+        `sample_weights`: relative chance of each anchor latent to be drawn (default: all alike)."""
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
@@ -231,6 +232,10 @@ class ErasureTrainer:
         split = torch.randperm(len(anchors), generator=torch.Generator().manual_seed(config.seed))
         n_heldout = max(1, int(len(anchors) * config.heldout_fraction))
         self.heldout_index, self.train_index = split[:n_heldout], split[n_heldout:]
+        if sample_weights is not None and (len(sample_weights) != len(anchors) or not (sample_weights >= 0).all()
+                                           or sample_weights[self.train_index].sum() <= 0):
+            raise ValueError(f"sample_weights: expected {len(anchors)} non-negative weights, not all zero")
+        self.sample_weights = None if sample_weights is None else sample_weights[self.train_index].double()
 
         torch.manual_seed(config.seed)
         self.build_extra()
@@ -267,6 +272,9 @@ class ErasureTrainer:
     # ---------------------------------------------------------------- one iteration
     def _sample_index(self) -> torch.Tensor:
         """A batch of training-split anchor indices, drawn with replacement from the run's generator."""
+        if self.sample_weights is not None:
+            return self.train_index[torch.multinomial(self.sample_weights, self.config.batch_size, replacement=True,
+                                                      generator=self.generator)]
         return self.train_index[torch.randint(0, len(self.train_index), (self.config.batch_size,),
                                               generator=self.generator)]
 

@@ -86,6 +86,33 @@ def test_simultaneous_erasure_pools_the_concepts_and_pairs_each_with_its_target(
                                               experiment.starting_pipeline(params))
 
 
+def test_concept_shares_decide_what_a_multi_concept_batch_draws(tmp_path):
+    from doco_lib import experiment
+
+    params = config.validate({"output_root": str(tmp_path), "run_name": "shares", "device": "cpu",
+                              "n_anchor_images": 8, "anchor_shard_size": 8, "num_inference_steps": 2,
+                              "batch_size": 64})
+    concepts = [("star", "pentagon", "params/prompts/toy_pentagon.txt"),
+                ("heart", "circle", "params/prompts/toy_circle.txt")]
+    pipe = experiment.starting_pipeline(params)
+    only_heart = experiment.make_multi_concept_trainer(params, concepts, pipe, shares=[0.0, 1.0])
+    assert all("circle" in only_heart.anchors.prompts[i] for i in only_heart._sample_index().tolist())
+    mostly_star = experiment.make_multi_concept_trainer(params, concepts, pipe, shares=[0.9, 0.1])
+    drawn = torch.cat([mostly_star._sample_index() for _ in range(20)]).tolist()
+    star_share = sum("pentagon" in mostly_star.anchors.prompts[i] for i in drawn) / len(drawn)
+    assert 0.85 < star_share < 0.95, star_share  # 1280 draws: 0.9 ± 0.025 at three standard deviations
+    assert not set(drawn) & set(mostly_star.heldout_index.tolist()), "held-out latents are never trained on"
+    with pytest.raises(ValueError, match="one non-negative share per concept"):
+        experiment.make_multi_concept_trainer(params, concepts, pipe, shares=[1.0])
+
+
+def test_multi_concept_runs_give_each_new_target_a_single_runs_samples():
+    params = config.validate({"iterations": 400, "warmup_iterations": 100})
+    assert ablation.multi_concept_iterations(params, 1.0) == 400
+    assert ablation.multi_concept_iterations(params, 0.5) == 700  # a sequential stage, half of it rehearsal
+    assert ablation.multi_concept_iterations(params, 1 / 3) == 1000  # three targets at once
+
+
 def test_real_models_are_rated_by_clip_accuracy_in_the_judges_layout(tmp_path):
     from doco_lib.pipeline import toy_weights_dir
 
@@ -101,15 +128,15 @@ def test_real_models_are_rated_by_clip_accuracy_in_the_judges_layout(tmp_path):
     assert (by_model["original"] == by_model["same UNet"]).all(), "the same weights draw the same images"
 
 
-def test_sequential_stages_retain_other_concepts_but_no_target_they_train_on(tmp_path):
+def test_sequential_stages_retain_other_concepts_but_no_target_erased_so_far(tmp_path):
     stages = config.SCHEMA["sequential_stages"].default  # star|pentagon, heart|circle, cross|square
     params = config.validate({"output_root": str(tmp_path), "preservation_prompts_file": "params/prompts/toy_preserve.txt"})
     first, second, third = (ablation.stage_preservation_prompts(params, stages, k) for k in range(3))
     assert first == read_prompt_file("params/prompts/toy_preserve.txt")  # nothing in it names 'star'
     assert not any("heart" in p for p in second) and any("cross" in p for p in second)
     assert not any("heart" in p or "cross" in p for p in third) and any("square" in p for p in third)
-    alone = config.validate({**params, "sequential_keep_erased": False})  # stage 3 trains on cross only
-    assert any("heart" in p for p in ablation.stage_preservation_prompts(alone, stages, 2))
+    alone = config.validate({**params, "sequential_keep_erased": False})  # stage 3 trains on cross only,
+    assert ablation.stage_preservation_prompts(alone, stages, 2) == third  # yet must not teach heart back
     own = tmp_path / "own.txt"
     own.write_text("a photo of a hexagon\na photo of a heart\n")
     assert ablation.stage_preservation_prompts(params, [stages[0], stages[1] + f"|{own}"], 1) == ["a photo of a hexagon"]
@@ -160,7 +187,7 @@ def test_sepme_joins_the_method_grid_beside_its_own_base_model(tmp_path):
     assert list(grid.variant) == ["SepME"] and list(grid.model) == ["toy-wide"]
     assert ablation.train_grid(params, ["SepME"], [0]).equals(grid)  # the increment is reused
     judged = ablation.judge_models(params, grid, ["star", "heart"], 2)
-    assert set(judged.model) == {"original", "original (toy-wide)", "SepME (toy-wide)"}
+    assert set(judged.model) == {"original (toy-wide)", "SepME (toy-wide)"}  # only the base its rows use
     points = ablation.tradeoff(judged, "star", ["heart"])
     wide = judged[judged.model == "original (toy-wide)"].set_index("prompt set")["rate"]
     erased = judged[judged.model == "SepME (toy-wide)"].set_index("prompt set")["rate"]

@@ -9,6 +9,7 @@ TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n
         "anchor_shard_size": 4, "iterations": 4, "warmup_iterations": 2, "checkpoint_every": 2, "batch_size": 4,
         "eval_samples": 2, "images_per_template": 1, "n_templates": 2, "esd_steps": 3,
         "ablation_variants": ["DoCo (cp)", "ConAbl", "SepME"], "ablation_seeds": [0, 1], "multi_concept_seeds": [0],
+        "multi_concept_model": "toy-wide",
         "sequential_stages": ["star|pentagon|params/prompts/toy_pentagon.txt",
                               "heart|circle|params/prompts/toy_circle.txt"],
         "extra_prompts_file": "params/prompts/toy_extra.txt", "attack_variants": ["DoCo (cp)"], "attack_attempts": 1,
@@ -37,3 +38,5 @@ def test_all_notebooks_run_with_papermill(tmp_path, doco_command, repo_root):
                      "05_ablations/table3.md", "05_ablations/sequential.md", "05_ablations/multi_concept.md",
                      "08_sepme/subset_rates.md", "08_sepme/criteria.md", "08_sepme/subsets_grid.png"):
         assert (run / artefact).exists(), artefact
+    sequential = (run / "05_ablations" / "sequential.md").read_text()
+    assert "2 star, heart (toy-wide)" in sequential and "original (toy-wide)" in sequential

@@ -80,3 +80,15 @@ def test_sample_command_rejects_a_missing_model(tmp_path, doco_command):
     result = subprocess.run(doco_command + ["sample", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out",
                                             str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_concept_similarity_finds_the_word_in_the_prompt(pipe):
+    from doco_lib.pipeline import concept_similarity
+
+    words = ["star", "pentagram", "circle", "heart", "cross"]
+    similarity = concept_similarity(pipe, words)
+    assert torch.allclose(torch.tensor(similarity.values), torch.tensor(similarity.values.T), atol=1e-6)
+    assert similarity.values.diagonal() == pytest.approx([1.0] * len(words), abs=1e-5)
+    assert similarity.loc["star", "pentagram"] > similarity.loc["star", "circle"]  # the synonym is nearest
+    twice = concept_similarity(pipe, ["star", "star", "circle"], template="a {} on a plain background")
+    assert twice.values[0, 1] == pytest.approx(1.0, abs=1e-5)  # the same word, the same state
