@@ -295,10 +295,10 @@ SCHEMA: dict[str, Param] = {
                                "preservation_prompts_file)", (NB05,), check=_stages),
     "sequential_keep_erased": Param(True, bool, "sequential erasure: each stage also trains on the earlier "
                                     "stages' targets so that it keeps them erased", (NB05,)),
-    "sequential_rehearsal_share": Param(0.5, (int, float), "sequential erasure with sequential_keep_erased: the share of "
-                                        "a stage's samples that rehearse the earlier targets (its own target gets "
-                                        "the rest, and as many samples as a single run)", (NB05,), minimum=0.0,
-                                        maximum=0.9),
+    "sequential_rehearsal_share": Param(0.5, (int, float), "sequential erasure with sequential_keep_erased: the "
+                                        "share of a stage's samples that rehearse the earlier targets (its own "
+                                        "target gets the rest, and as many samples as a single run)", (NB05,),
+                                        minimum=0.0, maximum=0.9),
     "multi_concept_seeds": Param([0, 1, 2], list, "seeds of the sequential and simultaneous multi-concept runs",
                                  (NB05,), check=_list_of_seeds),
     "multi_concept_model": Param("", str, "base model of the sequential and simultaneous runs ('': model), e.g. "
