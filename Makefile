@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Reinstalls only when pyproject.toml changes. Torch comes first, pinned, from the local wheels.
+# Reinstalls only when pyproject.toml changes. Torch comes first, pinned, from the local wheels. No pip
+# cache: the venv alone takes about 6.7 GB (torch is a CUDA build), and CI disks can be tight.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/pip install --quiet --no-cache-dir torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
