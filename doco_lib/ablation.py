@@ -4,10 +4,10 @@ Each (variant, seed) is an ordinary run under `<run>/ablation/<variant>_s<seed>/
 same harness as `doco train`; a finished run (its UNet exported) is never retrained, and an interrupted
 one resumes from its checkpoint — in both cases only with the same settings, else the run is refused.
 Sequential multi-concept erasure chains runs: stage k starts from the UNet of stage k−1 (`base_unet`)
-and, with `sequential_keep_erased`, also rehearses the earlier targets, so that it cannot quietly undo
-them; multi-concept runs use `multi_concept_model` and are long enough to give each newly erased target
-the samples of a single run. In the toy world every model is then judged on the same prompt sets
-and seeds, and results are summarised as mean ± 95% confidence interval (Student's t) over seeds.
+and, with `sequential_keep_erased`, retains the earlier targets as erased, so that it cannot quietly undo
+them; multi-concept runs use `multi_concept_model`, and a run erasing several targets at once is long
+enough to give each the samples of a single run. In the toy world every model is then judged on the same
+prompt sets and seeds, and results are summarised as mean ± 95% confidence interval (Student's t) over seeds.
 """
 
 from __future__ import annotations
@@ -47,26 +47,27 @@ RUN_DATA_KEYS = ("model", "base_unet", "seed", "concept_kind", "target", "anchor
 
 
 def run_identity(run: dict, concepts: list[tuple[str, str, str]] | None = None,
-                 shares: list[float] | None = None) -> dict:
+                 rehearse: list[tuple[str, str, str]] | None = None) -> dict:
     """What a finished run must have been trained with to be reused: its training settings and data."""
     from doco_lib.training import TrainingConfig
 
     return {**TrainingConfig.from_params(run).training_identity(), **{k: run[k] for k in RUN_DATA_KEYS},
             "concepts": [list(c) for c in concepts or []],
-            **({"concept shares": list(shares)} if shares else {}),
+            **({"rehearsed": [list(c) for c in rehearse]} if rehearse else {}),
             "images drawn by": "the original model"}  # since 2026-11-26; earlier runs used a stage's start
 
 
 def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None,
-              shares: list[float] | None = None) -> Path:
+              rehearse: list[tuple[str, str, str]] | None = None) -> Path:
     """Train one run unless it is already finished with the same settings; returns the UNet folder. With
-    `concepts` (target, anchor, anchor prompt file), the run erases them all at once, each drawn in
-    proportion to its entry of `shares` (default: to its number of anchor images)."""
+    `concepts` (target, anchor, anchor prompt file), the run erases them all at once. With `rehearse` (the
+    same form: concepts erased before), it erases its own target and retains those as erased
+    (`experiment.make_trainer`)."""
     import json
 
     unet = experiment.training_dir(run) / "unet"
     record = experiment.training_dir(run) / "ablation_run.json"
-    identity = json.loads(json.dumps(run_identity(run, concepts, shares)))  # as it reads back from the file
+    identity = json.loads(json.dumps(run_identity(run, concepts, rehearse)))  # as it reads back from the file
     if (unet / "config.json").is_file():
         if not record.is_file():
             raise config.ParamsError(f"{unet.parent} holds a finished run without a record of its settings "
@@ -79,10 +80,10 @@ def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None,
         return unet
     pipe = experiment.starting_pipeline(run)
     if concepts:
-        trainer = experiment.make_multi_concept_trainer(run, concepts, pipe, shares)
+        trainer = experiment.make_multi_concept_trainer(run, concepts, pipe)
     else:
         experiment.prepare_anchors(run, pipe)
-        trainer = experiment.make_trainer(run, pipe)
+        trainer = experiment.make_trainer(run, pipe, rehearse)
     trainer.run(progress=False)
     exported = trainer.export(base_model=run["model"])["unet"]
     atomic_save_json(identity, record)
@@ -160,41 +161,36 @@ def write_preservation(params: dict, name: str, heading: str, prompts: list[str]
     return str(path)
 
 
-def multi_concept_iterations(params: dict, share: float) -> int:
-    """Iterations of a multi-concept run in which a concept it newly erases gets `share` of the samples: the
-    adversarial iterations of a single-concept run divided by that share, so that the concept is trained on
-    as many samples as when erased alone (the warm-up is not repeated)."""
-    adversarial = params["iterations"] - params["warmup_iterations"]
-    return params["warmup_iterations"] + round(adversarial / share)
+def simultaneous_iterations(params: dict, n_concepts: int) -> int:
+    """Iterations of a run erasing `n_concepts` at once: the warm-up, then the adversarial iterations of a
+    single-concept run for each concept, so that each is trained on as many samples as when erased alone."""
+    return params["warmup_iterations"] + n_concepts * (params["iterations"] - params["warmup_iterations"])
 
 
 def train_sequential(params: dict, stages: list[str], seeds: list[int], variant: str = "DoCo (cp)") -> pd.DataFrame:
     """Erase the stages' targets one after another on `multi_concept_model`, each stage on top of the previous
-    one's UNet. With `sequential_keep_erased`, stage k also rehearses the earlier targets, so that it keeps them
-    erased instead of undoing them: they get `sequential_rehearsal_share` of its samples, its own target the
-    rest, and the stage runs long enough to give its own target a single run's samples. Every stage's anchor
-    and preservation images are the original model's."""
+    one's UNet, with a single run's settings. With `sequential_keep_erased`, stage k retains the earlier
+    targets as erased: their target prompts over the original model's images of their anchors join its
+    retaining batch (`experiment.make_trainer`), so that under eq. 9 its own unlearning gradient may not undo
+    them. Every stage's anchor and preservation images are the original model's."""
     parsed = [parse_stage(s) for s in stages]
     model = params["multi_concept_model"] or params["model"]
+    if params["sequential_keep_erased"] and len(parsed) > 1:
+        experiment.check_can_rehearse({**params, **VARIANTS[variant]})  # before any stage is trained
     preservation_files = [write_preservation(params, f"stage{k + 1}_{slug(target)}", f"Preservation prompts of "
                                              f"sequential stage {k + 1} (erasing {target!r}).",
                                              stage_preservation_prompts(params, stages, k))
                           for k, (target, *_) in enumerate(parsed)]  # written once, before any training
-    rehearsal = params["sequential_rehearsal_share"]
     rows = []
     for seed in seeds:
         previous = ""
         for k, ((target, anchor, prompts, _), preservation) in enumerate(zip(parsed, preservation_files), start=1):
-            overrides = {**VARIANTS[variant], "model": model, "target": target, "anchor": anchor,
-                         "anchor_prompts_file": prompts, "preservation_prompts_file": preservation,
-                         "base_unet": previous}
-            concepts = shares = None
-            if params["sequential_keep_erased"] and k > 1:
-                concepts = [stage[:3] for stage in parsed[:k]]
-                shares = [rehearsal / (k - 1)] * (k - 1) + [1 - rehearsal]
-                overrides["iterations"] = multi_concept_iterations(params, 1 - rehearsal)
-            run = run_params(params, f"sequential {k} {target}", seed, overrides)
-            previous = str(train_run(run, concepts, shares))
+            run = run_params(params, f"sequential {k} {target}", seed,
+                             {**VARIANTS[variant], "model": model, "target": target, "anchor": anchor,
+                              "anchor_prompts_file": prompts, "preservation_prompts_file": preservation,
+                              "base_unet": previous})
+            rehearse = [stage[:3] for stage in parsed[:k - 1]] if params["sequential_keep_erased"] else None
+            previous = str(train_run(run, rehearse=rehearse))
             rows.append({"stage": k, "erased so far": ", ".join(t for t, *_ in parsed[:k]), "seed": seed,
                          "unet": previous, "model": model})
     return pd.DataFrame(rows)
@@ -217,7 +213,7 @@ def train_simultaneous(params: dict, stages: list[str], seeds: list[int], varian
         run = run_params(params, f"simultaneous {' '.join(targets)}", seed,
                          {**VARIANTS[variant], "model": model, "target": target, "anchor": anchor,
                           "anchor_prompts_file": prompts, "preservation_prompts_file": preservation,
-                          "iterations": multi_concept_iterations(params, 1 / len(concepts))})
+                          "iterations": simultaneous_iterations(params, len(concepts))})
         unet = train_run(run, concepts)
         rows.append({"stage": "all at once", "erased so far": ", ".join(targets), "seed": seed, "unet": str(unet),
                      "model": model})

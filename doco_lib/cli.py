@@ -57,9 +57,10 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_demo(args) -> None:
+    from doco_lib.config import parse_overrides
     from doco_lib.notebooks import DEMO_NOTEBOOKS, run_notebooks
 
-    for path in run_notebooks(args.params, tuple(args.notebooks or DEMO_NOTEBOOKS)):
+    for path in run_notebooks(args.params, tuple(args.notebooks or DEMO_NOTEBOOKS), parse_overrides(args.set)):
         print(f"executed {path}")
 
 
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job: the numbered notebooks on the toy world")
     demo.add_argument("--params", default="params/toy_world.yaml")
     demo.add_argument("--notebooks", nargs="+", help="only these notebooks (names without .ipynb), in order")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the params file, VALUE read as YAML (e.g. multi_concept_seeds=[0,1,2]); "
+                           "repeatable")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -293,12 +293,9 @@ SCHEMA: dict[str, Param] = {
                                "multi-concept erasure, in order: 'target|anchor|anchor prompt file' per stage (a "
                                "fourth field: that stage's preservation prompt file instead of "
                                "preservation_prompts_file)", (NB05,), check=_stages),
-    "sequential_keep_erased": Param(True, bool, "sequential erasure: each stage also trains on the earlier "
-                                    "stages' targets so that it keeps them erased", (NB05,)),
-    "sequential_rehearsal_share": Param(0.5, (int, float), "sequential erasure with sequential_keep_erased: the "
-                                        "share of a stage's samples that rehearse the earlier targets (its own "
-                                        "target gets the rest, and as many samples as a single run)", (NB05,),
-                                        minimum=0.0, maximum=0.9),
+    "sequential_keep_erased": Param(True, bool, "sequential erasure: each stage retains the earlier stages' targets "
+                                    "as erased (their prompts over their anchors' images join its retaining batch)",
+                                    (NB05,)),
     "multi_concept_seeds": Param([0, 1, 2], list, "seeds of the sequential and simultaneous multi-concept runs",
                                  (NB05,), check=_list_of_seeds),
     "multi_concept_model": Param("", str, "base model of the sequential and simultaneous runs ('': model), e.g. "
@@ -491,6 +488,20 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of key: value at the top level, got {type(data).__name__}.")
     return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Command-line 'KEY=VALUE' overrides, each VALUE read as YAML, as in a params file."""
+    overrides = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. multi_concept_seeds=[0,1,2]")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ParamsError(f"--set {item!r}: the value is not YAML ({error.problem})") from None
+    return overrides
 
 
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

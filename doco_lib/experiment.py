@@ -118,9 +118,35 @@ def training_config(params: dict, latent_size: int) -> TrainingConfig:
     return cfg
 
 
-def make_trainer(params: dict, pipe) -> ErasureTrainer:
+def check_can_rehearse(params: dict) -> None:
+    """Rehearsal retains erased concepts through the retaining loss, which only some methods have."""
+    if not ((params["method"] == "doco" and params["retain_mode"] != "none")
+            or (params["method"] == "conabl" and params["conabl_retain"])):
+        raise config.ParamsError(f"sequential_keep_erased: the earlier targets are retained through the retaining "
+                                 f"loss, which method {params['method']!r} (retain_mode {params['retain_mode']!r}, "
+                                 f"conabl_retain {params['conabl_retain']}) does not train; use DoCo with retain_mode "
+                                 "l2, cp or rgd, or ConAbl with conabl_retain, or set sequential_keep_erased: false.")
+
+
+def rehearsal_latents(params: dict, pipe, erased: list[tuple[str, str, str]]) -> AnchorLatents:
+    """Concepts erased before a run, each (target, anchor, anchor prompt file): the original model's images of
+    the anchor prompts (the same images their own run used), each captioned with its target prompt."""
+    caches = []
+    for target, anchor, prompt_file in erased:
+        stage = config.validate({**params, "target": target, "anchor": anchor, "anchor_prompts_file": prompt_file},
+                                source=f"erased concept {target!r}")
+        spec, prompts = concept(stage)
+        cache = _generate(stage, pipe, prompts, anchor_dir(params).with_name(f"rehearsal_latents_{spec.target}"))
+        captions = dict(spec.prompt_pairs(sorted(set(cache.prompts))))
+        caches.append(AnchorLatents(cache.latent_mean, cache.latent_std, [captions[p] for p in cache.prompts],
+                                    cache.seeds, cache.scaling_factor))
+    return AnchorLatents.concatenate(caches)
+
+
+def make_trainer(params: dict, pipe, rehearse: list[tuple[str, str, str]] | None = None) -> ErasureTrainer:
     """The trainer of `params['method']` over the cached anchor latents, writing to `<run>/<method>/`; it
-    resumes from the checkpoint there when one exists."""
+    resumes from the checkpoint there when one exists. `rehearse`: concepts erased before this run, (target,
+    anchor, anchor prompt file) each, whose target prompts over their anchors' images join the retaining batch."""
     from doco_lib.baselines import TRAINERS
 
     spec, _ = concept(params)
@@ -134,19 +160,20 @@ def make_trainer(params: dict, pipe) -> ErasureTrainer:
     preservation = None
     if params["preservation_prompts_file"]:
         preservation = load_anchor_latents(preservation_dir(params), pipe.vae.config.scaling_factor)
+    rehearsal = None
+    if rehearse:
+        check_can_rehearse(params)
+        rehearsal = rehearsal_latents(params, pipe, rehearse)
     return trainer_class(pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device,
-                         preservation=preservation)
+                         preservation=preservation, rehearsal=rehearsal)
 
 
-def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]], pipe,
-                               shares: list[float] | None = None) -> ErasureTrainer:
+def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]], pipe) -> ErasureTrainer:
     """Several concepts erased at once: each (target, anchor, anchor prompt file) gets its own anchor images
     (`<run>/anchor_latents_<target>/`), they are pooled, and every anchor prompt is paired with its own
-    concept's target prompt, so each batch mixes the concepts: each in proportion to its images, or to its
-    entry of `shares`. DoCo, ConAbl or ESD. The params' preservation prompts (checked against every target)
-    join the retaining batch as in a single-concept run."""
-    import torch
-
+    concept's target prompt, so each batch mixes the concepts, each in proportion to its images. DoCo, ConAbl
+    or ESD. The params' preservation prompts (checked against every target) join the retaining batch as in a
+    single-concept run."""
     from doco_lib.baselines import TRAINERS
 
     if params["method"] == "rgd":
@@ -164,20 +191,16 @@ def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]
                                          "disjoint anchor prompts.")
         stages.append((stage, spec, prompts))
     cfg = training_config(params, pipe.unet.config.sample_size)
-    if shares is not None and (len(shares) != len(concepts) or min(shares) < 0 or sum(shares) <= 0):
-        raise ValueError(f"shares: {shares!r}; expected one non-negative share per concept ({len(concepts)})")
     caches = [_generate(stage, pipe, prompts, anchor_dir(params).with_name(f"anchor_latents_{spec.target}"))
               for stage, spec, prompts in stages]
     pool = AnchorLatents.concatenate(caches)
-    weights = None if shares is None else torch.cat([torch.full((len(c),), share / len(c))
-                                                     for c, share in zip(caches, shares)])
     preservation = None
     if params["preservation_prompts_file"]:  # validated above against every concept's target
         preservation = _generate(params, pipe, read_prompt_file(params["preservation_prompts_file"]),
                                  preservation_dir(params), params["n_preservation_images"])
     trainer_class = DocoTrainer if cfg.method == "doco" else TRAINERS[cfg.method]
     return trainer_class(pipe, pool, stages[0][1], cfg, training_dir(params), device=pipe.device,
-                         target_prompts=pairs, preservation=preservation, sample_weights=weights)
+                         target_prompts=pairs, preservation=preservation)
 
 
 def evaluation_dir(params: dict) -> Path:

@@ -178,10 +178,12 @@ class ErasureTrainer:
 
     def __init__(self, pipe, anchors: AnchorLatents, spec: ConceptSpec, config: TrainingConfig, run_dir: Path,
                  device: torch.device | str = "cpu", target_prompts: dict[str, str] | None = None,
-                 preservation: AnchorLatents | None = None, sample_weights: torch.Tensor | None = None):
+                 preservation: AnchorLatents | None = None, rehearsal: AnchorLatents | None = None):
         """`target_prompts` maps each anchor prompt to its target prompt (default: the concept spec's rule).
         `preservation`: the original model's images of other concepts to keep; they join the retaining batch.
-        `sample_weights`: relative chance of each anchor latent to be drawn (default: all alike)."""
+        `rehearsal`: concepts erased before this run, as the original model's images of their anchors captioned
+        with their target prompts; they join the retaining batch too, which keeps those targets drawn as their
+        anchors while this run erases its own (under eq. 9, this run's unlearning may not undo them)."""
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
@@ -223,19 +225,18 @@ class ErasureTrainer:
         self.anchor_embeddings = self._encode(pipe, [a for a, _ in self.prompt_pairs])
         self.target_embeddings = self._encode(pipe, [t for _, t in self.prompt_pairs])
         self.empty_embedding = self._encode(pipe, [""])
-        self.preservation = preservation
-        if preservation is not None:
-            kept = sorted(set(preservation.prompts))
-            self.preservation_prompt_index = torch.tensor([kept.index(p) for p in preservation.prompts])
-            self.preservation_embeddings = self._encode(pipe, kept)
+        self.preservation, self.rehearsal = preservation, rehearsal
+        # Each set joining the retaining batch: (images, index of each image's caption, caption embeddings).
+        self.retained_sets = []
+        for images in (preservation, rehearsal):
+            if images is not None:
+                captions = sorted(set(images.prompts))
+                self.retained_sets.append((images, torch.tensor([captions.index(p) for p in images.prompts]),
+                                           self._encode(pipe, captions)))
 
         split = torch.randperm(len(anchors), generator=torch.Generator().manual_seed(config.seed))
         n_heldout = max(1, int(len(anchors) * config.heldout_fraction))
         self.heldout_index, self.train_index = split[:n_heldout], split[n_heldout:]
-        if sample_weights is not None and (len(sample_weights) != len(anchors) or not (sample_weights >= 0).all()
-                                           or sample_weights[self.train_index].sum() <= 0):
-            raise ValueError(f"sample_weights: expected {len(anchors)} non-negative weights, not all zero")
-        self.sample_weights = None if sample_weights is None else sample_weights[self.train_index].double()
 
         torch.manual_seed(config.seed)
         self.build_extra()
@@ -272,9 +273,6 @@ class ErasureTrainer:
     # ---------------------------------------------------------------- one iteration
     def _sample_index(self) -> torch.Tensor:
         """A batch of training-split anchor indices, drawn with replacement from the run's generator."""
-        if self.sample_weights is not None:
-            return self.train_index[torch.multinomial(self.sample_weights, self.config.batch_size, replacement=True,
-                                                      generator=self.generator)]
         return self.train_index[torch.randint(0, len(self.train_index), (self.config.batch_size,),
                                               generator=self.generator)]
 
@@ -292,14 +290,14 @@ class ErasureTrainer:
 
     def _retain_batch(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, c: torch.Tensor):
         """The batch of the retaining loss: the anchor batch, plus as many preservation images when a
-        preservation set is given (drawn after the anchor batch, so runs without one are unchanged)."""
-        if self.preservation is None:
-            return x_t, t, noise, c
-        index = torch.randint(0, len(self.preservation), (len(x_t),), generator=self.generator)
-        x_p, t_p, noise_p = self._noised(self.preservation.sample(index, self.generator).to(self.device),
-                                         self.generator)
-        c_p = self.preservation_embeddings[self.preservation_prompt_index[index]]
-        return torch.cat([x_t, x_p]), torch.cat([t, t_p]), torch.cat([noise, noise_p]), torch.cat([c, c_p])
+        preservation set is given, and as many rehearsal images when a rehearsal set is given (drawn after the
+        anchor batch, so runs without them are unchanged)."""
+        batch = [(x_t, t, noise, c)]
+        for images, caption_index, embeddings in self.retained_sets:
+            index = torch.randint(0, len(images), (len(x_t),), generator=self.generator)
+            batch.append((*self._noised(images.sample(index, self.generator).to(self.device), self.generator),
+                          embeddings[caption_index[index]]))
+        return tuple(torch.cat(parts) for parts in zip(*batch))
 
     def _grads(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor]:
         return list(torch.autograd.grad(loss, list(self.params.values()), retain_graph=retain_graph))
@@ -377,6 +375,8 @@ class ErasureTrainer:
         data = [self.prompt_pairs, self.anchors.seeds]
         if self.preservation is not None:
             data += [self.preservation.prompts, self.preservation.seeds]
+        if self.rehearsal is not None:
+            data += [self.rehearsal.prompts, self.rehearsal.seeds]
         digest = hashlib.sha256(json.dumps(data).encode()).hexdigest()
         return {**self.config.training_identity(), "training_data": digest}
 

@@ -86,31 +86,32 @@ def test_simultaneous_erasure_pools_the_concepts_and_pairs_each_with_its_target(
                                               experiment.starting_pipeline(params))
 
 
-def test_concept_shares_decide_what_a_multi_concept_batch_draws(tmp_path):
+def test_a_sequential_stage_retains_the_earlier_targets_drawn_as_their_anchors(tmp_path):
     from doco_lib import experiment
 
-    params = config.validate({"output_root": str(tmp_path), "run_name": "shares", "device": "cpu",
-                              "n_anchor_images": 8, "anchor_shard_size": 8, "num_inference_steps": 2,
-                              "batch_size": 64})
-    concepts = [("star", "pentagon", "params/prompts/toy_pentagon.txt"),
-                ("heart", "circle", "params/prompts/toy_circle.txt")]
-    pipe = experiment.starting_pipeline(params)
-    only_heart = experiment.make_multi_concept_trainer(params, concepts, pipe, shares=[0.0, 1.0])
-    assert all("circle" in only_heart.anchors.prompts[i] for i in only_heart._sample_index().tolist())
-    mostly_star = experiment.make_multi_concept_trainer(params, concepts, pipe, shares=[0.9, 0.1])
-    drawn = torch.cat([mostly_star._sample_index() for _ in range(20)]).tolist()
-    star_share = sum("pentagon" in mostly_star.anchors.prompts[i] for i in drawn) / len(drawn)
-    assert 0.85 < star_share < 0.95, star_share  # 1280 draws: 0.9 ± 0.025 at three standard deviations
-    assert not set(drawn) & set(mostly_star.heldout_index.tolist()), "held-out latents are never trained on"
-    with pytest.raises(ValueError, match="one non-negative share per concept"):
-        experiment.make_multi_concept_trainer(params, concepts, pipe, shares=[1.0])
+    settings = {"output_root": str(tmp_path), "device": "cpu", "n_anchor_images": 8, "anchor_shard_size": 8,
+                "num_inference_steps": 2, "batch_size": 4}
+    star_run = config.validate({**settings, "run_name": "star"})  # star|pentagon, the defaults
+    heart_run = config.validate({**settings, "run_name": "heart", "target": "heart", "anchor": "circle",
+                                 "anchor_prompts_file": "params/prompts/toy_circle.txt"})
+    pipe = experiment.starting_pipeline(heart_run)
+    star_images = experiment.prepare_anchors(star_run, pipe)
+    experiment.prepare_anchors(heart_run, pipe)
+    erased = [("star", "pentagon", "params/prompts/toy_pentagon.txt")]
+    trainer = experiment.make_trainer(heart_run, pipe, rehearse=erased)
+    # Star's own run's anchor images, each captioned with the star prompt it was paired with there.
+    assert torch.equal(trainer.rehearsal.latent_mean, star_images.latent_mean)
+    assert trainer.rehearsal.prompts == [p.replace("pentagon", "star") for p in star_images.prompts]
 
-
-def test_multi_concept_runs_give_each_new_target_a_single_runs_samples():
-    params = config.validate({"iterations": 400, "warmup_iterations": 100})
-    assert ablation.multi_concept_iterations(params, 1.0) == 400
-    assert ablation.multi_concept_iterations(params, 0.5) == 700  # a sequential stage, half of it rehearsal
-    assert ablation.multi_concept_iterations(params, 1 / 3) == 1000  # three targets at once
+    x_t, t, noise, c, _ = trainer._batch(trainer._sample_index(), trainer.generator)
+    x_r, _, _, c_r = trainer._retain_batch(x_t, t, noise, c)
+    assert len(x_r) == 2 * len(x_t)  # the anchor batch, then as many rehearsal images (no preservation set)
+    captions = trainer._encode(pipe, sorted(set(trainer.rehearsal.prompts)))
+    assert all(any(torch.equal(row, caption) for caption in captions) for row in c_r[len(x_t):])
+    assert trainer.identity()["training_data"] != experiment.make_trainer(heart_run, pipe).identity()["training_data"]
+    assert ablation.run_identity(heart_run, rehearse=erased) != ablation.run_identity(heart_run)
+    with pytest.raises(config.ParamsError, match="sequential_keep_erased: .* method 'esd'"):
+        ablation.train_sequential(heart_run, config.SCHEMA["sequential_stages"].default, [0], "ESD-x")
 
 
 def test_real_models_are_rated_by_clip_accuracy_in_the_judges_layout(tmp_path):

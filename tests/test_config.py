@@ -109,6 +109,21 @@ def test_cli_rejects_bad_params_with_one_paragraph_and_no_traceback(tmp_path, do
     assert not (tmp_path / "out").exists(), "nothing may be written before the params are valid"
 
 
+def test_command_line_overrides_are_read_as_yaml_and_validated_with_the_params(tmp_path, doco_command):
+    assert config.parse_overrides(["multi_concept_seeds=[0, 1, 2]", "device=cpu", "sequential_keep_erased=false",
+                                   "run_name=a=b"]) == {"multi_concept_seeds": [0, 1, 2], "device": "cpu",
+                                                        "sequential_keep_erased": False, "run_name": "a=b"}
+    with pytest.raises(ParamsError, match="expected KEY=VALUE"):
+        config.parse_overrides(["multi_concept_seeds"])
+    with pytest.raises(ParamsError, match="is not YAML"):
+        config.parse_overrides(["multi_concept_seeds=[0, 1"])
+    path = write(tmp_path, {"output_root": str(tmp_path / "out")})
+    result = subprocess.run(doco_command + ["demo", "--params", str(path), "--set", "seed=zero"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "seed" in result.stderr and "expected an integer" in result.stderr
+    assert not (tmp_path / "out").exists(), "nothing may be written before the overrides are valid"
+
+
 def test_a_preservation_prompt_naming_the_target_is_rejected(tmp_path):
     prompts = tmp_path / "keep.txt"
     prompts.write_text("a red square\na blue star\n")
