@@ -114,6 +114,12 @@ def test_a_sequential_stage_retains_the_earlier_targets_drawn_as_their_anchors(t
         ablation.train_sequential(heart_run, config.SCHEMA["sequential_stages"].default, [0], "ESD-x")
 
 
+def test_a_simultaneous_run_gives_each_target_a_single_runs_samples():
+    params = config.validate({"iterations": 400, "warmup_iterations": 100})
+    assert ablation.simultaneous_iterations(params, 1) == 400
+    assert ablation.simultaneous_iterations(params, 3) == 1000  # the warm-up once, then 3 × 300
+
+
 def test_real_models_are_rated_by_clip_accuracy_in_the_judges_layout(tmp_path):
     from doco_lib.pipeline import toy_weights_dir
 
