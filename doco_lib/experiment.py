@@ -118,6 +118,14 @@ def training_config(params: dict, latent_size: int) -> TrainingConfig:
     return cfg
 
 
+def concept_of_several(params: dict, target: str, anchor: str, prompt_file: str) -> tuple[dict, ConceptSpec, list[str]]:
+    """One of the concepts of a multi-concept run: the params with its target, anchor and anchor prompts
+    (validated), its spec and its anchor prompts."""
+    stage = config.validate({**params, "target": target, "anchor": anchor, "anchor_prompts_file": prompt_file},
+                            source=f"concept {target!r}")
+    return (stage, *concept(stage))
+
+
 def check_can_rehearse(params: dict) -> None:
     """Rehearsal retains erased concepts through the retaining loss, which only some methods have."""
     if not ((params["method"] == "doco" and params["retain_mode"] != "none")
@@ -133,9 +141,7 @@ def rehearsal_latents(params: dict, pipe, erased: list[tuple[str, str, str]]) ->
     the anchor prompts (the same images their own run used), each captioned with its target prompt."""
     caches = []
     for target, anchor, prompt_file in erased:
-        stage = config.validate({**params, "target": target, "anchor": anchor, "anchor_prompts_file": prompt_file},
-                                source=f"erased concept {target!r}")
-        spec, prompts = concept(stage)
+        stage, spec, prompts = concept_of_several(params, target, anchor, prompt_file)
         cache = _generate(stage, pipe, prompts, anchor_dir(params).with_name(f"rehearsal_latents_{spec.target}"))
         captions = dict(spec.prompt_pairs(sorted(set(cache.prompts))))
         caches.append(AnchorLatents(cache.latent_mean, cache.latent_std, [captions[p] for p in cache.prompts],
@@ -181,9 +187,7 @@ def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]
                                  "it through its slots file instead.")
     stages, pairs = [], {}
     for target, anchor, prompt_file in concepts:  # every concept checked before any image is generated
-        stage = config.validate({**params, "target": target, "anchor": anchor, "anchor_prompts_file": prompt_file},
-                                source=f"concept {target!r}")
-        spec, prompts = concept(stage)
+        stage, spec, prompts = concept_of_several(params, target, anchor, prompt_file)
         for anchor_prompt, target_prompt in spec.prompt_pairs(prompts):
             if pairs.setdefault(anchor_prompt, target_prompt) != target_prompt:
                 raise config.ParamsError(f"anchor prompt {anchor_prompt!r} is paired with two targets "
@@ -191,9 +195,8 @@ def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]
                                          "disjoint anchor prompts.")
         stages.append((stage, spec, prompts))
     cfg = training_config(params, pipe.unet.config.sample_size)
-    caches = [_generate(stage, pipe, prompts, anchor_dir(params).with_name(f"anchor_latents_{spec.target}"))
-              for stage, spec, prompts in stages]
-    pool = AnchorLatents.concatenate(caches)
+    pool = AnchorLatents.concatenate([_generate(stage, pipe, prompts, anchor_dir(params).with_name(
+        f"anchor_latents_{spec.target}")) for stage, spec, prompts in stages])
     preservation = None
     if params["preservation_prompts_file"]:  # validated above against every concept's target
         preservation = _generate(params, pipe, read_prompt_file(params["preservation_prompts_file"]),

@@ -373,10 +373,8 @@ class ErasureTrainer:
     def identity(self) -> dict:
         """What a checkpoint must share with this trainer to be resumed: the settings and the training data."""
         data = [self.prompt_pairs, self.anchors.seeds]
-        if self.preservation is not None:
-            data += [self.preservation.prompts, self.preservation.seeds]
-        if self.rehearsal is not None:
-            data += [self.rehearsal.prompts, self.rehearsal.seeds]
+        for images, _, _ in self.retained_sets:
+            data += [images.prompts, images.seeds]
         digest = hashlib.sha256(json.dumps(data).encode()).hexdigest()
         return {**self.config.training_identity(), "training_data": digest}
 
