@@ -83,15 +83,9 @@ class Manifest:
         return json.loads(self.path.read_text()) if self.path.is_file() else {"concepts": {}}
 
     def _locked(self):
-        import contextlib
-        import fcntl
+        from doco_lib.io import WRITE_LOCK_STALE_AFTER_S, exclusive_lock
 
-        @contextlib.contextmanager
-        def lock():
-            with open(self.path.with_suffix(".lock"), "a+") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                yield
-        return lock()
+        return exclusive_lock(self.path.with_suffix(".lock"), wait=True, stale_after=WRITE_LOCK_STALE_AFTER_S)
 
     def save(self) -> None:
         """Write the header and every concept this process holds, keeping other concepts' latest entries."""
@@ -112,15 +106,17 @@ class Manifest:
         return self.data["concepts"].setdefault(name, {"notebooks": {}})
 
 
-def _resolve(params_file: Path, run_id: str, output_root: Path, device: str | None) -> dict:
-    overrides = {"output_root": str(output_root / run_id), "run_name": params_file.stem}
+def _resolve(params_file: Path, run_id: str, output_root: Path, device: str | None,
+             overrides: dict | None) -> dict:
+    """The params file with the batch's overrides (`--set`, then `--device`), in the batch's folder."""
+    values = {**(overrides or {}), "output_root": str(output_root / run_id), "run_name": params_file.stem}
     if device:
-        overrides["device"] = device
-    return config.load_params(params_file, overrides)
+        values["device"] = device
+    return config.load_params(params_file, values)
 
 
 def run_concept(params_file: Path, run_id: str, output_root: Path, manifest: Manifest, notebooks=BATCH_NOTEBOOKS,
-                force: bool = False, device: str | None = None, save=lambda: None) -> bool:
+                force: bool = False, device: str | None = None, save=lambda: None, overrides: dict | None = None) -> bool:
     """Run one concept's notebooks in order, recording each in the manifest; returns success."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -129,7 +125,7 @@ def run_concept(params_file: Path, run_id: str, output_root: Path, manifest: Man
     entry = manifest.concept(name)
     entry.update(params_file=str(params_file))
     try:
-        resolved = _resolve(params_file, run_id, output_root, device)
+        resolved = _resolve(params_file, run_id, output_root, device, overrides)
     except (config.ParamsError, OSError) as error:
         entry.update(status="failed", error=str(error))
         save()
@@ -168,7 +164,8 @@ def run_concept(params_file: Path, run_id: str, output_root: Path, manifest: Man
 
 
 def run_batch(inputs: list[str], run_id: str, output_root: Path = Path("outputs"), jobs: int = 1,
-              force: bool = False, device: str | None = None, notebooks=BATCH_NOTEBOOKS) -> list[str]:
+              force: bool = False, device: str | None = None, notebooks=BATCH_NOTEBOOKS,
+              overrides: dict | None = None) -> list[str]:
     """Run every concept; returns one line per failed concept (empty: all succeeded)."""
     files = expand_params_files(inputs)
     manifest = Manifest(Path(output_root) / run_id / "manifest.json")
@@ -179,9 +176,9 @@ def run_batch(inputs: list[str], run_id: str, output_root: Path = Path("outputs"
     if jobs <= 1:
         for params_file in files:
             run_concept(params_file, run_id, Path(output_root), manifest, notebooks, force, device,
-                        lambda name=params_file.stem: manifest.save_concept(name))
+                        lambda name=params_file.stem: manifest.save_concept(name), overrides)
     else:
-        _run_parallel(files, run_id, Path(output_root), jobs, force, device, notebooks)
+        _run_parallel(files, run_id, Path(output_root), jobs, force, device, notebooks, overrides)
     write_report(manifest.path.parent)
     concepts = Manifest(manifest.path).data["concepts"]
     return [f"{name}: {entry.get('error')} (failed notebook: {_failed_output(entry)})"
@@ -193,26 +190,50 @@ def _failed_output(entry: dict) -> str:
     return failed[0] if failed else "none ran (params file rejected)"
 
 
-def _run_parallel(files, run_id, output_root, jobs, force, device, notebooks) -> None:
-    """One `doco run` process per concept, at most `jobs` at once, each on its own GPU when there are GPUs.
-    Each process's output goes to `<run>/logs/<concept>.log`."""
+def _run_parallel(files, run_id, output_root, jobs, force, device, notebooks, overrides=None,
+                  gpus: list[str] | None = None) -> None:
+    """One `doco run` process per concept, at most `jobs` at once. Each process's output goes to
+    `<run>/logs/<concept>.log`.
+
+    With GPUs, every process gets one GPU to itself (CUDA_VISIBLE_DEVICES): it takes a free one from a pool and
+    gives it back when it ends, so no two concepts share a GPU while another idles. Two trainings on one GPU would
+    compete for its memory, so `jobs` is capped at the number of GPUs, with a warning. Without GPUs, `jobs`
+    processes run at once. `gpus`: the ids to hand out (default: the GPUs this process sees)."""
+    import queue
+
     import torch
 
-    gpus = torch.cuda.device_count()
+    if gpus is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        count = torch.cuda.device_count()
+        # Ids as the children must name them: under CUDA_VISIBLE_DEVICES=2,3 device 0 here is GPU 2.
+        gpus = visible.split(",")[:count] if visible else [str(index) for index in range(count)]
+    if gpus and jobs > len(gpus):
+        print(f"doco: warning: --jobs {jobs} but {len(gpus)} GPU(s): running {len(gpus)} concepts at once, one per "
+              "GPU", file=sys.stderr)
+        jobs = len(gpus)
+    free = queue.Queue()
+    for gpu in gpus:
+        free.put(gpu)
     logs = output_root / run_id / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    def launch(slot_and_file):
-        slot, params_file = slot_and_file
+    def launch(params_file):
         env = dict(os.environ)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+        gpu = free.get() if gpus else None  # never waits: at most len(gpus) launches run at once
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         command = [sys.executable, "-m", "doco_lib.cli", "run", "--params", str(params_file), "--run-id", run_id,
                    "--output-root", str(output_root), "--notebooks", *notebooks] + (["--force"] if force else []) + \
-                  (["--device", device] if device else [])
+                  (["--device", device] if device else []) + \
+                  [arg for key, value in (overrides or {}).items() for arg in ("--set", f"{key}={json.dumps(value)}")]
         log = logs / f"{params_file.stem}.log"
-        with open(log, "w") as handle:
-            code = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+        try:
+            with open(log, "w") as handle:
+                code = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+        finally:
+            if gpu is not None:
+                free.put(gpu)  # its process has ended
         manifest = Manifest(output_root / run_id / "manifest.json")
         entry = manifest.concept(params_file.stem)
         if code != 0 and entry.get("status") != "failed":  # it died before it could record why
@@ -220,7 +241,7 @@ def _run_parallel(files, run_id, output_root, jobs, force, device, notebooks) ->
             manifest.save_concept(params_file.stem)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(launch, enumerate(files)))
+        list(pool.map(launch, files))
 
 
 # Tables the notebooks write into a concept's folder, in report order: (title, path inside the folder).
