@@ -11,6 +11,12 @@ discriminator warm-up, then alternating discriminator and UNet (generator) updat
   3. D is updated to tell real from fake (BCE with logits, eq. 8), on detached predictions.
 All randomness comes from one generator saved in the checkpoint, so a resumed run equals an
 uninterrupted one.
+
+Several processes (torchrun or `accelerate launch`, one per GPU; on the CPU with gloo) train data-parallel:
+each draws its own batches of `batch_size` from its own generator (rank 0's is the single-process one), the
+gradients of L_u and L_r, and D's, are averaged over the processes before each update, so every process
+holds the same weights; the main process alone writes checkpoints (with every process's generator), the
+log and the exports.
 """
 
 from __future__ import annotations
@@ -19,14 +25,17 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 
 from doco_lib.concepts import ConceptSpec
+from doco_lib.config import ParamsError
 from doco_lib.data import AnchorLatents
 from doco_lib.discriminator import GANLoss, NLayerDiscriminator
 from doco_lib.io import (atomic_directory, atomic_save_json, atomic_torch_save, atomic_write_bytes, atomic_write_text,
@@ -164,8 +173,67 @@ def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Ten
     return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """accelerate's mixed precision for `mixed_precision: name` on `device`: `auto` is bf16 on GPUs with native
+    bfloat16 (compute capability 8.0 and up), fp16 on older GPUs (V100, T4), none elsewhere."""
+    if device.type != "cuda":
+        return "no" if name == "auto" else name
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if name == "bf16" and not native_bf16:
+        raise ParamsError(f"mixed_precision: bf16 needs a GPU with native bfloat16 (compute capability 8.0 or more); "
+                          f"{torch.cuda.get_device_name(device)} has none: use auto (fp16 here) or fp16.")
+    return name
+
+
+# The trained UNet's gradients come from torch.autograd.grad, outside accelerate's GradScaler (which only D's
+# optimizer uses), so under fp16 the losses are scaled by a fixed power of two, divided out of the gradients
+# exactly, to keep small gradients from underflowing in the half-precision backward pass.
+FP16_LOSS_SCALE = 2.0 ** 10
+
+
+def launched_processes() -> int:
+    """How many processes this launch started: torchrun and `accelerate launch` set WORLD_SIZE in each."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_device(requested: str) -> torch.device:
+    """The device this process trains on: `requested` ('auto': a GPU when there is one), or under a launch of
+    several processes accelerate's choice for this one (cuda:LOCAL_RANK; the CPU with gloo when `requested`
+    resolves to the CPU), which also joins the process group."""
+    from doco_lib.pipeline import pick_device
+
+    device = pick_device(requested)
+    if launched_processes() == 1:
+        return device
+    from accelerate import PartialState
+
+    return PartialState(cpu=device.type == "cpu").device
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (the only process, or rank 0 of a launch)."""
+    if launched_processes() == 1:
+        return True
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    """A barrier of all the launch's processes (nothing on a single process). Not accelerate's, which names the
+    GPU of the process's local rank even to gloo on the CPU: a GPU the machine may not have."""
+    if launched_processes() > 1:
+        torch.distributed.barrier()
+
+
 class TrainingDiverged(RuntimeError):
     """A loss or gradient became non-finite."""
+
+
+class TrainingDoesNotFit(ParamsError):
+    """The adversarial phase runs out of GPU memory; the message names the params keys that reduce it."""
 
 
 class ErasureTrainer:
@@ -190,9 +258,12 @@ class ErasureTrainer:
         self.config, self.spec, self.anchors = config, spec, anchors
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        device = torch.device(device)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=device.type == "cpu")
-        self.device = self.accelerator.device
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # accelerate's "cuda" (autocast, D's optimizer) is then this GPU
+        self.mixed_precision = resolve_precision(config.mixed_precision, self.device)
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.device.type == "cpu")
+        self.loss_scale = FP16_LOSS_SCALE if self.accelerator.scaler is not None else 1.0
         self.unet = pipe.unet.to(self.device)
         self.unet.requires_grad_(False)
         if config.gradient_checkpointing:
@@ -204,7 +275,8 @@ class ErasureTrainer:
         self.params = select_trainable(self.unet, config.trainable)
         for p in self.params.values():
             p.requires_grad_(True)
-        self.original = {name: p.detach().clone() for name, p in self.params.items()}
+        # The starting weights, for the exported delta only: on the CPU, the GPU's memory is for training.
+        self.original = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
         self.frozen_unet = None
         if self.needs_frozen_unet():
             self.frozen_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
@@ -233,6 +305,9 @@ class ErasureTrainer:
                 captions = sorted(set(images.prompts))
                 self.retained_sets.append((images, torch.tensor([captions.index(p) for p in images.prompts]),
                                            self._encode(pipe, captions)))
+        if self.device.type != "cpu":  # the embeddings are cached: training needs neither encoder on the GPU
+            pipe.text_encoder.to("cpu")
+            pipe.vae.to("cpu")
 
         split = torch.randperm(len(anchors), generator=torch.Generator().manual_seed(config.seed))
         n_heldout = max(1, int(len(anchors) * config.heldout_fraction))
@@ -241,7 +316,12 @@ class ErasureTrainer:
         torch.manual_seed(config.seed)
         self.build_extra()
         self.opt_g = make_optimizer(config.optimizer, self.params.values(), config.lr)
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        # Each process draws its own batches: rank 0 the single-process stream, the others streams hashed from
+        # (seed, rank) (torch's CPU generator keeps only a seed's low 32 bits, so no offset by 2**32).
+        rank = self.accelerator.process_index
+        stream = config.seed + 1 if rank == 0 else int.from_bytes(
+            hashlib.sha256(f"{config.seed}/{rank}".encode()).digest()[:4], "big")
+        self.generator = torch.Generator().manual_seed(stream)
         self.step = 0
         self.history: list[dict] = []
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
@@ -300,7 +380,15 @@ class ErasureTrainer:
         return tuple(torch.cat(parts) for parts in zip(*batch))
 
     def _grads(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor]:
-        return list(torch.autograd.grad(loss, list(self.params.values()), retain_graph=retain_graph))
+        return self._unscaled(torch.autograd.grad(self._scaled(loss), list(self.params.values()),
+                                                  retain_graph=retain_graph))
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to differentiate: times FP16_LOSS_SCALE under fp16, itself otherwise."""
+        return loss * self.loss_scale if self.loss_scale != 1 else loss
+
+    def _unscaled(self, grads) -> list[torch.Tensor]:
+        return [g / self.loss_scale for g in grads] if self.loss_scale != 1 else list(grads)
 
     def _clip(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.config.max_grad_norm <= 0:
@@ -321,6 +409,11 @@ class ErasureTrainer:
         self.opt_g.zero_grad(set_to_none=True)
 
     def check_finite(self, logs: dict) -> None:
+        """Stop on a non-finite loss. Over several processes the logged values become their mean over the
+        processes first (the log describes all their batches, and all processes stop together)."""
+        if self.accelerator.num_processes > 1:
+            values = torch.tensor(list(logs.values()), dtype=torch.float64, device=self.device)
+            logs.update(zip(logs, self.accelerator.reduce(values, "mean").tolist()))
         if not all(math.isfinite(v) for v in logs.values()):
             raise TrainingDiverged(f"non-finite loss at step {self.step} ({logs}); the last good checkpoint is "
                                    f"{self.checkpoint_path}")
@@ -350,7 +443,8 @@ class ErasureTrainer:
         from tqdm.auto import tqdm
 
         until = self.config.iterations if until is None else min(until, self.config.iterations)
-        bar = tqdm(total=until, initial=self.step, desc=self.method, unit="it", disable=not progress)
+        bar = tqdm(total=until, initial=self.step, desc=self.method, unit="it",
+                   disable=not (progress and self.accelerator.is_main_process))
         while self.step < until:
             started = time.perf_counter()
             record = self.train_step()
@@ -363,36 +457,54 @@ class ErasureTrainer:
         return self.history
 
     def save_checkpoint(self) -> None:
+        """Every process's generator goes into the checkpoint (the weights and optimizer states are the same in
+        all); the main process writes it and the log."""
+        from accelerate.utils import gather_object
+
+        generators = torch.stack(gather_object([self.generator.get_state()]))  # one row per process, in rank order
+        if not self.accelerator.is_main_process:
+            return
         state = {"trainable": {n: p.detach().cpu() for n, p in self.params.items()},
                  "opt_g": self.opt_g.state_dict(), "step": self.step,
-                 "generator": self.generator.get_state(), "history": json.dumps(self.history),
+                 "generator": generators, "history": json.dumps(self.history),
                  "identity": json.dumps(self.identity(), sort_keys=True), **self.extra_state()}
         atomic_torch_save(state, self.checkpoint_path)
         self.write_history()
 
     def identity(self) -> dict:
-        """What a checkpoint must share with this trainer to be resumed: the settings and the training data."""
+        """What a checkpoint must share with this trainer to be resumed: the settings (mixed precision as resolved
+        on this machine), the number of processes and the training data."""
         data = [self.prompt_pairs, self.anchors.seeds]
         for images, _, _ in self.retained_sets:
             data += [images.prompts, images.seeds]
         digest = hashlib.sha256(json.dumps(data).encode()).hexdigest()
-        return {**self.config.training_identity(), "training_data": digest}
+        return {**self.config.training_identity(), "mixed_precision": self.mixed_precision,
+                "processes": self.accelerator.num_processes, "training_data": digest}
 
     def _load_checkpoint(self) -> None:
         state = load_torch_checkpoint(self.checkpoint_path)
         # A setting added after the checkpoint was written counts as its default then.
-        defaults = {f.name: f.default for f in fields(TrainingConfig)}
+        defaults = {f.name: f.default for f in fields(TrainingConfig)} | {"processes": 1}
         saved, now = json.loads(state["identity"]), self.identity()
+        written_by = saved.get("processes", 1)
+        if written_by != now["processes"]:
+            raise ParamsError(f"{self.checkpoint_path} was written by a run of {written_by} process(es), each drawing "
+                              f"its own batches; this one has {now['processes']}. Resume it with "
+                              f"{written_by} (torchrun --nproc_per_node {written_by} ...), or delete it or pick "
+                              "another run_name to start afresh.")
         changed = sorted(k for k in now if saved.get(k, defaults.get(k)) != now[k])
         if changed:
-            raise ValueError(f"{self.checkpoint_path} was written with other settings ({', '.join(changed)}); "
-                             "delete it or pick another run_name to start afresh.")
+            raise ParamsError(f"{self.checkpoint_path} was written with other settings ({', '.join(changed)}); "
+                              "delete it or pick another run_name to start afresh.")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(state["trainable"][name].to(p.device))
         self.opt_g.load_state_dict(state["opt_g"])
         self.load_extra_state(state)
-        self.generator.set_state(state["generator"])
+        generators = state["generator"]
+        if generators.dim() == 1:  # a checkpoint written before processes had a generator each
+            generators = generators[None]
+        self.generator.set_state(generators[self.accelerator.process_index].clone())  # set_state crashes on a view
         self.step = state["step"]
         self.history = json.loads(state["history"])
 
@@ -405,19 +517,20 @@ class ErasureTrainer:
 
     def export(self, base_model: str) -> dict[str, Path]:
         """The erased UNet in diffusers format and the weight delta (safetensors), with metadata; each written
-        atomically, so a UNet folder with a config.json is always complete."""
+        atomically, so a UNet folder with a config.json is always complete. Only the main process writes; the
+        others return the paths at once (a caller of several processes waits for everyone before reading)."""
         from safetensors.torch import save
 
-        unet_dir = self.run_dir / "unet"
-        with atomic_directory(unet_dir) as tmp:
-            self.unet.save_pretrained(tmp, safe_serialization=True)
-        delta = {n: (p.detach() - self.original[n]).cpu().contiguous() for n, p in self.params.items()}
-        metadata = {"method": self.method, "base_model": base_model, "trainable": self.config.trainable,
-                    "target": self.spec.target, "anchor": self.spec.anchor, "kind": self.spec.kind,
-                    "config": json.dumps(asdict(self.config))}
-        delta_path = self.run_dir / "delta.safetensors"
-        atomic_write_bytes(save(delta, metadata=metadata), delta_path)
-        atomic_save_json(metadata, self.run_dir / "erasure.json")
+        unet_dir, delta_path = self.run_dir / "unet", self.run_dir / "delta.safetensors"
+        if self.accelerator.is_main_process:  # every process holds the same weights
+            with atomic_directory(unet_dir) as tmp:
+                self.unet.save_pretrained(tmp, safe_serialization=True)
+            delta = {n: (p.detach().cpu() - self.original[n]).contiguous() for n, p in self.params.items()}
+            metadata = {"method": self.method, "base_model": base_model, "trainable": self.config.trainable,
+                        "target": self.spec.target, "anchor": self.spec.anchor, "kind": self.spec.kind,
+                        "config": json.dumps(asdict(self.config))}
+            atomic_write_bytes(save(delta, metadata=metadata), delta_path)
+            atomic_save_json(metadata, self.run_dir / "erasure.json")
         return {"unet": unet_dir, "delta": delta_path}
 
 
@@ -435,24 +548,38 @@ class DocoTrainer(ErasureTrainer):
                                                  cfg.disc_norm, cfg.disc_final_stride).to(self.device)
         self.gan_loss = GANLoss(cfg.gan_mode).to(self.device)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.disc_lr, betas=(cfg.disc_beta1, 0.999))
-        self.discriminator, self.opt_d = self.accelerator.prepare(self.discriminator, self.opt_d)
+        # Only D's optimizer goes through accelerate (its GradScaler under fp16). D itself is not wrapped in DDP,
+        # which copes badly with two forward passes per backward and with autograd.grad through D for the
+        # generator term: every process initialises D alike (seeded) and D's gradients are averaged by hand.
+        self.opt_d = self.accelerator.prepare(self.opt_d)
         # One UNet pass for L_u and L_r together where their gradients can be told apart afterwards (trained
         # bias-free linear layers, e.g. the K/V default; not with recomputed or compiled forward passes).
         linears = None if cfg.gradient_checkpointing or cfg.compile_unet else bias_free_linears(self.unet, self.params)
         self.joint = SplitLinearGradients(linears) if linears else None
 
     def extra_state(self) -> dict:
-        return {"discriminator": self.accelerator.unwrap_model(self.discriminator).state_dict(),
-                "opt_d": self.opt_d.state_dict()}
+        """D (its BatchNorm running statistics are the main process's, as DDP would broadcast them), D's
+        optimizer, and under fp16 its loss scaler."""
+        state = {"discriminator": self.discriminator.state_dict(), "opt_d": self.opt_d.state_dict()}
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        return state
 
     def load_extra_state(self, state: dict) -> None:
-        self.accelerator.unwrap_model(self.discriminator).load_state_dict(state["discriminator"])
+        self.discriminator.load_state_dict(state["discriminator"])
         self.opt_d.load_state_dict(state["opt_d"])
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
 
     def _disc_view(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.config.disc_input == "x0":
             return predicted_x0(x_t, prediction.float(), self.alphas_cumprod, t)
         return prediction.float()
+
+    def _discriminate(self, view: torch.Tensor) -> torch.Tensor:
+        """D's logits in float32, D run under the mixed precision of the run."""
+        with self.accelerator.autocast():
+            return self.discriminator(view).float()
 
 
     def train_step(self) -> dict:
@@ -479,7 +606,7 @@ class DocoTrainer(ErasureTrainer):
             real = self._real_prediction(x_t, t, c, retain_prediction)
             if adversarial:
                 # Generator term of eq. 8 with the current D: make the target prediction look like the anchor's.
-                g_loss = self.gan_loss(self.discriminator(self._disc_view(fake, x_t, t)), True)
+                g_loss = self.gan_loss(self._discriminate(self._disc_view(fake, x_t, t)), True)
                 retain_loss = F.mse_loss(retain_prediction.float(), noise_r)
                 g_u, g_r = self._grads_for_mode(g_loss, retain_loss, len(x_t))
                 g_u_sum = g_u if g_u_sum is None else [a + b for a, b in zip(g_u_sum, g_u)]
@@ -487,17 +614,71 @@ class DocoTrainer(ErasureTrainer):
                     g_r_sum = g_r if g_r_sum is None else [a + b for a, b in zip(g_r_sum, g_r)]
                 logs["g_loss"] += g_loss.item() / accumulate
                 logs["retain_loss"] += retain_loss.item() / accumulate
-            d_real = self.discriminator(self._disc_view(real.detach(), x_t, t))
-            d_fake = self.discriminator(self._disc_view(fake.detach(), x_t, t))
+            d_real = self._discriminate(self._disc_view(real.detach(), x_t, t))
+            d_fake = self._discriminate(self._disc_view(fake.detach(), x_t, t))
             d_loss = 0.5 * (self.gan_loss(d_real, True) + self.gan_loss(d_fake, False))
             self.accelerator.backward(d_loss / accumulate)
             logs["d_loss"] += d_loss.item() / accumulate
             logs["d_acc"] += 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item() / accumulate
         self.check_finite(logs)
+        d_params = list(self.discriminator.parameters())
+        for p, g in zip(d_params, self.reduce([p.grad for p in d_params])):
+            p.grad = g
         self.opt_d.step()
         if adversarial:
             logs.update(self._apply_generator_update(g_u_sum, g_r_sum, accumulate))
         return self.record_step("adversarial" if adversarial else "warmup", logs)
+
+    def run(self, until: int | None = None, progress: bool = True) -> list[dict]:
+        if self.device.type == "cuda" and self.step < self.config.warmup_iterations:
+            self.check_memory()  # the warm-up is lighter than what follows it: find out now, not hours in
+        return super().run(until, progress)
+
+    def check_memory(self) -> None:
+        """Run the first adversarial iteration now (its UNet backward pass and the Adam state it creates make it
+        the largest in memory), then put back everything it changed: the weights, both optimizers and the loss
+        scaler, D, the step and the log, the generator and torch's random states. Raises TrainingDoesNotFit,
+        naming the params keys that save memory, when it runs out of GPU memory."""
+        cuda = self.device.type == "cuda"
+        saved = {"trainable": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()},
+                 "opt_g": copy.deepcopy(self.opt_g.state_dict()), "step": self.step, "history": len(self.history),
+                 "generator": self.generator.get_state(), "training": self.unet.training,
+                 **copy.deepcopy(self.extra_state())}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        failure = None
+        try:
+            with torch.random.fork_rng(devices=[self.device] if cuda else []):
+                self.step = self.config.warmup_iterations
+                self.train_step()
+        except torch.OutOfMemoryError as error:
+            failure = ". ".join(str(error).replace("\n", " ").split(". ")[:3])  # what it tried, what there was
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(saved["trainable"][name])
+            self.opt_g.load_state_dict(saved["opt_g"])
+            self.opt_d.zero_grad(set_to_none=True)
+            self.load_extra_state(saved)
+            self.step, self.history = saved["step"], self.history[:saved["history"]]
+            self.generator.set_state(saved["generator"])
+            self.unet.train(saved["training"])
+        if failure is not None:
+            torch.cuda.empty_cache()
+            cfg, keys = self.config, []
+            if not cfg.gradient_checkpointing:
+                keys.append("gradient_checkpointing: true")
+            if self.mixed_precision == "no":
+                keys.append("mixed_precision: auto")
+            keys.append(f"a smaller batch_size (now {cfg.batch_size}) with a larger gradient_accumulation_steps "
+                        f"(now {cfg.gradient_accumulation_steps})")
+            raise TrainingDoesNotFit(f"the adversarial phase (from iteration {cfg.warmup_iterations + 1}) does not "
+                                     f"fit in the memory of {self.device} ({failure}); set any of: {'; '.join(keys)}.")
+        if cuda and self.accelerator.is_main_process:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            print(f"memory check: an adversarial iteration peaks at "
+                  f"{torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB on "
+                  f"{self.device}")
 
     def _real_prediction(self, x_t, t, c, retain_prediction) -> torch.Tensor:
         """D's "real" sample: the frozen original's prediction for the anchor prompt, or the trained UNet's."""
@@ -529,7 +710,7 @@ class DocoTrainer(ErasureTrainer):
         mode = self.config.retain_mode
         if self.joint is not None:
             total = g_loss if mode == "none" else g_loss + self.config.retain_weight * retain_loss
-            g_u, g_r = self.joint.gradients(total, split)
+            g_u, g_r = (self._unscaled(g) for g in self.joint.gradients(self._scaled(total), split))
             if mode in ("none", "l2"):
                 return ([u + r for u, r in zip(g_u, g_r)] if mode == "l2" else g_u), None
             return g_u, g_r
@@ -566,16 +747,16 @@ class DocoTrainer(ErasureTrainer):
 
         paths = super().export(base_model)
         paths["discriminator"] = self.run_dir / "discriminator.safetensors"
-        state = self.accelerator.unwrap_model(self.discriminator).state_dict()
-        atomic_write_bytes(save({k: v.contiguous() for k, v in state.items()}), paths["discriminator"])
+        if self.accelerator.is_main_process:
+            state = self.discriminator.state_dict()
+            atomic_write_bytes(save({k: v.contiguous() for k, v in state.items()}), paths["discriminator"])
         return paths
 
     # ---------------------------------------------------------------- discriminator diagnostics
     @torch.no_grad()
     def discriminator_accuracy(self, n_buckets: int = 10, seed: int = 1234) -> list[dict]:
         """Held-out accuracy of D (anchor vs target predictions) per timestep bucket."""
-        disc = self.accelerator.unwrap_model(self.discriminator)
-        disc.eval()
+        self.discriminator.eval()
         generator = torch.Generator().manual_seed(seed)
         prompts = self.prompt_index[self.heldout_index]
         c, c_star = self.anchor_embeddings[prompts], self.target_embeddings[prompts]
@@ -591,9 +772,9 @@ class DocoTrainer(ErasureTrainer):
             x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
             real = unet(x_t.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample.float()
             fake = self.unet(x_t, t, encoder_hidden_states=c_star).sample
-            d_real = disc(self._disc_view(real, x_t, t))
-            d_fake = disc(self._disc_view(fake, x_t, t))
+            d_real = self._discriminate(self._disc_view(real, x_t, t))
+            d_fake = self._discriminate(self._disc_view(fake, x_t, t))
             accuracy = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item()
             rows.append({"t_low": low, "t_high": high - 1, "accuracy": accuracy})
-        disc.train()
+        self.discriminator.train()
         return rows

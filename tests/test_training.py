@@ -192,3 +192,100 @@ def test_a_preservation_set_joins_the_retaining_batch(tmp_path, doco_command, re
     without = {**params, "preservation_prompts_file": ""}
     with pytest.raises(ValueError, match="other settings \\(training_data\\)"):
         experiment.make_trainer(without, experiment.starting_pipeline(without))
+
+
+def _tiny_trainer(root, run_name, **overrides):
+    """A DoCo trainer of TINY settings in this process (6 iterations, 2 of warm-up), its anchors prepared."""
+    from tiny_training import TINY
+
+    from doco_lib import config, experiment
+
+    params = config.validate({"output_root": str(root), "run_name": run_name, **TINY, "iterations": 6,
+                              "warmup_iterations": 2, "checkpoint_every": 6, **overrides})
+    pipe = experiment.starting_pipeline(params)
+    experiment.prepare_anchors(params, pipe)
+    return experiment.make_trainer(params, pipe)
+
+
+def _state(trainer) -> list:
+    """Everything a training step may change, copied."""
+    import copy
+
+    return [{n: p.detach().clone() for n, p in trainer.params.items()}, copy.deepcopy(trainer.opt_g.state_dict()),
+            copy.deepcopy(trainer.discriminator.state_dict()), copy.deepcopy(trainer.opt_d.state_dict()),
+            trainer.generator.get_state(), torch.get_rng_state(), trainer.step, [dict(r) for r in trainer.history]]
+
+
+def _assert_same(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_the_memory_check_runs_an_adversarial_iteration_and_leaves_no_trace(tmp_path, monkeypatch):
+    from doco_lib.training import TrainingDoesNotFit
+
+    checked, plain = _tiny_trainer(tmp_path, "checked"), _tiny_trainer(tmp_path, "plain")
+    for trainer in (checked, plain):
+        trainer.run(until=1, progress=False)  # D and its optimizer have state, the generator has moved
+    before = _state(checked)
+    updates = []
+    monkeypatch.setattr(checked, "apply_update", lambda update: updates.append(update))
+    checked.check_memory()
+    assert len(updates) == 1 and any(u.abs().max() > 0 for u in updates[0]), "an adversarial update was computed"
+    _assert_same(before, _state(checked))
+
+    def out_of_memory(update):  # after D's step and the generator update: everything changed but the weights
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 23.55 GiB of which 1.20 GiB is free. Of the allocated memory ...")
+
+    monkeypatch.setattr(checked, "apply_update", out_of_memory)
+    with pytest.raises(TrainingDoesNotFit, match=r"from iteration 3\) does not fit .*Tried to allocate 2\.00 GiB.*"
+                       r"set any of: gradient_checkpointing: true; mixed_precision: auto; a smaller batch_size "
+                       r"\(now 4\)"):
+        checked.check_memory()
+    _assert_same(before, _state(checked))
+
+    monkeypatch.undo()
+    checked.run(progress=False)
+    plain.run(progress=False)
+    _assert_same([r | {"seconds": 0} for r in plain.history], [r | {"seconds": 0} for r in checked.history])
+    _assert_same(_state(plain)[:5], _state(checked)[:5])
+
+
+def test_the_fp16_loss_scale_is_divided_out_exactly(tmp_path):
+    from doco_lib.training import FP16_LOSS_SCALE
+
+    scaled, plain = _tiny_trainer(tmp_path, "scaled", iterations=4), _tiny_trainer(tmp_path, "plain", iterations=4)
+    scaled.loss_scale = FP16_LOSS_SCALE  # as under fp16 on a GPU; float32 scales by a power of two exactly
+    scaled.run(progress=False)
+    plain.run(progress=False)
+    assert scaled.history[-1]["phase"] == "adversarial"
+    _assert_same(_state(plain)[:4], _state(scaled)[:4])
+
+
+def test_mixed_precision_auto_follows_the_device(monkeypatch):
+    from doco_lib import config
+    from doco_lib.training import resolve_precision
+
+    assert config.validate({"mixed_precision": "auto"})["mixed_precision"] == "auto"
+    with pytest.raises(config.ParamsError, match="mixed_precision: 'fp8' is not one of"):
+        config.validate({"mixed_precision": "fp8"})
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 1)
+    assert resolve_precision("auto", cpu) == "no" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    for native, auto in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+        assert resolve_precision("auto", gpu) == auto and resolve_precision("fp16", gpu) == "fp16"
+    with pytest.raises(config.ParamsError, match="mixed_precision: bf16 needs .*Tesla V100-SXM2-32GB has none: use "
+                       "auto"):
+        resolve_precision("bf16", gpu)
