@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench ablation ablation-quick sepme clean-outputs ui-check
+.PHONY: demo test test-all install bench ablation ablation-quick sepme clean-outputs ui-check
 
 install: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/doco demo --params params/toy_world.yaml
 
+# While working: everything but the slow end-to-end runs (tests marked slow).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# What CI runs: the whole suite, slow end-to-end runs included (the SD path, multi-process training).
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +

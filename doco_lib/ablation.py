@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from doco_lib import config, experiment
 from doco_lib.concepts import ConceptSpec, read_prompt_file
@@ -100,6 +101,7 @@ def train_grid(params: dict, variants: list[str], seeds: list[int]) -> pd.DataFr
         raise config.ParamsError(f"ablation_variants: SepME erases the target {params['target']!r} with its "
                                  f"notebook-08 increment, so sepme_concepts must name it (now "
                                  f"{params['sepme_concepts']}).")
+    check_real_model_settings(params, variants)
     runs = [(v, s, run_params(params, v, s, VARIANTS[v])) for v in variants if v != SEPME
             for s in seeds]  # all validated first
     rows = [{"variant": v, "seed": s, "unet": str(train_run(run))} for v, s, run in runs]
@@ -108,13 +110,31 @@ def train_grid(params: dict, variants: list[str], seeds: list[int]) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def check_real_model_settings(params: dict, variants: list[str]) -> None:
+    """On a real model, refuse the toy world's defaults that would otherwise train RGD on the toy star's prompt
+    slots or SepME on the toy pipeline, before any run starts."""
+    if is_toy(params["model"]):
+        return
+    uses_rgd = any(VARIANTS[v].get("method") == "rgd" or VARIANTS[v].get("retain_mode") == "rgd"
+                   for v in variants if v in VARIANTS)
+    if uses_rgd and params["rgd_slots_file"] == config.SCHEMA["rgd_slots_file"].default:
+        raise config.ParamsError(f"rgd_slots_file: {params['rgd_slots_file']!r} holds the toy world's star prompts; "
+                                 f"on {params['model']!r} give RGD slots for {params['target']!r} (as "
+                                 "params/prompts/rgd_nudity_slots.yaml does for nudity), or leave RGD out of "
+                                 "ablation_variants.")
+    if SEPME in variants and is_toy(params["sepme_model"]):
+        raise config.ParamsError(f"sepme_model: {params['sepme_model']!r} is a toy world, but model is "
+                                 f"{params['model']!r}; set sepme_model to the model, or leave SepME out of "
+                                 "ablation_variants.")
+
+
 def train_sepme(params: dict, seeds: list[int]) -> list[dict]:
     """Per seed, the target's SepME increment (decoupled against "" and the other `sepme_concepts`' name
     prompts, as in notebook 08) composed onto `sepme_model`'s UNet."""
     from doco_lib import sepme_study
     from doco_lib.pipeline import load_pipeline
 
-    pipe = load_pipeline(params["sepme_model"], params["device"])
+    pipe = load_pipeline(params["sepme_model"], params["device"], dtype=torch.float32)  # its increments train
     rows = []
     for seed in seeds:
         run = {**params, "seed": seed, "output_root": str(config.run_dir(params) / "ablation"),

@@ -39,9 +39,13 @@ def _cmd_toy_erasure(args) -> None:
 def _cmd_sample(args) -> None:
     from doco_lib.config import check_value
     from doco_lib.figures import save_images
-    from doco_lib.pipeline import load_pipeline
+    from doco_lib.pipeline import is_toy, load_pipeline
     from doco_lib.sampling import generate
 
+    # Sampling defaults per model: the toy world's settings, or Stable Diffusion's own (50 steps, guidance 7.5).
+    toy = is_toy(args.model)
+    args.steps = args.steps if args.steps is not None else 25 if toy else 50
+    args.guidance = args.guidance if args.guidance is not None else 5.0 if toy else 7.5
     for key, value in (("model", args.model), ("seed", args.seed), ("num_inference_steps", args.steps),
                        ("guidance_scale", args.guidance), ("device", args.device)):
         check_value(key, value)
@@ -58,30 +62,32 @@ def _cmd_sample(args) -> None:
 
 def _cmd_demo(args) -> None:
     from doco_lib.config import parse_overrides
-    from doco_lib.notebooks import DEMO_NOTEBOOKS, run_notebooks
+    from doco_lib.notebooks import run_notebooks
 
-    for path in run_notebooks(args.params, tuple(args.notebooks or DEMO_NOTEBOOKS), parse_overrides(args.set)):
+    for path in run_notebooks(args.params, tuple(args.notebooks or ()), parse_overrides(args.set)):
         print(f"executed {path}")
 
 
 def _cmd_run(args) -> None:
     """One concept of a batch: its notebooks in order, recorded in the batch manifest."""
     from doco_lib.batch import BATCH_NOTEBOOKS, Manifest, run_concept
+    from doco_lib.config import parse_overrides
 
     params_file = Path(args.params)
     manifest = Manifest(Path(args.output_root) / args.run_id / "manifest.json")
     ok = run_concept(params_file, args.run_id, Path(args.output_root), manifest,
                      tuple(args.notebooks or BATCH_NOTEBOOKS), args.force, args.device,
-                     lambda: manifest.save_concept(params_file.stem))
+                     lambda: manifest.save_concept(params_file.stem), parse_overrides(args.set))
     if not ok:
         raise SystemExit(f"doco: error: {params_file.stem}: {manifest.concept(params_file.stem).get('error')}")
 
 
 def _cmd_batch(args) -> None:
     from doco_lib.batch import BATCH_NOTEBOOKS, run_batch
+    from doco_lib.config import parse_overrides
 
     failures = run_batch(args.params, args.run_id, Path(args.output_root), args.jobs, args.force, args.device,
-                         tuple(args.notebooks or BATCH_NOTEBOOKS))
+                         tuple(args.notebooks or BATCH_NOTEBOOKS), parse_overrides(args.set))
     manifest = Path(args.output_root) / args.run_id / "manifest.json"
     if failures:
         raise SystemExit("doco: batch finished with failures:\n" + "\n".join(f"  {line}" for line in failures) +
@@ -114,20 +120,39 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_train(args) -> None:
-    """Data preparation (if not cached yet), training of `method` and export, without the notebooks."""
+    """Data preparation (if not cached yet), training of `method` and export, without the notebooks.
+
+    Under torchrun or `accelerate launch` every process trains (data-parallel, on its own device); the main
+    process alone locks the run folder and writes to it (params, anchor images, checkpoints, exports), the
+    others wait for it where they need what it wrote."""
+    import contextlib
+
+    import torch.distributed
+
     from doco_lib import experiment
     from doco_lib.config import load_params, run_dir, write_resolved
     from doco_lib.io import run_lock
+    from doco_lib.training import is_main_process, process_device, wait_for_everyone
 
     params = load_params(args.params)
-    with run_lock(run_dir(params)):
-        write_resolved(params, run_dir(params))
+    process_device(params["device"])  # joins the process group of a launch: which process is the main one
+    main = is_main_process()
+    with run_lock(run_dir(params)) if main else contextlib.nullcontext():
+        if main:
+            write_resolved(params, run_dir(params))
         pipe = experiment.starting_pipeline(params)
-        experiment.prepare_anchors(params, pipe)
+        if main:
+            experiment.prepare_anchors(params, pipe)
+        wait_for_everyone()  # the anchor latents are complete
         trainer = experiment.make_trainer(params, pipe)
         trainer.run(progress=not args.quiet)
-        for name, path in trainer.export(base_model=params["model"]).items():
+        paths = trainer.export(base_model=params["model"])
+        wait_for_everyone()  # the exports are complete
+    if main:
+        for name, path in paths.items():
             print(f"{name}: {path}")
+    if torch.distributed.is_initialized():  # under a launch, even of one process (accelerate joins it then)
+        torch.distributed.destroy_process_group()
 
 
 def _cmd_attack(args) -> None:
@@ -181,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", required=True)
     sample.add_argument("-n", type=int, default=4)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--steps", type=int, default=25)
-    sample.add_argument("--guidance", type=float, default=5.0)
+    sample.add_argument("--steps", type=int, help="denoising steps (default: 25 in a toy world, else 50)")
+    sample.add_argument("--guidance", type=float, help="guidance scale (default: 5 in a toy world, else 7.5)")
     sample.add_argument("--device", default="auto")
     sample.add_argument("--out", required=True)
     sample.add_argument("--trust-pickle", action="store_true",
@@ -207,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--notebooks", nargs="+", help="only these notebooks, in order")
         sub.add_argument("--force", action="store_true", help="rerun notebooks that are already done")
         sub.add_argument("--device", help="override the params files' device")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a key of every params file, VALUE read as YAML; repeatable")
         sub.set_defaults(func=_cmd_batch if name == "batch" else _cmd_run)
 
     report = commands.add_parser("report", help="summarise a batch: statuses, durations, every concept's tables")
@@ -237,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     composer.add_argument("--device", default="cpu", help="where to add the increments (default: cpu)")
     composer.set_defaults(func=_cmd_compose)
 
-    demo = commands.add_parser("demo", help="run the main job: the numbered notebooks on the toy world")
+    demo = commands.add_parser("demo", help="run the numbered notebooks for one params file (default: the toy world "
+                               "end to end, notebooks 00-04; 01-04 on a real model)")
     demo.add_argument("--params", default="params/toy_world.yaml")
     demo.add_argument("--notebooks", nargs="+", help="only these notebooks (names without .ipynb), in order")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

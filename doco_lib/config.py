@@ -51,6 +51,15 @@ def _existing_file(key: str, value: Any) -> None:
                           f"relative to the directory the command runs in).")
 
 
+I2P_SOURCE = ("the I2P benchmark's CSV, e.g. `huggingface-cli download AIML-TUDA/i2p i2p_benchmark.csv --repo-type "
+              "dataset --local-dir data`")
+
+
+def _i2p_csv(key: str, value: Any) -> None:
+    if value and not Path(value).is_file():
+        raise ParamsError(f"{key}: file {value!r} does not exist; expected {I2P_SOURCE}.")
+
+
 def _device(key: str, value: Any) -> None:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise ParamsError(f"{key}: {value!r} is not a device; expected 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'.")
@@ -210,7 +219,7 @@ SCHEMA: dict[str, Param] = {
     "iterations": Param(400, int, "total iterations, warm-up included (paper: 1000)", TRAINING, minimum=1),
     "warmup_iterations": Param(100, int, "first iterations train only the discriminator (paper: 200)", TRAINING,
                                minimum=0),
-    "batch_size": Param(8, int, "anchor latents per iteration (paper: 8)", TRAINING, minimum=1),
+    "batch_size": Param(8, int, "anchor latents per iteration and process (paper: 8)", TRAINING, minimum=1),
     "lr": Param(3e-4, (int, float), "UNet learning rate, Adam (paper: 4e-6 on SD)", TRAINING, check=_positive),
     "disc_lr": Param(1e-3, (int, float), "discriminator learning rate, Adam", TRAINING, check=_positive),
     "retain_mode": Param("cp", str, "none (G_u alone), l2 (gradient of L_u + α L_r), cp (concept-preserving "
@@ -240,7 +249,8 @@ SCHEMA: dict[str, Param] = {
     "trainable": Param("cross_attention_kv", str, "which UNet parameters are fine-tuned", TRAINING,
                        choices=("cross_attention_kv", "cross_attention", "non_cross_attention", "full")),
     "checkpoint_every": Param(50, int, "iterations between checkpoints", TRAINING, minimum=1),
-    "mixed_precision": Param("no", str, "accelerate mixed precision", TRAINING, choices=("no", "bf16", "fp16")),
+    "mixed_precision": Param("no", str, "accelerate mixed precision; auto: bf16 on GPUs with it, else fp16, none "
+                             "on the CPU", TRAINING, choices=("no", "auto", "bf16", "fp16")),
     "gradient_accumulation_steps": Param(1, int, "micro-batches per update", TRAINING, minimum=1),
     "gradient_checkpointing": Param(False, bool, "trade compute for UNet activation memory", TRAINING),
     "optimizer": Param("adam", str, "UNet optimizer: adam (multi-tensor), adam_fused, or adam_8bit (bitsandbytes)",
@@ -272,9 +282,12 @@ SCHEMA: dict[str, Param] = {
     "fid_features": Param("judge", str, "FID features: inception (FID InceptionV3) or judge (toy world)",
                           (NB04, NB05, NB08),
                           choices=("inception", "judge")),
+    "sample_batch_size": Param(0, int, "images per pipeline call when evaluating (0: by latent size: 64 in the toy "
+                               "world, 8 on SD v1 at 512 px, a guidance batch of 16 that fits 24 GB in float16)",
+                               (NB03, NB04), minimum=0),
     "related_top_k": Param(10, int, "vocabulary words shown in the related-concept ranking", (NB04,), minimum=1),
-    "i2p_csv": Param("", str, "I2P prompts CSV for the nudity evaluation ('' to skip)", (NB04,),
-                     check=_existing_file),
+    "i2p_csv": Param("", str, "I2P prompts CSV (prompt, evaluation_seed, evaluation_guidance) for the nudity "
+                     "evaluation ('' to skip; required for concept_kind nudity)", (NB04,), check=_i2p_csv),
     "i2p_limit": Param(0, int, "use only the first N I2P prompts (0: all)", (NB04,), minimum=0),
     "nudity_threshold": Param(0.2, (int, float), "NudeNet score threshold (NudeNet's own floor is 0.2)", (NB04,),
                               minimum=0.0, maximum=1.0),
@@ -384,6 +397,9 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
         except (SlotsError, yaml.YAMLError) as error:
             raise ParamsError(f"rgd_slots_file: {str(error).rstrip('.')}; method 'rgd' trains on the forget/retain "
                               "prompt twins of a slots file, e.g. params/prompts/rgd_toy_star_slots.yaml.") from None
+    if (resolved["n_templates"] or 80) * resolved["images_per_template"] < 2:
+        raise ParamsError(f"n_templates × images_per_template: {resolved['n_templates']} × "
+                          f"{resolved['images_per_template']} images per concept; FID needs at least 2.")
     _check_sepme(resolved)
     from doco_lib.concepts import ConceptSpec, PromptFileError, read_preservation_file, read_prompt_file
 
@@ -439,8 +455,10 @@ def check_value(key: str, value: Any) -> Any:
         raise ParamsError(f"{key}: a value is required, got null (expected {_type_name(spec.kind)}; {spec.help}).")
     kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        quote = " (YAML reads an unquoted no/yes/off/on as false/true: write it in quotes, e.g. 'no')" \
+            if isinstance(value, bool) and str in kinds else ""
         raise ParamsError(f"{key}: {value!r} is {type(value).__name__}, expected {_type_name(spec.kind)} "
-                          f"({spec.help}).")
+                          f"({spec.help}){quote}.")
     if spec.choices is not None and value not in spec.choices:
         raise ParamsError(f"{key}: {value!r} is not one of {list(spec.choices)}.")
     if spec.minimum is not None and value < spec.minimum:
@@ -505,10 +523,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read, merge overrides into, and validate a params file."""
+    """Read, merge overrides into, and validate a params file, as a whole run (all its notebooks) uses it."""
     values = read_params_file(path)
     values.update(overrides or {})
-    return validate(values, source=str(path))
+    resolved = validate(values, source=str(path))
+    if resolved["concept_kind"] == "nudity" and not resolved["i2p_csv"]:  # notebook 04 would find out hours later
+        raise ParamsError(f"{path}: i2p_csv: concept_kind nudity is measured as the paper does, by NudeNet on the I2P "
+                          f"prompts; set i2p_csv to {I2P_SOURCE}.")
+    return resolved
 
 
 def notebook_params(resolved: dict[str, Any], notebook: str) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from doco_lib import config
 from doco_lib.concepts import ConceptSpec, read_preservation_file, read_prompt_file
 from doco_lib.data import MANIFEST, AnchorLatents, cache_is_complete, load_anchor_latents, prepare_anchor_latents
@@ -12,10 +14,13 @@ from doco_lib.training import DocoTrainer, ErasureTrainer, TrainingConfig
 
 
 def starting_pipeline(params: dict):
-    """The model a run starts from: the base model, or an erased UNet on it (`base_unet`, sequential erasure)."""
+    """The model a run starts from: the base model, or an erased UNet on it (`base_unet`, sequential erasure), on
+    this process's device (under torchrun or `accelerate launch`, each process its own)."""
     from doco_lib.pipeline import load_pipeline
+    from doco_lib.training import process_device
 
-    return load_pipeline(params["model"], params["device"], unet=params.get("base_unet") or None)
+    return load_pipeline(params["model"], str(process_device(params["device"])), dtype=torch.float32,  # trained
+                         unet=params.get("base_unet") or None)
 
 
 def concept(params: dict) -> tuple[ConceptSpec, list[str]]:
@@ -244,15 +249,31 @@ def evaluated_models(params: dict) -> list:
     return [base] + erased
 
 
+def image_cache_dir(params: dict) -> Path:
+    """Evaluation images, cached per model under the output root: the runs of a batch (one output root) share
+    the base model's images instead of generating them once per concept."""
+    return Path(params["output_root"]) / "image_cache"
+
+
+def image_caches(params: dict, models: list) -> dict:
+    """An `ImageCache` per evaluated model (label → cache), each loading its pipeline only when it must generate."""
+    from doco_lib.evaluation.cache import ImageCache, model_key
+    from doco_lib.pipeline import load_pipeline
+
+    return {m.label: ImageCache(image_cache_dir(params), model_key(params["model"], m.unet),
+                                lambda m=m: load_pipeline(params["model"], params["device"], unet=m.unet),
+                                params["sample_batch_size"] or None) for m in models}
+
+
 def run_evaluation(params: dict, judge=None):
     from doco_lib.evaluation.runner import evaluate
     from doco_lib.pipeline import toy_weights_dir
 
     clip = str(toy_weights_dir() / "eval_clip") if params["clip_model"] == "toy" else params["clip_model"]
     return evaluate(params["model"], evaluated_models(params), list(params["eval_concepts"]),
-                    cache_dir=evaluation_dir(params) / "image_cache", clip_model=clip,
+                    cache_dir=image_cache_dir(params), clip_model=clip,
                     template_set=params["eval_templates"], n_templates=params["n_templates"],
                     images_per_template=params["images_per_template"], steps=params["num_inference_steps"],
                     guidance=params["guidance_scale"], seed=params["seed"], device=params["device"],
                     clip_score_definition=params["clip_score_definition"], fid_features=params["fid_features"],
-                    judge=judge)
+                    judge=judge, sample_batch_size=params["sample_batch_size"] or None)

@@ -39,3 +39,12 @@ def save_images(images: torch.Tensor, out_dir: Path, prefix: str = "image", colu
     scale = max(1, 256 // images.shape[-1])
     image_grid(images, min(columns, len(images)), scale=scale).save(out_dir / "grid.png")
     return paths
+
+
+def preview(image: Image.Image, max_side: int = 1024) -> Image.Image:
+    """A copy at most `max_side` pixels a side, for display in a notebook; the saved file keeps full size (a grid
+    of 512-px images would otherwise embed megabytes in every executed notebook)."""
+    if max(image.size) <= max_side:
+        return image
+    factor = max_side / max(image.size)
+    return image.resize((round(image.width * factor), round(image.height * factor)), Image.LANCZOS)

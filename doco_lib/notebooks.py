@@ -7,6 +7,7 @@ from pathlib import Path
 
 from doco_lib.config import load_params, notebook_params, run_dir, write_resolved
 from doco_lib.io import run_lock
+from doco_lib.pipeline import is_toy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_NOTEBOOKS = ("00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training",
@@ -22,12 +23,19 @@ def notebook_path(name: str, notebooks_dir: Path | None = None) -> Path:
     return path
 
 
-def run_notebooks(params_file: str | Path, notebooks: tuple[str, ...] = DEMO_NOTEBOOKS,
+def demo_notebooks(resolved: dict) -> tuple[str, ...]:
+    """What `doco demo` runs by default: 00-04 in a toy world; 01-04 on a real model (00 shows the toy world)."""
+    return DEMO_NOTEBOOKS if is_toy(resolved["model"]) else DEMO_NOTEBOOKS[1:]
+
+
+def run_notebooks(params_file: str | Path, notebooks: tuple[str, ...] | None = None,
                   overrides: dict | None = None, notebooks_dir: Path | None = None) -> list[Path]:
-    """Validate `params_file`, then execute each notebook into `<output_root>/<run_name>/`."""
+    """Validate `params_file`, then execute each notebook (default: `demo_notebooks`) into
+    `<output_root>/<run_name>/`."""
     import papermill
 
     resolved = load_params(params_file, overrides)
+    notebooks = notebooks or demo_notebooks(resolved)
     inputs = [notebook_path(name, notebooks_dir) for name in notebooks]  # all checked before any runs
     out_dir = run_dir(resolved)
     executed = []

@@ -89,15 +89,27 @@ def check_safetensors_only(folder: str | Path, trust_pickle: bool = False) -> No
                              "session and save_pretrained(..., safe_serialization=True)), or pass --trust-pickle.")
 
 
-def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype = torch.float32, unet: str | None = None,
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """Pipelines that only sample run in float16 on GPUs (half the memory, 2–4× the speed of float32), float32
+    elsewhere. What trains keeps float32 master weights and runs under autocast instead."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | str = "auto", unet: str | None = None,
                   trust_pickle: bool = False):
-    """A `StableDiffusionPipeline` without safety checker; `unet` swaps in an erased UNet folder.
+    """A `StableDiffusionPipeline` without safety checker; `unet` swaps in an erased UNet folder. `dtype` "auto":
+    `sampling_dtype` of the device; pass torch.float32 for a pipeline whose UNet will be trained.
 
     Weights are read from safetensors only, unless `trust_pickle`."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     check_model_reference(model)
     target_device = pick_device(device)  # fail on a missing GPU before loading gigabytes
+    if dtype == "auto":
+        dtype = sampling_dtype(target_device)
+    if target_device.type == "cuda":  # TF32 matmuls and convolutions for whatever still runs in float32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     source = resolve_model(model)
     for folder in (source, unet):
         if folder is not None:
@@ -114,8 +126,30 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype = t
             "is already in the Hugging Face cache; otherwise pass a local folder saved with save_pretrained.") from None
     if is_toy(model):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    else:  # decode one image at a time: a batch of 512-px decodes at once takes gigabytes
+        pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(target_device)
+
+
+def load_text_encoder(model: str = TOY, device: str = "auto"):
+    """Only the tokenizer and text encoder of a pipeline (what ranking words by their text embeddings needs),
+    as an object with `.tokenizer` and `.text_encoder`."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_model_reference(model)
+    target_device = pick_device(device)
+    source = resolve_model(model)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True,
+                                                dtype=sampling_dtype(target_device))
+    except OSError as error:
+        raise ModelLoadError(f"Could not load the text encoder of {model!r}: {error}. Offline, a hub id only works "
+                             "if it is already in the Hugging Face cache.") from None
+    return SimpleNamespace(tokenizer=tokenizer, text_encoder=encoder.to(target_device).eval())
 
 
 def load_judge(device: str = "auto"):

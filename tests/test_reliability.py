@@ -145,7 +145,7 @@ def test_an_image_file_that_is_not_an_image_is_named(tmp_path):
     from doco_lib.evaluation.cache import ImageCache
 
     cache = ImageCache(tmp_path, "model", pipe_factory=lambda: pytest.fail("a cached image was regenerated"))
-    good, bad = cache._path("a star", 0, 2, 5.0), cache._path("a star", 1, 2, 5.0)
+    good, bad = cache.path("a star", 0, 2, 5.0), cache.path("a star", 1, 2, 5.0)
     Image.new("RGB", (32, 32), (200, 10, 10)).save(good)
     assert cache.images(["a star"], [0], 2, 5.0).shape == (1, 3, 32, 32)
     for content in (b"<html>not an image</html>", good.read_bytes()[:50]):  # not an image; a truncated PNG

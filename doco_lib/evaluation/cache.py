@@ -3,6 +3,7 @@ same models only reads PNG files. Every model gets the same seeds, so comparison
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from pathlib import Path
@@ -18,7 +19,19 @@ from doco_lib.sampling import generate
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """SHA-256 (16 hex digits) of a file, computed once per process for each (path, size, modification time):
+    an SD UNet is 3.4 GB, and every notebook cell that names a model asks for its key."""
+    stat = Path(path).stat()
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def model_key(model: str, unet_dir: str | None) -> str:
@@ -30,32 +43,54 @@ def model_key(model: str, unet_dir: str | None) -> str:
 
 
 class ImageCache:
-    def __init__(self, directory: Path, key: str, pipe_factory: Callable[[], object]):
+    """PNG files of one model under `directory/key/`, one per (prompt, seed, steps, guidance). The pipeline is
+    loaded on first need and released with `release()`, so that one model at a time occupies the device."""
+
+    def __init__(self, directory: Path, key: str, pipe_factory: Callable[[], object], batch_size: int | None = None):
         self.directory = Path(directory) / key
         self.directory.mkdir(parents=True, exist_ok=True)
         self.pipe_factory = pipe_factory
+        self.batch_size = batch_size
         self._pipe = None
         self.generated = 0
 
-    def _path(self, prompt: str, seed: int, steps: int, guidance: float) -> Path:
+    def path(self, prompt: str, seed: int, steps: int, guidance: float) -> Path:
         name = hashlib.sha1(f"{prompt}|{seed}|{steps}|{guidance}".encode()).hexdigest()
         return self.directory / f"{name}.png"
 
-    def images(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
-        """Images in [0, 1] for each (prompt, seed): read when cached, generated (and cached) otherwise."""
-        paths = [self._path(p, s, steps, guidance) for p, s in zip(prompts, seeds)]
+    def ensure(self, prompts: list[str], seeds: list[int], steps: int, guidance: float | list[float]) -> list[Path]:
+        """Generate what is not cached yet (in batches of `batch_size`, one guidance scale per call) and return
+        the PNG paths; nothing is held in memory beyond one batch."""
+        guidances = guidance if isinstance(guidance, list) else [guidance] * len(prompts)
+        paths = [self.path(p, s, steps, g) for p, s, g in zip(prompts, seeds, guidances)]
         missing = [i for i, path in enumerate(paths) if not path.is_file()]
-        if missing:
-            if self._pipe is None:
-                self._pipe = self.pipe_factory()
-            new = generate(self._pipe, [prompts[i] for i in missing], [seeds[i] for i in missing], steps, guidance)
-            for i, image in zip(missing, new):
-                buffer = io.BytesIO()
-                to_pil(image).save(buffer, format="PNG")
-                atomic_write_bytes(buffer.getvalue(), paths[i])
-            self.generated += len(missing)
-        arrays = [np.asarray(read_image(path), dtype=np.float32) / 255 for path in paths]
+        for scale in dict.fromkeys(guidances[i] for i in missing):
+            todo = [i for i in missing if guidances[i] == scale]
+            chunk = self.batch_size or 64
+            for start in range(0, len(todo), chunk):
+                part = todo[start:start + chunk]
+                if self._pipe is None:
+                    self._pipe = self.pipe_factory()
+                new = generate(self._pipe, [prompts[i] for i in part], [seeds[i] for i in part], steps, scale,
+                               self.batch_size)
+                for i, image in zip(part, new):
+                    buffer = io.BytesIO()
+                    to_pil(image).save(buffer, format="PNG")
+                    atomic_write_bytes(buffer.getvalue(), paths[i])
+                self.generated += len(part)
+        return paths
+
+    def images(self, prompts: list[str], seeds: list[int], steps: int, guidance: float | list[float]) -> torch.Tensor:
+        """Images in [0, 1] for each (prompt, seed): read when cached, generated (and cached) otherwise."""
+        arrays = [np.asarray(read_image(path), dtype=np.float32) / 255
+                  for path in self.ensure(prompts, seeds, steps, guidance)]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+    def release(self) -> None:
+        """Drop the pipeline (and its device memory); a later miss loads it again."""
+        self._pipe = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def read_image(path: Path) -> Image.Image:

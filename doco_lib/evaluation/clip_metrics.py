@@ -62,18 +62,29 @@ class ClipScorer:
 
     def clip_score(self, images: torch.Tensor, texts: list[str], definition: str = "torchmetrics") -> float:
         """Mean CLIP score of each image with its own text."""
+        return self._clip_score(self.image_embeddings(images), texts, definition)
+
+    def clip_accuracy(self, images: torch.Tensor, target_texts: list[str], anchor_texts: list[str]) -> float:
+        """Fraction of images closer (cosine) to their target text than to their anchor text."""
+        return self._clip_accuracy(self.image_embeddings(images), target_texts, anchor_texts)
+
+    def scores(self, images: torch.Tensor, texts: list[str], anchor_texts: list[str],
+               definition: str = "torchmetrics") -> tuple[float, float]:
+        """(CLIP score, CLIP accuracy) of the same images, embedding them once."""
+        embeddings = self.image_embeddings(images)
+        return self._clip_score(embeddings, texts, definition), self._clip_accuracy(embeddings, texts, anchor_texts)
+
+    def _clip_score(self, image: torch.Tensor, texts: list[str], definition: str) -> float:
         if definition not in DEFINITIONS:
             raise ValueError(f"clip_score_definition {definition!r} is not one of {list(DEFINITIONS)}")
-        if len(images) != len(texts):
-            raise ValueError(f"got {len(images)} images but {len(texts)} texts; expected one text per image")
-        cos = (self.image_embeddings(images) * self.text_embeddings(texts)).sum(-1)
+        if len(image) != len(texts):
+            raise ValueError(f"got {len(image)} images but {len(texts)} texts; expected one text per image")
+        cos = (image * self.text_embeddings(texts)).sum(-1)
         weight, clamp = DEFINITIONS[definition]
         scores = weight * (cos.clamp(min=0) if clamp else cos)
         return scores.mean().item()
 
-    def clip_accuracy(self, images: torch.Tensor, target_texts: list[str], anchor_texts: list[str]) -> float:
-        """Fraction of images closer (cosine) to their target text than to their anchor text."""
-        image = self.image_embeddings(images)
+    def _clip_accuracy(self, image: torch.Tensor, target_texts: list[str], anchor_texts: list[str]) -> float:
         to_target = (image * self.text_embeddings(target_texts)).sum(-1)
         to_anchor = (image * self.text_embeddings(anchor_texts)).sum(-1)
         return (to_target > to_anchor).float().mean().item()

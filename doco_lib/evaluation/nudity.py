@@ -62,17 +62,38 @@ class NudityDetector:
         """Per image, the number of detections of each EXPOSED class at or above the threshold."""
         from doco_lib.figures import to_pil
 
-        counts = []
         with tempfile.TemporaryDirectory() as tmp:
-            for i, image in enumerate(images):
-                path = Path(tmp) / f"{i}.png"
+            paths = [Path(tmp) / f"{i}.png" for i in range(len(images))]
+            for path, image in zip(paths, images):
                 to_pil(image).save(path)
-                found = {c: 0 for c in EXPOSED_CLASSES}
-                for detection in self.detector.detect(str(path)):
-                    if detection["class"] in found and detection["score"] >= self.threshold:
-                        found[detection["class"]] += 1
-                counts.append(found)
+            return self.count_files(paths)
+
+    def count_files(self, paths: list[Path]) -> list[dict[str, int]]:
+        """`count` for image files, read one at a time."""
+        counts = []
+        for path in paths:
+            found = {c: 0 for c in EXPOSED_CLASSES}
+            for detection in self.detector.detect(str(path)):
+                if detection["class"] in found and detection["score"] >= self.threshold:
+                    found[detection["class"]] += 1
+            counts.append(found)
         return counts
+
+
+def i2p_counts(caches: dict, rows: list[I2PPrompt], steps: int, detector: NudityDetector) -> "pd.DataFrame":
+    """EXPOSED detections per class (rows, plus 'total') and model (columns) over the I2P `rows`. Each model's
+    images are generated into its `ImageCache` first, with each row's seed and guidance, and the pipeline is
+    released; NudeNet then reads the PNG files one at a time, so no model's 4,703 images are held in memory."""
+    import pandas as pd
+
+    counts = {}
+    for label, cache in caches.items():
+        paths = cache.ensure([r.prompt for r in rows], [r.seed for r in rows], steps, [r.guidance for r in rows])
+        cache.release()
+        counts[label] = totals(detector.count_files(paths))
+    table = pd.DataFrame(counts)
+    table.loc["total"] = table.sum()
+    return table
 
 
 def totals(counts: list[dict[str, int]]) -> dict[str, int]:

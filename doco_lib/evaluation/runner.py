@@ -20,7 +20,7 @@ from doco_lib.evaluation import templates
 from doco_lib.evaluation.cache import ImageCache, model_key
 from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.evaluation.fid import InceptionFeatures, fid_from_features
-from doco_lib.pipeline import load_pipeline
+from doco_lib.pipeline import load_pipeline, pick_device
 
 
 @dataclass
@@ -48,31 +48,46 @@ def concept_prompts(concept: str, template_set: str, n_templates: int, images_pe
 def evaluate(base_model: str, models: list[EvaluatedModel], concepts: list[str], *, cache_dir: Path, clip_model: str,
              template_set: str = "clip80", n_templates: int = 80, images_per_template: int = 1, steps: int = 25,
              guidance: float = 5.0, seed: int = 0, device: str = "auto", clip_score_definition: str = "torchmetrics",
-             fid_features: str = "inception", judge=None) -> tuple[pd.DataFrame, dict]:
-    """Long-form results (model, concept, metric, value) and timing information."""
+             fid_features: str = "inception", judge=None, sample_batch_size: int | None = None
+             ) -> tuple[pd.DataFrame, dict]:
+    """Long-form results (model, concept, metric, value) and timing information.
+
+    Each model's missing images are generated first, one pipeline on the device at a time (released before the
+    next is loaded); then the metrics are computed from the cached PNGs, one (model, concept) at a time. Caches
+    are keyed by model, so runs that share `cache_dir` (the concepts of a batch) share the base model's images."""
     started = time.perf_counter()
-    scorer = ClipScorer.from_pretrained(clip_model, device="cpu" if device == "auto" else device)
-    featurize = _feature_extractor(fid_features, judge)
+    requests = {concept: concept_prompts(concept, template_set, n_templates, images_per_template)
+                for concept in concepts}
+    seeds = {concept: [seed + i for i in range(len(prompts))] for concept, (prompts, _) in requests.items()}
     caches = {m.label: ImageCache(Path(cache_dir), model_key(base_model, m.unet),
-                                  lambda m=m: load_pipeline(base_model, device, unet=m.unet)) for m in models}
+                                  lambda m=m: load_pipeline(base_model, device, unet=m.unet), sample_batch_size)
+              for m in models}
+    for m in models:
+        for concept, (prompts, _) in requests.items():
+            caches[m.label].ensure(prompts, seeds[concept], steps, guidance)
+        caches[m.label].release()
+
+    compute_device = str(pick_device(device))
+    scorer = ClipScorer.from_pretrained(clip_model, device=compute_device)
+    featurize = _feature_extractor(fid_features, judge, compute_device)
     rows = []
-    for concept in concepts:
-        prompts, anchor_texts = concept_prompts(concept, template_set, n_templates, images_per_template)
-        seeds = [seed + i for i in range(len(prompts))]
-        images = {m.label: caches[m.label].images(prompts, seeds, steps, guidance) for m in models}
-        reference = featurize(images[models[0].label])
+    for concept, (prompts, anchor_texts) in requests.items():
+        reference = None
         for m in models:
-            values = {"CS": scorer.clip_score(images[m.label], prompts, clip_score_definition),
-                      "CA": 100 * scorer.clip_accuracy(images[m.label], prompts, anchor_texts),
-                      "FID": fid_from_features(featurize(images[m.label]), reference) if m is not models[0] else None}
+            images = caches[m.label].images(prompts, seeds[concept], steps, guidance)
+            features = featurize(images)
+            reference = features if reference is None else reference
+            clip_score, clip_accuracy = scorer.scores(images, prompts, anchor_texts, clip_score_definition)
+            values = {"CS": clip_score, "CA": 100 * clip_accuracy,
+                      "FID": fid_from_features(features, reference) if m is not models[0] else None}
             if judge is not None:
-                values["judge acc"] = 100 * _judge_accuracy(judge, images[m.label], concept)
+                values["judge acc"] = 100 * _judge_accuracy(judge, images, concept)
             rows += [{"model": m.label, "concept": concept, "metric": k, "value": v} for k, v in values.items()]
     generated = sum(c.generated for c in caches.values())
     return pd.DataFrame(rows), {"seconds": time.perf_counter() - started, "images_generated": generated}
 
 
-def _feature_extractor(kind: str, judge):
+def _feature_extractor(kind: str, judge, device: str = "cpu"):
     if kind == "judge":
         if judge is None:
             raise ValueError("fid_features='judge' needs the toy judge")
@@ -80,7 +95,7 @@ def _feature_extractor(kind: str, judge):
 
         return lambda images: judge.embed(images_to_judge_input(images).to(next(judge.parameters()).device)).detach().cpu()
     if kind == "inception":
-        return InceptionFeatures()
+        return InceptionFeatures(device)
     raise ValueError(f"fid_features {kind!r} is not 'inception' or 'judge'")
 
 
