@@ -130,11 +130,11 @@ def _cmd_train(args) -> None:
     import torch.distributed
 
     from doco_lib import experiment
-    from doco_lib.config import load_params, run_dir, write_resolved
+    from doco_lib.config import load_params, parse_overrides, run_dir, write_resolved
     from doco_lib.io import run_lock
     from doco_lib.training import is_main_process, process_device, wait_for_everyone
 
-    params = load_params(args.params)
+    params = load_params(args.params, parse_overrides(args.set))
     process_device(params["device"])  # joins the process group of a launch: which process is the main one
     main = is_main_process()
     with run_lock(run_dir(params)) if main else contextlib.nullcontext():
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="prepare anchor data and train (DoCo or a baseline) from a params file")
     train.add_argument("--params", required=True)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of the params file, VALUE read as YAML (e.g. batch_size=2); repeatable")
     train.set_defaults(func=_cmd_train)
 
     for name, helptext in (("batch", "run the numbered notebooks for each concept (params files, folders, globs)"),

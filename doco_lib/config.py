@@ -397,9 +397,6 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
         except (SlotsError, yaml.YAMLError) as error:
             raise ParamsError(f"rgd_slots_file: {str(error).rstrip('.')}; method 'rgd' trains on the forget/retain "
                               "prompt twins of a slots file, e.g. params/prompts/rgd_toy_star_slots.yaml.") from None
-    if (resolved["n_templates"] or 80) * resolved["images_per_template"] < 2:
-        raise ParamsError(f"n_templates × images_per_template: {resolved['n_templates']} × "
-                          f"{resolved['images_per_template']} images per concept; FID needs at least 2.")
     _check_sepme(resolved)
     from doco_lib.concepts import ConceptSpec, PromptFileError, read_preservation_file, read_prompt_file
 

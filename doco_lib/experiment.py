@@ -226,6 +226,9 @@ def evaluated_models(params: dict) -> list:
     if missing:
         raise config.ParamsError(f"erased_concepts: {missing} are not in eval_concepts {params['eval_concepts']}; "
                                  "every erased concept must be measured.")
+    if (params["n_templates"] or 80) * params["images_per_template"] < 2:
+        raise config.ParamsError(f"n_templates × images_per_template: {params['n_templates']} × "
+                                 f"{params['images_per_template']} images per concept; FID needs at least 2.")
     if params["target"] not in params["eval_concepts"]:
         raise config.ParamsError(f"eval_concepts: the target {params['target']!r} is missing from "
                                  f"{params['eval_concepts']}.")

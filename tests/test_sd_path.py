@@ -143,9 +143,10 @@ def test_unquoted_no_in_yaml_is_explained(tmp_path):
         config.load_params(params)
 
 
-def test_fid_needs_two_images_per_concept():
+def test_fid_needs_two_images_per_concept(tmp_path):
+    params = config.validate({"n_templates": 1, "images_per_template": 1, "output_root": str(tmp_path)})
     with pytest.raises(config.ParamsError, match="FID needs at least 2"):
-        config.validate({"n_templates": 1, "images_per_template": 1})
+        experiment.evaluated_models(params)  # before anything is generated
 
 
 def test_demo_on_a_real_model_skips_the_toy_world_notebook(repo_root):
@@ -164,3 +165,41 @@ def test_ablation_on_a_real_model_refuses_the_toy_rgd_slots_and_sepme_pipeline(r
         ablation.train_grid(sd, ["DoCo (cp)", "RGD"], [0])
     with pytest.raises(config.ParamsError, match="sepme_model: 'toy-wide' is a toy world"):
         ablation.train_grid({**sd, "sepme_concepts": ["Snoopy", "Mickey"]}, ["DoCo (cp)", "SepME"], [0])
+
+
+def test_clip_score_and_accuracy_embed_the_images_once(monkeypatch):
+    from doco_lib.evaluation.clip_metrics import ClipScorer
+
+    scorer = ClipScorer.from_pretrained(str(toy_weights_dir() / "eval_clip"))
+    images = torch.rand(4, 3, 32, 32)
+    texts, anchors = ["a photo of a star"] * 4, ["a photo of a shape"] * 4
+    expected = (scorer.clip_score(images, texts), scorer.clip_accuracy(images, texts, anchors))
+    calls = []
+    embed = scorer.image_embeddings
+    monkeypatch.setattr(scorer, "image_embeddings", lambda x: calls.append(len(x)) or embed(x))
+    assert scorer.scores(images, texts, anchors) == pytest.approx(expected)
+    assert calls == [4]
+
+
+def test_notebooks_leave_cpu_threads_to_torch(repo_root):
+    """A GPU node's CPU work (NudeNet, data loading) gets every core: no notebook caps torch's threads."""
+    for notebook in sorted((repo_root / "notebooks").glob("*.ipynb")):
+        assert "set_num_threads" not in notebook.read_text(), notebook.name
+
+
+def test_sample_and_train_defaults_follow_the_model(monkeypatch, tmp_path):
+    from doco_lib import cli
+
+    seen = {}
+    monkeypatch.setattr("doco_lib.config.check_value", lambda key, value: seen.setdefault(key, value))
+    def stop(*args, **kwargs):  # the defaults are resolved before anything loads
+        raise SystemExit(0)
+
+    monkeypatch.setattr("doco_lib.pipeline.load_pipeline", stop)
+    for model, steps, guidance in (("toy", 25, 5.0), (sd_shaped.SD14_ID, 50, 7.5)):
+        seen.clear()
+        with pytest.raises(SystemExit):
+            cli.main(["sample", "--model", model, "--prompt", "a dog", "--out", str(tmp_path)])
+        assert (seen["num_inference_steps"], seen["guidance_scale"]) == (steps, guidance)
+    args = cli.build_parser().parse_args(["train", "--params", "p.yaml", "--set", "batch_size=2"])
+    assert config.parse_overrides(args.set) == {"batch_size": 2}
