@@ -128,8 +128,8 @@ class RgdTrainer(ErasureTrainer):
             pred_r = self.unet(x_r, t_r, encoder_hidden_states=c_r).sample.float()
         forget_loss, retain_loss = F.mse_loss(pred_f, noise_f), F.mse_loss(pred_r, noise_r)
         truncated = 0 < cfg.rgd_truncation < forget_loss.item()
-        g_f = self._grads(forget_loss, retain_graph=True)
-        g_u = [torch.zeros_like(g) if truncated else -g for g in g_f]  # ascend L_f unless it is already above m
+        # Ascend L_f unless it is already above m; in place, as G_f is a UNet's size (RGD trains the whole UNet).
+        g_u = [g.zero_() if truncated else g.neg_() for g in self._grads(forget_loss, retain_graph=True)]
         g_r = self._grads(retain_loss, retain_graph=False)
         update, stats = restricted_gradient(self.reduce(g_u), self.reduce(g_r), cfg.rgd_alpha)
         logs = {"g_loss": forget_loss.item(), "retain_loss": retain_loss.item()}

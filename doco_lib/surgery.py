@@ -84,8 +84,16 @@ def restricted_gradient(g_u: Grads, g_r: Grads, alpha: float = 1.0) -> tuple[Gra
     """Two-task PCGrad over flattened (global) gradients, as RGD uses: where G_u and G_r conflict, each
     is projected onto the normal plane of the other; the update is G_u' + α G_r'.
 
-    G_u' is eq. 9 with λ = 1 and global scope; G_r' is the same rule with the roles swapped.
+    G_u' is eq. 9 with λ = 1 and global scope; G_r' is the same rule with the roles swapped. Both are linear
+    in G_u and G_r, so the update is one combination a·G_u + b·G_r, built without G_u' and G_r' as buffers of
+    their own: RGD trains the whole UNet, where each such buffer is a UNet's size (3.4 GB for SD v1).
     """
-    u_adjusted, stats = concept_preserving_gradient(g_u, g_r, 1.0, "global", "exact")
-    r_adjusted, _ = concept_preserving_gradient(g_r, g_u, 1.0, "global", "exact")
-    return [u + alpha * r for u, r in zip(u_adjusted, r_adjusted)], stats
+    uu, ur, rr = _dots(g_u, g_u).sum(), _dots(g_u, g_r).sum(), _dots(g_r, g_r).sum()
+    u_valid, r_valid = torch.isfinite(uu) & (uu > 0), torch.isfinite(rr) & (rr > 0)
+    zero = torch.zeros_like(ur)
+    # G_u' = G_u − c_u G_r and G_r' = G_r − c_r G_u where they conflict (c = 0 elsewhere).
+    c_u = torch.where((ur < 0) & r_valid, ur / torch.where(r_valid, rr, torch.ones_like(rr)), zero)
+    c_r = torch.where((ur < 0) & u_valid, ur / torch.where(u_valid, uu, torch.ones_like(uu)), zero)
+    a, b = 1 - alpha * c_r, alpha - c_u
+    update = [u * a.to(u.dtype) + r * b.to(r.dtype) for u, r in zip(g_u, g_r)]
+    return update, SurgeryStats(cosine=cosine(g_u, g_r), fired=((ur < 0) & r_valid).float())

@@ -98,3 +98,17 @@ def test_restricted_gradient_hand_computed_and_without_conflict():
     # Unlike eq. 9, RGD also projects G_r and adds it: the two differ whenever there is a conflict.
     cp, _ = concept_preserving_gradient([torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])])
     assert not torch.allclose(cp[0], torch.tensor([0.5, 1.5]))
+
+
+def test_restricted_gradient_equals_both_projections_combined():
+    """The one-pass combination equals G_u' + α G_r' built from eq. 9 both ways, with and without conflict."""
+    generator = torch.Generator().manual_seed(0)
+    for sign in (-1.0, 1.0):
+        g_u = [torch.randn(3, 4, generator=generator), torch.randn(5, generator=generator)]
+        g_r = [sign * g_u[0] + 0.1 * torch.randn(3, 4, generator=generator), torch.randn(5, generator=generator)]
+        u_adjusted, expected_stats = concept_preserving_gradient(g_u, g_r)
+        r_adjusted, _ = concept_preserving_gradient(g_r, g_u)
+        update, stats = restricted_gradient(g_u, g_r, alpha=1.6)
+        for got, u, r in zip(update, u_adjusted, r_adjusted):
+            assert torch.allclose(got, u + 1.6 * r, atol=1e-6)
+        assert stats.fired == expected_stats.fired and torch.isclose(stats.cosine, expected_stats.cosine)
