@@ -1,4 +1,4 @@
-# Two commands on a fresh machine (Python 3.11 and make): `make demo` and `make test`.
+# Two commands on a fresh machine (Python 3.11 and make): `make demo` and `make test-all` (`make test`: without slow tests).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
