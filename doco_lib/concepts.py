@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from doco_lib.io import read_utf8
+
 KINDS = ("instance", "style", "nudity")
 
 
@@ -58,7 +60,7 @@ def read_prompt_file(path: str | Path, spec: ConceptSpec | None = None) -> list[
         raise PromptFileError(f"prompt file {str(path)!r} does not exist.")
     prompts: list[str] = []
     first_seen: dict[str, int] = {}
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_utf8(path).split("\n")
     if lines and lines[-1] == "":
         lines = lines[:-1]  # the final newline
     for number, line in enumerate(lines, start=1):

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import yaml
 
+from doco_lib.io import read_utf8
+
 
 class _SafeLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading `4e-6` as a number (YAML 1.1 would make it a string)."""
@@ -495,7 +497,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
         raise ParamsError(f"params file {str(path)!r} does not exist (expected a YAML file such as "
                           "params/toy_world.yaml).")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)
+        data = yaml.load(read_utf8(path), Loader=_SafeLoader)
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML ({str(error).splitlines()[0]}).") from None
     if data is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from doco_lib.io import read_utf8
 from doco_lib.toy.render import with_articles
 
 
@@ -26,7 +27,7 @@ def load_slots(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SlotsError(f"slots file {str(path)!r} does not exist.")
-    slots = yaml.safe_load(path.read_text(encoding="utf-8"))
+    slots = yaml.safe_load(read_utf8(path))
     for key in ("templates", "concept_words", "train", "test"):
         if not slots or key not in slots or not slots[key]:
             raise SlotsError(f"{path}: missing or empty key {key!r} (expected templates, concept_words, "

@@ -76,6 +76,15 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return error
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's content; a file that is not UTF-8 is a CorruptFileError naming it and the first bad byte."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CorruptFileError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
+                               "save it as UTF-8.") from None
+
+
 def atomic_write_bytes(data: bytes, path: Path) -> None:
     _atomic_write(path, lambda handle: handle.write(data))
 

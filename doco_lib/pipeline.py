@@ -117,7 +117,11 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
     safetensors = None if trust_pickle else True
     kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, use_safetensors=safetensors)
     if unet is not None:
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, dtype=dtype, use_safetensors=safetensors)
+        try:
+            kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, dtype=dtype, use_safetensors=safetensors)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"the UNet folder {unet!r} could not be loaded ({str(error).splitlines()[0]}); it "
+                                 "is damaged or not a diffusers UNet: export it again or delete it.") from None
     try:
         pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:

@@ -8,11 +8,14 @@ top of that; some pipelines use 0.6: set it explicitly and say which you used.
 from __future__ import annotations
 
 import csv
+import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from doco_lib.io import read_utf8
 
 EXPOSED_CLASSES = ("BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
                    "ANUS_EXPOSED", "FEET_EXPOSED", "ARMPITS_EXPOSED", "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED")
@@ -32,7 +35,7 @@ def read_i2p_csv(path: str | Path, limit: int | None = None) -> list[I2PPrompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"I2P CSV {str(path)!r} does not exist.")
-    with path.open(newline="", encoding="utf-8") as handle:
+    with io.StringIO(read_utf8(path), newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in I2P_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
