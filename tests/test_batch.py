@@ -20,6 +20,7 @@ TINY = {"num_inference_steps": 2, "n_anchor_images": 8, "anchor_shard_size": 4, 
         "n_templates": 1, "grid_columns": 2, "device": "cpu", "eval_concepts": ["star", "pentagram", "circle"]}
 
 
+@pytest.mark.slow
 def test_batch_isolates_a_broken_concept_and_reruns_only_it(tmp_path, doco_command, repo_root):
     concepts = tmp_path / "concepts"
     concepts.mkdir()
@@ -166,6 +167,7 @@ def killed_and_rerun(tmp_path_factory, doco_command, repo_root) -> dict:
     return observed
 
 
+@pytest.mark.slow
 def test_killed_batch_resumes_training_from_its_checkpoint(killed_and_rerun):
     seen = killed_and_rerun
     assert seen["kernels"] and not seen["kernels_left"], "the training kernel outlived the killed batch"

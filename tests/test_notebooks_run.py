@@ -3,6 +3,7 @@
 import subprocess
 
 import nbformat
+import pytest
 import yaml
 
 TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n_anchor_images": 8,
@@ -17,6 +18,7 @@ TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n
         "attack_soft_images": 2, "sepme_images": 2, "sepme_max_steps": 3}
 
 
+@pytest.mark.slow
 def test_all_notebooks_run_with_papermill(tmp_path, doco_command, repo_root):
     params = tmp_path / "tiny.yaml"
     params.write_text(yaml.safe_dump({"run_name": "nb", "output_root": str(tmp_path / "out"), **TINY}))

@@ -314,6 +314,7 @@ FAULTS = [  # (where, action, at its nth time in that run, checkpoint step left,
 ]
 
 
+@pytest.mark.slow
 def test_sigkill_at_six_points_then_rerun_ends_with_the_uninterrupted_weights(runs, doco_command):
     params, run = _short_run(runs, "killed")
     outputs = run.parent  # caches may live beside the run folder

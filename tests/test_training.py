@@ -59,6 +59,7 @@ def test_modes_and_presets_run_end_to_end(tmp_path, doco_command, fidelity, reta
     assert len(log) == 7  # header + 6 iterations
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_rerun_equals_an_uninterrupted_run(tmp_path, doco_command):
     straight = write_params(tmp_path, "straight")
     assert train(doco_command, straight).returncode == 0
