@@ -260,12 +260,10 @@ def image_cache_dir(params: dict) -> Path:
 
 def image_caches(params: dict, models: list) -> dict:
     """An `ImageCache` per evaluated model (label → cache), each loading its pipeline only when it must generate."""
-    from doco_lib.evaluation.cache import ImageCache, model_key
-    from doco_lib.pipeline import load_pipeline
+    from doco_lib.evaluation.cache import model_caches
 
-    return {m.label: ImageCache(image_cache_dir(params), model_key(params["model"], m.unet),
-                                lambda m=m: load_pipeline(params["model"], params["device"], unet=m.unet),
-                                params["sample_batch_size"] or None) for m in models}
+    return model_caches(image_cache_dir(params), params["model"], models, params["device"],
+                        params["sample_batch_size"] or None)
 
 
 def run_evaluation(params: dict, judge=None):

@@ -75,8 +75,6 @@ def test_evaluation_images_of_the_base_model_are_shared_by_the_runs_of_an_output
 
 def test_evaluation_holds_one_pipeline_at_a_time(tmp_path, monkeypatch):
     """Each model's pipeline is released before the next one is loaded (three fp32 SD pipelines do not fit)."""
-    from doco_lib.evaluation import runner
-
     live = []
 
     def loading(model, device, unet=None):
@@ -86,7 +84,7 @@ def test_evaluation_holds_one_pipeline_at_a_time(tmp_path, monkeypatch):
         live.append(weakref.ref(pipe))
         return pipe
 
-    monkeypatch.setattr(runner, "load_pipeline", loading)
+    monkeypatch.setattr(image_cache, "load_pipeline", loading)
     unet = str(toy_weights_dir() / "pipeline" / "unet")
     models = [EvaluatedModel("base"), EvaluatedModel("erased", unet, ["star"])]
     results, timing = evaluate("toy", models, ["star", "circle"], cache_dir=tmp_path, template_set="toy",

@@ -15,6 +15,7 @@ from PIL import Image
 
 from doco_lib.figures import to_pil
 from doco_lib.io import CorruptFileError, atomic_write_bytes
+from doco_lib.pipeline import load_pipeline
 from doco_lib.sampling import generate
 
 
@@ -91,6 +92,15 @@ class ImageCache:
         self._pipe = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def model_caches(directory: Path, base_model: str, models: list, device: str,
+                 batch_size: int | None = None) -> dict[str, ImageCache]:
+    """An `ImageCache` per evaluated model (label → cache) under `directory`, keyed by `model_key`, each loading
+    its pipeline (the base model with the model's UNet) only when it must generate."""
+    return {m.label: ImageCache(directory, model_key(base_model, m.unet),
+                                lambda m=m: load_pipeline(base_model, device, unet=m.unet), batch_size)
+            for m in models}
 
 
 def read_image(path: Path) -> Image.Image:

@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 
 from doco_lib.evaluation import templates
-from doco_lib.evaluation.cache import ImageCache, model_key
+from doco_lib.evaluation.cache import model_caches
 from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.evaluation.fid import InceptionFeatures, fid_from_features
-from doco_lib.pipeline import load_pipeline, pick_device
+from doco_lib.pipeline import pick_device
 
 
 @dataclass
@@ -59,9 +59,7 @@ def evaluate(base_model: str, models: list[EvaluatedModel], concepts: list[str],
     requests = {concept: concept_prompts(concept, template_set, n_templates, images_per_template)
                 for concept in concepts}
     seeds = {concept: [seed + i for i in range(len(prompts))] for concept, (prompts, _) in requests.items()}
-    caches = {m.label: ImageCache(Path(cache_dir), model_key(base_model, m.unet),
-                                  lambda m=m: load_pipeline(base_model, device, unet=m.unet), sample_batch_size)
-              for m in models}
+    caches = model_caches(Path(cache_dir), base_model, models, device, sample_batch_size)
     for m in models:
         for concept, (prompts, _) in requests.items():
             caches[m.label].ensure(prompts, seeds[concept], steps, guidance)
