@@ -128,10 +128,7 @@ def collect(out: Path, tiny: bool) -> list[dict]:
             record = _phase(run, name)
             if record is None:
                 continue
-            row = {"concept": concept, "preset": preset, "phase": name, "seconds": record["seconds"],
-                   "peak_gpu_gib": (record["peak_gpu_bytes"] or 0) / GIB if record["peak_gpu_bytes"] else None,
-                   "peak_reserved_gib": (record.get("peak_gpu_reserved_bytes") or 0) / GIB or None,
-                   "peak_rss_gib": (record["peak_rss_bytes"] or 0) / GIB, "gpu": record["gpu"]}
+            row = _memory_row(concept, preset, name, record)
             if name in ("warmup", "adversarial"):
                 row["s_per_iteration"] = _iteration_seconds(run, name)
                 row["paper_recipe_s"] = row["s_per_iteration"] * PAPER[name] if row["s_per_iteration"] else None
