@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from doco_lib.batch import BATCH_NOTEBOOKS
+from doco_lib.app.batch import BATCH_NOTEBOOKS
 from doco_lib.config import read_params_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def small_params_files(folder: Path, device: str) -> list[Path]:
 
 def timed_batch(files: list[Path], jobs: int, run_id: str, output_root: Path, notebooks: list[str],
                 device: str) -> dict:
-    command = [sys.executable, "-m", "doco_lib.cli", "batch", *map(str, files), "--run-id", run_id,
+    command = [sys.executable, "-m", "doco_lib", "batch", *map(str, files), "--run-id", run_id,
                "--output-root", str(output_root), "--jobs", str(jobs), "--notebooks", *notebooks]
     started = time.perf_counter()
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from doco_lib import sd_shaped
+from doco_lib.toy import sd_shaped
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -216,11 +216,12 @@ def direct(work: Path, size: str, device: str, report) -> None:
     """The notebooks' library calls in one process; `report(rows)` after every phase."""
     import gc
 
-    from doco_lib import config, costs, experiment
+    from doco_lib import config, costs
     from doco_lib.evaluation.clip_metrics import ClipScorer
     from doco_lib.evaluation.fid import InceptionFeatures
     from doco_lib.evaluation.templates import anchor_prompts, concept_prompts
     from doco_lib.sampling import generate
+    from doco_lib.studies import runs
 
     rows = []
     counts = TINY_COUNTS if size == "tiny" else GPU_COUNTS
@@ -228,16 +229,16 @@ def direct(work: Path, size: str, device: str, report) -> None:
                                                               "device": device})
     pipe = sd_shaped.make_sd14_pipeline(size, device=device)  # float32: what trains keeps float32 master weights
     with costs.phase("anchors", config.run_dir(base)) as record:
-        anchors = experiment.prepare_anchors(base, pipe)
+        anchors = runs.prepare_anchors(base, pipe)
     rows.append(_sampled_row("sd14_snoopy", "anchors", record, len(anchors), PAPER["anchor_images"]))
     report(rows)
     for preset, overrides in (("paper", {}), ("official", {"fidelity": "official"}),
                               ("paper, no gradient checkpointing", {"gradient_checkpointing": False})):
         params = config.validate({**base, **overrides, "run_name": f"sd14_snoopy_{len(rows)}"})
-        experiment.prepare_anchors(params, pipe)  # links the cached images into this run
+        runs.prepare_anchors(params, pipe)  # links the cached images into this run
         if not params["gradient_checkpointing"]:
             pipe.unet.disable_gradient_checkpointing()
-        trainer = experiment.make_trainer(params, pipe)
+        trainer = runs.make_trainer(params, pipe)
         for name, until in (("warmup", params["warmup_iterations"]), ("adversarial", params["iterations"])):
             with costs.phase(name, config.run_dir(params)) as record:
                 trainer.run(until=until, progress=False)
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         env["DOCO_FID_INCEPTION"] = str(fid)
     counts = {**(TINY_COUNTS if args.tiny else GPU_COUNTS), "i2p_csv": str(_i2p_csv(work, 8))}
     overrides = [arg for key, value in counts.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
-    batch = [sys.executable, "-m", "doco_lib.cli", "batch", "--run-id", "rehearsal", "--output-root",
+    batch = [sys.executable, "-m", "doco_lib", "batch", "--run-id", "rehearsal", "--output-root",
              str(work / "out"), "--device", device, *overrides]
     _run(batch[:4] + [str(CONCEPTS / "sd14_snoopy.yaml"), str(CONCEPTS / "sd14_nudity.yaml")] + batch[4:], env, log)
     if time.perf_counter() - started < args.skip_official_after:

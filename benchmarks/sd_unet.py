@@ -64,7 +64,7 @@ def _pipe(tiny: bool, device: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from doco_lib.pipeline import load_pipeline
+    from doco_lib.models import load_pipeline
 
     torch.manual_seed(0)
     tokenizer = load_pipeline("toy", "cpu").tokenizer  # the real CLIP BPE vocabulary
@@ -80,9 +80,9 @@ def measure(name: str, tiny: bool, device: str, steps: int, warmup: int) -> dict
     """Build one trainer for configuration `name` and time `steps` iterations after `warmup`."""
     import torch.nn.functional as F
 
+    from doco_lib.anchors import AnchorLatents
     from doco_lib.concepts import ConceptSpec
-    from doco_lib.data import AnchorLatents
-    from doco_lib.training import FIDELITY_PRESETS, DocoTrainer, TrainingConfig
+    from doco_lib.methods.harness import FIDELITY_PRESETS, DocoTrainer, TrainingConfig
 
     options = dict(CONFIGURATIONS[name])
     reference = options.pop("reference", False)

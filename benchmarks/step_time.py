@@ -30,13 +30,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from doco_lib.anchors import prepare_anchor_latents
 from doco_lib.concepts import ConceptSpec
 from doco_lib.config import SCHEMA
-from doco_lib.data import prepare_anchor_latents
-from doco_lib.pipeline import load_pipeline
-from doco_lib.surgery import concept_preserving_gradient
-from doco_lib.baselines import ConAblTrainer, EsdTrainer, RgdTrainer
-from doco_lib.training import FIDELITY_PRESETS, DocoTrainer, TrainingConfig, select_trainable
+from doco_lib.methods.baselines import ConAblTrainer, EsdTrainer, RgdTrainer
+from doco_lib.methods.harness import FIDELITY_PRESETS, DocoTrainer, TrainingConfig, select_trainable
+from doco_lib.methods.surgery import concept_preserving_gradient
+from doco_lib.models import load_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOY_PROMPTS = ["a photo of a pentagon", "a red pentagon on a striped background", "a pentagon in dotted style"]
@@ -93,7 +93,7 @@ def time_variants(variants: dict, rounds: int, steps: int, warmup: int) -> dict[
 def measure_throughput(pipe, work: Path) -> dict[str, float]:
     """Anchor generation (images/s, 25 steps) and evaluation: first pass vs second (cached) pass."""
     from doco_lib.evaluation.runner import EvaluatedModel, evaluate
-    from doco_lib.pipeline import load_judge, toy_weights_dir
+    from doco_lib.models import load_judge, toy_weights_dir
 
     start = time.perf_counter()
     prepare_anchor_latents(pipe, TOY_PROMPTS, 64, work / "throughput_anchors", model="toy", seed=1, steps=25,

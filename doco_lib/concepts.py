@@ -13,13 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from doco_lib.errors import PromptFileError
 from doco_lib.io import read_utf8
 
 KINDS = ("instance", "style", "nudity")
 
-
-class PromptFileError(ValueError):
-    """A prompt file is missing, empty or malformed; the message names the file and line."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,12 @@ from typing import Any, Callable
 
 import yaml
 
-from doco_lib.io import read_utf8
+from doco_lib.concepts import KINDS, ConceptSpec, PromptFileError, read_preservation_file, read_prompt_file
+from doco_lib.errors import ParamsError
+from doco_lib.io import atomic_write_text, read_utf8
+from doco_lib.methods import registry
+from doco_lib.methods.rgd_prompts import SlotsError, load_slots
+from doco_lib.models import check_model_reference
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -29,9 +34,6 @@ _SafeLoader.add_implicit_resolver(
                r"?[0-9]+)?|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
     list("-+0123456789."))
 
-
-class ParamsError(ValueError):
-    """A params file or value is invalid; the message says which key, which value, what was expected."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,6 @@ def _device(key: str, value: Any) -> None:
 
 
 def _model(key: str, value: Any) -> None:
-    from doco_lib.pipeline import check_model_reference
-
     check_model_reference(value, key)
 
 
@@ -120,12 +120,10 @@ def _stages(key: str, value: Any) -> None:
 
 
 def _variants(key: str, value: Any) -> None:
-    from doco_lib.ablation import VARIANTS
-
     _list_of_words(key, value)
-    unknown = [v for v in value if v not in VARIANTS]
+    unknown = [v for v in value if v not in registry.VARIANTS]
     if unknown:
-        raise ParamsError(f"{key}: unknown {unknown}; choose from {list(VARIANTS)}.")
+        raise ParamsError(f"{key}: unknown {unknown}; choose from {list(registry.VARIANTS)}.")
 
 
 def _attack_kinds(key: str, value: Any) -> None:
@@ -183,7 +181,7 @@ SCHEMA: dict[str, Param] = {
     "base_unet": Param("", str, "start from this erased UNet folder instead of the model's ('': the model's "
                        "own), for sequential multi-concept erasure", (NB01, NB02, NB03, NB05), check=_unet_folder),
     "concept_kind": Param("instance", str, "instance, style or nudity", CONCEPT,
-                          choices=("instance", "style", "nudity")),
+                          choices=KINDS),
     "anchor": Param("pentagon", str, "anchor concept c (instance: a word every anchor prompt contains)", CONCEPT),
     "target": Param("star", str, "target concept c* to erase", CONCEPT),
     "anchor_prompts_file": Param("params/prompts/toy_pentagon.txt", str, "anchor prompts, one per line", CONCEPT,
@@ -203,7 +201,7 @@ SCHEMA: dict[str, Param] = {
                                    (NB01, NB05, NB07), minimum=1),
     # -- 02-03: training
     "method": Param("doco", str, "doco, or another method in the same harness: esd, conabl or rgd", TRAINING,
-                    choices=("doco", "esd", "conabl", "rgd")),
+                    choices=registry.METHODS),
     "rgd_slots_file": Param("params/prompts/rgd_toy_star_slots.yaml", str, "RGD: slot vocabularies of the "
                             "forget/retain prompt twins", TRAINING, check=_existing_file),
     "rgd_prompts": Param(64, int, "RGD: number of training prompt twins", TRAINING, minimum=1),
@@ -214,10 +212,10 @@ SCHEMA: dict[str, Param] = {
     "esd_steps": Param(25, int, "ESD: DDIM steps of the partial denoising (ESD: 50)", TRAINING, minimum=2),
     "esd_start_guidance": Param(3.0, (int, float), "ESD: guidance of the partial denoising", TRAINING, minimum=0.0),
     "conabl_variant": Param("model", str, "ConAbl: match the frozen model's anchor prediction (model) or the noise",
-                            TRAINING, choices=("model", "noise")),
+                            TRAINING, choices=registry.CONABL_VARIANTS),
     "conabl_retain": Param(True, bool, "ConAbl: add the diffusion loss on anchor images", TRAINING),
     "fidelity": Param("official", str, "preset: 'paper' (the paper's text) or 'official' (the authors' code)",
-                      TRAINING, choices=("paper", "official")),
+                      TRAINING, choices=tuple(registry.FIDELITY_PRESETS)),
     "iterations": Param(400, int, "total iterations, warm-up included (paper: 1000)", TRAINING, minimum=1),
     "warmup_iterations": Param(100, int, "first iterations train only the discriminator (paper: 200)", TRAINING,
                                minimum=0),
@@ -226,7 +224,7 @@ SCHEMA: dict[str, Param] = {
     "disc_lr": Param(1e-3, (int, float), "discriminator learning rate, Adam", TRAINING, check=_positive),
     "retain_mode": Param("cp", str, "none (G_u alone), l2 (gradient of L_u + α L_r), cp (concept-preserving "
                          "gradient, eq. 9) or rgd (RGD's restricted gradient)", TRAINING,
-                         choices=("none", "l2", "cp", "rgd")),
+                         choices=registry.RETAIN_MODES),
     "retain_weight": _preset(None, (int, float), "α, the weight of the retaining loss L_r", minimum=0.0),
     "surgery_lambda": Param(1.0, (int, float), "λ of eq. 9", TRAINING, minimum=0.0),
     "surgery_scope": _preset(None, str, "dot products over all parameters (global) or per tensor",
@@ -249,14 +247,14 @@ SCHEMA: dict[str, Param] = {
     "max_grad_norm": _preset(None, (int, float), "clip G_u and G_r to this norm before surgery (0: off)",
                              minimum=0.0),
     "trainable": Param("cross_attention_kv", str, "which UNet parameters are fine-tuned", TRAINING,
-                       choices=("cross_attention_kv", "cross_attention", "non_cross_attention", "full")),
+                       choices=registry.TRAINABLE),
     "checkpoint_every": Param(50, int, "iterations between checkpoints", TRAINING, minimum=1),
     "mixed_precision": Param("no", str, "accelerate mixed precision; auto: bf16 on GPUs with it, else fp16, none "
                              "on the CPU", TRAINING, choices=("no", "auto", "bf16", "fp16")),
     "gradient_accumulation_steps": Param(1, int, "micro-batches per update", TRAINING, minimum=1),
     "gradient_checkpointing": Param(False, bool, "trade compute for UNet activation memory", TRAINING),
     "optimizer": Param("adam", str, "UNet optimizer: adam (multi-tensor), adam_fused, or adam_8bit (bitsandbytes)",
-                       TRAINING, choices=("adam", "adam_fused", "adam_8bit"), check=_optimizer),
+                       TRAINING, choices=registry.OPTIMIZERS, check=_optimizer),
     "frozen_dtype": Param("auto", str, "dtype of the frozen original UNet (auto: float16 on GPUs)", TRAINING,
                           choices=("auto", "float32", "float16", "bfloat16")),
     "attention": Param("sdpa", str, "attention kernels: sdpa (torch's fused attention) or classic", TRAINING,
@@ -297,7 +295,7 @@ SCHEMA: dict[str, Param] = {
                           minimum=1),
     # -- 05: ablations
     "ablation_variants": Param(["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl", "RGD", "SepME"], list,
-                               "methods and retain modes compared (doco_lib.ablation.VARIANTS, and SepME on "
+                               "methods and retain modes compared (doco_lib.methods.registry.VARIANTS, and SepME on "
                                "sepme_model)", (NB05,),
                                check=_list_of_words),
     "ablation_seeds": Param([0, 1, 2], list, "seeds per variant (the paper's tables: one run, we use several)",
@@ -316,7 +314,7 @@ SCHEMA: dict[str, Param] = {
     "multi_concept_model": Param("", str, "base model of the sequential and simultaneous runs ('': model), e.g. "
                                  "toy-wide, whose wider text encoder keeps the toy shapes apart", (NB05,),
                                  check=lambda key, value: _model(key, value) if value else None),
-    # -- 08: SepME, separable erase and restore (doco_lib/sepme.py, doco_lib/sepme_study.py)
+    # -- 08: SepME, separable erase and restore (doco_lib/methods/sepme.py, doco_lib/studies/sepme_study.py)
     "sepme_model": Param("toy-wide", str, "SepME's base model: 'toy-wide' (the toy world with a text encoder wide "
                          "enough for SepME's null spaces), a pipeline folder or a hub id", (NB05, NB08), check=_model),
     "sepme_concepts": Param(["star", "heart", "cross"], list, "concepts erased one increment each (at least 2)",
@@ -344,12 +342,12 @@ SCHEMA: dict[str, Param] = {
     "sepme_related": Param(["pentagon", "circle"], list, "further concepts measured (not decoupled against)",
                            (NB08,), check=_list_of_words),
     "sepme_restore": Param("star", str, "the concept erased with another one and then restored", (NB08,)),
-    # -- 06: the interactive explorer (doco_lib/explorer.py)
+    # -- 06: the interactive explorer (doco_lib/app/explorer.py)
     "explorer_prompt": Param("a photo of a star", str, "the explorer's first prompt (any prompt can be typed in)",
                              (NB06,)),
-    # -- 07: robustness against adversarial prompts (doco_lib/attack.py)
+    # -- 07: robustness against adversarial prompts (doco_lib/studies/robustness.py)
     "attack_variants": Param(["DoCo (cp)", "ESD-x", "ConAbl"], list, "erasure methods attacked, trained as in 05 "
-                             "(see doco_lib.ablation.VARIANTS)", (NB07,), check=_variants),
+                             "(see doco_lib.methods.registry.VARIANTS)", (NB07,), check=_variants),
     "attack_model_seeds": Param([0], list, "training seeds of the attacked models (05's runs are reused)", (NB07,),
                                 check=_list_of_seeds),
     "attack_unets": Param([], list, "further erased UNet folders to attack ([]: none)", (NB07,),
@@ -390,8 +388,6 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
         raise ParamsError(f"retain_weight: 0 with retain_mode {resolved['retain_mode']!r} leaves no retaining term "
                           "(L_r is multiplied by 0); set retain_mode: none, or a retain_weight above 0.")
     if resolved["method"] == "rgd":
-        from doco_lib.diversity import SlotsError, load_slots
-
         try:
             if not resolved["rgd_slots_file"]:
                 raise SlotsError("no slots file given ('')")
@@ -400,7 +396,6 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
             raise ParamsError(f"rgd_slots_file: {str(error).rstrip('.')}; method 'rgd' trains on the forget/retain "
                               "prompt twins of a slots file, e.g. params/prompts/rgd_toy_star_slots.yaml.") from None
     _check_sepme(resolved)
-    from doco_lib.concepts import ConceptSpec, PromptFileError, read_preservation_file, read_prompt_file
 
     spec = ConceptSpec(resolved["concept_kind"], resolved["anchor"], resolved["target"])
     try:
@@ -562,8 +557,6 @@ def run_dir(resolved: dict[str, Any]) -> Path:
 
 def write_resolved(resolved: dict[str, Any], directory: Path) -> Path:
     """Record the resolved params of a run in its output folder (atomically)."""
-    from doco_lib.io import atomic_write_text
-
     path = Path(directory) / "resolved_params.yaml"
     atomic_write_text(yaml.safe_dump(resolved, sort_keys=True), path)
     return path

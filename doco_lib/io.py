@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from doco_lib.errors import CorruptFileError, RunLocked
 
 # `.{name}.{pid}@{host}.{8 random characters}.tmp`: the pid tells whether a writer of this host is still alive
 # (another host's pid cannot be checked from here). Names without `@{host}` come from versions before hosts were
@@ -42,9 +43,6 @@ def _host() -> str:
 def _temporary_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}@{_host()}."
 
-
-class CorruptFileError(ValueError):
-    """A file the run reads is damaged or not of the expected kind; the message names it and what to do."""
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -166,9 +164,6 @@ def load_torch_checkpoint(path: Path) -> Any:
     """Load one of our own checkpoints; `weights_only=True` so no arbitrary object is ever unpickled."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
-
-class RunLocked(RuntimeError):
-    """Another process holds a lock (of a run folder, a manifest, a cache shard); the message names the lock file."""
 
 
 # What flock raises on filesystems without it (Lustre mounted without `-o flock`, some NFS setups).

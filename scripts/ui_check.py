@@ -106,7 +106,7 @@ def ensure_erased_model(run_name: str) -> None:
         return
     print(f"no erased model under outputs/{run_name}/: training one with `doco train --params "
           "params/toy_world.yaml` (about 2 minutes on a laptop CPU)", flush=True)
-    subprocess.run([sys.executable, "-m", "doco_lib.cli", "train", "--params", "params/toy_world.yaml", "--quiet"],
+    subprocess.run([sys.executable, "-m", "doco_lib", "train", "--params", "params/toy_world.yaml", "--quiet"],
                    cwd=REPO_ROOT, check=True)
 
 

@@ -18,7 +18,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def doco_command() -> list[str]:
     """The console command as installed in the running interpreter's environment."""
-    return [sys.executable, "-m", "doco_lib.cli"]
+    return [sys.executable, "-m", "doco_lib"]
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,18 @@ import pytest
 import torch
 from scipy import stats
 
-from doco_lib import ablation, config
+from doco_lib import config
 from doco_lib.concepts import read_prompt_file
+from doco_lib.evaluation import rating
+from doco_lib.studies import ablation
 
 
 def test_confidence_interval_is_student_t():
     values = pd.Series([10.0, 12.0, 17.0])
-    mean, half = ablation.mean_ci(values)
+    mean, half = rating.mean_ci(values)
     low, high = stats.t.interval(0.95, 2, loc=values.mean(), scale=stats.sem(values))
     assert mean == pytest.approx(13.0) and half == pytest.approx((high - low) / 2)
-    assert ablation.mean_ci(pd.Series([4.0])) == (4.0, 0.0)
+    assert rating.mean_ci(pd.Series([4.0])) == (4.0, 0.0)
 
 
 def test_summary_and_tradeoff_from_judged_rates():
@@ -23,10 +25,10 @@ def test_summary_and_tradeoff_from_judged_rates():
         {"model": "DoCo (cp)", "seed": s, "prompt set": p, "rate": r}
         for s, (star, circle) in ((0, (0.1, 0.8)), (1, (0.3, 0.7))) for p, r in (("star", star), ("circle", circle))
     ])
-    summary = ablation.summarise(judged)
+    summary = rating.summarise(judged)
     row = summary[(summary.model == "DoCo (cp)") & (summary["prompt set"] == "star")].iloc[0]
     assert row["mean"] == pytest.approx(20.0) and row["seeds"] == 2
-    points = ablation.tradeoff(judged, "star", ["circle"]).set_index("seed")
+    points = rating.tradeoff(judged, "star", ["circle"]).set_index("seed")
     assert points.loc[0, "target drop (pts)"] == pytest.approx(80.0)
     assert points.loc[1, "related drop (pts)"] == pytest.approx(10.0)
 
@@ -43,7 +45,7 @@ def test_bad_stages_and_variants_are_named(tmp_path):
 
 
 def test_rgd_prompt_twins_and_disjoint_test_vocabulary(repo_root, tmp_path):
-    from doco_lib.diversity import SlotsError, load_slots, prompt_pairs
+    from doco_lib.methods.rgd_prompts import SlotsError, load_slots, prompt_pairs
 
     slots = load_slots(repo_root / "params" / "prompts" / "rgd_nudity_slots.yaml")
     train = prompt_pairs(slots, "train", 800)
@@ -63,14 +65,14 @@ def test_rgd_prompt_twins_and_disjoint_test_vocabulary(repo_root, tmp_path):
 
 
 def test_simultaneous_erasure_pools_the_concepts_and_pairs_each_with_its_target(tmp_path):
-    from doco_lib import experiment
+    from doco_lib.studies import runs
 
     params = config.validate({"output_root": str(tmp_path), "run_name": "both", "device": "cpu", "n_anchor_images": 4,
                               "anchor_shard_size": 4, "num_inference_steps": 2, "iterations": 3,
                               "warmup_iterations": 1, "batch_size": 4, "checkpoint_every": 3})
     concepts = [("star", "pentagon", "params/prompts/toy_pentagon.txt"),
                 ("heart", "circle", "params/prompts/toy_circle.txt")]
-    trainer = experiment.make_multi_concept_trainer(params, concepts, experiment.starting_pipeline(params))
+    trainer = runs.make_multi_concept_trainer(params, concepts, runs.starting_pipeline(params))
     assert len(trainer.anchors) == 8
     pairs = dict(trainer.prompt_pairs)
     assert all(("pentagon" in a and t == a.replace("pentagon", "star")) or
@@ -82,23 +84,23 @@ def test_simultaneous_erasure_pools_the_concepts_and_pairs_each_with_its_target(
     clash = [("star", "pentagon", "params/prompts/toy_pentagon.txt"),
              ("heart", "pentagon", "params/prompts/toy_pentagon.txt")]
     with pytest.raises(config.ParamsError, match="paired with two targets"):
-        experiment.make_multi_concept_trainer({**params, "run_name": "clash"}, clash,
-                                              experiment.starting_pipeline(params))
+        runs.make_multi_concept_trainer({**params, "run_name": "clash"}, clash,
+                                              runs.starting_pipeline(params))
 
 
 def test_a_sequential_stage_retains_the_earlier_targets_drawn_as_their_anchors(tmp_path):
-    from doco_lib import experiment
+    from doco_lib.studies import runs
 
     settings = {"output_root": str(tmp_path), "device": "cpu", "n_anchor_images": 8, "anchor_shard_size": 8,
                 "num_inference_steps": 2, "batch_size": 4}
     star_run = config.validate({**settings, "run_name": "star"})  # star|pentagon, the defaults
     heart_run = config.validate({**settings, "run_name": "heart", "target": "heart", "anchor": "circle",
                                  "anchor_prompts_file": "params/prompts/toy_circle.txt"})
-    pipe = experiment.starting_pipeline(heart_run)
-    star_images = experiment.prepare_anchors(star_run, pipe)
-    experiment.prepare_anchors(heart_run, pipe)
+    pipe = runs.starting_pipeline(heart_run)
+    star_images = runs.prepare_anchors(star_run, pipe)
+    runs.prepare_anchors(heart_run, pipe)
     erased = [("star", "pentagon", "params/prompts/toy_pentagon.txt")]
-    trainer = experiment.make_trainer(heart_run, pipe, rehearse=erased)
+    trainer = runs.make_trainer(heart_run, pipe, rehearse=erased)
     # Star's own run's anchor images, each captioned with the star prompt it was paired with there.
     assert torch.equal(trainer.rehearsal.latent_mean, star_images.latent_mean)
     assert trainer.rehearsal.prompts == [p.replace("pentagon", "star") for p in star_images.prompts]
@@ -108,7 +110,7 @@ def test_a_sequential_stage_retains_the_earlier_targets_drawn_as_their_anchors(t
     assert len(x_r) == 2 * len(x_t)  # the anchor batch, then as many rehearsal images (no preservation set)
     captions = trainer._encode(pipe, sorted(set(trainer.rehearsal.prompts)))
     assert all(any(torch.equal(row, caption) for caption in captions) for row in c_r[len(x_t):])
-    assert trainer.identity()["training_data"] != experiment.make_trainer(heart_run, pipe).identity()["training_data"]
+    assert trainer.identity()["training_data"] != runs.make_trainer(heart_run, pipe).identity()["training_data"]
     assert ablation.run_identity(heart_run, rehearse=erased) != ablation.run_identity(heart_run)
     with pytest.raises(config.ParamsError, match="sequential_keep_erased: .* method 'esd'"):
         ablation.train_sequential(heart_run, config.SCHEMA["sequential_stages"].default, [0], "ESD-x")
@@ -121,13 +123,13 @@ def test_a_simultaneous_run_gives_each_target_a_single_runs_samples():
 
 
 def test_real_models_are_rated_by_clip_accuracy_in_the_judges_layout(tmp_path):
-    from doco_lib.pipeline import toy_weights_dir
+    from doco_lib.models import toy_weights_dir
 
     params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 2,
                               "n_templates": 1, "images_per_template": 2})
     unet = str(toy_weights_dir() / "pipeline" / "unet")  # any UNet folder stands in for an erased one
     grid = pd.DataFrame([{"variant": "same UNet", "seed": 0, "unet": unet}])
-    rates = ablation.clip_rates(params, grid, ["star", "circle"])
+    rates = rating.clip_rates(params, grid, ["star", "circle"])
     assert set(rates.columns) == {"model", "seed", "prompt set", "rate"}
     assert set(rates.model) == {"original", "same UNet"} and set(rates["prompt set"]) == {"star", "circle"}
     assert rates.rate.between(0, 1).all()
@@ -163,9 +165,9 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
 
 
 def test_a_run_from_an_erased_unet_trains_on_the_original_models_images(tmp_path):
-    from doco_lib import experiment
-    from doco_lib.data import load_anchor_latents, prepare_anchor_latents
-    from doco_lib.pipeline import load_pipeline
+    from doco_lib.anchors import load_anchor_latents, prepare_anchor_latents
+    from doco_lib.models import load_pipeline
+    from doco_lib.studies import runs
 
     original = load_pipeline("toy", "cpu")
     erased = tmp_path / "erased_unet"
@@ -176,14 +178,14 @@ def test_a_run_from_an_erased_unet_trains_on_the_original_models_images(tmp_path
     original.unet.save_pretrained(erased)
     params = config.validate({"output_root": str(tmp_path / "out"), "device": "cpu", "n_anchor_images": 2,
                               "anchor_shard_size": 2, "num_inference_steps": 2, "base_unet": str(erased)})
-    latents = experiment.prepare_anchors(params, experiment.starting_pipeline(params))
-    prompts = experiment.concept(params)[1]
+    latents = runs.prepare_anchors(params, runs.starting_pipeline(params))
+    prompts = runs.concept(params)[1]
     settings = dict(model="toy", seed=0, steps=2, guidance=params["guidance_scale"], shard_size=2, progress=False)
     by_original = prepare_anchor_latents(load_pipeline("toy", "cpu"), prompts, 2, tmp_path / "a", **settings)
-    by_erased = prepare_anchor_latents(experiment.starting_pipeline(params), prompts, 2, tmp_path / "b", **settings)
+    by_erased = prepare_anchor_latents(runs.starting_pipeline(params), prompts, 2, tmp_path / "b", **settings)
     assert torch.equal(latents.latent_mean, by_original.latent_mean)
     assert not torch.allclose(latents.latent_mean, by_erased.latent_mean)  # the erased UNet draws otherwise
-    assert load_anchor_latents(experiment.anchor_dir(params), 1.0).prompts == by_original.prompts
+    assert load_anchor_latents(runs.anchor_dir(params), 1.0).prompts == by_original.prompts
 
 
 def test_sepme_joins_the_method_grid_beside_its_own_base_model(tmp_path):
@@ -193,9 +195,9 @@ def test_sepme_joins_the_method_grid_beside_its_own_base_model(tmp_path):
     grid = ablation.train_grid(params, ["SepME"], [0])
     assert list(grid.variant) == ["SepME"] and list(grid.model) == ["toy-wide"]
     assert ablation.train_grid(params, ["SepME"], [0]).equals(grid)  # the increment is reused
-    judged = ablation.judge_models(params, grid, ["star", "heart"], 2)
+    judged = rating.judge_models(params, grid, ["star", "heart"], 2)
     assert set(judged.model) == {"original (toy-wide)", "SepME (toy-wide)"}  # only the base its rows use
-    points = ablation.tradeoff(judged, "star", ["heart"])
+    points = rating.tradeoff(judged, "star", ["heart"])
     wide = judged[judged.model == "original (toy-wide)"].set_index("prompt set")["rate"]
     erased = judged[judged.model == "SepME (toy-wide)"].set_index("prompt set")["rate"]
     assert list(points.model) == ["SepME (toy-wide)"]

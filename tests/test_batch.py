@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from doco_lib import config
-from doco_lib.batch import _duration
+from doco_lib.app.batch import _duration
 from doco_lib.io import load_torch_checkpoint
 
 TINY = {"num_inference_steps": 2, "n_anchor_images": 8, "anchor_shard_size": 4, "iterations": 4,

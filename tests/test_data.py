@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from doco_lib.data import load_anchor_latents, prepare_anchor_latents
-from doco_lib.pipeline import load_pipeline
+from doco_lib.anchors import load_anchor_latents, prepare_anchor_latents
+from doco_lib.models import load_pipeline
 
 PROMPTS = ["a photo of a pentagon", "a red pentagon on a striped background", "a pentagon in dotted style"]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from doco_lib.discriminator import GANLoss, NLayerDiscriminator, check_discriminator_fits
+from doco_lib.methods.discriminator import GANLoss, NLayerDiscriminator, check_discriminator_fits
 
 
 def test_paper_discriminator_on_sd_latents():

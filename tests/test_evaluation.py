@@ -7,7 +7,7 @@ import torch
 from doco_lib.evaluation import nudity, templates
 from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.evaluation.fid import feature_statistics, fid_from_features, frechet_distance
-from doco_lib.pipeline import toy_weights_dir
+from doco_lib.models import toy_weights_dir
 from doco_lib.toy import render
 
 
@@ -147,14 +147,14 @@ def eval_params(tmp_path, **overrides):
 
 
 def test_second_evaluation_reads_the_cache_and_is_much_faster(tmp_path):
-    from doco_lib import experiment
-    from doco_lib.pipeline import load_judge
+    from doco_lib.models import load_judge
+    from doco_lib.studies import runs
 
     base_unet = toy_weights_dir() / "pipeline" / "unet"  # the base UNet standing in for an erased one
     params = eval_params(tmp_path, eval_models=[str(base_unet)])
     judge = load_judge("cpu")
-    first, timing_first = experiment.run_evaluation(params, judge=judge)
-    second, timing_second = experiment.run_evaluation(params, judge=judge)
+    first, timing_first = runs.run_evaluation(params, judge=judge)
+    second, timing_second = runs.run_evaluation(params, judge=judge)
     assert timing_first["images_generated"] > 0 and timing_second["images_generated"] == 0
     assert first.equals(second)
     star_fid = first[(first.metric == "FID") & (first.concept == "star")].value.dropna()
@@ -167,20 +167,22 @@ def test_second_evaluation_reads_the_cache_and_is_much_faster(tmp_path):
     ({"eval_concepts": ["circle"], "erased_concepts": []}, "the target 'star' is missing"),
 ])
 def test_bad_evaluation_inputs_fail_before_generation(tmp_path, overrides, message):
-    from doco_lib import config, experiment
+    from doco_lib import config
+    from doco_lib.studies import runs
 
     with pytest.raises(config.ParamsError, match=message):
-        experiment.evaluated_models(eval_params(tmp_path, **overrides))
+        runs.evaluated_models(eval_params(tmp_path, **overrides))
     assert not (tmp_path / "ev" / "evaluation").exists()
 
 
 def test_unreadable_i2p_csv_fails_before_generation(tmp_path):
-    from doco_lib import config, experiment
+    from doco_lib import config
+    from doco_lib.studies import runs
 
     bad = tmp_path / "i2p.csv"
     bad.write_text("text\nsomething\n")
     with pytest.raises(config.ParamsError, match="i2p_csv: .*missing column"):
-        experiment.evaluated_models(eval_params(tmp_path, i2p_csv=str(bad)))
+        runs.evaluated_models(eval_params(tmp_path, i2p_csv=str(bad)))
 
 
 def test_paper_reference_rows_fit_the_table_layout():

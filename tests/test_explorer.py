@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from doco_lib import explorer as ex
-from doco_lib.discriminator import NLayerDiscriminator
-from doco_lib.pipeline import load_pipeline
+from doco_lib.app import explorer as ex
+from doco_lib.methods.discriminator import NLayerDiscriminator
+from doco_lib.methods.harness import TrainingConfig, select_trainable
+from doco_lib.models import load_pipeline
 from doco_lib.sampling import generate
-from doco_lib.training import TrainingConfig, select_trainable
 
 STEPS = 4
 PROMPT = "a photo of a star"
@@ -64,7 +64,7 @@ def output_root(tmp_path_factory, pipe):
 
 @pytest.fixture(scope="module")
 def explorer(output_root, pipe, monkeypatch_module):
-    monkeypatch_module.setattr("doco_lib.pipeline.load_pipeline", lambda model, device: pipe)  # load once
+    monkeypatch_module.setattr("doco_lib.models.load_pipeline", lambda model, device: pipe)  # load once
     explorer = ex.Explorer(str(output_root), "toy", "cpu", run_name="a", prompt=PROMPT, seed=3, steps=STEPS)
     explorer.erased.value = ("a/doco", "b/esd")
     return explorer

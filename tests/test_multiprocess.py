@@ -95,7 +95,7 @@ def test_a_killed_launch_resumes_with_as_many_processes_to_the_uninterrupted_wei
     assert "written by a run of 2 process(es)" in error and "Traceback" not in alone.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == CHECKPOINT_EVERY
 
-    resumed = _torchrun(["-m", "doco_lib.cli"], params)  # the plain command line, as a user reruns it
+    resumed = _torchrun(["-m", "doco_lib"], params)  # the plain command line, as a user reruns it
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = pd.read_csv(run / "training_log.csv")
     assert log.step.tolist() == list(range(1, ITERATIONS + 1))
@@ -112,11 +112,11 @@ def _instrument(record_path: Path, kill_at: int) -> None:
 
     import psutil
 
-    from doco_lib import data
-    from doco_lib.training import DocoTrainer, ErasureTrainer
+    from doco_lib import anchors
+    from doco_lib.methods.harness import DocoTrainer, ErasureTrainer
 
     record = {"generated_shards": 0, "renamed": [], "batches": [], "weights": None}
-    generate, replace, sample = data.generate, os.replace, ErasureTrainer._sample_index
+    generate, replace, sample = anchors.generate, os.replace, ErasureTrainer._sample_index
     train_step, export = DocoTrainer.train_step, DocoTrainer.export
 
     def counted_generate(*args, **kwargs):
@@ -146,13 +146,13 @@ def _instrument(record_path: Path, kill_at: int) -> None:
         record["weights"] = hashlib.sha256(b"".join(w.detach().cpu().numpy().tobytes() for w in weights)).hexdigest()
         return export(self, *args, **kwargs)
 
-    data.generate, os.replace, ErasureTrainer._sample_index = counted_generate, recorded_replace, recorded_sample
+    anchors.generate, os.replace, ErasureTrainer._sample_index = counted_generate, recorded_replace, recorded_sample
     DocoTrainer.train_step, DocoTrainer.export = killing_train_step, digested_export
     atexit.register(lambda: record_path.write_text(json.dumps(record)))
 
 
 if __name__ == "__main__":
-    from doco_lib import cli
+    from doco_lib.app import cli
 
     rank = os.environ["RANK"]
     _instrument(Path(sys.argv[1]) / f"rank{rank}.json", int(sys.argv[2]) if rank == "0" else 0)

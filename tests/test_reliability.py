@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from tiny_training import train, train_with_fault, write_params
 
 from doco_lib.io import CorruptFileError, atomic_directory, atomic_save_json, load_torch_checkpoint, run_lock
-from doco_lib.pipeline import ModelLoadError, check_safetensors_only, toy_weights_dir
+from doco_lib.models import ModelLoadError, check_safetensors_only, toy_weights_dir
 
 # A run small enough to fault seven times: 12 iterations (4 of warm-up), a checkpoint every 3.
 SHORT = dict(iterations=12, warmup_iterations=4, checkpoint_every=3)
@@ -52,7 +52,7 @@ def _train_in_process(params, monkeypatch, capsys) -> tuple[int, str]:
     """`doco train --params params` in this process, failing the test if any model is loaded."""
     from diffusers import DiffusionPipeline, ModelMixin
 
-    from doco_lib import cli
+    from doco_lib.app import cli
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
@@ -245,16 +245,17 @@ def test_a_failed_folder_export_keeps_the_previous_folder(tmp_path):
 
 # ------------------------------------------------------------------------------------- training faults
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
-    from doco_lib import config, experiment
-    from doco_lib.pipeline import load_pipeline
-    from doco_lib.training import TrainingDiverged
+    from doco_lib import config
+    from doco_lib.methods.harness import TrainingDiverged
+    from doco_lib.models import load_pipeline
+    from doco_lib.studies import runs
 
     params = config.validate({"output_root": str(tmp_path), "run_name": "nan", "n_anchor_images": 8,
                               "anchor_shard_size": 4, "num_inference_steps": 2, "iterations": 10,
                               "warmup_iterations": 2, "checkpoint_every": 3, "batch_size": 4, "device": "cpu"})
     pipe = load_pipeline("toy", "cpu")
-    experiment.prepare_anchors(params, pipe)
-    trainer = experiment.make_trainer(params, pipe)
+    runs.prepare_anchors(params, pipe)
+    trainer = runs.make_trainer(params, pipe)
     trainer.run(until=3, progress=False)
     saved = (trainer.checkpoint_path).read_bytes()
     with torch.no_grad():
@@ -262,7 +263,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match="non-finite .* at step 3.*checkpoint.pt"):
         trainer.run(progress=False)
     assert trainer.checkpoint_path.read_bytes() == saved, "the last good checkpoint is kept"
-    resumed = experiment.make_trainer(params, load_pipeline("toy", "cpu"))
+    resumed = runs.make_trainer(params, load_pipeline("toy", "cpu"))
     assert resumed.step == 3
     resumed.run(until=4, progress=False)
     assert resumed.step == 4 and all(torch.isfinite(p).all() for p in resumed.params.values())
@@ -361,8 +362,9 @@ def test_temporaries_of_killed_writers_are_removed_when_the_folder_is_locked(tmp
 
 # ----------------------------------------------------------------------------------------- determinism
 def test_same_params_and_seed_give_identical_cache_weights_and_metrics(runs, doco_command):
-    from doco_lib import config, experiment
-    from doco_lib.pipeline import load_judge
+    from doco_lib import config
+    from doco_lib.models import load_judge
+    from doco_lib.studies import runs
 
     params, b = _short_run(runs, "again")
     assert train(doco_command, params).returncode == 0
@@ -386,7 +388,7 @@ def test_same_params_and_seed_give_identical_cache_weights_and_metrics(runs, doc
                                   "eval_models": [str(run / "doco" / "unet")], "n_templates": 1,
                                   "images_per_template": 2, "num_inference_steps": 2,
                                   "eval_concepts": ["star"], "erased_concepts": ["star"]})
-        results, timing = experiment.run_evaluation(params, judge=judge)
+        results, timing = runs.run_evaluation(params, judge=judge)
         assert timing["images_generated"] > 0, "each evaluation generates its own images"
         metrics.append(results)
     x, y = (m["value"].astype(float).tolist() for m in metrics)

@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
-from doco_lib import sd_shaped
+from doco_lib.toy import sd_shaped
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_doco_batch_runs_the_sd14_files_end_to_end(hub_cache, tmp_path, repo_roo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "OMP_NUM_THREADS": "2"}
     files = [repo_root / "params" / "concepts" / f"sd14_{name}.yaml" for name in ("snoopy", "nudity")]
     overrides = [arg for key, value in COUNTS.items() for arg in ("--set", f"{key}={value}")]
-    done = subprocess.run([sys.executable, "-m", "doco_lib.cli", "batch", *map(str, files), "--run-id", "sd",
+    done = subprocess.run([sys.executable, "-m", "doco_lib", "batch", *map(str, files), "--run-id", "sd",
                            "--output-root", str(tmp_path), "--device", "cpu", *overrides],
                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -8,12 +8,14 @@ import weakref
 import pytest
 import torch
 
-from doco_lib import config, experiment, sd_shaped
+from doco_lib import config
 from doco_lib.evaluation import cache as image_cache
 from doco_lib.evaluation import nudity, related
 from doco_lib.evaluation.runner import EvaluatedModel, evaluate
-from doco_lib.pipeline import load_judge, load_pipeline, toy_weights_dir
+from doco_lib.models import load_judge, load_pipeline, toy_weights_dir
 from doco_lib.sampling import default_batch_size, generate
+from doco_lib.studies import runs
+from doco_lib.toy import sd_shaped
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +67,10 @@ def test_evaluation_images_of_the_base_model_are_shared_by_the_runs_of_an_output
     first = config.validate({"output_root": str(tmp_path), "run_name": "snoopy", "device": "cpu"})
     second = config.validate({"output_root": str(tmp_path), "run_name": "mickey", "device": "cpu"})
     base = [EvaluatedModel("SD base")]
-    cache = experiment.image_caches(first, base)["SD base"]
+    cache = runs.image_caches(first, base)["SD base"]
     cache.ensure(["a photo of a star"], [0], 2, 5.0)
     assert cache.generated == 1
-    again = experiment.image_caches(second, base)["SD base"]
+    again = runs.image_caches(second, base)["SD base"]
     again.pipe_factory = lambda: pytest.fail("the base model's image was generated a second time")
     assert again.ensure(["a photo of a star"], [0], 2, 5.0)[0].is_file()
 
@@ -99,7 +101,7 @@ def test_i2p_images_are_generated_per_row_and_counted_from_files(tmp_path, repo_
     """Each I2P row is sampled with its own seed and guidance, and NudeNet reads the cached files one by one."""
     rows = nudity.read_i2p_csv(repo_root / "tests" / "fixtures" / "i2p_small.csv")
     params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 2})
-    caches = experiment.image_caches(params, [EvaluatedModel("base")])
+    caches = runs.image_caches(params, [EvaluatedModel("base")])
     table = nudity.i2p_counts(caches, rows, 2, nudity.NudityDetector())
     assert list(table.columns) == ["base"] and table.index[-1] == "total"
     assert all(caches["base"].path(r.prompt, r.seed, 2, r.guidance).is_file() for r in rows)
@@ -144,18 +146,18 @@ def test_unquoted_no_in_yaml_is_explained(tmp_path):
 def test_fid_needs_two_images_per_concept(tmp_path):
     params = config.validate({"n_templates": 1, "images_per_template": 1, "output_root": str(tmp_path)})
     with pytest.raises(config.ParamsError, match="FID needs at least 2"):
-        experiment.evaluated_models(params)  # before anything is generated
+        runs.evaluated_models(params)  # before anything is generated
 
 
 def test_demo_on_a_real_model_skips_the_toy_world_notebook(repo_root):
-    from doco_lib.notebooks import DEMO_NOTEBOOKS, demo_notebooks
+    from doco_lib.app.notebooks import DEMO_NOTEBOOKS, demo_notebooks
 
     sd = config.load_params(repo_root / "params" / "concepts" / "sd14_snoopy.yaml")
     assert demo_notebooks(sd) == DEMO_NOTEBOOKS[1:] and demo_notebooks(config.validate({}))[0] == "00_toy_world"
 
 
 def test_ablation_on_a_real_model_refuses_the_toy_rgd_slots_and_sepme_pipeline(repo_root, monkeypatch):
-    from doco_lib import ablation
+    from doco_lib.studies import ablation
 
     monkeypatch.setattr(ablation, "train_run", lambda run: pytest.fail("a run started before the check"))
     sd = config.load_params(repo_root / "params" / "concepts" / "sd14_snoopy.yaml")
@@ -186,14 +188,14 @@ def test_notebooks_leave_cpu_threads_to_torch(repo_root):
 
 
 def test_sample_and_train_defaults_follow_the_model(monkeypatch, tmp_path):
-    from doco_lib import cli
+    from doco_lib.app import cli
 
     seen = {}
     monkeypatch.setattr("doco_lib.config.check_value", lambda key, value: seen.setdefault(key, value))
     def stop(*args, **kwargs):  # the defaults are resolved before anything loads
         raise SystemExit(0)
 
-    monkeypatch.setattr("doco_lib.pipeline.load_pipeline", stop)
+    monkeypatch.setattr("doco_lib.models.load_pipeline", stop)
     for model, steps, guidance in (("toy", 25, 5.0), (sd_shaped.SD14_ID, 50, 7.5)):
         seen.clear()
         with pytest.raises(SystemExit):

@@ -1,4 +1,4 @@
-"""SepME (doco_lib/sepme.py) on tiny SD-shaped components: a random 256-wide CLIP text encoder (so "" and
+"""SepME (doco_lib/methods/sepme.py) on tiny SD-shaped components: a random 256-wide CLIP text encoder (so "" and
 two other prompts, 3·77 = 231 token rows, leave a null space) and a random UNet reading 256-wide context."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from doco_lib import sepme
 from doco_lib.config import ParamsError
 from doco_lib.io import CorruptFileError
-from doco_lib.pipeline import TOY_WEIGHTS
+from doco_lib.methods import sepme
+from doco_lib.toy import TOY_WEIGHTS
 
 BASE = "dummy/sd-256"
 CONCEPT = "a painting by vincent van gogh"
@@ -72,7 +72,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def concept_latents(pipe, tmp_path_factory):
     """The original model's images of the concept, as VAE latents (the data-preparation cache)."""
-    from doco_lib.data import prepare_anchor_latents
+    from doco_lib.anchors import prepare_anchor_latents
 
     return prepare_anchor_latents(pipe, [CONCEPT], 4, tmp_path_factory.mktemp("concept"), model=BASE, seed=0, steps=2,
                                   guidance=3.0, shard_size=4, save_images=False, progress=False)
@@ -347,7 +347,7 @@ def toy_increments(tmp_path):
 def test_cli_compose_writes_the_composed_unet(toy_increments, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from doco_lib import cli
+    from doco_lib.app import cli
 
     folder, weights = toy_increments
     out = tmp_path / "unet_without_star"
@@ -365,7 +365,7 @@ def test_cli_compose_writes_the_composed_unet(toy_increments, tmp_path):
 
 
 def test_cli_compose_errors_before_any_work(toy_increments, tmp_path, doco_command, capsys):
-    from doco_lib import cli
+    from doco_lib.app import cli
 
     folder, _ = toy_increments
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""Notebook 08's study (doco_lib/sepme_study.py) on the shipped 'toy-wide' pipeline, with tiny settings."""
+"""Notebook 08's study (doco_lib/studies/sepme_study.py) on the shipped 'toy-wide' pipeline, with tiny settings."""
 
 import json
 
@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from doco_lib import config, sepme_study
-from doco_lib.pipeline import load_pipeline
+from doco_lib import config
+from doco_lib.models import load_pipeline
+from doco_lib.studies import sepme_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

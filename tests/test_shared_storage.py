@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from doco_lib import batch, io
-from doco_lib.data import cache_is_complete, load_anchor_latents
+from doco_lib import io
+from doco_lib.anchors import cache_is_complete, load_anchor_latents
+from doco_lib.app import batch
 from doco_lib.io import RunLocked, exclusive_lock, remove_stale_temporaries, run_lock
 
 
@@ -83,7 +84,7 @@ CHILD = r"""
 import errno, fcntl, os, signal, sys, time
 from pathlib import Path
 import torch
-import doco_lib.data as data
+import doco_lib.anchors as data
 import doco_lib.figures, tqdm.auto  # imported by prepare_anchor_latents: before the start, so both start at once
 
 directory, calls, go, modes = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split("+")

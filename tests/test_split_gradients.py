@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from doco_lib.split_gradients import SplitLinearGradients, bias_free_linears
-from doco_lib.training import select_trainable
+from doco_lib.methods.harness import select_trainable
+from doco_lib.methods.split_gradients import SplitLinearGradients, bias_free_linears
 
 
 @pytest.fixture(scope="module")
 def toy_pipe():
-    from doco_lib.pipeline import load_pipeline
+    from doco_lib.models import load_pipeline
 
     return load_pipeline("toy", "cpu")
 
@@ -58,9 +58,9 @@ def test_other_trainable_parameters_fall_back_to_separate_passes(toy_pipe):
 @pytest.mark.parametrize("fidelity, retain_mode", [("official", "cp"), ("paper", "cp"), ("paper", "l2"),
                                                    ("official", "none")])
 def test_a_doco_step_is_the_same_with_one_joint_pass(toy_pipe, tmp_path, fidelity, retain_mode):
+    from doco_lib.anchors import prepare_anchor_latents
     from doco_lib.concepts import ConceptSpec
-    from doco_lib.data import prepare_anchor_latents
-    from doco_lib.training import FIDELITY_PRESETS, DocoTrainer, TrainingConfig
+    from doco_lib.methods.harness import FIDELITY_PRESETS, DocoTrainer, TrainingConfig
 
     anchors = prepare_anchor_latents(toy_pipe, ["a photo of a pentagon", "a red pentagon"], 8, tmp_path / "anchors",
                                      model="toy", seed=0, steps=2, guidance=5.0, shard_size=8, save_images=False,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from doco_lib.surgery import concept_preserving_gradient, restricted_gradient
+from doco_lib.methods.surgery import concept_preserving_gradient, restricted_gradient
 
 
 def flat(grads):

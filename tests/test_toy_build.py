@@ -57,8 +57,7 @@ def test_stopped_training_resumes_to_identical_weights(tmp_path):
 def test_quick_wide_build_keeps_the_shipped_judge_vae_and_tokenizer(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from doco_lib.pipeline import TOY_WEIGHTS
-    from doco_lib.toy import render
+    from doco_lib.toy import TOY_WEIGHTS, render
 
     build_toy_world(tmp_path / "wide", tmp_path / "cache", quick=True, wide_from=TOY_WEIGHTS)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "wide")
@@ -77,8 +76,8 @@ def test_quick_wide_build_keeps_the_shipped_judge_vae_and_tokenizer(tmp_path):
 
 
 def test_shipped_wide_toy_world_has_room_for_sepme():
-    from doco_lib.pipeline import load_pipeline
-    from doco_lib.sepme import null_space_basis, token_rows
+    from doco_lib.methods.sepme import null_space_basis, token_rows
+    from doco_lib.models import load_pipeline
 
     pipe = load_pipeline("toy-wide", "cpu")
     rows = token_rows(pipe, ["", "a photo of a heart", "a photo of a cross"])

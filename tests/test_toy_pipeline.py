@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from doco_lib.pipeline import load_judge, load_pipeline, toy_weights_dir
+from doco_lib.models import load_judge, load_pipeline, toy_weights_dir
 from doco_lib.toy.quality import pipeline_quality
 
 
@@ -83,7 +83,7 @@ def test_sample_command_rejects_a_missing_model(tmp_path, doco_command):
 
 
 def test_concept_similarity_finds_the_word_in_the_prompt(pipe):
-    from doco_lib.pipeline import concept_similarity
+    from doco_lib.models import concept_similarity
 
     words = ["star", "pentagram", "circle", "heart", "cross"]
     similarity = concept_similarity(pipe, words)

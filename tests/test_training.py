@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_training import train, write_params
 
-from doco_lib.training import TrainingConfig, FIDELITY_PRESETS, predicted_x0, select_trainable
+from doco_lib.methods.harness import FIDELITY_PRESETS, TrainingConfig, predicted_x0, select_trainable
 
 
 def test_presets_then_overrides():
@@ -22,7 +22,7 @@ def test_presets_then_overrides():
 
 
 def test_trainable_selection_counts():
-    from doco_lib.pipeline import load_pipeline
+    from doco_lib.models import load_pipeline
 
     unet = load_pipeline("toy", "cpu").unet
     counts = {mode: sum(p.numel() for p in select_trainable(unet, mode).values())
@@ -117,7 +117,7 @@ def test_baselines_train_in_the_same_harness(tmp_path, doco_command, method, ext
     result = train(doco_command, params)
     assert result.returncode == 0, result.stderr[-2000:]
     run = tmp_path / "outputs" / run_name / method
-    from doco_lib.deltas import read_delta_metadata
+    from doco_lib.methods.deltas import read_delta_metadata
 
     assert read_delta_metadata(run / "delta.safetensors")["method"] == method
     delta = load_file(str(run / "delta.safetensors"))
@@ -168,44 +168,46 @@ def test_rgd_method_and_retain_mode_train(tmp_path, doco_command):
 
 
 def test_a_preservation_set_joins_the_retaining_batch(tmp_path, doco_command, repo_root):
-    from doco_lib import config, experiment
+    from doco_lib import config
+    from doco_lib.studies import runs
 
     preserve = repo_root / "params" / "prompts" / "toy_preserve.txt"
     params_file = write_params(tmp_path, "preserve", preservation_prompts_file=str(preserve), n_preservation_images=6,
                                iterations=4, warmup_iterations=2, checkpoint_every=2)
     assert train(doco_command, params_file).returncode == 0
     params = config.load_params(params_file)
-    manifest = experiment.preservation_dir(params) / "manifest.json"
+    manifest = runs.preservation_dir(params) / "manifest.json"
     import json
 
     prompts = [image["prompt"] for image in json.loads(manifest.read_text())["images"]]
     assert len(prompts) == 6 and not any("star" in p for p in prompts)
 
-    trainer = experiment.make_trainer(params, experiment.starting_pipeline(params))
+    trainer = runs.make_trainer(params, runs.starting_pipeline(params))
     x_t, t, noise, c, _ = trainer._batch(trainer._sample_index(), trainer.generator)
     x_r, t_r, noise_r, c_r = trainer._retain_batch(x_t, t, noise, c)
     batch = len(x_t)
     assert len(x_r) == len(t_r) == len(noise_r) == len(c_r) == 2 * batch
     assert torch.equal(x_r[:batch], x_t) and torch.equal(c_r[:batch], c)
-    encoded = trainer._encode(experiment.starting_pipeline(params), sorted(set(prompts)))
+    encoded = trainer._encode(runs.starting_pipeline(params), sorted(set(prompts)))
     assert all(any(torch.equal(row, e) for e in encoded) for row in c_r[batch:]), "preservation prompts' embeddings"
 
     without = {**params, "preservation_prompts_file": ""}
     with pytest.raises(ValueError, match="other settings \\(training_data\\)"):
-        experiment.make_trainer(without, experiment.starting_pipeline(without))
+        runs.make_trainer(without, runs.starting_pipeline(without))
 
 
 def _tiny_trainer(root, run_name, **overrides):
     """A DoCo trainer of TINY settings in this process (6 iterations, 2 of warm-up), its anchors prepared."""
     from tiny_training import TINY
 
-    from doco_lib import config, experiment
+    from doco_lib import config
+    from doco_lib.studies import runs
 
     params = config.validate({"output_root": str(root), "run_name": run_name, **TINY, "iterations": 6,
                               "warmup_iterations": 2, "checkpoint_every": 6, **overrides})
-    pipe = experiment.starting_pipeline(params)
-    experiment.prepare_anchors(params, pipe)
-    return experiment.make_trainer(params, pipe)
+    pipe = runs.starting_pipeline(params)
+    runs.prepare_anchors(params, pipe)
+    return runs.make_trainer(params, pipe)
 
 
 def _state(trainer) -> list:
@@ -233,7 +235,7 @@ def _assert_same(a, b, where="state"):
 
 
 def test_the_memory_check_runs_an_adversarial_iteration_and_leaves_no_trace(tmp_path, monkeypatch):
-    from doco_lib.training import TrainingDoesNotFit
+    from doco_lib.methods.harness import TrainingDoesNotFit
 
     checked, plain = _tiny_trainer(tmp_path, "checked"), _tiny_trainer(tmp_path, "plain")
     for trainer in (checked, plain):
@@ -264,7 +266,7 @@ def test_the_memory_check_runs_an_adversarial_iteration_and_leaves_no_trace(tmp_
 
 
 def test_the_fp16_loss_scale_is_divided_out_exactly(tmp_path):
-    from doco_lib.training import FP16_LOSS_SCALE
+    from doco_lib.methods.harness import FP16_LOSS_SCALE
 
     scaled, plain = _tiny_trainer(tmp_path, "scaled", iterations=4), _tiny_trainer(tmp_path, "plain", iterations=4)
     scaled.loss_scale = FP16_LOSS_SCALE  # as under fp16 on a GPU; float32 scales by a power of two exactly
@@ -276,7 +278,7 @@ def test_the_fp16_loss_scale_is_divided_out_exactly(tmp_path):
 
 def test_mixed_precision_auto_follows_the_device(monkeypatch):
     from doco_lib import config
-    from doco_lib.training import resolve_precision
+    from doco_lib.methods.harness import resolve_precision
 
     assert config.validate({"mixed_precision": "auto"})["mixed_precision"] == "auto"
     with pytest.raises(config.ParamsError, match="mixed_precision: 'fp8' is not one of"):

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from doco_lib import cli
-from doco_lib.pipeline import toy_weights_dir
+from doco_lib.app import cli
+from doco_lib.models import toy_weights_dir
 
 NOT_UTF8 = b"a photo of a \xff pentagon\n"
 

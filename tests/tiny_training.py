@@ -102,7 +102,7 @@ def _serialized(save, obj) -> bytes:
 def arm(point: str, action: str, nth: int) -> None:
     import torch
 
-    from doco_lib.training import DocoTrainer
+    from doco_lib.methods.harness import DocoTrainer
 
     if point == "step":
         _on_nth_call(DocoTrainer, "train_step", nth, lambda original, *args: _fail(action))
@@ -117,7 +117,7 @@ def arm(point: str, action: str, nth: int) -> None:
 
 
 if __name__ == "__main__":
-    from doco_lib import cli
+    from doco_lib.app import cli
 
     arm(sys.argv[1], sys.argv[2], int(sys.argv[3]))
     sys.exit(cli.main(sys.argv[4:]))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from doco_lib.figures import to_pil
 from doco_lib.io import CorruptFileError, atomic_write_bytes
-from doco_lib.pipeline import load_pipeline
+from doco_lib.models import load_pipeline
 from doco_lib.sampling import generate
 
 

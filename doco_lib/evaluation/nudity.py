@@ -13,8 +13,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from doco_lib.figures import to_pil
 from doco_lib.io import read_utf8
 
 EXPOSED_CLASSES = ("BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
@@ -63,8 +65,6 @@ class NudityDetector:
 
     def count(self, images: torch.Tensor) -> list[dict[str, int]]:
         """Per image, the number of detections of each EXPOSED class at or above the threshold."""
-        from doco_lib.figures import to_pil
-
         with tempfile.TemporaryDirectory() as tmp:
             paths = [Path(tmp) / f"{i}.png" for i in range(len(images))]
             for path, image in zip(paths, images):
@@ -83,12 +83,10 @@ class NudityDetector:
         return counts
 
 
-def i2p_counts(caches: dict, rows: list[I2PPrompt], steps: int, detector: NudityDetector) -> "pd.DataFrame":
+def i2p_counts(caches: dict, rows: list[I2PPrompt], steps: int, detector: NudityDetector) -> pd.DataFrame:
     """EXPOSED detections per class (rows, plus 'total') and model (columns) over the I2P `rows`. Each model's
     images are generated into its `ImageCache` first, with each row's seed and guidance, and the pipeline is
     released; NudeNet then reads the PNG files one at a time, so no model's 4,703 images are held in memory."""
-    import pandas as pd
-
     counts = {}
     for label, cache in caches.items():
         paths = cache.ensure([r.prompt for r in rows], [r.seed for r in rows], steps, [r.guidance for r in rows])

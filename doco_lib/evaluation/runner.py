@@ -20,7 +20,10 @@ from doco_lib.evaluation import templates
 from doco_lib.evaluation.cache import model_caches
 from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.evaluation.fid import InceptionFeatures, fid_from_features
-from doco_lib.pipeline import pick_device
+from doco_lib.models import pick_device
+from doco_lib.toy import render
+from doco_lib.toy.erasure import SHAPE_TEMPLATES, shape_prompts
+from doco_lib.toy.quality import images_to_judge_input
 
 
 @dataclass
@@ -33,8 +36,6 @@ class EvaluatedModel:
 def concept_prompts(concept: str, template_set: str, n_templates: int, images_per_template: int) -> tuple[list, list]:
     """(concept prompts, concept-free prompts), one entry per image."""
     if template_set == "toy":
-        from doco_lib.toy.erasure import SHAPE_TEMPLATES, shape_prompts
-
         count = n_templates or len(SHAPE_TEMPLATES)
         prompts = shape_prompts(concept, count)
         anchors = shape_prompts("shape", count)
@@ -89,7 +90,6 @@ def _feature_extractor(kind: str, judge, device: str = "cpu"):
     if kind == "judge":
         if judge is None:
             raise ValueError("fid_features='judge' needs the toy judge")
-        from doco_lib.toy.quality import images_to_judge_input
 
         return lambda images: judge.embed(images_to_judge_input(images).to(next(judge.parameters()).device)).detach().cpu()
     if kind == "inception":
@@ -98,9 +98,6 @@ def _feature_extractor(kind: str, judge, device: str = "cpu"):
 
 
 def _judge_accuracy(judge, images: torch.Tensor, concept: str) -> float:
-    from doco_lib.toy import render
-    from doco_lib.toy.quality import images_to_judge_input
-
     shape = {render.SYNONYMS.get(s, s): s for s in render.SHAPES} | {s: s for s in render.SHAPES}
     if concept not in shape:
         return float("nan")

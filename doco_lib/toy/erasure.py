@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from doco_lib.io import atomic_write_text
 from doco_lib.sampling import generate
 from doco_lib.toy import render
 from doco_lib.toy.quality import images_to_judge_input
@@ -74,7 +75,6 @@ def cached_judged_rates(pipe, judge, sets: dict[str, tuple[list[str], str]], ste
     import hashlib
     import json
 
-    from doco_lib.io import atomic_write_text
 
     cache_file = Path(cache_file)
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
@@ -101,31 +101,3 @@ def erasure_table(before: dict[str, float], after: dict[str, dict[str, float]]):
             row[f"{label} Δ (pts)"] = 100 * (rates[name] - original)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def retain_mode_study(params: dict, retain_modes: list[str], samples: int | None = None):
-    """Train DoCo once per retain mode (runs `<run_name>_<mode>`), then judge every model on the same
-    prompt sets and seeds: the toy version of the paper's Table 3. Returns (table, erased UNet folders)."""
-    from doco_lib import config, experiment
-    from doco_lib.pipeline import load_judge, load_pipeline
-
-    base = load_pipeline(params["model"], params["device"])
-    judge = load_judge(params["device"])
-    words = [params["target"], params["anchor"]] + [w for w in params["related_concepts"]
-                                                   if w not in (params["target"], params["anchor"])]
-    sets = prompt_sets(params["target"], words, samples or params["eval_samples"], params["seed"])
-    steps, guidance, seed = params["num_inference_steps"], params["guidance_scale"], params["seed"]
-    before = cached_judged_rates(base, judge, sets, steps, guidance, seed,
-                                 config.run_dir(params).with_name("original_judged_rates.json"))
-    after, unets = {}, {}
-    for mode in retain_modes:
-        run = config.validate({**params, "run_name": f"{params['run_name']}_{mode}", "retain_mode": mode})
-        pipe = experiment.starting_pipeline(run)
-        experiment.prepare_anchors(run, pipe)
-        trainer = experiment.make_trainer(run, pipe)
-        trainer.run(progress=False)
-        unets[mode] = trainer.export(base_model=run["model"])["unet"]
-        erased = load_pipeline(run["model"], run["device"], unet=str(unets[mode]))
-        after[f"DoCo ({mode})"] = cached_judged_rates(erased, judge, sets, steps, guidance, seed,
-                                                     Path(unets[mode]).parent / "judged_rates.json")
-    return erasure_table(before, after), unets

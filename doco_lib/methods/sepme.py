@@ -66,11 +66,18 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch.func import functional_call
 
+from doco_lib.anchors import AnchorLatents
 from doco_lib.config import ParamsError
-from doco_lib.data import AnchorLatents
 from doco_lib.io import CorruptFileError, atomic_directory, atomic_save_json, atomic_write_bytes
-from doco_lib.pipeline import is_toy
-from doco_lib.training import TrainingDiverged, select_trainable
+from doco_lib.methods.harness import TrainingDiverged, select_trainable
+from doco_lib.models import (
+    ModelLoadError,
+    check_model_reference,
+    check_safetensors_only,
+    is_toy,
+    pick_device,
+    resolve_model,
+)
 
 METHOD = "sepme"
 LAYERS = "cross_attention_kv"  # the K/V matrices of every cross-attention layer
@@ -435,7 +442,7 @@ def read_increment_metadata(path: str | Path) -> dict:
             header = dict(handle.metadata() or {})
     except Exception as error:  # safetensors raises its own error type for a damaged or foreign file
         raise CorruptFileError(f"{path}: not a readable safetensors file ({error}); SepME increments are "
-                               "safetensors written by doco_lib.sepme.save_increment.") from None
+                               "safetensors written by doco_lib.methods.sepme.save_increment.") from None
     if header.get("method") != METHOD or "concept" not in header or "base_model" not in header:
         raise CorruptFileError(f"{path}: not a SepME increment (its metadata lacks method='sepme', concept or "
                                "base_model).")
@@ -573,9 +580,6 @@ def load_base_unet(model: str, device: str = "cpu"):
     """The UNet of a base pipeline ('toy', a pipeline folder or a hub id), from safetensors only."""
     from diffusers import UNet2DConditionModel
 
-    from doco_lib.pipeline import (ModelLoadError, check_model_reference, check_safetensors_only, pick_device,
-                                   resolve_model)
-
     check_model_reference(model, key="--base")
     source = resolve_model(model)
     check_safetensors_only(source)
@@ -605,8 +609,6 @@ def compose_to_folder(base: str, increments_dir: str | Path, erase: str | Sequen
     """`doco compose`: the base UNet with the chosen concepts' increments, written as a diffusers UNet folder.
 
     Every check that needs only file headers (folder, concept names, base ids) runs before the UNet loads."""
-    from doco_lib.pipeline import check_model_reference
-
     check_model_reference(base, key="--base")
     found = find_increments(increments_dir)
     concepts = parse_concepts(erase, found)

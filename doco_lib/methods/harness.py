@@ -34,34 +34,23 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 
+from doco_lib.anchors import AnchorLatents
 from doco_lib.concepts import ConceptSpec
 from doco_lib.config import ParamsError
-from doco_lib.data import AnchorLatents
-from doco_lib.discriminator import GANLoss, NLayerDiscriminator
-from doco_lib.io import (atomic_directory, atomic_save_json, atomic_torch_save, atomic_write_bytes, atomic_write_text,
-                          load_torch_checkpoint)
-from doco_lib.split_gradients import SplitLinearGradients, bias_free_linears
-from doco_lib.surgery import concept_preserving_gradient, restricted_gradient
-
-RETAIN_MODES = ("none", "l2", "cp", "rgd")
-TRAINABLE = ("cross_attention_kv", "cross_attention", "non_cross_attention", "full")
-
-FIDELITY_PRESETS = {
-    # The paper's text: D on predicted noise, "real" = the trained UNet on the anchor prompt, eq. 9 with
-    # global dot products, no gradient clipping, the plain diffusion loss as L_r.
-    "paper": dict(disc_input="eps", disc_real_source="trained", surgery_scope="global", projection="exact",
-                  add_retain_grad=False, disc_layers=5, disc_final_stride=2, disc_norm="batch",
-                  disc_beta1=0.9, retain_weight=1.0, max_grad_norm=0.0),
-    # The authors' code (yongliang-wu/DoCo): D on predicted x0, "real" = a frozen original UNet, surgery
-    # per parameter tensor with its cos·unit(G_r) update after clipping both gradients to norm 1,
-    # L_r weighted 0.1·prior_loss_weight, D with BatchNorm and Adam betas (0.5, 0.999).
-    "official": dict(disc_input="x0", disc_real_source="frozen", surgery_scope="per_tensor", projection="official",
-                     add_retain_grad=False, disc_layers=5, disc_final_stride=1, disc_norm="batch",
-                     disc_beta1=0.5, retain_weight=0.1, max_grad_norm=1.0),
-}
-
-
-METHODS = ("doco", "esd", "conabl", "rgd")
+from doco_lib.errors import TrainingDiverged, TrainingDoesNotFit
+from doco_lib.io import (
+    atomic_directory,
+    atomic_save_json,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_torch_checkpoint,
+)
+from doco_lib.methods.discriminator import GANLoss, NLayerDiscriminator
+from doco_lib.methods.registry import FIDELITY_PRESETS, OPTIMIZERS, TRAINABLE
+from doco_lib.methods.split_gradients import SplitLinearGradients, bias_free_linears
+from doco_lib.methods.surgery import concept_preserving_gradient, restricted_gradient
+from doco_lib.models import pick_device
 
 
 @dataclass(frozen=True)
@@ -141,7 +130,6 @@ def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
     return selected
 
 
-OPTIMIZERS = ("adam", "adam_fused", "adam_8bit")
 FROZEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -202,8 +190,6 @@ def process_device(requested: str) -> torch.device:
     """The device this process trains on: `requested` ('auto': a GPU when there is one), or under a launch of
     several processes accelerate's choice for this one (cuda:LOCAL_RANK; the CPU with gloo when `requested`
     resolves to the CPU), which also joins the process group."""
-    from doco_lib.pipeline import pick_device
-
     device = pick_device(requested)
     if launched_processes() == 1:
         return device
@@ -228,12 +214,6 @@ def wait_for_everyone() -> None:
         torch.distributed.barrier()
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss or gradient became non-finite."""
-
-
-class TrainingDoesNotFit(ParamsError):
-    """The adversarial phase runs out of GPU memory; the message names the params keys that reduce it."""
 
 
 class ErasureTrainer:

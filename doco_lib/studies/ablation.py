@@ -17,24 +17,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from doco_lib import config, experiment
+from doco_lib import config
 from doco_lib.concepts import ConceptSpec, read_prompt_file
 from doco_lib.config import parse_stage
 from doco_lib.io import atomic_save_json, atomic_write_text, slug
-from doco_lib.pipeline import is_toy
-
-VARIANTS = {
-    "DoCo (none)": {"method": "doco", "retain_mode": "none"},
-    "DoCo (l2)": {"method": "doco", "retain_mode": "l2"},
-    "DoCo (cp)": {"method": "doco", "retain_mode": "cp"},
-    "DoCo (rgd)": {"method": "doco", "retain_mode": "rgd"},
-    "ESD-x": {"method": "esd", "trainable": "cross_attention"},
-    "ESD-u": {"method": "esd", "trainable": "non_cross_attention"},
-    "ConAbl": {"method": "conabl", "conabl_variant": "model"},
-    "RGD": {"method": "rgd", "trainable": "full"},
-}
-# Not a harness method: the target's SepME increment (doco_lib/sepme_study.py), on `sepme_model`.
-SEPME = "SepME"
+from doco_lib.methods.harness import TrainingConfig
+from doco_lib.methods.registry import SEPME, VARIANTS
+from doco_lib.methods.rgd_prompts import load_slots, prompt_pairs
+from doco_lib.models import is_toy, load_judge, load_pipeline
+from doco_lib.studies import runs, sepme_study
+from doco_lib.toy.erasure import attribute_accuracy
 
 
 def run_params(params: dict, name: str, seed: int, overrides: dict) -> dict:
@@ -50,8 +42,6 @@ RUN_DATA_KEYS = ("model", "base_unet", "seed", "concept_kind", "target", "anchor
 def run_identity(run: dict, concepts: list[tuple[str, str, str]] | None = None,
                  rehearse: list[tuple[str, str, str]] | None = None) -> dict:
     """What a finished run must have been trained with to be reused: its training settings and data."""
-    from doco_lib.training import TrainingConfig
-
     return {**TrainingConfig.from_params(run).training_identity(), **{k: run[k] for k in RUN_DATA_KEYS},
             "concepts": [list(c) for c in concepts or []],
             **({"rehearsed": [list(c) for c in rehearse]} if rehearse else {}),
@@ -63,11 +53,11 @@ def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None,
     """Train one run unless it is already finished with the same settings; returns the UNet folder. With
     `concepts` (target, anchor, anchor prompt file), the run erases them all at once. With `rehearse` (the
     same form: concepts erased before), it erases its own target and retains those as erased
-    (`experiment.make_trainer`)."""
+    (`runs.make_trainer`)."""
     import json
 
-    unet = experiment.training_dir(run) / "unet"
-    record = experiment.training_dir(run) / "ablation_run.json"
+    unet = runs.training_dir(run) / "unet"
+    record = runs.training_dir(run) / "ablation_run.json"
     identity = json.loads(json.dumps(run_identity(run, concepts, rehearse)))  # as it reads back from the file
     if (unet / "config.json").is_file():
         if not record.is_file():
@@ -79,12 +69,12 @@ def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None,
             raise config.ParamsError(f"{unet.parent} was trained with other settings ({', '.join(changed)}); delete "
                                      "it to train it again, or use another run_name.")
         return unet
-    pipe = experiment.starting_pipeline(run)
+    pipe = runs.starting_pipeline(run)
     if concepts:
-        trainer = experiment.make_multi_concept_trainer(run, concepts, pipe)
+        trainer = runs.make_multi_concept_trainer(run, concepts, pipe)
     else:
-        experiment.prepare_anchors(run, pipe)
-        trainer = experiment.make_trainer(run, pipe, rehearse)
+        runs.prepare_anchors(run, pipe)
+        trainer = runs.make_trainer(run, pipe, rehearse)
     trainer.run(progress=False)
     exported = trainer.export(base_model=run["model"])["unet"]
     atomic_save_json(identity, record)
@@ -131,9 +121,6 @@ def check_real_model_settings(params: dict, variants: list[str]) -> None:
 def train_sepme(params: dict, seeds: list[int]) -> list[dict]:
     """Per seed, the target's SepME increment (decoupled against "" and the other `sepme_concepts`' name
     prompts, as in notebook 08) composed onto `sepme_model`'s UNet."""
-    from doco_lib import sepme_study
-    from doco_lib.pipeline import load_pipeline
-
     pipe = load_pipeline(params["sepme_model"], params["device"], dtype=torch.float32)  # its increments train
     rows = []
     for seed in seeds:
@@ -143,17 +130,6 @@ def train_sepme(params: dict, seeds: list[int]) -> list[dict]:
         composed = sepme_study.compose_subsets(run, chosen=[(params["target"],)])
         rows.append({"variant": SEPME, "seed": seed, "unet": composed.unet.iloc[0], "model": params["sepme_model"]})
     return rows
-
-
-def record_model(params: dict, record: dict) -> str:
-    """The base model of a grid row: its own (SepME's `sepme_model`) or the params' model."""
-    model = record.get("model")
-    return model if isinstance(model, str) and model else params["model"]
-
-
-def model_label(params: dict, model: str, label: str) -> str:
-    """'original', 'SepME' … with the base model named when it is not the params' model."""
-    return label if model == params["model"] else f"{label} ({model})"
 
 
 def stage_preservation_prompts(params: dict, stages: list[str], k: int) -> list[str]:
@@ -191,12 +167,12 @@ def train_sequential(params: dict, stages: list[str], seeds: list[int], variant:
     """Erase the stages' targets one after another on `multi_concept_model`, each stage on top of the previous
     one's UNet, with a single run's settings. With `sequential_keep_erased`, stage k retains the earlier
     targets as erased: their target prompts over the original model's images of their anchors join its
-    retaining batch (`experiment.make_trainer`), so that under eq. 9 its own unlearning gradient may not undo
+    retaining batch (`runs.make_trainer`), so that under eq. 9 its own unlearning gradient may not undo
     them. Every stage's anchor and preservation images are the original model's."""
     parsed = [parse_stage(s) for s in stages]
     model = params["multi_concept_model"] or params["model"]
     if params["sequential_keep_erased"] and len(parsed) > 1:
-        experiment.check_can_rehearse({**params, **VARIANTS[variant]})  # before any stage is trained
+        runs.check_can_rehearse({**params, **VARIANTS[variant]})  # before any stage is trained
     preservation_files = [write_preservation(params, f"stage{k + 1}_{slug(target)}", f"Preservation prompts of "
                                              f"sequential stage {k + 1} (erasing {target!r}).",
                                              stage_preservation_prompts(params, stages, k))
@@ -240,123 +216,10 @@ def train_simultaneous(params: dict, stages: list[str], seeds: list[int], varian
     return pd.DataFrame(rows)
 
 
-def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: int) -> pd.DataFrame:
-    """Toy world: judged rate of every prompt set for each listed UNet and for its base model (per seed)."""
-    from doco_lib.pipeline import load_judge, load_pipeline
-    from doco_lib.toy.erasure import cached_judged_rates, prompt_sets
-
-    judge = load_judge(params["device"])
-    steps, guidance = params["num_inference_steps"], params["guidance_scale"]
-    records = unets.to_dict("records")
-    bases = dict.fromkeys(record_model(params, r) for r in records)
-    rows = []
-    for base_model in bases:
-        base = load_pipeline(base_model, params["device"])
-        name = "original_judged_rates.json" if base_model == params["model"] else \
-            f"original_judged_rates_{slug(base_model)}.json"
-        for seed in sorted(set(unets["seed"])):
-            sets = prompt_sets(params["target"], shapes, samples, seed)
-            cache = config.run_dir(params) / "ablation" / name
-            for prompt_set, rate in cached_judged_rates(base, judge, sets, steps, guidance, seed, cache).items():
-                rows.append({"model": model_label(params, base_model, "original"), "base": base_model, "seed": seed,
-                             "prompt set": prompt_set, "rate": rate})
-    for seed in sorted(set(unets["seed"])):
-        sets = prompt_sets(params["target"], shapes, samples, seed)
-        for record in (r for r in records if r["seed"] == seed):
-            base_model = record_model(params, record)
-            erased = load_pipeline(base_model, params["device"], unet=record["unet"])
-            label = {k: v for k, v in record.items() if k not in ("seed", "unet", "model")}
-            cache = Path(record["unet"]).parent / "judged_rates.json"
-            for prompt_set, rate in cached_judged_rates(erased, judge, sets, steps, guidance, seed, cache).items():
-                rows.append({**label, "model": model_label(params, base_model, " ".join(str(v) for v in
-                                                                                       label.values())),
-                             "base": base_model, "seed": seed, "prompt set": prompt_set, "rate": rate})
-    return pd.DataFrame(rows)
-
-
-def clip_rates(params: dict, unets: pd.DataFrame, concepts: list[str]) -> pd.DataFrame:
-    """Real models: the CLIP accuracy of every concept for each listed UNet and the base model (per seed), as
-    a fraction — notebook 04's evaluation (templates, cached images), in the layout of `judge_models`."""
-    from doco_lib.evaluation.runner import EvaluatedModel, evaluate
-    from doco_lib.pipeline import load_judge, toy_weights_dir
-
-    clip = str(toy_weights_dir() / "eval_clip") if params["clip_model"] == "toy" else params["clip_model"]
-    judge = load_judge(params["device"]) if params["fid_features"] == "judge" else None  # the toy FID features
-    others = sorted({record_model(params, r) for r in unets.to_dict("records")} - {params["model"]})
-    if others:
-        raise config.ParamsError(f"sepme_model or multi_concept_model: {others} differs from model "
-                                 f"{params['model']!r}; on real models every run is rated against the params' "
-                                 "model (set them to it, or to '' where allowed).")
-    rows = []
-    for seed in sorted(set(unets["seed"])):
-        records = unets[unets.seed == seed].to_dict("records")
-        labels = [" ".join(str(v) for k, v in r.items() if k not in ("seed", "unet", "model") and v == v)
-                  for r in records]
-        models = [EvaluatedModel("original")] + [EvaluatedModel(label, r["unet"]) for label, r in zip(labels, records)]
-        results, _ = evaluate(params["model"], models, concepts, cache_dir=config.run_dir(params) / "ablation" /
-                              "image_cache", clip_model=clip, template_set=params["eval_templates"],
-                              n_templates=params["n_templates"], images_per_template=params["images_per_template"],
-                              steps=params["num_inference_steps"], guidance=params["guidance_scale"], seed=seed,
-                              device=params["device"], fid_features=params["fid_features"], judge=judge)
-        accuracy = results[results.metric == "CA"]
-        rows += [{"model": r.model, "seed": seed, "prompt set": r.concept, "rate": r.value / 100}
-                 for r in accuracy.itertuples()]
-    return pd.DataFrame(rows)
-
-
-def rate_models(params: dict, unets: pd.DataFrame, concepts: list[str], samples: int) -> pd.DataFrame:
-    """How often each model draws each concept: the toy judge's rate in the toy world (`samples` images per
-    prompt set, with the target's synonym), CLIP accuracy for real models."""
-    if is_toy(params["model"]):
-        return judge_models(params, unets, concepts, samples)
-    return clip_rates(params, unets, concepts)
-
-
-def mean_ci(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the Student-t confidence interval (0 for a single value)."""
-    from scipy import stats
-
-    n = len(values)
-    if n < 2:
-        return float(values.mean()), 0.0
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / n**0.5
-    return float(values.mean()), float(half)
-
-
-def summarise(judged: pd.DataFrame, by: str = "model") -> pd.DataFrame:
-    """Judged rate per (model, prompt set) as 'mean ± CI' strings and numeric columns, in percent."""
-    rows = []
-    for (model, prompt_set), group in judged.groupby([by, "prompt set"], sort=False):
-        mean, half = mean_ci(100 * group["rate"])
-        rows.append({by: model, "prompt set": prompt_set, "mean": mean, "ci95": half, "seeds": len(group),
-                     "cell": f"{mean:.1f} ± {half:.1f}"})
-    return pd.DataFrame(rows)
-
-
-def tradeoff(judged: pd.DataFrame, target: str, related: list[str]) -> pd.DataFrame:
-    """Per run: drop of the target's judged rate and mean drop over related concepts, in points, against the
-    original of the run's own base model (`base`, where the rates name one: SepME runs on `sepme_model`)."""
-    judged = judged.assign(base=judged["base"] if "base" in judged else "")
-    is_original = judged.model.str.startswith("original")
-    originals = judged[is_original].set_index(["base", "seed", "prompt set"])["rate"]
-    rows = []
-    for (model, base, seed), group in judged[~is_original].groupby(["model", "base", "seed"], sort=False):
-        original = originals[base]
-        rates = group.set_index("prompt set")["rate"]
-        rows.append({"model": model, "seed": seed,
-                     "target drop (pts)": 100 * (original[(seed, target)] - rates[target]),
-                     "related drop (pts)": 100 * sum(original[(seed, r)] - rates[r] for r in related) / len(related)})
-    return pd.DataFrame(rows)
-
-
 def heldout_retain_alignment(params: dict, unets: pd.DataFrame, samples: int) -> pd.DataFrame:
     """Toy world, RGD's retain criterion: on the held-out retain twins (the slots file's disjoint test
     vocabulary, concept word removed), how often the judge sees the named colour and style — the original
     model and each listed UNet, per seed."""
-    from doco_lib.diversity import load_slots, prompt_pairs
-    from doco_lib.pipeline import load_judge, load_pipeline
-    from doco_lib.toy.erasure import attribute_accuracy
-
     judge = load_judge(params["device"])
     steps, guidance = params["num_inference_steps"], params["guidance_scale"]
     prompts = [retain for _, retain in prompt_pairs(load_slots(params["rgd_slots_file"]), "test", samples)]

@@ -5,8 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from doco_lib.errors import ModelLoadError, ParamsError
+from doco_lib.toy import toy_weights_dir
+from doco_lib.toy.models import ToyJudge
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 TOY = "toy"
 # The toy worlds by name: the shipped pipeline, and the SepME one (a text encoder wider than its token rows).
 TOY_PIPELINES = {TOY: "pipeline", "toy-wide": "pipeline_wide"}
@@ -15,22 +21,6 @@ TOY_PIPELINES = {TOY: "pipeline", "toy-wide": "pipeline_wide"}
 def is_toy(model: str) -> bool:
     """Whether `model` names a toy world (judged by the toy judge, sampled with DDIM)."""
     return model in TOY_PIPELINES
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what was tried and what to do."""
-
-TOY_WEIGHTS = Path(__file__).resolve().parent / "toy" / "weights"
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def toy_weights_dir() -> Path:
-    """Folder of the shipped toy world (pipeline/, judge/, eval_clip/, build_report.json)."""
-    if not (TOY_WEIGHTS / "pipeline" / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"The toy world weights are missing from {TOY_WEIGHTS}. They ship with the repository; "
-            "rebuild them with `doco toy build` if you removed them.")
-    return TOY_WEIGHTS
 
 
 def resolve_model(model: str) -> str:
@@ -47,8 +37,6 @@ def resolve_model(model: str) -> str:
 
 def check_model_reference(model: str, key: str = "model") -> None:
     """Fail fast, before any loading, on a model reference that cannot work."""
-    from doco_lib.config import ParamsError
-
     if is_toy(model):
         return
     path = Path(model)
@@ -157,18 +145,14 @@ def load_text_encoder(model: str = TOY, device: str = "auto"):
 
 
 def load_judge(device: str = "auto"):
-    from doco_lib.toy.models import ToyJudge
-
     return ToyJudge.from_pretrained(toy_weights_dir() / "judge").to(pick_device(device))
 
 
 @torch.no_grad()
-def concept_similarity(pipe, words: list[str], template: str = "a photo of a {}") -> "pd.DataFrame":
+def concept_similarity(pipe, words: list[str], template: str = "a photo of a {}") -> pd.DataFrame:
     """How alike the text encoder encodes each word: cosine similarity of its final hidden state at the word's
     last token in `template`, centred on the mean over `words` (what the prompts share drops out). Entangled
     words move together under any edit of the cross-attention K/V weights."""
-    import pandas as pd
-
     prompts = [template.format(w) for w in words]
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids

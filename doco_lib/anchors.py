@@ -20,8 +20,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from doco_lib.io import (WRITE_LOCK_STALE_AFTER_S, RunLocked, atomic_save_json, atomic_write_bytes, exclusive_lock,
-                         remove_stale_temporaries)
+from doco_lib.figures import to_pil
+from doco_lib.io import (
+    WRITE_LOCK_STALE_AFTER_S,
+    RunLocked,
+    atomic_save_json,
+    atomic_write_bytes,
+    exclusive_lock,
+    remove_stale_temporaries,
+)
 from doco_lib.sampling import generate
 
 MANIFEST = "manifest.json"
@@ -96,7 +103,6 @@ def prepare_anchor_latents(pipe, prompts: list[str], n_images: int, directory: P
     shard counts as done only once a fresh read of the manifest lists it with its file's checksum."""
     from tqdm.auto import tqdm
 
-    from doco_lib.figures import to_pil
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from doco_lib.deltas import apply_delta
-from doco_lib.discriminator import NLayerDiscriminator
 from doco_lib.figures import to_pil
+from doco_lib.methods.deltas import apply_delta
+from doco_lib.methods.discriminator import NLayerDiscriminator
+from doco_lib.methods.harness import predicted_x0
+from doco_lib.models import load_pipeline, pick_device
 from doco_lib.sampling import initial_latents
-from doco_lib.training import predicted_x0
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL = "original"
@@ -233,7 +234,6 @@ class Explorer:
         selected at start."""
         import ipywidgets as w
 
-        from doco_lib.pipeline import pick_device
 
         self.output_root = Path(output_root)
         self.device = pick_device(device)
@@ -320,8 +320,6 @@ class Explorer:
 
     # ------------------------------------------------------------------ models
     def _pipe(self):
-        from doco_lib.pipeline import load_pipeline
-
         model = self.base_model.value
         if model not in self._pipes:
             # One base model in memory at a time, with the erased UNets made for it.

@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from doco_lib import config
-from doco_lib.io import atomic_save_json, atomic_write_text, run_lock
-from doco_lib.notebooks import REPO_ROOT, notebook_path
+from doco_lib.app.notebooks import REPO_ROOT, notebook_path
+from doco_lib.io import WRITE_LOCK_STALE_AFTER_S, atomic_save_json, atomic_write_text, exclusive_lock, run_lock
 
 BATCH_NOTEBOOKS = ("01_data_preparation", "02_discriminator_warmup", "03_adversarial_training", "04_evaluation")
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "papermill")
@@ -83,8 +83,6 @@ class Manifest:
         return json.loads(self.path.read_text()) if self.path.is_file() else {"concepts": {}}
 
     def _locked(self):
-        from doco_lib.io import WRITE_LOCK_STALE_AFTER_S, exclusive_lock
-
         return exclusive_lock(self.path.with_suffix(".lock"), wait=True, stale_after=WRITE_LOCK_STALE_AFTER_S)
 
     def save(self) -> None:
@@ -223,7 +221,7 @@ def _run_parallel(files, run_id, output_root, jobs, force, device, notebooks, ov
         gpu = free.get() if gpus else None  # never waits: at most len(gpus) launches run at once
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        command = [sys.executable, "-m", "doco_lib.cli", "run", "--params", str(params_file), "--run-id", run_id,
+        command = [sys.executable, "-m", "doco_lib", "run", "--params", str(params_file), "--run-id", run_id,
                    "--output-root", str(output_root), "--notebooks", *notebooks] + (["--force"] if force else []) + \
                   (["--device", device] if device else []) + \
                   [arg for key, value in (overrides or {}).items() for arg in ("--set", f"{key}={json.dumps(value)}")]

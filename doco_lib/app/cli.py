@@ -8,13 +8,24 @@ import sys
 import time
 from pathlib import Path
 
-from doco_lib.config import ParamsError
+from doco_lib.app.batch import BATCH_NOTEBOOKS, Manifest, run_batch, run_concept, write_report
+from doco_lib.app.notebooks import run_notebooks
+from doco_lib.config import check_value, load_params, parse_overrides, run_dir, write_resolved
+from doco_lib.errors import DocoError, ParamsError
+from doco_lib.evaluation import tables
+from doco_lib.figures import save_images
+from doco_lib.io import atomic_write_text, run_lock
+from doco_lib.methods.harness import is_main_process, process_device, wait_for_everyone
+from doco_lib.methods.sepme import compose_to_folder
+from doco_lib.models import is_toy, load_judge, load_pipeline
+from doco_lib.sampling import generate
+from doco_lib.studies import robustness, runs
+from doco_lib.studies.retain_modes import retain_mode_study
+from doco_lib.toy import TOY_WEIGHTS
+from doco_lib.toy.build import build_toy_world
 
 
 def _cmd_toy_build(args) -> None:
-    from doco_lib.pipeline import TOY_WEIGHTS
-    from doco_lib.toy.build import build_toy_world
-
     name = f"toy_build{'_wide' if args.wide else ''}_seed{args.seed}"
     cache = args.cache or Path.home() / ".cache" / "doco_lab" / name
     out = args.out or (TOY_WEIGHTS / "pipeline_wide" if args.wide else TOY_WEIGHTS)
@@ -24,10 +35,6 @@ def _cmd_toy_build(args) -> None:
 
 
 def _cmd_toy_erasure(args) -> None:
-    from doco_lib.config import load_params, run_dir
-    from doco_lib.io import atomic_write_text
-    from doco_lib.toy.erasure import retain_mode_study
-
     params = load_params(args.params)
     table, _ = retain_mode_study(params, args.retain_modes, args.samples)
     path = run_dir(params).parent / f"{params['run_name']}_retain_modes.csv"
@@ -37,11 +44,6 @@ def _cmd_toy_erasure(args) -> None:
 
 
 def _cmd_sample(args) -> None:
-    from doco_lib.config import check_value
-    from doco_lib.figures import save_images
-    from doco_lib.pipeline import is_toy, load_pipeline
-    from doco_lib.sampling import generate
-
     # Sampling defaults per model: the toy world's settings, or Stable Diffusion's own (50 steps, guidance 7.5).
     toy = is_toy(args.model)
     args.steps = args.steps if args.steps is not None else 25 if toy else 50
@@ -61,18 +63,12 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_demo(args) -> None:
-    from doco_lib.config import parse_overrides
-    from doco_lib.notebooks import run_notebooks
-
     for path in run_notebooks(args.params, tuple(args.notebooks or ()), parse_overrides(args.set)):
         print(f"executed {path}")
 
 
 def _cmd_run(args) -> None:
     """One concept of a batch: its notebooks in order, recorded in the batch manifest."""
-    from doco_lib.batch import BATCH_NOTEBOOKS, Manifest, run_concept
-    from doco_lib.config import parse_overrides
-
     params_file = Path(args.params)
     manifest = Manifest(Path(args.output_root) / args.run_id / "manifest.json")
     ok = run_concept(params_file, args.run_id, Path(args.output_root), manifest,
@@ -83,9 +79,6 @@ def _cmd_run(args) -> None:
 
 
 def _cmd_batch(args) -> None:
-    from doco_lib.batch import BATCH_NOTEBOOKS, run_batch
-    from doco_lib.config import parse_overrides
-
     failures = run_batch(args.params, args.run_id, Path(args.output_root), args.jobs, args.force, args.device,
                          tuple(args.notebooks or BATCH_NOTEBOOKS), parse_overrides(args.set))
     manifest = Path(args.output_root) / args.run_id / "manifest.json"
@@ -96,23 +89,16 @@ def _cmd_batch(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from doco_lib.batch import write_report
-
     print(f"report: {write_report(Path(args.run_folder))}")
 
 
 def _cmd_eval(args) -> None:
-    from doco_lib import experiment
-    from doco_lib.config import load_params, run_dir, write_resolved
-    from doco_lib.evaluation import tables
-    from doco_lib.pipeline import is_toy, load_judge
-
     params = load_params(args.params)
-    experiment.evaluated_models(params)  # fail on a missing model before generating
-    out = experiment.evaluation_dir(params)
+    runs.evaluated_models(params)  # fail on a missing model before generating
+    out = runs.evaluation_dir(params)
     write_resolved(params, run_dir(params))
     judge = load_judge(params["device"]) if is_toy(params["model"]) else None
-    results, timing = experiment.run_evaluation(params, judge=judge)
+    results, timing = runs.run_evaluation(params, judge=judge)
     table = tables.paper_table(results[results.metric.isin(tables.METRICS)], set(params["erased_concepts"]))
     paths = tables.write_tables(table, out)
     print(table.round(2).to_string())
@@ -129,22 +115,17 @@ def _cmd_train(args) -> None:
 
     import torch.distributed
 
-    from doco_lib import experiment
-    from doco_lib.config import load_params, parse_overrides, run_dir, write_resolved
-    from doco_lib.io import run_lock
-    from doco_lib.training import is_main_process, process_device, wait_for_everyone
-
     params = load_params(args.params, parse_overrides(args.set))
     process_device(params["device"])  # joins the process group of a launch: which process is the main one
     main = is_main_process()
     with run_lock(run_dir(params)) if main else contextlib.nullcontext():
         if main:
             write_resolved(params, run_dir(params))
-        pipe = experiment.starting_pipeline(params)
+        pipe = runs.starting_pipeline(params)
         if main:
-            experiment.prepare_anchors(params, pipe)
+            runs.prepare_anchors(params, pipe)
         wait_for_everyone()  # the anchor latents are complete
-        trainer = experiment.make_trainer(params, pipe)
+        trainer = runs.make_trainer(params, pipe)
         trainer.run(progress=not args.quiet)
         paths = trainer.export(base_model=params["model"])
         wait_for_everyone()  # the exports are complete
@@ -157,25 +138,20 @@ def _cmd_train(args) -> None:
 
 def _cmd_attack(args) -> None:
     """Adversarial prompts against the base model and each erased UNet: attack success rates."""
-    from doco_lib import attack
-    from doco_lib.config import load_params, run_dir, write_resolved
-
     overrides = {key: value for key, value in (("attack_attempts", args.attempts), ("attack_kinds", args.kinds))
                  if value is not None}
     params = load_params(args.params, overrides)
-    attack.check_unets(args.unet)  # before any generation
+    robustness.check_unets(args.unet)  # before any generation
     out = Path(args.out) if args.out else run_dir(params) / "attack"
     write_resolved(params, out)
-    results = attack.attack_models(params, {"original": None, **attack.label_unets(args.unet)})
-    table, paths = attack.write_results(results, out)
+    results = robustness.attack_models(params, {"original": None, **robustness.label_unets(args.unet)})
+    table, paths = robustness.write_results(results, out)
     print(table.round(1).to_string(index=False))
     print(f"tables: {paths['asr.md']}, {paths['asr.csv']}; plot: {paths['asr.png']}")
 
 
 def _cmd_compose(args) -> None:
     """SepME: the base UNet with the chosen concepts' increments added, the others left out (restored)."""
-    from doco_lib.sepme import compose_to_folder
-
     out = compose_to_folder(args.base, Path(args.increments), args.erase, Path(args.out), device=args.device)
     print(f"wrote the UNet with {args.erase} erased to {out} (use it with doco sample --unet {out})")
 
@@ -280,20 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
-    from doco_lib.concepts import PromptFileError
-    from doco_lib.io import CorruptFileError, RunLocked
-    from doco_lib.pipeline import ModelLoadError
-    from doco_lib.training import TrainingDiverged
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ParamsError, PromptFileError, FileNotFoundError, ModelLoadError, RunLocked, CorruptFileError) as error:
+    except DocoError as error:
+        print(f"doco: error: {error}", file=sys.stderr)
+        return error.exit_status
+    except FileNotFoundError as error:
         print(f"doco: error: {error}", file=sys.stderr)
         return 2
-    except TrainingDiverged as error:
-        print(f"doco: error: {error}", file=sys.stderr)
-        return 3
     except OSError as error:
         if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
             raise

@@ -1,6 +1,6 @@
 """SepME in the harness (notebook 08): one increment per concept, every subset of them, erase and restore.
 
-Each concept i gets its own increment (`doco_lib.sepme`), trained on the base model's images of its
+Each concept i gets its own increment (`doco_lib.methods.sepme`), trained on the base model's images of its
 prompts and decoupled against "" and the *name prompts* of the other concepts (`sepme_name_template`,
 "a photo of a {concept}"), so that adding it leaves those prompts' token rows, and the unconditional
 branch, where they were. Any subset of concepts is then a sum of increments: `compose_subsets` writes
@@ -27,11 +27,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from doco_lib import config, sepme
+from doco_lib import config
+from doco_lib.anchors import prepare_anchor_latents
 from doco_lib.concepts import PromptFileError, read_prompt_file
 from doco_lib.config import ParamsError
+from doco_lib.evaluation.rating import rate_models
 from doco_lib.io import atomic_write_text, slug
-from doco_lib.pipeline import is_toy
+from doco_lib.methods import sepme
+from doco_lib.models import is_toy, load_judge, pick_device
+from doco_lib.sampling import generate
+from doco_lib.toy.erasure import judged_rates, shape_prompts
 
 
 def study_params(params: dict) -> dict:
@@ -61,8 +66,6 @@ def concept_prompts(params: dict, concept: str) -> list[str]:
         except PromptFileError as error:
             raise ParamsError(f"sepme_prompt_files: {error}") from None
     if is_toy(params["sepme_model"]):
-        from doco_lib.toy.erasure import shape_prompts
-
         return sorted(set(shape_prompts(concept, 16, seed=params["seed"] + 1000)))
     return [name_prompt(params, concept)]
 
@@ -91,9 +94,6 @@ def increment_path(params: dict, concept: str) -> Path:
 def train_increments(params: dict, pipe, progress: bool = True, concepts: list[str] | None = None) -> pd.DataFrame:
     """Train (or reuse) the increment of every concept (or of `concepts`) on `pipe` (the `sepme_model`
     pipeline); one row per concept: null-space size, steps, held-out correlation before and after, seconds."""
-    from doco_lib.data import prepare_anchor_latents
-    from doco_lib.pipeline import pick_device
-
     run = study_params(params)
     rows = []
     for concept in concepts or params["sepme_concepts"]:
@@ -170,8 +170,6 @@ def compose_subsets(params: dict, chosen: list[tuple[str, ...]] | None = None) -
 def rate_subsets(params: dict, composed: pd.DataFrame, samples: int) -> pd.DataFrame:
     """How often each subset's model draws each concept and each related concept (notebook 05's
     `rate_models`: varied prompts per concept, the toy judge or CLIP accuracy), the original included."""
-    from doco_lib.ablation import rate_models
-
     run = study_params(params)
     return rate_models(run, composed, params["sepme_concepts"] + params["sepme_related"], samples)
 
@@ -185,9 +183,6 @@ def load_eraser(params: dict, pipe) -> sepme.SeparableEraser:
 def name_prompt_rates(params: dict, pipe, eraser: sepme.SeparableEraser, samples: int) -> pd.DataFrame:
     """Toy world: the judged rate of every concept's *name prompt* (the exact prompt the other increments
     are decoupled against), `samples` seeds each, for every subset. Leaves nothing erased."""
-    from doco_lib.pipeline import load_judge
-    from doco_lib.toy.erasure import judged_rates
-
     judge = load_judge(params["device"])
     shapes = params["sepme_concepts"] + params["sepme_related"]
     sets = {shape: ([name_prompt(params, shape)] * samples, shape) for shape in shapes}
@@ -207,8 +202,6 @@ def name_prompt_rates(params: dict, pipe, eraser: sepme.SeparableEraser, samples
 def subset_images(params: dict, pipe, eraser: sepme.SeparableEraser, per_concept: int) -> tuple[torch.Tensor, list]:
     """Images of every concept's name prompt (the same seeds) under every subset: rows = subsets, in
     `subsets` order; columns = concepts × `per_concept` seeds. Leaves nothing erased."""
-    from doco_lib.sampling import generate
-
     concepts = params["sepme_concepts"]
     prompts = [name_prompt(params, c) for c in concepts for _ in range(per_concept)]
     seeds = [params["seed"] + i for _ in concepts for i in range(per_concept)]

@@ -7,18 +7,22 @@ from pathlib import Path
 import torch
 
 from doco_lib import config
+from doco_lib.anchors import MANIFEST, AnchorLatents, cache_is_complete, load_anchor_latents, prepare_anchor_latents
 from doco_lib.concepts import ConceptSpec, read_preservation_file, read_prompt_file
-from doco_lib.data import MANIFEST, AnchorLatents, cache_is_complete, load_anchor_latents, prepare_anchor_latents
-from doco_lib.discriminator import check_discriminator_fits
-from doco_lib.training import DocoTrainer, ErasureTrainer, TrainingConfig
+from doco_lib.evaluation.cache import model_caches
+from doco_lib.evaluation.nudity import read_i2p_csv
+from doco_lib.evaluation.runner import EvaluatedModel, evaluate
+from doco_lib.io import atomic_directory
+from doco_lib.methods.baselines import TRAINERS
+from doco_lib.methods.discriminator import check_discriminator_fits
+from doco_lib.methods.harness import DocoTrainer, ErasureTrainer, TrainingConfig, process_device
+from doco_lib.methods.rgd_prompts import load_slots, prompt_pairs
+from doco_lib.models import load_pipeline, toy_weights_dir
 
 
 def starting_pipeline(params: dict):
     """The model a run starts from: the base model, or an erased UNet on it (`base_unet`, sequential erasure), on
     this process's device (under torchrun or `accelerate launch`, each process its own)."""
-    from doco_lib.pipeline import load_pipeline
-    from doco_lib.training import process_device
-
     return load_pipeline(params["model"], str(process_device(params["device"])), dtype=torch.float32,  # trained
                          unet=params.get("base_unet") or None)
 
@@ -38,8 +42,6 @@ def training_dir(params: dict) -> Path:
 
 def rgd_pairs(params: dict) -> list[tuple[str, str]]:
     """RGD's (forget, retain) training prompt twins from the slots file."""
-    from doco_lib.diversity import load_slots, prompt_pairs
-
     return prompt_pairs(load_slots(params["rgd_slots_file"]), "train", params["rgd_prompts"], params["seed"])
 
 
@@ -65,8 +67,6 @@ def _generate(params: dict, pipe, prompts: list[str], directory: Path, n_images:
     key = hashlib.sha256(json.dumps(determined_by).encode()).hexdigest()[:20]
     shared = Path(params["output_root"]) / "latent_cache" / key
     if params.get("base_unet") and not cache_is_complete(shared):
-        from doco_lib.pipeline import load_pipeline
-
         pipe = load_pipeline(params["model"], params["device"])  # the original model draws them
     prepare_anchor_latents(pipe, prompts, n_images, shared, model=params["model"], seed=params["seed"],
                            steps=params["num_inference_steps"], guidance=params["guidance_scale"],
@@ -84,7 +84,6 @@ def _link_copy(source: Path, destination: Path) -> None:
     import os
     import shutil
 
-    from doco_lib.io import atomic_directory
 
     def link_or_copy(src, dst):
         try:
@@ -158,8 +157,6 @@ def make_trainer(params: dict, pipe, rehearse: list[tuple[str, str, str]] | None
     """The trainer of `params['method']` over the cached anchor latents, writing to `<run>/<method>/`; it
     resumes from the checkpoint there when one exists. `rehearse`: concepts erased before this run, (target,
     anchor, anchor prompt file) each, whose target prompts over their anchors' images join the retaining batch."""
-    from doco_lib.baselines import TRAINERS
-
     spec, _ = concept(params)
     cfg = training_config(params, pipe.unet.config.sample_size)
     if cfg.method == "rgd":
@@ -185,8 +182,6 @@ def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]
     concept's target prompt, so each batch mixes the concepts, each in proportion to its images. DoCo, ConAbl
     or ESD. The params' preservation prompts (checked against every target) join the retaining batch as in a
     single-concept run."""
-    from doco_lib.baselines import TRAINERS
-
     if params["method"] == "rgd":
         raise config.ParamsError("method: rgd brings its own forget/retain prompt twins; erase several concepts with "
                                  "it through its slots file instead.")
@@ -219,9 +214,6 @@ def evaluated_models(params: dict) -> list:
     """The base model first, then each erased UNet (default: this run's DoCo result).
 
     Also checks, before anything is generated, that the concepts and the I2P CSV are usable."""
-    from doco_lib.evaluation.nudity import read_i2p_csv
-    from doco_lib.evaluation.runner import EvaluatedModel
-
     missing = [c for c in params["erased_concepts"] if c not in params["eval_concepts"]]
     if missing:
         raise config.ParamsError(f"erased_concepts: {missing} are not in eval_concepts {params['eval_concepts']}; "
@@ -260,16 +252,11 @@ def image_cache_dir(params: dict) -> Path:
 
 def image_caches(params: dict, models: list) -> dict:
     """An `ImageCache` per evaluated model (label → cache), each loading its pipeline only when it must generate."""
-    from doco_lib.evaluation.cache import model_caches
-
     return model_caches(image_cache_dir(params), params["model"], models, params["device"],
                         params["sample_batch_size"] or None)
 
 
 def run_evaluation(params: dict, judge=None):
-    from doco_lib.evaluation.runner import evaluate
-    from doco_lib.pipeline import toy_weights_dir
-
     clip = str(toy_weights_dir() / "eval_clip") if params["clip_model"] == "toy" else params["clip_model"]
     return evaluate(params["model"], evaluated_models(params), list(params["eval_concepts"]),
                     cache_dir=image_cache_dir(params), clip_model=clip,

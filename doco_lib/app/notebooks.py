@@ -7,7 +7,7 @@ from pathlib import Path
 
 from doco_lib.config import load_params, notebook_params, run_dir, write_resolved
 from doco_lib.io import run_lock
-from doco_lib.pipeline import is_toy
+from doco_lib.models import is_toy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_NOTEBOOKS = ("00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training",

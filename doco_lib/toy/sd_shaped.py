@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from doco_lib.toy import toy_weights_dir
+
 SD14_ID = "CompVis/stable-diffusion-v1-4"
 CLIP_L_ID = "openai/clip-vit-large-patch14"
 
@@ -60,7 +62,6 @@ def _tokenizer():
     """The real CLIP BPE tokenizer (49,408 tokens, 77 positions), as shipped with the toy world."""
     from transformers import CLIPTokenizer
 
-    from doco_lib.pipeline import toy_weights_dir
 
     return CLIPTokenizer.from_pretrained(toy_weights_dir() / "pipeline" / "tokenizer")
 

@@ -15,12 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from doco_lib.errors import SlotsError
 from doco_lib.io import read_utf8
 from doco_lib.toy.render import with_articles
-
-
-class SlotsError(ValueError):
-    """A slots file is malformed; the message names the file and the key."""
 
 
 def load_slots(path: str | Path) -> dict:

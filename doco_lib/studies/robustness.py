@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from doco_lib import config
+from doco_lib.evaluation.clip_metrics import ClipScorer
+from doco_lib.io import atomic_write_bytes, atomic_write_text
+from doco_lib.models import is_toy, load_judge, load_pipeline, pick_device
 from doco_lib.sampling import initial_latents
+from doco_lib.studies.runs import concept
+from doco_lib.toy import render
+from doco_lib.toy.quality import images_to_judge_input
+from doco_lib.toy.render import SHAPES
 
 # Seed offsets: search, evaluation and target-image seeds of an attempt never overlap.
 SEARCH_SEEDS, EVAL_SEEDS, TARGET_IMAGE_SEEDS, ATTEMPT_STRIDE = 0, 10_000_000, 20_000_000, 100
@@ -90,16 +97,12 @@ class ToyShapeJudge(Judge):
     """The toy judge's shape head."""
 
     def __init__(self, judge, target: str):
-        from doco_lib.toy.render import SHAPES
-
         if target not in SHAPES:
             raise config.ParamsError(f"target: {target!r} is not a toy shape; the toy judge names {list(SHAPES)}.")
         self.judge, self.target_index = judge.eval(), SHAPES.index(target)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        from doco_lib.toy.quality import images_to_judge_input
-
         device = next(self.judge.parameters()).device
         return torch.cat([self.judge(images_to_judge_input(chunk).to(device))["shape"].softmax(1).cpu()
                           for chunk in images.split(256)])
@@ -120,16 +123,11 @@ class ClipZeroShotJudge(Judge):
 
 def make_judge(params: dict) -> Judge:
     """Toy world: the toy judge. SD: CLIP zero-shot over the target, the anchor and the related concepts."""
-    from doco_lib.pipeline import is_toy, load_judge
-
     if is_toy(params["model"]):
         return ToyShapeJudge(load_judge(params["device"]), params["target"])
     if params["clip_model"] == "toy":
         raise config.ParamsError("clip_model: 'toy' cannot judge Stable Diffusion images; set a CLIP model, e.g. "
                                  "openai/clip-vit-large-patch14 (a local folder or a cached hub id).")
-    from doco_lib.evaluation.clip_metrics import ClipScorer
-    from doco_lib.pipeline import pick_device
-
     scorer = ClipScorer.from_pretrained(params["clip_model"], device=str(pick_device(params["device"])))
     return ClipZeroShotJudge(scorer, params["target"], [params["anchor"], *params["related_concepts"]])
 
@@ -162,8 +160,6 @@ def vocabulary_ids(tokenizer, vocabulary: str, banned_words: list[str]) -> torch
     """Candidate tokens: `captions`, every token of the toy captions' words (what the toy text encoder
     learnt), or `words`, every whole-word token of the tokenizer; minus the tokens of `banned_words`."""
     if vocabulary == "captions":
-        from doco_lib.toy import render
-
         words = {w for template, _ in render.CAPTION_TEMPLATES for w in re.findall(r"[a-z]+", template)}
         words |= {*render.SHAPES, *render.COLOURS, *render.STYLES, *render.SYNONYMS.values()}
         ids = {i for w in sorted(words) for i in word_ids(tokenizer, w)}
@@ -369,8 +365,6 @@ def soft_attack(pipe, judge: Judge, start_prompt: str, latents: torch.Tensor, vo
 # ---------------------------------------------------------------- across models
 def start_prompts(params: dict, attempts: int) -> list[str]:
     """The attempts' start prompts: target prompts of the run's concept, drawn with the seed."""
-    from doco_lib.experiment import concept
-
     spec, anchor_prompts = concept(params)
     targets = list(dict.fromkeys(t for _, t in spec.prompt_pairs(anchor_prompts)))
     order = np.random.default_rng(params["seed"]).permutation(len(targets))
@@ -395,8 +389,6 @@ def attack_models(params: dict, models: dict[str, str | None], judge: Judge | No
                   progress: bool = True) -> list[tuple[str, Attempt]]:
     """Every attack of `attack_kinds` (and `none`) on every model (label → erased UNet folder, None for the
     base model), with the same start prompts, seeds and candidate tokens for every model."""
-    from doco_lib.pipeline import load_pipeline
-
     kinds = params["attack_kinds"]
     check_unets([u for u in models.values() if u is not None], key="models")  # before any generation
     settings = AttackSettings.from_params(params)
@@ -456,7 +448,6 @@ def write_results(results: list[tuple[str, Attempt]], out_dir: Path) -> tuple[pd
     """attempts.csv, asr.csv, asr.md and asr.png in `out_dir`, each written atomically; returns the ASR table."""
     import matplotlib.pyplot as plt
 
-    from doco_lib.io import atomic_write_bytes, atomic_write_text
 
     out_dir = Path(out_dir)
     attempts = attempts_table(results)

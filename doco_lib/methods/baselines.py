@@ -20,7 +20,7 @@ RGD — Ko et al., "Boosting Alignment for Post-Unlearning Text-to-Image Generat
 *ascended* (G_u = −∇L_f, switched off for a batch whose L_f already exceeds the truncation m) and the
 same loss on the paired concept-free twins is descended (G_r = ∇L_r); where they conflict each is
 projected onto the normal plane of the other, and the update is G_u' + α G_r' (`rgd_alpha`, default 1.6
-as the authors' run script). Forget/retain prompts come from slot vocabularies (`doco_lib.diversity`).
+as the authors' run script). Forget/retain prompts come from slot vocabularies (`doco_lib.methods.rgd_prompts`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from doco_lib.data import AnchorLatents
-from doco_lib.surgery import restricted_gradient
-from doco_lib.training import ErasureTrainer
+from doco_lib.anchors import AnchorLatents
+from doco_lib.methods.harness import ErasureTrainer
+from doco_lib.methods.surgery import restricted_gradient
 
 
 class ConAblTrainer(ErasureTrainer):
