@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme clean-outputs ui-check
+.PHONY: demo test test-all install bench ablation ablation-quick sepme clean-outputs ui-check readme-figure
 
 install: $(STAMP)
 
@@ -50,3 +50,12 @@ sepme: $(STAMP)
 # Needs Debian's chromium (apt-get install -y chromium); writes outputs/ui_check/explorer.png.
 ui-check: $(STAMP)
 	$(BIN)/python scripts/ui_check.py
+
+# The README's figure, docs/figures/erasure.png: the original toy model and the demo's erased UNet on the same
+# prompts and seeds (about 30 s); runs `make demo` first when its erased UNet is missing.
+DEMO_UNET := outputs/toy_world/doco/unet
+readme-figure: $(STAMP) $(DEMO_UNET)/config.json
+	$(BIN)/python scripts/readme_figure.py --unet $(DEMO_UNET) --out docs/figures/erasure.png
+
+$(DEMO_UNET)/config.json: | $(STAMP)
+	$(MAKE) demo
