@@ -4,7 +4,10 @@ The params schema (`doco_lib.config`), the harness (`doco_lib.methods.harness`) 
 tuples and tables; none of them retypes a choice.
 """
 
-METHODS = ("doco", "esd", "conabl", "rgd")
+METHODS = ("doco", "esd", "conabl", "rgd", "uce", "spm")
+UCE_CODE_VERSIONS = (2023, 2025)
+SPM_ANCHOR_BATCHES = ("official", "intended")
+SPM_PROMPTS = ("concept", "target_prompts")
 RETAIN_MODES = ("none", "l2", "cp", "rgd")
 TRAINABLE = ("cross_attention_kv", "cross_attention", "non_cross_attention", "full")
 OPTIMIZERS = ("adam", "adam_fused", "adam_8bit")
@@ -34,6 +37,8 @@ VARIANTS = {
     "ESD-u": {"method": "esd", "trainable": "non_cross_attention"},
     "ConAbl": {"method": "conabl", "conabl_variant": "model"},
     "RGD": {"method": "rgd", "trainable": "full"},
+    "UCE": {"method": "uce", "trainable": "cross_attention_kv"},
+    "SPM": {"method": "spm"},
 }
 # Not a harness method: the target's SepME increment (doco_lib/studies/sepme_study.py), on `sepme_model`.
 SEPME = "SepME"
