@@ -4,7 +4,8 @@ Builds a pipeline with SD v1.4's full configs and random weights (UNet 860M, CLI
 parameters) and a CLIP ViT-L/14-sized `CLIPModel`, installs both into a temporary Hugging Face cache under
 their hub ids, and runs the real notebooks through `doco batch` with the shipped params files
 `sd14_snoopy.yaml` (paper preset) and `sd14_nudity.yaml`, plus notebooks 01-03 of Snoopy with the official
-preset, all with counts cut to fit (`--set`; batch size, resolution, 50 PNDM steps and every memory setting
+preset and of `sdxl_snoopy.yaml` on a full-size SDXL-shaped pipeline (both text encoders, 128×128 latents), all
+with counts cut to fit (`--set`; batch size, resolution, 50 PNDM steps and every memory setting
 as shipped). Per phase (anchors, warm-up, adversarial training per preset, evaluation, I2P) it reports wall
 time, peak GPU memory (`torch.cuda.max_memory_allocated`, from each notebook's `costs/<phase>.json`),
 images/s or s/iteration, and extrapolates the full paper recipe per concept (1000 anchor images, 200 + 800
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from doco_lib.config import read_params_file
 from doco_lib.toy import sd_shaped
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +53,7 @@ GPU_COUNTS = {"n_anchor_images": 8, "iterations": 12, "warmup_iterations": 4, "n
 TINY_COUNTS = {**GPU_COUNTS, "n_anchor_images": 4, "iterations": 3, "warmup_iterations": 1, "batch_size": 2,
                "num_inference_steps": 2, "i2p_limit": 2}
 # The paper's recipe per concept.
+TRAINING_NOTEBOOKS = ("01_data_preparation", "02_discriminator_warmup", "03_adversarial_training")
 PAPER = {"anchor_images": 1000, "warmup": 200, "adversarial": 800, "templates": 80, "images_per_template": 10,
          "i2p_prompts": 4703}
 
@@ -119,7 +122,8 @@ def _phase(run: Path, name: str) -> dict | None:
 def collect(out: Path, tiny: bool) -> list[dict]:
     """One row per measured phase, with the extrapolation of the paper's recipe for it."""
     rows = []
-    for concept, preset in (("sd14_snoopy", "paper"), ("sd14_snoopy_official", "official"), ("sd14_nudity", "paper")):
+    for concept, preset in (("sd14_snoopy", "paper"), ("sd14_snoopy_official", "official"), ("sd14_nudity", "paper"),
+                            ("sdxl_snoopy", "paper")):
         run = out / concept
         if not run.is_dir():
             continue
@@ -281,6 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--direct", action="store_true", help="the notebooks' library calls in one process")
     parser.add_argument("--skip-official-after", type=float, default=330.0,
                         help="skip the official preset's run if this many seconds have passed before it")
+    parser.add_argument("--skip-sdxl-after", type=float, default=420.0,
+                        help="skip the SDXL phase (notebooks 01-03 of sdxl_snoopy.yaml on a full-size SDXL-shaped "
+                             "pipeline) if this many seconds have passed before it")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="sd_rehearsal_"))
@@ -334,10 +341,18 @@ def main(argv: list[str] | None = None) -> dict:
     _run(batch[:4] + [str(CONCEPTS / "sd14_snoopy.yaml"), str(CONCEPTS / "sd14_nudity.yaml")] + batch[4:], env, log)
     if time.perf_counter() - started < args.skip_official_after:
         official = work / "sd14_snoopy_official.yaml"  # the same concept with the authors' code's preset
-        settings = yaml.safe_load((CONCEPTS / "sd14_snoopy.yaml").read_text())
+        settings = read_params_file(CONCEPTS / "sd14_snoopy.yaml")  # its `base:` resolved
         official.write_text(yaml.safe_dump({**settings, "fidelity": "official"}))
-        _run(batch[:4] + [str(official), "--notebooks", "01_data_preparation", "02_discriminator_warmup",
-                          "03_adversarial_training"] + batch[4:], env, log)
+        _run(batch[:4] + [str(official), "--notebooks", *TRAINING_NOTEBOOKS] + batch[4:], env, log)
+    if time.perf_counter() - started < args.skip_sdxl_after:
+        # SDXL: both text encoders, 128×128 latents, a 6-layer D (sdxl_snoopy.yaml), notebooks 01-03.
+        sdxl = sd_shaped.build_sdxl_pipeline(work / "build" / "sdxl", size, device=device)
+        sd_shaped.install_in_hub_cache(sdxl, sd_shaped.SDXL_ID, hub)
+        parameters.update({f"SDXL {k}": v for k, v in sd_shaped.parameter_counts(sdxl).items()})
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        _run(batch[:4] + [str(CONCEPTS / "sdxl_snoopy.yaml"), "--notebooks", *TRAINING_NOTEBOOKS] + batch[4:], env,
+             log)
 
     rows = collect(work / "out" / "rehearsal", args.tiny)
     info = info_now(mode="notebooks", parameters=", ".join(f"{k} {v / 1e6:.0f}M" for k, v in parameters.items()),

@@ -133,8 +133,7 @@ def prepare_anchor_latents(pipe, prompts: list[str], n_images: int, directory: P
                 entries = manifest["images"][shard * shard_size:(shard + 1) * shard_size]
                 images = generate(pipe, [e["prompt"] for e in entries], [e["seed"] for e in entries], steps,
                                   guidance, batch_size=shard_size)
-                with torch.no_grad():
-                    posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
+                posterior = _encode(vae, images)
                 path = directory / f"shard_{shard:05d}.safetensors"
                 atomic_write_bytes(save({"latent_mean": posterior.mean.float().cpu().contiguous(),
                                          "latent_std": posterior.std.float().cpu().contiguous()}), path)
@@ -172,6 +171,20 @@ def prepare_anchor_latents(pipe, prompts: list[str], n_images: int, directory: P
                     waiting = True
                 time.sleep(CLAIM_POLL_S)
     return load_anchor_latents(directory, scaling_factor=vae.config.scaling_factor)
+
+
+@torch.no_grad()
+def _encode(vae, images: torch.Tensor):
+    """The VAE posterior of images in [0, 1]; a float16 VAE that overflows float16 (SDXL's, `force_upcast`) encodes
+    in float32 and is put back, as the SDXL pipeline decodes."""
+    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        return vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
+    finally:
+        if upcast:
+            vae.to(torch.float16)
 
 
 def cache_is_complete(directory: Path) -> bool:

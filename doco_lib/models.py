@@ -85,11 +85,12 @@ def sampling_dtype(device: torch.device) -> torch.dtype:
 
 def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | str = "auto", unet: str | None = None,
                   trust_pickle: bool = False):
-    """A `StableDiffusionPipeline` without safety checker; `unet` swaps in an erased UNet folder. `dtype` "auto":
-    `sampling_dtype` of the device; pass torch.float32 for a pipeline whose UNet will be trained.
+    """The pipeline class its model_index.json names (`StableDiffusionPipeline` for SD v1 and 2.x,
+    `StableDiffusionXLPipeline` for SDXL), without safety checker; `unet` swaps in an erased UNet folder. `dtype`
+    "auto": `sampling_dtype` of the device; pass torch.float32 for a pipeline whose UNet will be trained.
 
     Weights are read from safetensors only, unless `trust_pickle`."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     check_model_reference(model)
     target_device = pick_device(device)  # fail on a missing GPU before loading gigabytes
@@ -103,7 +104,7 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
         if folder is not None:
             check_safetensors_only(folder, trust_pickle)
     safetensors = None if trust_pickle else True
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, use_safetensors=safetensors)
+    kwargs = dict(dtype=dtype, use_safetensors=safetensors)
     if unet is not None:
         try:
             kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, dtype=dtype, use_safetensors=safetensors)
@@ -111,7 +112,9 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
             raise ModelLoadError(f"the UNet folder {unet!r} could not be loaded ({str(error).splitlines()[0]}); it "
                                  "is damaged or not a diffusers UNet: export it again or delete it.") from None
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+        if "safety_checker" in DiffusionPipeline.load_config(source):  # SD v1 and 2.x have one; SDXL has none
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:
         raise ModelLoadError(
             f"Could not load the pipeline {model!r}: {error}. Without internet access, a hub id only works if it "
@@ -122,6 +125,94 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
         pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(target_device)
+
+
+# ---------------------------------------------------------------------------------------------- conditioning
+# SDXL's `time_ids`: original size (h, w), crop corner (top, left), target size (h, w).
+TIME_IDS = 6
+
+
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders: one for SD v1 and 2.x, two for SDXL."""
+    return [encoder for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if encoder is not None]
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """What the UNet reads of each prompt, as one float32 tensor (len(prompts), rows, width) for every model
+    family, computed as the pipeline's `encode_prompt` computes it when it samples (prompts padded to the
+    tokenizer's 77 positions), on the encoders' device; any object with the pipeline's encoders and tokenizers
+    will do.
+
+    SD v1 and 2.x: the text encoder's last hidden states (77 rows of 768 or 1024). SDXL: the penultimate hidden
+    states of both encoders concatenated (77 rows of 768 + 1280 = 2048), then what its UNet reads through
+    `added_cond_kwargs`: the second encoder's pooled embedding (`text_embeds`, 1280) and `time_ids` = (H, W, 0, 0,
+    H, W) for the UNet's native size in pixels, packed zero-padded into one more row. One tensor per prompt keeps
+    caching, indexing, concatenating and casting conditionings the same code for every family; `unet_inputs`
+    unpacks it."""
+    encoders = text_encoders(pipe)
+    tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)][:len(encoders)]
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        states, pooled = [], None
+        for tokenizer, encoder in zip(tokenizers, encoders):
+            ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(encoder.device)
+            if len(encoders) == 1:
+                states.append(encoder(ids)[0])
+                continue
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]  # the second encoder's projected pooled embedding
+        hidden = torch.cat([s.to(encoders[0].device) for s in states], dim=-1).float()
+        if pooled is not None:
+            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=hidden.device)
+            hidden = _pack(hidden, pooled.float().to(hidden.device), time_ids.expand(len(hidden), TIME_IDS))
+        chunks.append(hidden)
+    return torch.cat(chunks)
+
+
+def unconditional_conditioning(pipe) -> torch.Tensor:
+    """The conditioning classifier-free guidance contrasts with, (1, rows, width): the empty prompt's, or zeros
+    (SDXL's time_ids kept) for a pipeline that zeroes it (SDXL's `force_zeros_for_empty_prompt`)."""
+    empty = encode_prompts(pipe, [""])
+    if not getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", False):
+        return empty
+    inputs = unet_inputs(pipe.unet, empty)
+    return _pack(torch.zeros_like(inputs["encoder_hidden_states"]),
+                 torch.zeros_like(inputs["added_cond_kwargs"]["text_embeds"]), inputs["added_cond_kwargs"]["time_ids"])
+
+
+def _pack(hidden: torch.Tensor, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL's hidden states (B, 77, d) with [text_embeds, time_ids] appended as ⌈(p + 6)/d⌉ zero-padded rows."""
+    extra = torch.cat([text_embeds, time_ids], dim=-1)
+    width = hidden.shape[-1]
+    rows = -(-extra.shape[-1] // width)
+    extra = torch.nn.functional.pad(extra, (0, rows * width - extra.shape[-1]))
+    return torch.cat([hidden, extra.view(len(hidden), rows, width)], dim=1)
+
+
+def unet_inputs(unet, conditioning: torch.Tensor) -> dict:
+    """The UNet's keyword arguments for an `encode_prompts` tensor: `encoder_hidden_states`, and for a UNet with
+    SDXL's `text_time` embedding also `added_cond_kwargs` = {text_embeds, time_ids}, unpacked."""
+    config = unet.config
+    if config.addition_embed_type is None:
+        return {"encoder_hidden_states": conditioning}
+    if config.addition_embed_type != "text_time":
+        raise ModelLoadError(f"UNet addition_embed_type {config.addition_embed_type!r} is not supported (SD v1, SD 2.x "
+                             "and SDXL's 'text_time' are).")
+    pooled = config.projection_class_embeddings_input_dim - TIME_IDS * config.addition_time_embed_dim
+    rows = -(-(pooled + TIME_IDS) // conditioning.shape[-1])
+    extra = conditioning[:, -rows:].flatten(1)
+    return {"encoder_hidden_states": conditioning[:, :-rows],
+            "added_cond_kwargs": {"text_embeds": extra[:, :pooled], "time_ids": extra[:, pooled:pooled + TIME_IDS]}}
+
+
+def unet_output(unet, x_t: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+    """The UNet's output (ε or v, as its scheduler's `prediction_type` says) for an `encode_prompts` conditioning."""
+    return unet(x_t, t, **unet_inputs(unet, conditioning)).sample
 
 
 def load_text_encoder(model: str = TOY, device: str = "auto"):

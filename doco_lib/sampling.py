@@ -25,13 +25,17 @@ def default_batch_size(pipe) -> int:
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
              batch_size: int | None = None) -> torch.Tensor:
     """Images in [0, 1], shape (len(prompts), 3, H, W), for each (prompt, seed) pair. `batch_size`: images per
-    pipeline call (None or 0: `default_batch_size`). A float32 pipeline on a GPU samples under float16 autocast."""
+    pipeline call (None or 0: `default_batch_size`). A float32 pipeline on a GPU samples under float16 autocast,
+    or bfloat16 where the VAE overflows float16 (SDXL's, `force_upcast`; no autocast on GPUs without bfloat16)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; expected one seed per prompt")
     batch_size = batch_size or default_batch_size(pipe)
     device = pipe.unet.device
     half = device.type == "cuda" and pipe.unet.dtype == torch.float32
-    autocast = torch.autocast(device.type, torch.float16, enabled=half)
+    dtype = torch.float16
+    if half and pipe.vae.config.get("force_upcast", False):
+        dtype, half = torch.bfloat16, torch.cuda.is_bf16_supported(including_emulation=False)
+    autocast = torch.autocast(device.type, dtype, enabled=half)
     out = []
     for start in range(0, len(prompts), batch_size):
         latents = initial_latents(pipe, seeds[start:start + batch_size]).to(device, pipe.unet.dtype)

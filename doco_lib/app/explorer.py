@@ -30,14 +30,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from doco_lib.app.notebooks import REPO_ROOT
 from doco_lib.figures import to_pil
 from doco_lib.methods.deltas import apply_delta
 from doco_lib.methods.discriminator import NLayerDiscriminator
-from doco_lib.methods.harness import predicted_x0
+from doco_lib.methods.prediction import predicted_x0
 from doco_lib.models import load_pipeline, pick_device
 from doco_lib.sampling import initial_latents
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL = "original"
 DISPLAY_SIZE = 160  # pixels per image in the UI
 

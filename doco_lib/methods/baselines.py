@@ -21,6 +21,11 @@ RGD — Ko et al., "Boosting Alignment for Post-Unlearning Text-to-Image Generat
 same loss on the paired concept-free twins is descended (G_r = ∇L_r); where they conflict each is
 projected onto the normal plane of the other, and the update is G_u' + α G_r' (`rgd_alpha`, default 1.6
 as the authors' run script). Forget/retain prompts come from slot vocabularies (`doco_lib.methods.rgd_prompts`).
+
+Each loss regresses the trained UNet's output in its own parameterization (ε, or v for SD 2.x): targets made of
+noise come from the harness as ε or v, and targets made of UNet outputs (the frozen model's anchor prediction,
+ESD's guided combination, whose weights sum to one) are in that parameterization already
+(`doco_lib.methods.prediction`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ import torch.nn.functional as F
 
 from doco_lib.anchors import AnchorLatents
 from doco_lib.methods.harness import ErasureTrainer
+from doco_lib.methods.spm import SpmTrainer
 from doco_lib.methods.surgery import restricted_gradient
+from doco_lib.methods.uce import UceTrainer
+from doco_lib.models import unet_output
 
 
 class ConAblTrainer(ErasureTrainer):
@@ -42,20 +50,20 @@ class ConAblTrainer(ErasureTrainer):
     def train_step(self) -> dict:
         cfg = self.config
         index = self._sample_index()
-        x_t, t, noise, c, c_star = self._batch(index, self.generator)
-        x_r, t_r, noise_r, c_r = self._retain_batch(x_t, t, noise, c) if cfg.conabl_retain else (x_t, t, noise, c)
+        x_t, t, diffusion_target, c, c_star = self._batch(index, self.generator)
+        x_r, t_r, target_r, c_r = (self._retain_batch(x_t, t, diffusion_target, c) if cfg.conabl_retain
+                                   else (x_t, t, diffusion_target, c))
         with self.accelerator.autocast():
             if cfg.conabl_variant == "model":
                 with torch.no_grad():
-                    target = self.frozen_unet(x_t.to(self.frozen_unet.dtype), t,
-                                              encoder_hidden_states=c.to(self.frozen_unet.dtype)).sample.float()
+                    frozen = self.frozen_unet
+                    target = unet_output(frozen, x_t.to(frozen.dtype), t, c.to(frozen.dtype)).float()
             else:
-                target = noise
-            both = self.unet(torch.cat([x_t, x_r]), torch.cat([t, t_r]),
-                             encoder_hidden_states=torch.cat([c_star, c_r])).sample.float()
+                target = diffusion_target
+            both = unet_output(self.unet, torch.cat([x_t, x_r]), torch.cat([t, t_r]), torch.cat([c_star, c_r])).float()
         prediction, retain_prediction = both[: len(x_t)], both[len(x_t):]
         ablation_loss = F.mse_loss(prediction, target)
-        retain_loss = F.mse_loss(retain_prediction, noise_r)
+        retain_loss = F.mse_loss(retain_prediction, target_r)
         loss = ablation_loss + (cfg.retain_weight * retain_loss if cfg.conabl_retain else 0.0)
         return self.descend(loss, {"g_loss": ablation_loss.item(), "retain_loss": retain_loss.item()}, "ablation")
 
@@ -80,8 +88,8 @@ class EsdTrainer(ErasureTrainer):
         empty = self.empty_embedding.expand_as(c_star)
         for timestep in scheduler.timesteps[:stop]:
             with self.accelerator.autocast():
-                eps_empty, eps_prompt = self.unet(torch.cat([latents, latents]), timestep,
-                                                  encoder_hidden_states=torch.cat([empty, c_star])).sample.float().chunk(2)
+                eps_empty, eps_prompt = unet_output(self.unet, torch.cat([latents, latents]), timestep,
+                                                    torch.cat([empty, c_star])).float().chunk(2)
             eps = eps_empty + cfg.esd_start_guidance * (eps_prompt - eps_empty)
             latents = scheduler.step(eps, timestep, latents).prev_sample
         t = scheduler.timesteps[stop].to(self.device).repeat(len(c_star))
@@ -95,12 +103,11 @@ class EsdTrainer(ErasureTrainer):
         empty = self.empty_embedding.expand_as(c_star)
         with torch.no_grad(), self.accelerator.autocast():
             frozen = self.frozen_unet
-            eps_empty, eps_prompt = frozen(torch.cat([x_t, x_t]).to(frozen.dtype), torch.cat([t, t]),
-                                           encoder_hidden_states=torch.cat([empty, c_star]).to(frozen.dtype)
-                                           ).sample.float().chunk(2)
+            eps_empty, eps_prompt = unet_output(frozen, torch.cat([x_t, x_t]).to(frozen.dtype), torch.cat([t, t]),
+                                                torch.cat([empty, c_star]).to(frozen.dtype)).float().chunk(2)
             target = eps_empty - cfg.esd_eta * (eps_prompt - eps_empty)
         with self.accelerator.autocast():
-            prediction = self.unet(x_t, t, encoder_hidden_states=c_star).sample.float()
+            prediction = unet_output(self.unet, x_t, t, c_star).float()
         loss = F.mse_loss(prediction, target)
         return self.descend(loss, {"g_loss": loss.item()}, "esd")
 
@@ -120,13 +127,13 @@ class RgdTrainer(ErasureTrainer):
     def train_step(self) -> dict:
         cfg = self.config
         index = self._sample_index()
-        x_r, t_r, noise_r, c_r, c_f = self._batch(index, self.generator)
-        x_f, t_f, noise_f = self._noised(self.forget.sample(index, self.generator).to(self.device), self.generator)
+        x_r, t_r, target_r, c_r, c_f = self._batch(index, self.generator)
+        x_f, t_f, target_f = self._noised(self.forget.sample(index, self.generator).to(self.device), self.generator)
         # Separate passes, so that each of the two backward passes runs through its own batch only.
         with self.accelerator.autocast():
-            pred_f = self.unet(x_f, t_f, encoder_hidden_states=c_f).sample.float()
-            pred_r = self.unet(x_r, t_r, encoder_hidden_states=c_r).sample.float()
-        forget_loss, retain_loss = F.mse_loss(pred_f, noise_f), F.mse_loss(pred_r, noise_r)
+            pred_f = unet_output(self.unet, x_f, t_f, c_f).float()
+            pred_r = unet_output(self.unet, x_r, t_r, c_r).float()
+        forget_loss, retain_loss = F.mse_loss(pred_f, target_f), F.mse_loss(pred_r, target_r)
         truncated = 0 < cfg.rgd_truncation < forget_loss.item()
         # Ascend L_f unless it is already above m; in place, as G_f is a UNet's size (RGD trains the whole UNet).
         g_u = [g.zero_() if truncated else g.neg_() for g in self._grads(forget_loss, retain_graph=True)]
@@ -139,4 +146,4 @@ class RgdTrainer(ErasureTrainer):
                                         "fired": stats.fired.item()})
 
 
-TRAINERS = {"conabl": ConAblTrainer, "esd": EsdTrainer, "rgd": RgdTrainer}
+TRAINERS = {"conabl": ConAblTrainer, "esd": EsdTrainer, "rgd": RgdTrainer, "uce": UceTrainer, "spm": SpmTrainer}

@@ -4,7 +4,8 @@
 discriminator warm-up, then alternating discriminator and UNet (generator) updates. One DoCo iteration, on a batch of cached anchor latents z0 with noise ε and timesteps t:
   1. x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε; the trained UNet predicts for the target prompt c* ("fake") and, in the
      same forward pass, for the anchor prompt c. "Real" is the anchor prediction of the trained UNet
-     (paper) or of a frozen copy of the original UNet (authors' code).
+     (paper) or of a frozen copy of the original UNet (authors' code). D sees predictions as ε or x0 and L_r
+     regresses onto ε or v, as the UNet's `prediction_type` says (`doco_lib.methods.prediction`).
   2. After the warm-up: L_u = the generator term of eq. 8 (D should call the target prediction
      "anchor"), L_r = the diffusion loss on the anchor prediction; their gradients G_u, G_r are combined
      by `retain_mode` (none | l2 | cp, eq. 9) and applied by Adam.
@@ -34,9 +35,10 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 
+from doco_lib import costs, export
 from doco_lib.anchors import AnchorLatents
 from doco_lib.concepts import ConceptSpec
-from doco_lib.config import ParamsError
+from doco_lib.config import SCHEMA, ParamsError
 from doco_lib.errors import TrainingDiverged, TrainingDoesNotFit
 from doco_lib.io import (
     atomic_directory,
@@ -47,55 +49,83 @@ from doco_lib.io import (
     load_torch_checkpoint,
 )
 from doco_lib.methods.discriminator import GANLoss, NLayerDiscriminator
+from doco_lib.methods.prediction import Parameterization
 from doco_lib.methods.registry import FIDELITY_PRESETS, OPTIMIZERS, TRAINABLE
 from doco_lib.methods.split_gradients import SplitLinearGradients, bias_free_linears
 from doco_lib.methods.surgery import concept_preserving_gradient, restricted_gradient
-from doco_lib.models import pick_device
+from doco_lib.models import encode_prompts, pick_device, text_encoders, unconditional_conditioning, unet_output
+
+
+def _schema_default(key: str):
+    """The params schema's default of `key`, or the `paper` preset's where the schema leaves it to the preset;
+    lists as tuples (a dataclass default must not be mutable)."""
+    default = SCHEMA[key].default
+    default = FIDELITY_PRESETS["paper"][key] if default is None and key in FIDELITY_PRESETS["paper"] else default
+    return tuple(default) if isinstance(default, list) else default
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Settings of one erasure run; `method` picks DoCo or a baseline, the rest of the harness is shared."""
+    """Settings of one erasure run; `method` picks DoCo or a baseline, the rest of the harness is shared. Each
+    default is the params schema's (`doco_lib.config.SCHEMA`), where that is null the `paper` preset's."""
 
-    method: str = "doco"
-    iterations: int = 1000
-    warmup_iterations: int = 200
-    batch_size: int = 8
-    lr: float = 4e-6
-    disc_lr: float = 1e-4
-    retain_mode: str = "cp"
-    retain_weight: float = 1.0
-    surgery_lambda: float = 1.0
-    surgery_scope: str = "global"
-    projection: str = "exact"
-    add_retain_grad: bool = False
-    disc_input: str = "eps"
-    disc_real_source: str = "trained"
-    disc_layers: int = 5
-    disc_channels: int = 64
-    disc_norm: str = "batch"
-    disc_final_stride: int = 2
-    disc_beta1: float = 0.9
-    gan_mode: str = "vanilla"
-    max_grad_norm: float = 0.0
-    trainable: str = "cross_attention_kv"
-    checkpoint_every: int = 50
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
+    method: str = _schema_default("method")
+    iterations: int = _schema_default("iterations")
+    warmup_iterations: int = _schema_default("warmup_iterations")
+    batch_size: int = _schema_default("batch_size")
+    lr: float = _schema_default("lr")
+    disc_lr: float = _schema_default("disc_lr")
+    retain_mode: str = _schema_default("retain_mode")
+    retain_weight: float = _schema_default("retain_weight")
+    surgery_lambda: float = _schema_default("surgery_lambda")
+    surgery_scope: str = _schema_default("surgery_scope")
+    projection: str = _schema_default("projection")
+    add_retain_grad: bool = _schema_default("add_retain_grad")
+    disc_input: str = _schema_default("disc_input")
+    disc_real_source: str = _schema_default("disc_real_source")
+    disc_layers: int = _schema_default("disc_layers")
+    disc_channels: int = _schema_default("disc_channels")
+    disc_norm: str = _schema_default("disc_norm")
+    disc_final_stride: int = _schema_default("disc_final_stride")
+    disc_beta1: float = _schema_default("disc_beta1")
+    gan_mode: str = _schema_default("gan_mode")
+    max_grad_norm: float = _schema_default("max_grad_norm")
+    trainable: str = _schema_default("trainable")
+    checkpoint_every: int = _schema_default("checkpoint_every")
+    seed: int = _schema_default("seed")
+    mixed_precision: str = _schema_default("mixed_precision")
+    gradient_accumulation_steps: int = _schema_default("gradient_accumulation_steps")
+    gradient_checkpointing: bool = _schema_default("gradient_checkpointing")
     heldout_fraction: float = 0.1
-    esd_eta: float = 1.0
-    esd_steps: int = 50
-    esd_start_guidance: float = 3.0
-    conabl_variant: str = "model"
-    conabl_retain: bool = True
-    rgd_alpha: float = 1.6
-    rgd_truncation: float = 1.1
-    optimizer: str = "adam"
-    frozen_dtype: str = "auto"
-    attention: str = "sdpa"
-    compile_unet: bool = False
+    esd_eta: float = _schema_default("esd_eta")
+    esd_steps: int = _schema_default("esd_steps")
+    esd_start_guidance: float = _schema_default("esd_start_guidance")
+    conabl_variant: str = _schema_default("conabl_variant")
+    conabl_retain: bool = _schema_default("conabl_retain")
+    rgd_alpha: float = _schema_default("rgd_alpha")
+    rgd_truncation: float = _schema_default("rgd_truncation")
+    uce_code_version: int = _schema_default("uce_code_version")  # UCE (doco_lib/methods/uce.py)
+    uce_lambda: float = _schema_default("uce_lambda")
+    uce_erase_scale: float = _schema_default("uce_erase_scale")
+    uce_preserve_scale: float | None = _schema_default("uce_preserve_scale")
+    uce_preserve: tuple[str, ...] = _schema_default("uce_preserve")
+    spm_rank: int = _schema_default("spm_rank")  # SPM (doco_lib/methods/spm.py)
+    spm_alpha: float = _schema_default("spm_alpha")
+    spm_guidance: float = _schema_default("spm_guidance")
+    spm_anchor_strength: float = _schema_default("spm_anchor_strength")
+    spm_anchors: int = _schema_default("spm_anchors")
+    spm_anchor_batch: str = _schema_default("spm_anchor_batch")
+    spm_prompts: str = _schema_default("spm_prompts")
+    spm_denoising_steps: int = _schema_default("spm_denoising_steps")
+    spm_start_guidance: float = _schema_default("spm_start_guidance")
+    spm_lr_warmup: int = _schema_default("spm_lr_warmup")
+    spm_lr_cycles: int = _schema_default("spm_lr_cycles")
+    optimizer: str = _schema_default("optimizer")
+    frozen_dtype: str = _schema_default("frozen_dtype")
+    attention: str = _schema_default("attention")
+    compile_unet: bool = _schema_default("compile_unet")
+    export_lora: bool = _schema_default("export_lora")
+    lora_energy: float = _schema_default("lora_energy")
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainingConfig":
@@ -108,8 +138,9 @@ class TrainingConfig:
     def training_identity(self) -> dict:
         """Everything that shapes the trajectory; `iterations` may grow on resume, the rest may not."""
         identity = asdict(self)
-        for speed_only in ("iterations", "checkpoint_every", "attention", "compile_unet"):
-            identity.pop(speed_only)
+        for not_trajectory in ("iterations", "checkpoint_every", "attention", "compile_unet", "export_lora",
+                               "lora_energy"):
+            identity.pop(not_trajectory)
         return identity
 
 
@@ -153,12 +184,6 @@ def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return FROZEN_DTYPES[name]
-
-
-def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t for a batch of timesteps (a batched DDPM `pred_original_sample`)."""
-    a = alphas_cumprod[t].view(-1, 1, 1, 1).to(x_t.dtype)
-    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -233,7 +258,6 @@ class ErasureTrainer:
         with their target prompts; they join the retaining batch too, which keeps those targets drawn as their
         anchors while this run erases its own (under eq. 9, this run's unlearning may not undo them)."""
         from accelerate import Accelerator
-        from diffusers import DDPMScheduler
 
         self.config, self.spec, self.anchors = config, spec, anchors
         self.run_dir = Path(run_dir)
@@ -268,7 +292,8 @@ class ErasureTrainer:
             if self.frozen_unet is not None:
                 self.frozen_unet.compile()
         self.scheduler_config = pipe.scheduler.config
-        self.alphas_cumprod = DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod.to(self.device)
+        self.parameterization = Parameterization.of_scheduler(self.scheduler_config, self.device)
+        self.alphas_cumprod = self.parameterization.alphas_cumprod
 
         # Text embeddings of every anchor prompt and its target prompt, computed once (the encoder is frozen).
         unique = sorted(set(anchors.prompts))
@@ -276,7 +301,7 @@ class ErasureTrainer:
         self.prompt_pairs = [(p, target_prompts[p]) for p in unique] if target_prompts else spec.prompt_pairs(unique)
         self.anchor_embeddings = self._encode(pipe, [a for a, _ in self.prompt_pairs])
         self.target_embeddings = self._encode(pipe, [t for _, t in self.prompt_pairs])
-        self.empty_embedding = self._encode(pipe, [""])
+        self.empty_embedding = unconditional_conditioning(pipe)
         self.preservation, self.rehearsal = preservation, rehearsal
         # Each set joining the retaining batch: (images, index of each image's caption, caption embeddings).
         self.retained_sets = []
@@ -286,7 +311,8 @@ class ErasureTrainer:
                 self.retained_sets.append((images, torch.tensor([captions.index(p) for p in images.prompts]),
                                            self._encode(pipe, captions)))
         if self.device.type != "cpu":  # the embeddings are cached: training needs neither encoder on the GPU
-            pipe.text_encoder.to("cpu")
+            for encoder in text_encoders(pipe):
+                encoder.to("cpu")
             pipe.vae.to("cpu")
 
         split = torch.randperm(len(anchors), generator=torch.Generator().manual_seed(config.seed))
@@ -305,6 +331,7 @@ class ErasureTrainer:
         self.step = 0
         self.history: list[dict] = []
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
+        self.loop_cost = costs.LoopCost()  # wall time and peak memory of the iterations, kept in the checkpoint
         if self.checkpoint_path.exists():
             self._load_checkpoint()
 
@@ -317,18 +344,21 @@ class ErasureTrainer:
     def extra_state(self) -> dict:
         return {}
 
+    def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Further safetensors files `export` writes, name → tensors (DoCo's discriminator)."""
+        return {}
+
     def load_extra_state(self, state: dict) -> None:
         pass
 
     def train_step(self) -> dict:
         raise NotImplementedError
 
-    @torch.no_grad()
     def _encode(self, pipe, prompts: list[str]) -> torch.Tensor:
-        tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
-        encoder = pipe.text_encoder.to(self.device)
-        return torch.cat([encoder(chunk.to(self.device))[0] for chunk in tokens.split(64)]).float()
+        """The prompts' UNet conditioning (`doco_lib.models.encode_prompts`), encoded on the training device."""
+        for encoder in text_encoders(pipe):
+            encoder.to(self.device)
+        return encode_prompts(pipe, prompts)
 
     # ---------------------------------------------------------------- one iteration
     def _sample_index(self) -> torch.Tensor:
@@ -337,22 +367,23 @@ class ErasureTrainer:
                                               generator=self.generator)]
 
     def _noised(self, z0: torch.Tensor, generator: torch.Generator):
-        """(x_t, t, noise): `z0` noised at uniformly drawn timesteps, as in DDPM training."""
+        """(x_t, t, target): `z0` noised at uniformly drawn timesteps, as in DDPM training, and what the UNet should
+        output for it (the noise ε, or v for a v-prediction model)."""
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
         t = torch.randint(0, len(self.alphas_cumprod), (len(z0),), generator=generator).to(self.device)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, self.parameterization.target(z0, noise, t)
 
     def _batch(self, index: torch.Tensor, generator: torch.Generator):
-        x_t, t, noise = self._noised(self.anchors.sample(index, generator).to(self.device), generator)
+        x_t, t, target = self._noised(self.anchors.sample(index, generator).to(self.device), generator)
         prompts = self.prompt_index[index]
-        return x_t, t, noise, self.anchor_embeddings[prompts], self.target_embeddings[prompts]
+        return x_t, t, target, self.anchor_embeddings[prompts], self.target_embeddings[prompts]
 
-    def _retain_batch(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, c: torch.Tensor):
+    def _retain_batch(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, c: torch.Tensor):
         """The batch of the retaining loss: the anchor batch, plus as many preservation images when a
         preservation set is given, and as many rehearsal images when a rehearsal set is given (drawn after the
         anchor batch, so runs without them are unchanged)."""
-        batch = [(x_t, t, noise, c)]
+        batch = [(x_t, t, target, c)]
         for images, caption_index, embeddings in self.retained_sets:
             index = torch.randint(0, len(images), (len(x_t),), generator=self.generator)
             batch.append((*self._noised(images.sample(index, self.generator).to(self.device), self.generator),
@@ -425,14 +456,15 @@ class ErasureTrainer:
         until = self.config.iterations if until is None else min(until, self.config.iterations)
         bar = tqdm(total=until, initial=self.step, desc=self.method, unit="it",
                    disable=not (progress and self.accelerator.is_main_process))
-        while self.step < until:
-            started = time.perf_counter()
-            record = self.train_step()
-            record["seconds"] = time.perf_counter() - started  # wall time of the iteration, for run-time reports
-            bar.update(1)
-            bar.set_postfix({k: round(v, 3) for k, v in record.items() if isinstance(v, float)}, refresh=False)
-            if self.step % self.config.checkpoint_every == 0 or self.step == until:
-                self.save_checkpoint()
+        with self.loop_cost.session(self):
+            while self.step < until:
+                started = time.perf_counter()
+                record = self.train_step()
+                record["seconds"] = time.perf_counter() - started  # wall time of the iteration, for run-time reports
+                bar.update(1)
+                bar.set_postfix({k: round(v, 3) for k, v in record.items() if isinstance(v, float)}, refresh=False)
+                if self.step % self.config.checkpoint_every == 0 or self.step == until:
+                    self.save_checkpoint()
         bar.close()
         return self.history
 
@@ -447,7 +479,8 @@ class ErasureTrainer:
         state = {"trainable": {n: p.detach().cpu() for n, p in self.params.items()},
                  "opt_g": self.opt_g.state_dict(), "step": self.step,
                  "generator": generators, "history": json.dumps(self.history),
-                 "identity": json.dumps(self.identity(), sort_keys=True), **self.extra_state()}
+                 "identity": json.dumps(self.identity(), sort_keys=True), "loop_cost": self.loop_cost.to_json(),
+                 **self.extra_state()}
         atomic_torch_save(state, self.checkpoint_path)
         self.write_history()
 
@@ -487,6 +520,7 @@ class ErasureTrainer:
         self.generator.set_state(generators[self.accelerator.process_index].clone())  # set_state crashes on a view
         self.step = state["step"]
         self.history = json.loads(state["history"])
+        self.loop_cost.load(state.get("loop_cost"))
 
     def write_history(self) -> Path:
         import pandas as pd
@@ -496,12 +530,18 @@ class ErasureTrainer:
         return path
 
     def export(self, base_model: str) -> dict[str, Path]:
-        """The erased UNet in diffusers format and the weight delta (safetensors), with metadata; each written
-        atomically, so a UNet folder with a config.json is always complete. Only the main process writes; the
-        others return the paths at once (a caller of several processes waits for everyone before reading)."""
+        """The erased UNet in diffusers format and the weight delta (safetensors), with metadata, and the
+        `extra_exports` (and with `export_lora` the delta as a LoRA in `lora/`, doco_lib/export.py); each written
+        atomically, so a UNet folder with a config.json is always complete; then the run's cost record
+        (`costs.training_record`) and its model card (README.md). Only the main process writes; the others return the
+        paths at once (a caller of several processes waits for everyone before reading)."""
         from safetensors.torch import save
 
         unet_dir, delta_path = self.run_dir / "unet", self.run_dir / "delta.safetensors"
+        extras = self.extra_exports()
+        paths = {"unet": unet_dir, "delta": delta_path, **{name: self.run_dir / f"{name}.safetensors" for name in extras}}
+        if self.config.export_lora:
+            paths["lora"] = self.run_dir / "lora"
         if self.accelerator.is_main_process:  # every process holds the same weights
             with atomic_directory(unet_dir) as tmp:
                 self.unet.save_pretrained(tmp, safe_serialization=True)
@@ -511,7 +551,15 @@ class ErasureTrainer:
                         "config": json.dumps(asdict(self.config))}
             atomic_write_bytes(save(delta, metadata=metadata), delta_path)
             atomic_save_json(metadata, self.run_dir / "erasure.json")
-        return {"unet": unet_dir, "delta": delta_path}
+            for name, tensors in extras.items():
+                atomic_write_bytes(save({k: v.contiguous() for k, v in tensors.items()}), paths[name])
+            if self.config.export_lora:
+                keep = ("base_model", "method", "target", "anchor", "kind", "trainable")
+                export.write_lora(export.decompose(self.unet, delta, self.config.lora_energy), paths["lora"],
+                                  metadata={k: metadata[k] for k in keep})
+            costs.write_training_record(self, paths)
+            export.write_model_card(self.run_dir)
+        return paths
 
 
 class DocoTrainer(ErasureTrainer):
@@ -552,9 +600,10 @@ class DocoTrainer(ErasureTrainer):
             self.accelerator.scaler.load_state_dict(state["scaler"])
 
     def _disc_view(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What D sees of a UNet output: the noise ε it stands for (`disc_input: eps`) or the clean latent x0."""
         if self.config.disc_input == "x0":
-            return predicted_x0(x_t, prediction.float(), self.alphas_cumprod, t)
-        return prediction.float()
+            return self.parameterization.x0(prediction.float(), x_t, t)
+        return self.parameterization.eps(prediction.float(), x_t, t)
 
     def _discriminate(self, view: torch.Tensor) -> torch.Tensor:
         """D's logits in float32, D run under the mixed precision of the run."""
@@ -573,21 +622,21 @@ class DocoTrainer(ErasureTrainer):
         self.opt_d.zero_grad(set_to_none=True)
         for _ in range(accumulate):
             index = self._sample_index()
-            x_t, t, noise, c, c_star = self._batch(index, self.generator)
+            x_t, t, target, c, c_star = self._batch(index, self.generator)
             self.unet.train(adversarial)
             retain_prediction = None
             if not adversarial:
                 with torch.no_grad(), self.accelerator.autocast():
-                    fake = self.unet(x_t, t, encoder_hidden_states=c_star).sample
+                    fake = unet_output(self.unet, x_t, t, c_star)
             else:
                 # L_r's batch: the anchor batch first (sharing x_t and t with the target's), then preservation.
-                x_r, t_r, noise_r, c_r = self._retain_batch(x_t, t, noise, c)
+                x_r, t_r, target_r, c_r = self._retain_batch(x_t, t, target, c)
                 fake, retain_prediction = self._generator_predictions(x_t, t, c_star, x_r, t_r, c_r)
             real = self._real_prediction(x_t, t, c, retain_prediction)
             if adversarial:
                 # Generator term of eq. 8 with the current D: make the target prediction look like the anchor's.
                 g_loss = self.gan_loss(self._discriminate(self._disc_view(fake, x_t, t)), True)
-                retain_loss = F.mse_loss(retain_prediction.float(), noise_r)
+                retain_loss = F.mse_loss(retain_prediction.float(), target_r)
                 g_u, g_r = self._grads_for_mode(g_loss, retain_loss, len(x_t))
                 g_u_sum = g_u if g_u_sum is None else [a + b for a, b in zip(g_u_sum, g_u)]
                 if g_r is not None:
@@ -624,8 +673,7 @@ class DocoTrainer(ErasureTrainer):
                  "opt_g": copy.deepcopy(self.opt_g.state_dict()), "step": self.step, "history": len(self.history),
                  "generator": self.generator.get_state(), "training": self.unet.training,
                  **copy.deepcopy(self.extra_state())}
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        costs.reset_peak()  # open cost meters keep the peaks so far
         failure = None
         try:
             with torch.random.fork_rng(devices=[self.device] if cuda else []):
@@ -664,12 +712,11 @@ class DocoTrainer(ErasureTrainer):
         """D's "real" sample: the frozen original's prediction for the anchor prompt, or the trained UNet's."""
         if self.frozen_unet is not None:
             with torch.no_grad(), self.accelerator.autocast():
-                return self.frozen_unet(x_t.to(self.frozen_unet.dtype), t,
-                                        encoder_hidden_states=c.to(self.frozen_unet.dtype)).sample
+                return unet_output(self.frozen_unet, x_t.to(self.frozen_unet.dtype), t, c.to(self.frozen_unet.dtype))
         if retain_prediction is not None:
             return retain_prediction[: len(x_t)]
         with torch.no_grad(), self.accelerator.autocast():
-            return self.unet(x_t, t, encoder_hidden_states=c).sample
+            return unet_output(self.unet, x_t, t, c)
 
     def _generator_predictions(self, x_t, t, c_star, x_r, t_r, c_r):
         """The trained UNet's predictions for the target batch (L_u) and the retaining batch (L_r): one pass over
@@ -677,13 +724,12 @@ class DocoTrainer(ErasureTrainer):
         its own part of the work only."""
         if self.joint is not None:
             with self.joint.recording(), self.accelerator.autocast():
-                both = self.unet(torch.cat([x_t, x_r]), torch.cat([t, t_r]),
-                                 encoder_hidden_states=torch.cat([c_star, c_r])).sample
+                both = unet_output(self.unet, torch.cat([x_t, x_r]), torch.cat([t, t_r]), torch.cat([c_star, c_r]))
             return both[: len(x_t)], both[len(x_t):]
         with self.accelerator.autocast():
-            fake = self.unet(x_t, t, encoder_hidden_states=c_star).sample
+            fake = unet_output(self.unet, x_t, t, c_star)
         with torch.set_grad_enabled(self.config.retain_mode != "none"), self.accelerator.autocast():
-            return fake, self.unet(x_r, t_r, encoder_hidden_states=c_r).sample
+            return fake, unet_output(self.unet, x_r, t_r, c_r)
 
     def _grads_for_mode(self, g_loss, retain_loss, split: int):
         """(G_u, G_r) for cp and rgd; (the one gradient, None) for none and l2."""
@@ -721,16 +767,9 @@ class DocoTrainer(ErasureTrainer):
         self.apply_update(update)
         return stats
 
-    def export(self, base_model: str) -> dict[str, Path]:
-        """The erased UNet and delta, plus the discriminator (safetensors)."""
-        from safetensors.torch import save
-
-        paths = super().export(base_model)
-        paths["discriminator"] = self.run_dir / "discriminator.safetensors"
-        if self.accelerator.is_main_process:
-            state = self.discriminator.state_dict()
-            atomic_write_bytes(save({k: v.contiguous() for k, v in state.items()}), paths["discriminator"])
-        return paths
+    def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The discriminator, exported beside the erased UNet and delta."""
+        return {"discriminator": self.discriminator.state_dict()}
 
     # ---------------------------------------------------------------- discriminator diagnostics
     @torch.no_grad()
@@ -750,8 +789,8 @@ class DocoTrainer(ErasureTrainer):
             noise = torch.randn(z0.shape, generator=generator).to(self.device)
             a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            real = unet(x_t.to(unet.dtype), t, encoder_hidden_states=c.to(unet.dtype)).sample.float()
-            fake = self.unet(x_t, t, encoder_hidden_states=c_star).sample
+            real = unet_output(unet, x_t.to(unet.dtype), t, c.to(unet.dtype)).float()
+            fake = unet_output(self.unet, x_t, t, c_star)
             d_real = self._discriminate(self._disc_view(real, x_t, t))
             d_fake = self._discriminate(self._disc_view(fake, x_t, t))
             accuracy = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item()

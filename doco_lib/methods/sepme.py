@@ -23,6 +23,10 @@ DDPM timestep drawn ESD-style (a DDIM index in [0, ddim_steps), then t uniformly
 
     d_orig = ε_θ0(x_t, c) − ε_θ0(x_t, ∅)      (original model, no gradient)
     d_new  = ε_θ(x_t, c)  − ε_θ(x_t, ∅)       (with the increment)
+
+(ε: the noise the UNet's output stands for; a v-prediction model's output v gives ε = √ᾱ_t v + √(1−ᾱ_t) x_t, so
+its directions are √ᾱ_t (v(x_t, c) − v(x_t, ∅)); ∅ is the conditioning the pipeline guides against: the empty
+prompt's, zeros on SDXL)
     L = mean(d_new ⊙ d_orig) + β · mean over layers of ‖ΔW‖₁
 
 drives the concept's direction to be uncorrelated with (or opposite to) the original one, with an L1
@@ -70,13 +74,18 @@ from doco_lib.anchors import AnchorLatents
 from doco_lib.config import ParamsError
 from doco_lib.io import CorruptFileError, atomic_directory, atomic_save_json, atomic_write_bytes
 from doco_lib.methods.harness import TrainingDiverged, select_trainable
+from doco_lib.methods.prediction import Parameterization
 from doco_lib.models import (
     ModelLoadError,
     check_model_reference,
     check_safetensors_only,
+    encode_prompts,
     is_toy,
     pick_device,
     resolve_model,
+    text_encoders,
+    unconditional_conditioning,
+    unet_inputs,
 )
 
 METHOD = "sepme"
@@ -84,19 +93,10 @@ LAYERS = "cross_attention_kv"  # the K/V matrices of every cross-attention layer
 
 
 # ------------------------------------------------------------------------------------------ null space
-@torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder `last_hidden_state` of each prompt, (len(prompts), tokens, d) float32, padded to the
-    tokenizer's full length exactly as the pipeline pads prompts when it samples."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return encoder(ids.to(encoder.device))[0].float()
-
-
 def token_rows(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """All token rows of the prompts' embeddings stacked, (tokens·len(prompts), d): the rows K/V layers see."""
-    embeddings = encode_prompts(pipe, prompts)
+    """All token rows of the prompts' embeddings stacked, (tokens·len(prompts), d): the rows K/V layers see (the
+    text encoder's hidden states; SDXL's pooled embedding and time ids do not reach K/V)."""
+    embeddings = unet_inputs(pipe.unet, encode_prompts(pipe, list(prompts)))["encoder_hidden_states"]
     return embeddings.reshape(-1, embeddings.shape[-1])
 
 
@@ -248,8 +248,6 @@ class SepMETrainer:
 
     def __init__(self, pipe, latents: AnchorLatents, against: Sequence[str], config: SepMEConfig = SepMEConfig(),
                  device: torch.device | str = "cpu"):
-        from diffusers import DDPMScheduler
-
         self.config, self.latents, self.against = config, latents, list(against)
         self.device = torch.device(device)
         self.prompts = sorted(set(latents.prompts))
@@ -257,14 +255,16 @@ class SepMETrainer:
         if clash:
             raise ParamsError(f"SepME: {clash} is both a prompt of the concept's images and a prompt to decouple "
                               "against; its token rows would be in the null space, so it could not be erased.")
-        pipe.text_encoder.to(self.device)
+        for encoder in text_encoders(pipe):
+            encoder.to(self.device)
         self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)
-        self.alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(self.device)
+        self.parameterization = Parameterization.of_scheduler(pipe.scheduler.config, self.device)
+        self.alphas_cumprod = self.parameterization.alphas_cumprod
 
         # Text embeddings, computed once (the encoder is frozen): the concept's prompts, "" and the basis.
         self.prompt_embeddings = encode_prompts(pipe, self.prompts)
         self.prompt_index = torch.tensor([self.prompts.index(p) for p in latents.prompts])
-        self.empty_embedding = encode_prompts(pipe, [""])
+        self.empty_embedding = unconditional_conditioning(pipe)
         basis = decoupling_basis(pipe, self.against, config.rtol)
         self.null_space_dim = len(basis)
         if config.max_base is not None:
@@ -307,9 +307,9 @@ class SepMETrainer:
         """ε(x_t, c) − ε(x_t, ∅), conditional and unconditional rows in one batch, with or without increments."""
         empty = self.empty_embedding.expand_as(c)
         args = (torch.cat([x_t, x_t]), torch.cat([t, t]))
-        kwargs = dict(encoder_hidden_states=torch.cat([c, empty]))
-        eps = (edited_forward(self.unet, deltas, *args, **kwargs) if deltas else self.unet(*args, **kwargs)).sample
-        cond, uncond = eps.float().chunk(2)
+        kwargs = unet_inputs(self.unet, torch.cat([c, empty]))
+        output = (edited_forward(self.unet, deltas, *args, **kwargs) if deltas else self.unet(*args, **kwargs)).sample
+        cond, uncond = self.parameterization.eps(output.float(), *args).chunk(2)
         return cond - uncond
 
     def losses(self, x_t, t, c) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from doco_lib import config
 from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.io import atomic_write_bytes, atomic_write_text
+from doco_lib.methods.prediction import Parameterization
 from doco_lib.models import is_toy, load_judge, load_pipeline, pick_device
 from doco_lib.sampling import initial_latents
 from doco_lib.studies.runs import concept
@@ -311,8 +312,6 @@ def soft_attack(pipe, judge: Judge, start_prompt: str, latents: torch.Tensor, vo
                 settings: AttackSettings, generator: torch.Generator) -> Attempt:
     """Optimise appended token embeddings δ against the erased model's diffusion loss on target images
     `latents` of the original model (UnlearnDiffAtk), then generate with P ⊕ δ and judge."""
-    from diffusers import DDPMScheduler
-
     tokenizer, unet, encoder = pipe.tokenizer, pipe.unet, pipe.text_encoder
     device = unet.device
     prompt = word_ids(tokenizer, start_prompt)
@@ -322,18 +321,20 @@ def soft_attack(pipe, judge: Judge, start_prompt: str, latents: torch.Tensor, vo
     start = vocabulary[torch.randint(len(vocabulary), (settings.tokens,), generator=generator)]
     delta = torch.nn.Parameter(table[start.to(table.device)].detach().clone().float())
     optimizer = torch.optim.Adam([delta], lr=settings.soft_lr)
-    alphas = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(device)
+    parameterization = Parameterization.of_scheduler(pipe.scheduler.config, device)  # ε or v, as the UNet predicts
+    alphas = parameterization.alphas_cumprod
 
     def noisy_batch(z0: torch.Tensor, t: torch.Tensor):
+        z0, t = z0.to(device), t.to(device)
         noise = torch.randn(z0.shape, generator=generator).to(device)
-        a = alphas[t.to(device)].view(-1, 1, 1, 1)
-        return a.sqrt() * z0.to(device) + (1 - a).sqrt() * noise, t.to(device), noise
+        a = alphas[t].view(-1, 1, 1, 1)
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, parameterization.target(z0, noise, t)
 
     def loss_on(batch) -> torch.Tensor:
-        x_t, t, noise = batch
+        x_t, t, target = batch
         with soft_tokens(encoder, slots, delta):
             condition = encoder(ids)[0].expand(len(x_t), -1, -1)
-        return F.mse_loss(unet(x_t, t, encoder_hidden_states=condition.to(unet.dtype)).sample.float(), noise.float())
+        return F.mse_loss(unet(x_t, t, encoder_hidden_states=condition.to(unet.dtype)).sample.float(), target.float())
 
     unet.requires_grad_(False)
     encoder.requires_grad_(False)
