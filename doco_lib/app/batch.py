@@ -6,7 +6,8 @@ concept and notebook: status (pending / running / done / failed), times, the par
 and for a failure the exception and the cell. Rerunning the same command skips notebooks that are done
 with the same params hash, reruns failed or changed ones, and lets training resume from its checkpoint.
 One concept failing never stops the others. `write_report` (`doco report`, also run at the end of every
-`doco batch`) gathers the statuses, durations and every concept's evaluation tables into `report.md`.
+`doco batch`) gathers the statuses, durations, every concept's evaluation tables and its cost records
+(`doco_lib.costs`) into `report.md`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from pathlib import Path
 import yaml
 
 from doco_lib import config
-from doco_lib.app.notebooks import REPO_ROOT, notebook_path
+from doco_lib.app.notebooks import REPO_ROOT, execute_notebook, notebook_path
+from doco_lib.evaluation.costs_table import phase_markdown
 from doco_lib.io import WRITE_LOCK_STALE_AFTER_S, atomic_save_json, atomic_write_text, exclusive_lock, run_lock
 
-BATCH_NOTEBOOKS = ("01_data_preparation", "02_discriminator_warmup", "03_adversarial_training", "04_evaluation")
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "papermill")
 
 
@@ -113,10 +114,9 @@ def _resolve(params_file: Path, run_id: str, output_root: Path, device: str | No
     return config.load_params(params_file, values)
 
 
-def run_concept(params_file: Path, run_id: str, output_root: Path, manifest: Manifest, notebooks=BATCH_NOTEBOOKS,
+def run_concept(params_file: Path, run_id: str, output_root: Path, manifest: Manifest, notebooks=config.BATCH_NOTEBOOKS,
                 force: bool = False, device: str | None = None, save=lambda: None, overrides: dict | None = None) -> bool:
     """Run one concept's notebooks in order, recording each in the manifest; returns success."""
-    import papermill
     from papermill.exceptions import PapermillExecutionError
 
     name = params_file.stem
@@ -143,9 +143,7 @@ def run_concept(params_file: Path, run_id: str, output_root: Path, manifest: Man
                           cell=None)
             save()
             try:
-                papermill.execute_notebook(str(notebook_path(notebook)), str(target),
-                                           parameters=config.notebook_params(resolved, notebook), kernel_name="python3",
-                                           cwd=os.getcwd(), progress_bar=False)
+                execute_notebook(notebook_path(notebook), target, config.notebook_params(resolved, notebook))
             except PapermillExecutionError as error:
                 record.update(status="failed", ended=time.time(), error=f"{error.ename}: {error.evalue}",
                               cell=error.exec_count)
@@ -162,7 +160,7 @@ def run_concept(params_file: Path, run_id: str, output_root: Path, manifest: Man
 
 
 def run_batch(inputs: list[str], run_id: str, output_root: Path = Path("outputs"), jobs: int = 1,
-              force: bool = False, device: str | None = None, notebooks=BATCH_NOTEBOOKS,
+              force: bool = False, device: str | None = None, notebooks=config.BATCH_NOTEBOOKS,
               overrides: dict | None = None) -> list[str]:
     """Run every concept; returns one line per failed concept (empty: all succeeded)."""
     files = expand_params_files(inputs)
@@ -273,7 +271,8 @@ def _cell(text) -> str:
 
 def write_report(run_folder: Path) -> Path:
     """`<run_folder>/report.md`: the batch's environment, each concept's status and per-notebook durations from
-    the manifest, then every table of `REPORT_TABLES` each concept has written. Written atomically; concept
+    the manifest, then every table of `REPORT_TABLES` each concept has written, then each concept's cost records
+    (`costs_table.phase_markdown`). Written atomically; concept
     folders are found next to the manifest, so a moved run folder still reports."""
     run_folder = Path(run_folder)
     manifest_path = run_folder / "manifest.json"
@@ -322,6 +321,13 @@ def write_report(run_folder: Path) -> Path:
             lines.append(f"No evaluation tables yet (status: {entry.get('status', 'pending')}).")
         for title, path in found:
             lines += [f"**{title}** (`{path.relative_to(run_folder)}`)", "", _table_markdown(path), ""]
+
+    lines += ["", "## Costs", "", "Per concept, every phase's cost record (`doco_lib.costs`): wall time, peak memory "
+              "(GPU allocated, else the process's resident set), and for training (written by the harness at export; "
+              "it spans notebook 02's warmup and notebook 03's adversarial phases) the parameters trained and "
+              "changed and the bytes stored."]
+    for name in concepts:
+        lines += ["", f"### {name}", "", phase_markdown(run_folder / name) or "No cost records yet."]
     report = run_folder / "report.md"
     atomic_write_text("\n".join(lines).rstrip() + "\n", report)
     return report

@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from doco_lib.app.batch import BATCH_NOTEBOOKS, Manifest, run_batch, run_concept, write_report
+from doco_lib import config, costs
+from doco_lib.app.batch import Manifest, run_batch, run_concept, write_report
 from doco_lib.app.notebooks import run_notebooks
 from doco_lib.config import check_value, load_params, parse_overrides, run_dir, write_resolved
 from doco_lib.errors import DocoError, ParamsError
 from doco_lib.evaluation import tables
+from doco_lib.export import FORMATS, export_from_folders, judged_comparison, record_judged
 from doco_lib.figures import save_images
 from doco_lib.io import atomic_write_text, run_lock
 from doco_lib.methods.harness import is_main_process, process_device, wait_for_everyone
@@ -72,7 +74,7 @@ def _cmd_run(args) -> None:
     params_file = Path(args.params)
     manifest = Manifest(Path(args.output_root) / args.run_id / "manifest.json")
     ok = run_concept(params_file, args.run_id, Path(args.output_root), manifest,
-                     tuple(args.notebooks or BATCH_NOTEBOOKS), args.force, args.device,
+                     tuple(args.notebooks or config.BATCH_NOTEBOOKS), args.force, args.device,
                      lambda: manifest.save_concept(params_file.stem), parse_overrides(args.set))
     if not ok:
         raise SystemExit(f"doco: error: {params_file.stem}: {manifest.concept(params_file.stem).get('error')}")
@@ -80,7 +82,7 @@ def _cmd_run(args) -> None:
 
 def _cmd_batch(args) -> None:
     failures = run_batch(args.params, args.run_id, Path(args.output_root), args.jobs, args.force, args.device,
-                         tuple(args.notebooks or BATCH_NOTEBOOKS), parse_overrides(args.set))
+                         tuple(args.notebooks or config.BATCH_NOTEBOOKS), parse_overrides(args.set))
     manifest = Path(args.output_root) / args.run_id / "manifest.json"
     if failures:
         raise SystemExit("doco: batch finished with failures:\n" + "\n".join(f"  {line}" for line in failures) +
@@ -123,7 +125,8 @@ def _cmd_train(args) -> None:
             write_resolved(params, run_dir(params))
         pipe = runs.starting_pipeline(params)
         if main:
-            runs.prepare_anchors(params, pipe)
+            with costs.phase("anchors", run_dir(params)):
+                runs.prepare_anchors(params, pipe)
         wait_for_everyone()  # the anchor latents are complete
         trainer = runs.make_trainer(params, pipe)
         trainer.run(progress=not args.quiet)
@@ -154,6 +157,27 @@ def _cmd_compose(args) -> None:
     """SepME: the base UNet with the chosen concepts' increments added, the others left out (restored)."""
     out = compose_to_folder(args.base, Path(args.increments), args.erase, Path(args.out), device=args.device)
     print(f"wrote the UNet with {args.erase} erased to {out} (use it with doco sample --unet {out})")
+
+
+def _cmd_export_lora(args) -> None:
+    """An erased UNet's weight change as a LoRA (diffusers and/or kohya), judged against the full weights."""
+    if args.judge and args.samples < 1:
+        raise ParamsError(f"--samples: {args.samples} images per prompt set; expected at least 1.")
+    report = export_from_folders(args.unet, args.model, args.out, args.energy, args.format)
+    print(f"{report['layers']} layers, rank {report['rank_min']}-{report['rank_max']} (mean {report['rank_mean']:.1f}) "
+          f"at {100 * args.energy:g}% of each layer's change energy; "
+          + ", ".join(f"{name} {size / 1024:.1f} KiB" for name, size in report["files"].items()))
+    if report["left_out"]:
+        print(f"left out (no LoRA form): {len(report['left_out'])} tensors, "
+              f"{100 * report['left_out_energy_share']:.3f}% of the change's energy")
+    if args.judge:
+        if "target" not in report:
+            raise ParamsError(f"--judge: no erasure.json beside {args.unet} names the erased concept.")
+        table = judged_comparison(args.model, args.unet, args.out, report["target"], args.samples, seed=args.seed,
+                                  device=args.device)
+        record_judged(Path(args.out), table, args.samples)
+        print(table.round(1).to_string())
+    print(f"written to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     composer.add_argument("--out", required=True, help="where to write the composed diffusers UNet folder")
     composer.add_argument("--device", default="cpu", help="where to add the increments (default: cpu)")
     composer.set_defaults(func=_cmd_compose)
+
+    lora = commands.add_parser("export-lora", help="an erased UNet's weight change as a LoRA (truncated SVD per "
+                               "layer): diffusers/PEFT and kohya (A1111, ComfyUI) files, report and model card")
+    lora.add_argument("--unet", required=True, help="the erased UNet folder (e.g. outputs/toy_world/doco/unet)")
+    lora.add_argument("--model", required=True, help="its base model: 'toy', a pipeline folder or a hub id")
+    lora.add_argument("--out", required=True, help="the LoRA folder to write")
+    lora.add_argument("--energy", type=float, default=0.99,
+                      help="share of each layer's change energy (sum of squared singular values) to keep")
+    lora.add_argument("--format", choices=FORMATS, default="both")
+    lora.add_argument("--judge", action="store_true", help="toy world: judge the LoRA's erasure against the full "
+                      "weights on every toy shape (slow: 3 models x 9 prompt sets)")
+    lora.add_argument("--samples", type=int, default=64, help="images per prompt set for --judge")
+    lora.add_argument("--seed", type=int, default=0)
+    lora.add_argument("--device", default="cpu")
+    lora.set_defaults(func=_cmd_export_lora)
 
     demo = commands.add_parser("demo", help="run the numbered notebooks for one params file (default: the toy world "
                                "end to end, notebooks 00-04; 01-04 on a real model)")

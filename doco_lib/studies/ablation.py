@@ -1,8 +1,9 @@
 """The ablation study and the method comparison (paper Tables 1 and 3), over several seeds.
 
 Each (variant, seed) is an ordinary run under `<run>/ablation/<variant>_s<seed>/`, trained through the
-same harness as `doco train`; a finished run (its UNet exported) is never retrained, and an interrupted
-one resumes from its checkpoint — in both cases only with the same settings, else the run is refused.
+same harness as `doco train`, which records each run's cost (`doco_lib.costs`); a finished run (its UNet
+exported) is never retrained, and an interrupted one resumes from its checkpoint — in both cases only with
+the same settings, else the run is refused.
 Sequential multi-concept erasure chains runs: stage k starts from the UNet of stage k−1 (`base_unet`)
 and, with `sequential_keep_erased`, retains the earlier targets as erased, so that it cannot quietly undo
 them; multi-concept runs use `multi_concept_model`, and a run erasing several targets at once is long
@@ -17,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from doco_lib import config
+from doco_lib import config, costs
 from doco_lib.concepts import ConceptSpec, read_prompt_file
 from doco_lib.config import parse_stage
 from doco_lib.io import atomic_save_json, atomic_write_text, slug
@@ -73,10 +74,11 @@ def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None,
     if concepts:
         trainer = runs.make_multi_concept_trainer(run, concepts, pipe)
     else:
-        runs.prepare_anchors(run, pipe)
+        with costs.phase("anchors", config.run_dir(run)) as cost:  # a cached seed's images are only linked
+            cost["images"] = len(runs.prepare_anchors(run, pipe))
         trainer = runs.make_trainer(run, pipe, rehearse)
     trainer.run(progress=False)
-    exported = trainer.export(base_model=run["model"])["unet"]
+    exported = trainer.export(base_model=run["model"])["unet"]  # with its cost record, costs/training.json
     atomic_save_json(identity, record)
     return exported
 
@@ -126,10 +128,27 @@ def train_sepme(params: dict, seeds: list[int]) -> list[dict]:
     for seed in seeds:
         run = {**params, "seed": seed, "output_root": str(config.run_dir(params) / "ablation"),
                "run_name": f"sepme_s{seed}"}
-        sepme_study.train_increments(run, pipe, progress=False, concepts=[params["target"]])
+        trained = sepme_study.train_increments(run, pipe, progress=False, concepts=[params["target"]])
         composed = sepme_study.compose_subsets(run, chosen=[(params["target"],)])
-        rows.append({"variant": SEPME, "seed": seed, "unet": composed.unet.iloc[0], "model": params["sepme_model"]})
+        unet = Path(composed.unet.iloc[0])
+        _write_sepme_cost(trained.iloc[0], sepme_study.increment_path(run, params["target"]), unet, pipe.unet)
+        rows.append({"variant": SEPME, "seed": seed, "unet": str(unet), "model": params["sepme_model"]})
     return rows
+
+
+def _write_sepme_cost(summary: pd.Series, increment: Path, unet: Path, base_unet) -> None:
+    """SepME's increments are trained outside the harness: their cost record, in the harness's layout
+    (`costs/training.json` beside the composed UNet), from what `train_increments` measured."""
+    cost = summary.get("cost")
+    if not isinstance(cost, dict):  # an increment trained before costs were recorded
+        return
+    record = {"phase": "training", "method": "sepme", "trainable": "sepme increment (K/V)",
+              "iterations": int(summary["steps"]), "measured_iterations": int(summary["steps"]), "sessions": 1,
+              **{k: cost[k] for k in ("seconds", "peak_gpu_bytes", "peak_gpu_reserved_bytes", "peak_rss_bytes",
+                                      "peak_rss_scope", "machine", "trainable_params", "changed_params")},
+              "unet_params": sum(p.numel() for p in base_unet.parameters()),
+              "stored_bytes": {"delta": costs.stored_bytes(increment), "unet": costs.stored_bytes(unet)}}
+    atomic_save_json(record, unet.parent / "costs" / "training.json")
 
 
 def stage_preservation_prompts(params: dict, stages: list[str], k: int) -> list[str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from doco_lib import config
+from doco_lib import config, export
 from doco_lib.anchors import MANIFEST, AnchorLatents, cache_is_complete, load_anchor_latents, prepare_anchor_latents
 from doco_lib.concepts import ConceptSpec, read_preservation_file, read_prompt_file
 from doco_lib.evaluation.cache import model_caches
@@ -185,6 +185,9 @@ def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]
     if params["method"] == "rgd":
         raise config.ParamsError("method: rgd brings its own forget/retain prompt twins; erase several concepts with "
                                  "it through its slots file instead.")
+    if params["method"] in ("uce", "spm"):  # they erase the spec's target word, one concept per run here
+        raise config.ParamsError(f"method: {params['method']} erases one concept per run in this harness; erase "
+                                 "several sequentially (each run's base_unet the previous run's UNet).")
     stages, pairs = [], {}
     for target, anchor, prompt_file in concepts:  # every concept checked before any image is generated
         stage, spec, prompts = concept_of_several(params, target, anchor, prompt_file)
@@ -236,7 +239,7 @@ def evaluated_models(params: dict) -> list:
             raise config.ParamsError(f"eval_models: {unet!r} is not a trained UNet folder (no config.json); run "
                                      "notebook 03 first or list existing erased models.")
     base = EvaluatedModel("SD base" if params["model"] != "toy" else "toy base")
-    names = {"doco": "DoCo", "esd": "ESD", "conabl": "ConAbl"}
+    names = {"doco": "DoCo", "esd": "ESD", "conabl": "ConAbl", "uce": "UCE", "spm": "SPM"}
     labels = [f"{names[Path(u).parent.name]} ({Path(u).parent.parent.name})" if Path(u).parent.name in names
               else Path(u).name for u in unets]
     erased = [EvaluatedModel(label if labels.count(label) == 1 else str(u), u, list(params["erased_concepts"]))
@@ -257,11 +260,35 @@ def image_caches(params: dict, models: list) -> dict:
 
 
 def run_evaluation(params: dict, judge=None):
+    """`evaluate` the base model and `evaluated_models`; each erased model's measured table also goes into the
+    model card beside its UNet folder (`record_in_model_cards`)."""
     clip = str(toy_weights_dir() / "eval_clip") if params["clip_model"] == "toy" else params["clip_model"]
-    return evaluate(params["model"], evaluated_models(params), list(params["eval_concepts"]),
-                    cache_dir=image_cache_dir(params), clip_model=clip,
-                    template_set=params["eval_templates"], n_templates=params["n_templates"],
-                    images_per_template=params["images_per_template"], steps=params["num_inference_steps"],
-                    guidance=params["guidance_scale"], seed=params["seed"], device=params["device"],
-                    clip_score_definition=params["clip_score_definition"], fid_features=params["fid_features"],
-                    judge=judge, sample_batch_size=params["sample_batch_size"] or None)
+    models = evaluated_models(params)
+    results, timing = evaluate(params["model"], models, list(params["eval_concepts"]),
+                               cache_dir=image_cache_dir(params), clip_model=clip,
+                               template_set=params["eval_templates"], n_templates=params["n_templates"],
+                               images_per_template=params["images_per_template"],
+                               steps=params["num_inference_steps"], guidance=params["guidance_scale"],
+                               seed=params["seed"], device=params["device"],
+                               clip_score_definition=params["clip_score_definition"],
+                               fid_features=params["fid_features"], judge=judge,
+                               sample_batch_size=params["sample_batch_size"] or None)
+    record_in_model_cards(params, results, models)
+    return results, timing
+
+
+def record_in_model_cards(params: dict, results, models: list) -> None:
+    """For each erased model exported with a model card (`erasure.json` beside its UNet folder): its measured
+    values beside the base model's, one row per concept and metric, rewritten into the card."""
+    base = models[0].label
+    for model in models[1:]:
+        erasure_dir = Path(model.unet).parent
+        if not (erasure_dir / "erasure.json").is_file():
+            continue
+        rows = results[results.model.isin([base, model.label])]
+        table = rows.pivot_table(index=["concept", "metric"], columns="model", values="value", sort=False)
+        settings = (f"{params['eval_templates']} templates ({params['n_templates'] or 'all'}), "
+                    f"{params['images_per_template']} images per template, seed {params['seed']}, "
+                    f"{params['num_inference_steps']} steps, guidance {params['guidance_scale']}")
+        export.record_evaluation(erasure_dir, f"Measured by notebook 04 (`doco eval`): {settings}.\n\n"
+                                 + table[[base, model.label]].reset_index().to_markdown(index=False, floatfmt=".2f"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -27,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from doco_lib import config
+from doco_lib import config, costs
 from doco_lib.anchors import prepare_anchor_latents
 from doco_lib.concepts import PromptFileError, read_prompt_file
 from doco_lib.config import ParamsError
@@ -108,16 +107,20 @@ def train_increments(params: dict, pipe, progress: bool = True, concepts: list[s
             pipe, settings["prompts"], params["sepme_images"], folder(params) / "images" / slug(concept),
             model=run["model"], seed=params["seed"], steps=params["num_inference_steps"],
             guidance=params["guidance_scale"], shard_size=params["anchor_shard_size"], progress=progress)
-        started = time.time()
-        trainer = sepme.SepMETrainer(pipe, latents, settings["decoupled_against"], sepme_config(params),
-                                     device=pick_device(params["device"]))
-        before = trainer.heldout_correlation()
-        trainer.run(progress)
+        with costs.Meter() as meter:
+            trainer = sepme.SepMETrainer(pipe, latents, settings["decoupled_against"], sepme_config(params),
+                                         device=pick_device(params["device"]))
+            before = trainer.heldout_correlation()
+            trainer.run(progress)
+        increment = trainer.result(concept, run["model"])
         summary = {"concept": concept, "decoupled against": ", ".join(settings["decoupled_against"]),
                    "null space": trainer.null_space_dim, "steps": trainer.step,
                    "correlation before": before, "correlation after": trainer.heldout_correlation(),
-                   "seconds": round(time.time() - started, 1)}
-        sepme.save_increment(trainer.result(concept, run["model"]), path)
+                   "seconds": round(meter.reading()["seconds"], 1),
+                   "cost": {**meter.reading(), "machine": costs.machine(trainer.device),
+                            "changed_params": sum(int((d != 0).sum()) for d in increment.deltas.values()),
+                            "trainable_params": sum(d.numel() for d in increment.deltas.values())}}
+        sepme.save_increment(increment, path)
         atomic_write_text(pd.DataFrame(trainer.history).to_csv(index=False), path.with_suffix(".history.csv"))
         atomic_write_text(json.dumps({"settings": settings, "summary": summary}, indent=1), record)
         rows.append(summary)
