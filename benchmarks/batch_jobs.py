@@ -22,8 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from doco_lib.app.batch import BATCH_NOTEBOOKS
-from doco_lib.config import read_params_file
+from doco_lib.config import BATCH_NOTEBOOKS, read_params_file
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -8,6 +8,7 @@ files are reported in one paragraph that names the key, the value and what was e
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 from dataclasses import dataclass
@@ -148,6 +149,9 @@ NB00, NB01, NB02, NB03 = "00_toy_world", "01_data_preparation", "02_discriminato
 NB04, NB05 = "04_evaluation", "05_ablations"
 NB06, NB07, NB08 = "06_explorer", "07_robustness", "08_sepme"
 ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05, NB06, NB07, NB08)
+# `doco demo`: the toy world, then the paper's pipeline (00 shows the toy world only); `doco batch`: the pipeline.
+DEMO_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04)
+BATCH_NOTEBOOKS = (NB01, NB02, NB03, NB04)
 CONCEPT = (NB01, NB02, NB03, NB04, NB05, NB07)
 TRAINING = (NB02, NB03, NB05, NB07)  # 07 trains the models it attacks
 
@@ -200,14 +204,46 @@ SCHEMA: dict[str, Param] = {
     "n_preservation_images": Param(128, int, "images the original model generates for the preservation prompts",
                                    (NB01, NB05, NB07), minimum=1),
     # -- 02-03: training
-    "method": Param("doco", str, "doco, or another method in the same harness: esd, conabl or rgd", TRAINING,
-                    choices=registry.METHODS),
+    "method": Param("doco", str, "doco, or another method in the same harness: esd, conabl, rgd, uce or spm",
+                    TRAINING, choices=registry.METHODS),
     "rgd_slots_file": Param("params/prompts/rgd_toy_star_slots.yaml", str, "RGD: slot vocabularies of the "
                             "forget/retain prompt twins", TRAINING, check=_existing_file),
     "rgd_prompts": Param(64, int, "RGD: number of training prompt twins", TRAINING, minimum=1),
     "rgd_alpha": Param(1.6, (int, float), "RGD: weight α of the projected retain gradient", TRAINING, minimum=0.0),
     "rgd_truncation": Param(1.1, (int, float), "RGD: no ascent on a batch whose forget loss exceeds m (0: off)",
                             TRAINING, minimum=0.0),
+    "uce_code_version": Param(2023, int, "UCE: whose text rows, the 2023 code's (last word token on, \"\" kept) or "
+                              "the 2025 code's (last word token only)", TRAINING, choices=registry.UCE_CODE_VERSIONS),
+    "uce_lambda": Param(0.5, (int, float), "UCE: weight λ of staying at W0 in the closed form (code: 0.5)", TRAINING,
+                        check=_positive),
+    "uce_erase_scale": Param(1.0, (int, float), "UCE: weight s_e of the erased concept's rows (code: 1)", TRAINING,
+                             minimum=0.0),
+    "uce_preserve_scale": Param(None, (int, float), "UCE: weight s_p of the preserved rows (null: the code's, "
+                                "max(0.1, 1/number preserved) for 2023, 1 for 2025)", TRAINING, minimum=0.0,
+                                optional=True),
+    "uce_preserve": Param(["triangle", "square", "heart", "cross"], list, "UCE: concepts whose keys and values are "
+                          "kept ([]: the code's default for objects; toy: the shapes the preservation prompts retain)",
+                          TRAINING, check=lambda key, value: _list_of_words(key, value) if value else None),
+    "spm_rank": Param(1, int, "SPM: adapter rank (one-dimensional: 1)", TRAINING, minimum=1),
+    "spm_alpha": Param(1.0, (int, float), "SPM: adapter scale α (branch × α/rank; code: 1)", TRAINING,
+                       check=_positive),
+    "spm_guidance": Param(1.0, (int, float), "SPM: erasing guidance g of the target ε(∅) − g(ε(c) − ε(∅)) (code: 1)",
+                          TRAINING, minimum=0.0),
+    "spm_anchor_strength": Param(1000.0, (int, float), "SPM: weight of the latent-anchoring loss (code: 1000)",
+                                 TRAINING, minimum=0.0),
+    "spm_anchors": Param(4, int, "SPM: random anchor embeddings drawn per iteration (code: 4)", TRAINING, minimum=1),
+    "spm_anchor_batch": Param("official", str, "SPM: anchors reaching the loss: official (the code's, half of them "
+                              "replaced by \"\") or intended (all drawn)", TRAINING, choices=registry.SPM_ANCHOR_BATCHES),
+    "spm_prompts": Param("concept", str, "SPM: what it erases on: concept (the code's: the target word alone) or "
+                         "target_prompts (the anchor prompts with the target in place of the anchor, as ESD here)",
+                         TRAINING, choices=registry.SPM_PROMPTS),
+    "spm_denoising_steps": Param(30, int, "SPM: DDIM steps K that x_t is sampled with, k in [1, K) of them (code: 30)",
+                                 TRAINING, minimum=2),
+    "spm_start_guidance": Param(3.0, (int, float), "SPM: guidance of that sampling (code: 3)", TRAINING, minimum=0.0),
+    "spm_lr_warmup": Param(500, int, "SPM: iterations of linear learning-rate warm-up (code: 500 of 3000)", TRAINING,
+                           minimum=0),
+    "spm_lr_cycles": Param(3, int, "SPM: cosine cycles with hard restarts after the warm-up (code: 3; 0: constant)",
+                           TRAINING, minimum=0),
     "esd_eta": Param(1.0, (int, float), "ESD: strength η of the negative guidance target", TRAINING, minimum=0.0),
     "esd_steps": Param(25, int, "ESD: DDIM steps of the partial denoising (ESD: 50)", TRAINING, minimum=2),
     "esd_start_guidance": Param(3.0, (int, float), "ESD: guidance of the partial denoising", TRAINING, minimum=0.0),
@@ -261,6 +297,10 @@ SCHEMA: dict[str, Param] = {
                        choices=("sdpa", "classic")),
     "compile_unet": Param(False, bool, "torch.compile the UNet (slow first steps, faster later ones on GPUs)",
                           TRAINING),
+    "export_lora": Param(False, bool, "also export the erasure as a LoRA in <run>/<method>/lora/ (diffusers and "
+                         "kohya files, doco_lib/export.py)", TRAINING),
+    "lora_energy": Param(0.99, (int, float), "share of each layer's weight-change energy the exported LoRA keeps "
+                         "(sets its rank per layer)", TRAINING, maximum=1.0, check=_positive),
     # -- 04: evaluation
     "eval_models": Param([], list, "erased UNet folders to evaluate ([]: this run's doco/unet)", (NB04,),
                          check=lambda key, value: _list_of_words(key, value) if value else None),
@@ -387,6 +427,9 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
     if resolved["method"] == "doco" and resolved["retain_mode"] != "none" and resolved["retain_weight"] == 0:
         raise ParamsError(f"retain_weight: 0 with retain_mode {resolved['retain_mode']!r} leaves no retaining term "
                           "(L_r is multiplied by 0); set retain_mode: none, or a retain_weight above 0.")
+    if resolved["method"] == "uce" and resolved["trainable"] != "cross_attention_kv":
+        raise ParamsError(f"trainable: {resolved['trainable']!r} with method uce; UCE edits the cross-attention keys "
+                          "and values only (trainable: cross_attention_kv).")
     if resolved["method"] == "rgd":
         try:
             if not resolved["rgd_slots_file"]:
@@ -485,8 +528,9 @@ def validate(values: dict[str, Any], source: str = "params") -> dict[str, Any]:
     return resolved
 
 
-def read_params_file(path: str | Path) -> dict[str, Any]:
-    """Parse a params YAML file (safe loader) into a dict, with clear errors for missing or malformed files."""
+def read_params_file(path: str | Path, _base_chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Parse a params YAML file (safe loader) into a dict, with clear errors for missing or malformed files; a
+    file may build on another with `base:`, holding only what differs."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file {str(path)!r} does not exist (expected a YAML file such as "
@@ -499,7 +543,16 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of key: value at the top level, got {type(data).__name__}.")
-    return data
+    if "base" not in data:
+        return data
+    # `base: other.yaml` (relative to this file): that file's values, overridden by this file's.
+    base = data.pop("base")
+    if not isinstance(base, str) or not (path.parent / base).is_file():
+        raise ParamsError(f"{path}: base: {base!r} is not a params file next to it (expected e.g. 'toy_world.yaml').")
+    chain = _base_chain + (path.resolve(),)
+    if (path.parent / base).resolve() in chain:
+        raise ParamsError(f"{path}: base: {base!r} builds on itself ({' -> '.join(str(p) for p in chain)}).")
+    return {**read_params_file(path.parent / base, chain), **data}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -534,17 +587,35 @@ def notebook_params(resolved: dict[str, Any], notebook: str) -> dict[str, Any]:
 
 
 def notebook_keys(notebook: str) -> list[str]:
-    """Keys that `notebook` declares in its `parameters` cell, in schema order."""
+    """Keys that a run of `notebook` depends on (papermill injects them all), in schema order."""
     return [key for key, spec in SCHEMA.items() if notebook in spec.notebooks]
 
 
-PARAMETERS_HEADER = "# Parameters: papermill injects the values of a params file (params/*.yaml) after this cell."
+# Shown in every parameters cell: where the outputs go and what model runs.
+HEADLINE_KEYS = ("run_name", "output_root", "model", "device")
 
 
-def parameters_cell(notebook: str) -> str:
-    """The source of `notebook`'s `parameters` cell, rendered from the schema (one typed line a key)."""
+def shown_keys(notebook: str, code: str) -> list[str]:
+    """The keys `notebook`'s parameters cell lists: the headline keys and those its `code` names. The others
+    (e.g. the harness's training settings) still reach the run, injected by papermill or from the schema."""
+    names = {node.id for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Name)}
+    return [key for key in notebook_keys(notebook) if key in HEADLINE_KEYS or key in names]
+
+
+def notebook_code(notebook: dict) -> str:
+    """A notebook's code (an nbformat notebook or its JSON), its parameters cell left out."""
+    return "\n".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"
+                     and "parameters" not in cell.get("metadata", {}).get("tags", []))
+
+
+PARAMETERS_HEADER = ("# Parameters: papermill injects the values of a params file (params/*.yaml) after this cell; "
+                     "any other key of the\n# schema (doco_lib/config.py) may be set here too.")
+
+
+def parameters_cell(notebook: str, code: str) -> str:
+    """The source of `notebook`'s `parameters` cell, rendered from the schema (one typed line a key shown)."""
     lines = [PARAMETERS_HEADER]
-    for key in notebook_keys(notebook):
+    for key in shown_keys(notebook, code):
         spec = SCHEMA[key]
         kind = (spec.kind if isinstance(spec.kind, type) else spec.kind[-1]).__name__
         lines.append(f"{key}: {kind} = {spec.default!r}  # {spec.help}")
@@ -553,6 +624,22 @@ def parameters_cell(notebook: str) -> str:
 
 def run_dir(resolved: dict[str, Any]) -> Path:
     return Path(resolved["output_root"]) / resolved["run_name"]
+
+
+def notebook_setup(namespace: dict[str, Any], notebook: str) -> tuple[dict[str, Any], Path]:
+    """A notebook's first step: its params (the schema's defaults overlaid with every key set in `namespace`,
+    the notebook's globals, validated) and its output folder `<output_root>/<run_name>/<notebook>/`, created,
+    with the resolved params recorded in it."""
+    if "base" in namespace:  # papermill -f injects a params file's keys as they are, `base:` unresolved
+        raise ParamsError(f"{notebook} parameters: base: {namespace['base']!r} is not resolved by papermill -f; run "
+                          f"`doco demo --params FILE --notebooks {notebook}`, or give papermill the resolved_params.yaml "
+                          "that doco writes into the run folder.")
+    values = {key: namespace[key] for key in notebook_keys(notebook) if key in namespace}
+    params = validate(values, source=f"{notebook} parameters")
+    out_dir = run_dir(params) / notebook
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(params, out_dir)
+    return params, out_dir
 
 
 def write_resolved(resolved: dict[str, Any], directory: Path) -> Path:

@@ -1,4 +1,7 @@
+import contextlib
+import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,8 +20,16 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def doco_command() -> list[str]:
-    """The console command as installed in the running interpreter's environment."""
+    """The console command as a subprocess: for tests of what crosses a process boundary (kills, locks,
+    several processes, exit codes of the real command). Everything else uses `doco`."""
     return [sys.executable, "-m", "doco_lib"]
+
+
+@pytest.fixture(scope="session")
+def doco():
+    """`doco ARGS…` run in this process (no fresh interpreter importing torch and diffusers): returns a
+    CompletedProcess with the exit status and what the command printed."""
+    return run_doco
 
 
 @pytest.fixture(scope="module")
@@ -29,3 +40,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_doco(*args) -> subprocess.CompletedProcess:
+    """`cli.main(args)` with its output captured, as `subprocess.run(doco_command + args, …)` would report it."""
+    from doco_lib.app import cli
+
+    args = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = cli.main(args)
+        except SystemExit as exit_:  # argparse's usage errors
+            status = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(["doco", *args], status, out.getvalue(), err.getvalue())

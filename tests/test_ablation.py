@@ -5,7 +5,7 @@ from scipy import stats
 
 from doco_lib import config
 from doco_lib.concepts import read_prompt_file
-from doco_lib.evaluation import rating
+from doco_lib.evaluation import costs_table, rating
 from doco_lib.studies import ablation
 
 
@@ -123,18 +123,19 @@ def test_a_simultaneous_run_gives_each_target_a_single_runs_samples():
 
 
 def test_real_models_are_rated_by_clip_accuracy_in_the_judges_layout(tmp_path):
-    from doco_lib.models import toy_weights_dir
+    from test_evaluation import star_drawn_as_pentagon
 
-    params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 2,
-                              "n_templates": 1, "images_per_template": 2})
-    unet = str(toy_weights_dir() / "pipeline" / "unet")  # any UNet folder stands in for an erased one
-    grid = pd.DataFrame([{"variant": "same UNet", "seed": 0, "unet": unet}])
+    params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 10,
+                              "n_templates": 2, "images_per_template": 2})
+    unet = str(star_drawn_as_pentagon(tmp_path / "erased"))  # stars erased in closed form
+    grid = pd.DataFrame([{"variant": "erased", "seed": 0, "unet": unet}])
     rates = rating.clip_rates(params, grid, ["star", "circle"])
     assert set(rates.columns) == {"model", "seed", "prompt set", "rate"}
-    assert set(rates.model) == {"original", "same UNet"} and set(rates["prompt set"]) == {"star", "circle"}
+    assert set(rates.model) == {"original", "erased"} and set(rates["prompt set"]) == {"star", "circle"}
     assert rates.rate.between(0, 1).all()
     by_model = rates.pivot_table(index="prompt set", columns="model", values="rate")
-    assert (by_model["original"] == by_model["same UNet"]).all(), "the same weights draw the same images"
+    assert by_model.loc["star", "erased"] < by_model.loc["star", "original"], "CLIP accuracy sees the erasure"
+    assert abs(by_model.loc["circle", "erased"] - by_model.loc["circle", "original"]) <= 0.25, "not on a kept shape"
 
 
 def test_sequential_stages_retain_other_concepts_but_no_target_erased_so_far(tmp_path):
@@ -195,6 +196,9 @@ def test_sepme_joins_the_method_grid_beside_its_own_base_model(tmp_path):
     grid = ablation.train_grid(params, ["SepME"], [0])
     assert list(grid.variant) == ["SepME"] and list(grid.model) == ["toy-wide"]
     assert ablation.train_grid(params, ["SepME"], [0]).equals(grid)  # the increment is reused
+    cost = costs_table.training_records(grid).iloc[0]  # SepME's cost, beside the harness's methods
+    assert cost["method"] == "sepme" and 0 < cost["changed params"] <= cost["trainable params"]
+    assert 0 < cost["stored delta (MB)"] < cost["stored UNet (MB)"] and cost["seconds"] > 0
     judged = rating.judge_models(params, grid, ["star", "heart"], 2)
     assert set(judged.model) == {"original (toy-wide)", "SepME (toy-wide)"}  # only the base its rows use
     points = rating.tradeoff(judged, "star", ["heart"])

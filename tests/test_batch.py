@@ -61,13 +61,11 @@ def test_batch_isolates_a_broken_concept_and_reruns_only_it(tmp_path, doco_comma
             f"{name} was rerun although nothing changed"
 
 
-def test_parallel_batch_logs_each_concept_and_records_its_failure(tmp_path, doco_command, repo_root):
+def test_parallel_batch_logs_each_concept_and_records_its_failure(tmp_path, doco):
     """`--jobs 2` runs each concept as a `doco run` process; rejected params fail fast, so no notebook runs."""
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**TINY, "iteratons": 4}))
     (tmp_path / "no_prompts.yaml").write_text(yaml.safe_dump({**TINY, "anchor_prompts_file": "absent.txt"}))
-    command = doco_command + ["batch", str(tmp_path / "*.yaml"), "--run-id", "p1", "--output-root",
-                              str(tmp_path / "out"), "--jobs", "2"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo_root)
+    finished = doco("batch", tmp_path / "*.yaml", "--run-id", "p1", "--output-root", tmp_path / "out", "--jobs", "2")
     assert finished.returncode != 0
     run = tmp_path / "out" / "p1"
     concepts = json.loads((run / "manifest.json").read_text())["concepts"]
@@ -189,16 +187,16 @@ def test_killed_batch_resumes_training_from_its_checkpoint(killed_and_rerun):
     assert [int(line.split(",")[0]) for line in log[1:]] == list(range(1, KILLABLE["iterations"] + 1))
 
 
-def test_report_gathers_statuses_durations_and_evaluation_tables(killed_and_rerun, doco_command, repo_root):
+@pytest.mark.slow  # on the killed-and-rerun batch
+def test_report_gathers_statuses_durations_and_evaluation_tables(killed_and_rerun, doco, repo_root):
     run = killed_and_rerun["run"]
-    evaluate = doco_command + ["run", "--params", str(killed_and_rerun["params"]), "--run-id", "k1",
+    evaluate = ["run", "--params", str(killed_and_rerun["params"]), "--run-id", "k1",
                                "--output-root", str(run.parent), "--notebooks", "04_evaluation"]
-    finished = subprocess.run(evaluate, capture_output=True, text=True, timeout=600, cwd=repo_root)
+    finished = doco(*evaluate)
     assert finished.returncode == 0, finished.stderr[-2000:]
     (run / "report.md").unlink()
 
-    made = subprocess.run(doco_command + ["report", str(run)], capture_output=True, text=True, timeout=120,
-                          cwd=repo_root)
+    made = doco("report", str(run))
     assert made.returncode == 0, made.stderr[-2000:]
     report = (run / "report.md").read_text()
     manifest = json.loads((run / "manifest.json").read_text())
@@ -215,8 +213,7 @@ def test_report_gathers_statuses_durations_and_evaluation_tables(killed_and_reru
     assert "star CS ↓" in table and table in report  # notebook 04's table, verbatim
     assert "Judged erasure, toy world" in report
 
-    missing = subprocess.run(doco_command + ["report", str(run / "erase_star")], capture_output=True, text=True,
-                             timeout=120, cwd=repo_root)
+    missing = doco("report", str(run / "erase_star"))
     assert missing.returncode == 2 and "no manifest.json" in missing.stderr
 
 

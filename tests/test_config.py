@@ -1,4 +1,3 @@
-import subprocess
 
 import pytest
 import yaml
@@ -98,10 +97,9 @@ def test_resolved_params_are_written_to_the_run_folder(tmp_path):
     ({"seed": "zero"}, "expected an integer"),
     ({"extra_prompts_file": "missing_prompts.txt"}, "does not exist"),
 ])
-def test_cli_rejects_bad_params_with_one_paragraph_and_no_traceback(tmp_path, doco_command, values, expected):
+def test_cli_rejects_bad_params_with_one_paragraph_and_no_traceback(tmp_path, doco, values, expected):
     path = write(tmp_path, {"output_root": str(tmp_path / "out"), **values})
-    result = subprocess.run(doco_command + ["demo", "--params", str(path)], capture_output=True, text=True,
-                            timeout=120)
+    result = doco("demo", "--params", str(path))
     assert result.returncode == 2
     assert expected in result.stderr and str(path) in result.stderr
     assert "Traceback" not in result.stderr
@@ -109,7 +107,7 @@ def test_cli_rejects_bad_params_with_one_paragraph_and_no_traceback(tmp_path, do
     assert not (tmp_path / "out").exists(), "nothing may be written before the params are valid"
 
 
-def test_command_line_overrides_are_read_as_yaml_and_validated_with_the_params(tmp_path, doco_command):
+def test_command_line_overrides_are_read_as_yaml_and_validated_with_the_params(tmp_path, doco):
     assert config.parse_overrides(["multi_concept_seeds=[0, 1, 2]", "device=cpu", "sequential_keep_erased=false",
                                    "run_name=a=b"]) == {"multi_concept_seeds": [0, 1, 2], "device": "cpu",
                                                         "sequential_keep_erased": False, "run_name": "a=b"}
@@ -118,8 +116,7 @@ def test_command_line_overrides_are_read_as_yaml_and_validated_with_the_params(t
     with pytest.raises(ParamsError, match="is not YAML"):
         config.parse_overrides(["multi_concept_seeds=[0, 1"])
     path = write(tmp_path, {"output_root": str(tmp_path / "out")})
-    result = subprocess.run(doco_command + ["demo", "--params", str(path), "--set", "seed=zero"], capture_output=True,
-                            text=True, timeout=120)
+    result = doco("demo", "--params", str(path), "--set", "seed=zero")
     assert result.returncode == 2 and "seed" in result.stderr and "expected an integer" in result.stderr
     assert not (tmp_path / "out").exists(), "nothing may be written before the overrides are valid"
 
@@ -129,3 +126,53 @@ def test_a_preservation_prompt_naming_the_target_is_rejected(tmp_path):
     prompts.write_text("a red square\na blue star\n")
     with pytest.raises(ParamsError, match=r"preservation_prompts_file: .*keep.txt: prompt 2 names the target 'star'"):
         config.validate({"preservation_prompts_file": str(prompts)})
+
+
+def test_a_params_file_builds_on_its_base(tmp_path, repo_root):
+    (tmp_path / "base.yaml").write_text("run_name: base_run\nlr: 0.001\niterations: 7\nwarmup_iterations: 2\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nrun_name: child_run\niterations: 9\n")
+    child = config.load_params(tmp_path / "child.yaml")
+    assert (child["run_name"], child["lr"], child["iterations"]) == ("child_run", 0.001, 9)
+    quick = config.read_params_file(repo_root / "params" / "toy_ablation_quick.yaml")
+    assert quick["fidelity"] == "official" and quick["eval_samples"] == 16  # toy_world.yaml's, then its own
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: missing.yaml\n", "base: 'missing.yaml' is not a params file next to it"),
+    ("base: loop.yaml\n", "builds on itself"),
+])
+def test_a_broken_base_is_named(tmp_path, text, message):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(config.ParamsError, match=message):
+        config.load_params(tmp_path / "loop.yaml")
+
+
+def test_notebook_setup_takes_every_key_of_the_run_shown_or_not(tmp_path):
+    notebook = "03_adversarial_training"
+    shown = config.shown_keys(notebook, "pipe = load(target, anchor)")
+    assert {"target", "anchor", "run_name"} <= set(shown) and "iterations" not in shown
+    namespace = {"output_root": str(tmp_path), "target": "heart", "iterations": 11, "warmup_iterations": 3, "print": print}
+    params, out_dir = config.notebook_setup(namespace, notebook)
+    assert (params["target"], params["iterations"], params["lr"]) == ("heart", 11, config.SCHEMA["lr"].default)
+    assert out_dir == tmp_path / "toy_world" / notebook and (out_dir / "resolved_params.yaml").is_file()
+    with pytest.raises(config.ParamsError, match="03_adversarial_training parameters: iterations"):
+        config.notebook_setup({**namespace, "iterations": -1}, notebook)
+    with pytest.raises(config.ParamsError, match="base: '../sd14_paper.yaml' is not resolved by papermill -f"):
+        config.notebook_setup({**namespace, "base": "../sd14_paper.yaml"}, notebook)
+
+
+def test_training_settings_default_to_the_schema():
+    from dataclasses import fields
+
+    from doco_lib.methods.harness import TrainingConfig
+    from doco_lib.methods.registry import FIDELITY_PRESETS
+
+    defaults = TrainingConfig()
+    for field in fields(TrainingConfig):
+        if field.name == "heldout_fraction":  # internal: the share of anchors held out to measure D
+            continue
+        expected = config.SCHEMA[field.name].default
+        if expected is None and field.name in FIDELITY_PRESETS["paper"]:
+            expected = FIDELITY_PRESETS["paper"][field.name]
+        assert getattr(defaults, field.name) == (tuple(expected) if isinstance(expected, list) else expected), field.name
+    assert TrainingConfig.from_params(config.validate({})).iterations == config.SCHEMA["iterations"].default

@@ -28,12 +28,25 @@ def test_toy_latents_fit_three_layers_but_not_five():
         check_discriminator_fits(5, 2, 8)
 
 
-@pytest.mark.parametrize("norm", ["batch", "instance", "none"])
-def test_norms_and_no_sigmoid(norm):
+@pytest.mark.parametrize("norm, layer", [("batch", torch.nn.BatchNorm2d), ("instance", torch.nn.InstanceNorm2d),
+                                         ("none", None)])
+def test_norms_and_no_sigmoid(norm, layer):
+    torch.manual_seed(0)
     disc = NLayerDiscriminator(4, 8, 3, norm, 1)
     assert not any(isinstance(m, torch.nn.Sigmoid) for m in disc.modules())
-    logits = disc(torch.randn(4, 4, 16, 16) * 50)
-    assert (logits.abs() > 1).any() or norm != "none"
+    norms = [m for m in disc.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d))]
+    assert [type(m) for m in norms] == ([layer] if layer else [])  # 3 layers: one normalised hidden layer
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    small, large = disc(50 * x), disc(100 * x)
+    assert (small < 0).any(), "logits, not probabilities: negative for 'fake'"
+    if layer is None:
+        # Convolutions and LeakyReLU are positively homogeneous: without normalisation the logits grow with the
+        # input (twice the input, twice the logits, up to the biases; measured within 0.06 of 2×, |logits| up to 5).
+        assert (large - small).abs().max() > 1
+        torch.testing.assert_close(large, 2 * small, rtol=0.05, atol=0.1)
+    else:
+        # Normalised after the first convolution: the input's scale drops out (measured: within 1e-3).
+        torch.testing.assert_close(large, small, rtol=0, atol=1e-2)
 
 
 def test_gan_losses():

@@ -1,4 +1,6 @@
-"""Evaluation metrics: each checked against a reference implementation or a hand-made case."""
+"""Evaluation metrics: each checked against a reference implementation, a hand-made case or a known erasure."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,9 @@ from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.evaluation.fid import feature_statistics, fid_from_features, frechet_distance
 from doco_lib.models import toy_weights_dir
 from doco_lib.toy import render
+
+# Toy-sized kernels (sampling, the toy CLIP and judge): on a busy 2-core machine a second thread only slows them.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +134,87 @@ def test_i2p_csv_reading_and_errors(repo_root, tmp_path):
         nudity.read_i2p_csv(tmp_path / "absent.csv")
 
 
-def test_nudenet_plumbing_on_fixture_images():
+# No nude image exists offline. NudeNet's 320n detector also finds faces, and matplotlib (through seaborn, a
+# dependency) ships a photograph of Grace Hopper: measured with nudenet 3.4.2, one detection, FACE_FEMALE at 0.615.
+REGRESSION_MIN_FACE_SCORE = 0.5
+
+
+def photograph() -> tuple[str, torch.Tensor]:
+    """matplotlib's sample portrait: its path, and its pixels as a (1, 3, H, W) batch in [0, 1]."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    path = str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    pixels = np.array(Image.open(path).convert("RGB"))
+    return path, torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+
+
+def test_counted_classes_are_nudenets_exposed_labels():
+    import nudenet.nudenet
+
+    labels = getattr(nudenet.nudenet, "__labels")  # the detector's class list, indexed by its output
+    assert set(nudity.EXPOSED_CLASSES) == {label for label in labels if label.endswith("_EXPOSED")}
+
+
+def test_the_real_nudenet_fires_on_a_photographed_face_and_is_counted_per_class(monkeypatch):
+    path, image = photograph()
+    detector = nudity.NudityDetector()
+    found = detector.detector.detect(path)
+    assert [d["class"] for d in found] == ["FACE_FEMALE"] and found[0]["score"] >= REGRESSION_MIN_FACE_SCORE, found
+    none = {c: 0 for c in nudity.EXPOSED_CLASSES}
+    assert detector.count(image) == [none]  # a clothed portrait: no EXPOSED class
+    assert detector.count(rendered("circle", 2)) == [none, none]  # toy shapes neither
+    # Faces counted as if they were an EXPOSED class: the whole path with a real detection (the tensor written to
+    # PNG and read by NudeNet, its class names and scores parsed, the threshold applied).
+    monkeypatch.setattr(nudity, "EXPOSED_CLASSES", nudity.EXPOSED_CLASSES + ("FACE_FEMALE",))
+    assert detector.count(image) == [{**none, "FACE_FEMALE": 1}]
+    assert nudity.NudityDetector(threshold=0.9).count(image) == [{**none, "FACE_FEMALE": 0}]  # above its score
+
+
+class KnownDetections:
+    """Stands in for NudeNet's `NudeDetector`: fixed detections per image file name, in NudeNet's output schema."""
+
+    DETECTIONS = {"base0.png": [("BELLY_EXPOSED", 0.9), ("BELLY_EXPOSED", 0.5), ("FEET_EXPOSED", 0.1),
+                                ("FACE_FEMALE", 0.9), ("BELLY_COVERED", 0.8)],
+                  "base1.png": [("MALE_GENITALIA_EXPOSED", 0.3)],
+                  "erased0.png": [("FEET_EXPOSED", 0.25)],
+                  "erased1.png": []}
+
+    def detect(self, path):
+        return [{"class": c, "score": s, "box": [0, 0, 8, 8]} for c, s in self.DETECTIONS[Path(path).name]]
+
+
+class FilesCache:
+    """Stands in for an `ImageCache`: the image files of the I2P rows, already generated."""
+
+    def __init__(self, names):
+        self.names, self.released = names, False
+
+    def ensure(self, prompts, seeds, steps, guidances):
+        assert len(prompts) == len(seeds) == len(guidances) == len(self.names)
+        return [Path(name) for name in self.names]
+
+    def release(self):
+        self.released = True
+
+
+def test_counts_equal_the_detections_per_class_above_the_threshold(monkeypatch, repo_root):
+    import nudenet
+
+    monkeypatch.setattr(nudenet, "NudeDetector", KnownDetections)
     detector = nudity.NudityDetector(threshold=0.2)
-    counts = detector.count(rendered("circle", 2))
-    assert len(counts) == 2 and set(counts[0]) == set(nudity.EXPOSED_CLASSES)
-    assert nudity.totals(counts) == {c: 0 for c in nudity.EXPOSED_CLASSES}  # toy shapes expose nothing
-    assert nudity.reduction_percent(200, 50) == 75.0
+    none = {c: 0 for c in nudity.EXPOSED_CLASSES}
+    assert detector.count_files([Path("base0.png"), Path("base1.png")]) == [  # FEET 0.1 below, FACE, COVERED uncounted
+        {**none, "BELLY_EXPOSED": 2}, {**none, "MALE_GENITALIA_EXPOSED": 1}]
+
+    rows = nudity.read_i2p_csv(repo_root / "tests" / "fixtures" / "i2p_small.csv")[:2]
+    caches = {"base": FilesCache(["base0.png", "base1.png"]), "erased": FilesCache(["erased0.png", "erased1.png"])}
+    table = nudity.i2p_counts(caches, rows, 2, detector)
+    assert list(table.columns) == ["base", "erased"] and all(cache.released for cache in caches.values())
+    assert table["base"].to_dict() == {**none, "BELLY_EXPOSED": 2, "MALE_GENITALIA_EXPOSED": 1, "total": 3}
+    assert table["erased"].to_dict() == {**none, "FEET_EXPOSED": 1, "total": 1}
+    assert nudity.reduction_percent(table.loc["total", "base"], table.loc["total", "erased"]) == pytest.approx(200 / 3)
+    assert nudity.reduction_percent(200, 50) == 75.0 and nudity.reduction_percent(0, 0) == 0.0
 
 
 def eval_params(tmp_path, **overrides):
@@ -159,6 +239,67 @@ def test_second_evaluation_reads_the_cache_and_is_much_faster(tmp_path):
     assert first.equals(second)
     star_fid = first[(first.metric == "FID") & (first.concept == "star")].value.dropna()
     assert (star_fid.abs() < 1e-3).all(), "the same UNet gives the same images: FID 0 (up to eigensolver rounding)"
+
+
+def star_drawn_as_pentagon(directory: Path, preserve_weight: float = 10.0) -> Path:
+    """A toy UNet that no longer draws stars, for the evaluation to measure: each cross-attention K/V weight W is
+    replaced, in closed form (as UCE does), by the W' minimising Σ ‖W' h_star − W h_pentagon‖² + λ Σ ‖W' h_o − W h_o‖²
+    over the text encoder's token states of paired star/pentagon prompts (h_star, h_pentagon) and of other shapes'
+    prompts (h_o): W' = W (H_pᵀH_s + λ H_oᵀH_o)(H_sᵀH_s + λ H_oᵀH_o)⁻¹. Measured (judge, 16 prompts per shape, 10
+    steps): star and pentagram 0%; circle, heart, pentagon and square 100%; triangle, which the toy encoder
+    encodes like star, 25%."""
+    from doco_lib.models import load_pipeline
+    from doco_lib.toy.erasure import shape_prompts
+
+    pipe = load_pipeline("toy", "cpu", dtype=torch.float32)
+
+    def states(prompts):
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipe.text_encoder(ids)[0].flatten(0, 1).double()
+
+    h_s, h_p = states(shape_prompts("star", 64, seed=1)), states(shape_prompts("pentagon", 64, seed=1))
+    h_o = states([p for shape in ("circle", "heart", "square", "hexagon", "cross", "pentagon")
+                  for p in shape_prompts(shape, 32, seed=2)])
+    kept = preserve_weight * h_o.T @ h_o
+    with torch.no_grad():
+        for name, layer in pipe.unet.named_modules():
+            if name.endswith(("attn2.to_k", "attn2.to_v")):
+                w = layer.weight.double()
+                layer.weight.copy_(torch.linalg.solve(h_s.T @ h_s + kept, (w @ (h_p.T @ h_s + kept)).T).T)
+    pipe.unet.save_pretrained(directory)
+    return directory
+
+
+# Base vs star_drawn_as_pentagon on 4 toy templates × 4 images, 10 steps, measured: star judge accuracy 100 → 0%,
+# CA 87.5 → 0%, CS 61.0 → 13.9, FID 177; circle judge accuracy 100 → 100%, CA 75 → 75%, CS 59.7 → 59.4, FID 3.7.
+REGRESSION_MAX_ERASED_JUDGE_ACC, REGRESSION_MIN_KEPT_JUDGE_ACC = 25, 87.5
+REGRESSION_MIN_CA_DROP, REGRESSION_MIN_CS_DROP = 50, 20  # the erased concept's, in points
+REGRESSION_MAX_KEPT_CHANGE = {"CA": 20, "CS": 5}
+REGRESSION_MIN_ERASED_FID, REGRESSION_MAX_KEPT_FID = 50, 20
+
+
+def test_evaluation_measures_an_erasure_on_the_erased_concept_and_not_on_a_kept_one(tmp_path):
+    from doco_lib.evaluation.runner import EvaluatedModel, evaluate
+    from doco_lib.models import load_judge
+
+    erased_unet = star_drawn_as_pentagon(tmp_path / "star_erased")
+    models = [EvaluatedModel("base"), EvaluatedModel("erased", str(erased_unet), ["star"])]
+    results, _ = evaluate("toy", models, ["star", "circle"], cache_dir=tmp_path / "cache", template_set="toy",
+                          clip_model=str(toy_weights_dir() / "eval_clip"), n_templates=4, images_per_template=4,
+                          steps=10, device="cpu", fid_features="judge", judge=load_judge("cpu"))
+    value = results.set_index(["model", "concept", "metric"]).value
+    assert value["base", "star", "judge acc"] == value["base", "circle", "judge acc"] == 100, results
+    assert value["erased", "star", "judge acc"] <= REGRESSION_MAX_ERASED_JUDGE_ACC, results
+    assert value["erased", "circle", "judge acc"] >= REGRESSION_MIN_KEPT_JUDGE_ACC, results
+    assert value["base", "star", "CA"] - value["erased", "star", "CA"] >= REGRESSION_MIN_CA_DROP, results
+    assert value["base", "star", "CS"] - value["erased", "star", "CS"] >= REGRESSION_MIN_CS_DROP, results
+    for metric, change in REGRESSION_MAX_KEPT_CHANGE.items():
+        assert abs(value["base", "circle", metric] - value["erased", "circle", metric]) <= change, results
+    # FID against the base model's images of the same prompts and seeds: far apart where the drawings changed.
+    assert value["erased", "star", "FID"] >= REGRESSION_MIN_ERASED_FID > REGRESSION_MAX_KEPT_FID >= \
+        value["erased", "circle", "FID"] > 0, results
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -64,7 +64,7 @@ def output_root(tmp_path_factory, pipe):
 
 @pytest.fixture(scope="module")
 def explorer(output_root, pipe, monkeypatch_module):
-    monkeypatch_module.setattr("doco_lib.models.load_pipeline", lambda model, device: pipe)  # load once
+    monkeypatch_module.setattr("doco_lib.app.explorer.load_pipeline", lambda model, device: pipe)  # load once
     explorer = ex.Explorer(str(output_root), "toy", "cpu", run_name="a", prompt=PROMPT, seed=3, steps=STEPS)
     explorer.erased.value = ("a/doco", "b/esd")
     return explorer

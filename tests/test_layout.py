@@ -2,6 +2,8 @@
 role importing only the roles below it (toy < methods < evaluation < studies < app)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import doco_lib
@@ -106,3 +108,12 @@ def test_each_role_imports_only_the_roles_below_it():
             if not allowed and module != "doco_lib.__main__":
                 wrong.append(f"{module} ({role}) imports {target} ({target_role})")
     assert wrong == []
+
+
+def test_code_and_notebooks_pass_ruff(repo_root):
+    """The linter over the code and the notebooks alike (pyproject.toml [tool.ruff]: pyflakes, pycodestyle,
+    import order); the notebooks' cells are checked as one module each."""
+    ruff = Path(sys.executable).with_name("ruff")
+    result = subprocess.run([str(ruff), "check", "doco_lib", "tests", "benchmarks", "scripts", "notebooks"],
+                            capture_output=True, text=True, cwd=repo_root)
+    assert result.returncode == 0, result.stdout[-3000:]

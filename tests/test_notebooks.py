@@ -17,12 +17,14 @@ def test_exactly_one_parameters_cell_matching_the_schema(repo_root, name):
     notebook = load(repo_root, name)
     tagged = [c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
-    assert tagged[0].source == config.parameters_cell(name), "run scripts/sync_parameter_cells.py"
+    code = config.notebook_code(notebook)
+    assert tagged[0].source == config.parameters_cell(name, code), "run scripts/sync_parameter_cells.py"
     assignments = {}
     for node in ast.parse(tagged[0].source).body:
         assert isinstance(node, ast.AnnAssign), "parameters are typed: `name: type = default  # comment`"
         assignments[node.target.id] = ast.literal_eval(node.value)
-    assert list(assignments) == config.notebook_keys(name)
+    assert list(assignments) == config.shown_keys(name, code)
+    assert set(config.HEADLINE_KEYS) & set(config.notebook_keys(name)) <= set(assignments) <= set(config.notebook_keys(name))
     for key, value in assignments.items():
         assert value == config.SCHEMA[key].default, f"{name}: default of {key} differs from doco_lib.config"
     lines = [line for line in tagged[0].source.splitlines() if not line.startswith("#")]

@@ -155,7 +155,7 @@ def test_an_image_file_that_is_not_an_image_is_named(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- untrusted files
-def test_pickle_only_weights_are_refused_unless_trusted(tmp_path, doco_command):
+def test_pickle_only_weights_are_refused_unless_trusted(tmp_path, doco):
     unet = tmp_path / "unet"
     unet.mkdir()
     (unet / "config.json").write_text((toy_weights_dir() / "pipeline" / "unet" / "config.json").read_text())
@@ -164,13 +164,12 @@ def test_pickle_only_weights_are_refused_unless_trusted(tmp_path, doco_command):
     with pytest.raises(ModelLoadError, match="holds only pickle weights"):
         check_safetensors_only(unet)
     check_safetensors_only(unet, trust_pickle=True)
-    result = subprocess.run(doco_command + ["sample", "--unet", str(unet), "--prompt", "a star", "-n", "1", "--steps",
-                                            "2", "--device", "cpu", "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=300)
+    result = doco("sample", "--unet", str(unet), "--prompt", "a star", "-n", "1", "--steps",
+                                            "2", "--device", "cpu", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "--trust-pickle" in result.stderr and "Traceback" not in result.stderr
-    trusted = subprocess.run(doco_command + ["sample", "--unet", str(unet), "--prompt", "a star", "-n", "1",
+    trusted = doco("sample", "--unet", str(unet), "--prompt", "a star", "-n", "1",
                                              "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "o"),
-                                             "--trust-pickle"], capture_output=True, text=True, timeout=300)
+                                             "--trust-pickle")
     assert trusted.returncode == 0, trusted.stderr[-1000:]
 
 
@@ -276,11 +275,11 @@ def _short_run(root, name):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, doco_command):
+def runs(tmp_path_factory):
     """A folder holding one uninterrupted SHORT run, `straight`; the tests add runs beside it."""
     root = tmp_path_factory.mktemp("runs")
     params, _ = _short_run(root, "straight")
-    result = train(doco_command, params)
+    result = train(params)
     assert result.returncode == 0, result.stderr[-2000:]
     return root
 
@@ -316,7 +315,7 @@ FAULTS = [  # (where, action, at its nth time in that run, checkpoint step left,
 
 
 @pytest.mark.slow
-def test_sigkill_at_six_points_then_rerun_ends_with_the_uninterrupted_weights(runs, doco_command):
+def test_sigkill_at_six_points_then_rerun_ends_with_the_uninterrupted_weights(runs):
     params, run = _short_run(runs, "killed")
     outputs = run.parent  # caches may live beside the run folder
     for where, action, nth, step, temporary in FAULTS:
@@ -334,7 +333,7 @@ def test_sigkill_at_six_points_then_rerun_ends_with_the_uninterrupted_weights(ru
         assert left == [] if temporary is None else len(left) == 1 and left[0].startswith(temporary), (fault, left)
     assert not (run / "doco" / "delta.safetensors").exists()
 
-    assert train(doco_command, params).returncode == 0
+    assert train(params).returncode == 0
     assert _temporaries(outputs) == []
     straight = runs / "straight" / "outputs" / "straight" / "doco"
     for name in ("delta.safetensors", "discriminator.safetensors"):
@@ -361,13 +360,13 @@ def test_temporaries_of_killed_writers_are_removed_when_the_folder_is_locked(tmp
 
 
 # ----------------------------------------------------------------------------------------- determinism
-def test_same_params_and_seed_give_identical_cache_weights_and_metrics(runs, doco_command):
+def test_same_params_and_seed_give_identical_cache_weights_and_metrics(runs):
     from doco_lib import config
     from doco_lib.models import load_judge
-    from doco_lib.studies import runs
+    from doco_lib.studies.runs import run_evaluation
 
     params, b = _short_run(runs, "again")
-    assert train(doco_command, params).returncode == 0
+    assert train(params).returncode == 0
     a = runs / "straight" / "outputs" / "straight"
 
     shards = sorted(p.name for p in (a / "anchor_latents").glob("shard_*.safetensors"))
@@ -388,7 +387,7 @@ def test_same_params_and_seed_give_identical_cache_weights_and_metrics(runs, doc
                                   "eval_models": [str(run / "doco" / "unet")], "n_templates": 1,
                                   "images_per_template": 2, "num_inference_steps": 2,
                                   "eval_concepts": ["star"], "erased_concepts": ["star"]})
-        results, timing = runs.run_evaluation(params, judge=judge)
+        results, timing = run_evaluation(params, judge=judge)
         assert timing["images_generated"] > 0, "each evaluation generates its own images"
         metrics.append(results)
     x, y = (m["value"].astype(float).tolist() for m in metrics)

@@ -191,11 +191,11 @@ def test_sample_and_train_defaults_follow_the_model(monkeypatch, tmp_path):
     from doco_lib.app import cli
 
     seen = {}
-    monkeypatch.setattr("doco_lib.config.check_value", lambda key, value: seen.setdefault(key, value))
+    monkeypatch.setattr("doco_lib.app.cli.check_value", lambda key, value: seen.setdefault(key, value))
     def stop(*args, **kwargs):  # the defaults are resolved before anything loads
         raise SystemExit(0)
 
-    monkeypatch.setattr("doco_lib.models.load_pipeline", stop)
+    monkeypatch.setattr("doco_lib.app.cli.load_pipeline", stop)
     for model, steps, guidance in (("toy", 25, 5.0), (sd_shaped.SD14_ID, 50, 7.5)):
         seen.clear()
         with pytest.raises(SystemExit):

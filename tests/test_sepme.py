@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import pickle
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -364,14 +363,13 @@ def test_cli_compose_writes_the_composed_unet(toy_increments, tmp_path):
     assert record["erased"] == ["star"] and record["restored"] == ["heart"] and record["base_model"] == "toy"
 
 
-def test_cli_compose_errors_before_any_work(toy_increments, tmp_path, doco_command, capsys):
+def test_cli_compose_errors_before_any_work(toy_increments, tmp_path, doco, capsys):
     from doco_lib.app import cli
 
     folder, _ = toy_increments
     out = tmp_path / "out"
-    result = subprocess.run(doco_command + ["compose", "--base", "toy", "--increments", str(folder), "--erase",
-                                            "star, zebra", "--out", str(out)], capture_output=True, text=True,
-                            timeout=120)
+    result = doco("compose", "--base", "toy", "--increments", str(folder), "--erase",
+                                            "star, zebra", "--out", str(out))
     assert result.returncode == 2, result.stderr
     assert "--erase: no increment for ['zebra']; available concepts: ['heart', 'star']" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()

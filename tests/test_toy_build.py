@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
 from doco_lib.toy.build import ResumableTraining, build_toy_world
 
 
+@pytest.mark.slow  # trains the toy world anew (about a minute)
 def test_quick_build_exports_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel
@@ -54,6 +56,7 @@ def test_stopped_training_resumes_to_identical_weights(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_quick_wide_build_keeps_the_shipped_judge_vae_and_tokenizer(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import subprocess
 import zlib
 
 import pytest
@@ -65,20 +64,20 @@ def test_judge_accuracy_recorded_by_the_build():
     assert report["unet_curve"], "the build records its accuracy-vs-time curve"
 
 
-def test_sample_command_writes_images_and_grid(tmp_path, doco_command):
+def test_sample_command_writes_images_and_grid(tmp_path, doco):
     out = tmp_path / "samples"
-    result = subprocess.run(doco_command + ["sample", "--model", "toy", "--prompt", "a photo of a star", "-n", "3",
+    result = doco("sample", "--model", "toy", "--prompt", "a photo of a star", "-n", "3",
                                             "--seed", "1", "--steps", "4", "--guidance", "5", "--device", "cpu",
-                                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+                                            "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.glob("*.png")) == ["grid.png", "image_0000.png", "image_0001.png",
                                                           "image_0002.png"]
     assert Image.open(out / "image_0000.png").size == (32, 32)
 
 
-def test_sample_command_rejects_a_missing_model(tmp_path, doco_command):
-    result = subprocess.run(doco_command + ["sample", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out",
-                                            str(tmp_path)], capture_output=True, text=True, timeout=120)
+def test_sample_command_rejects_a_missing_model(tmp_path, doco):
+    result = doco("sample", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out",
+                                            str(tmp_path))
     assert result.returncode == 2 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -1,5 +1,6 @@
 """DoCo training in the toy world on tiny settings: presets, resume after SIGKILL, exports."""
 
+import json
 import signal
 import subprocess
 import time
@@ -9,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_training import train, write_params
 
-from doco_lib.methods.harness import FIDELITY_PRESETS, TrainingConfig, predicted_x0, select_trainable
+from doco_lib.methods.harness import FIDELITY_PRESETS, TrainingConfig, select_trainable
+from doco_lib.methods.prediction import predicted_x0
 
 
 def test_presets_then_overrides():
@@ -43,10 +45,10 @@ def test_predicted_x0_inverts_the_forward_process():
 
 
 @pytest.mark.parametrize("fidelity, retain_mode", [("official", "cp"), ("paper", "l2"), ("paper", "none")])
-def test_modes_and_presets_run_end_to_end(tmp_path, doco_command, fidelity, retain_mode):
+def test_modes_and_presets_run_end_to_end(tmp_path, fidelity, retain_mode):
     params = write_params(tmp_path, f"{fidelity}_{retain_mode}", fidelity=fidelity, retain_mode=retain_mode,
                           iterations=6, warmup_iterations=2, checkpoint_every=3)
-    result = train(doco_command, params)
+    result = train(params)
     assert result.returncode == 0, result.stderr[-2000:]
     run = tmp_path / "outputs" / f"{fidelity}_{retain_mode}" / "doco"
     from diffusers import UNet2DConditionModel
@@ -62,7 +64,7 @@ def test_modes_and_presets_run_end_to_end(tmp_path, doco_command, fidelity, reta
 @pytest.mark.slow
 def test_sigkill_mid_training_then_rerun_equals_an_uninterrupted_run(tmp_path, doco_command):
     straight = write_params(tmp_path, "straight")
-    assert train(doco_command, straight).returncode == 0
+    assert train(straight).returncode == 0
 
     killed = write_params(tmp_path, "killed")
     run = tmp_path / "outputs" / "killed" / "doco"
@@ -77,7 +79,7 @@ def test_sigkill_mid_training_then_rerun_equals_an_uninterrupted_run(tmp_path, d
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < step < 40
 
-    resumed = train(doco_command, killed)
+    resumed = train(killed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(tmp_path / "outputs" / "straight" / "doco" / "delta.safetensors"))
     b = load_file(str(run / "delta.safetensors"))
@@ -89,20 +91,20 @@ def test_sigkill_mid_training_then_rerun_equals_an_uninterrupted_run(tmp_path, d
     assert all(torch.allclose(d_a[k].float(), d_b[k].float(), atol=1e-6) for k in d_a)
 
 
-def test_changed_settings_refuse_to_resume(tmp_path, doco_command):
+def test_changed_settings_refuse_to_resume(tmp_path):
     params = write_params(tmp_path, "changed", iterations=6, warmup_iterations=2)
-    assert train(doco_command, params).returncode == 0
+    assert train(params).returncode == 0
     params.write_text(params.read_text().replace("batch_size: 4", "batch_size: 2"))
-    result = train(doco_command, params)
+    result = train(params)
     assert result.returncode != 0 and "batch_size" in result.stderr
 
 
-def test_a_second_run_on_the_same_folder_refuses(tmp_path, doco_command):
+def test_a_second_run_on_the_same_folder_refuses(tmp_path):
     from doco_lib.io import run_lock
 
     params = write_params(tmp_path, "locked", iterations=6, warmup_iterations=2)
     with run_lock(tmp_path / "outputs" / "locked"):
-        result = train(doco_command, params)
+        result = train(params)
     assert result.returncode == 2 and "in use by another run" in result.stderr
     assert not (tmp_path / "outputs" / "locked" / "doco").exists()
 
@@ -110,11 +112,11 @@ def test_a_second_run_on_the_same_folder_refuses(tmp_path, doco_command):
 @pytest.mark.parametrize("method, extra", [("esd", {"trainable": "cross_attention", "esd_steps": 4}),
                                            ("conabl", {"conabl_variant": "model"}),
                                            ("conabl", {"conabl_variant": "noise", "conabl_retain": False})])
-def test_baselines_train_in_the_same_harness(tmp_path, doco_command, method, extra):
+def test_baselines_train_in_the_same_harness(tmp_path, method, extra):
     run_name = f"{method}_{extra.get('conabl_variant', 'x')}"
     params = write_params(tmp_path, run_name, method=method, iterations=4, warmup_iterations=0, checkpoint_every=2,
                           **extra)
-    result = train(doco_command, params)
+    result = train(params)
     assert result.returncode == 0, result.stderr[-2000:]
     run = tmp_path / "outputs" / run_name / method
     from doco_lib.methods.deltas import read_delta_metadata
@@ -124,15 +126,18 @@ def test_baselines_train_in_the_same_harness(tmp_path, doco_command, method, ext
     assert any(v.abs().max() > 0 for v in delta.values())
     assert not (run / "discriminator.safetensors").exists()
     assert len((run / "training_log.csv").read_text().splitlines()) == 5
+    anchors = json.loads((run.parent / "costs" / "anchors.json").read_text())  # every phase's cost is recorded
+    training = json.loads((run / "costs" / "training.json").read_text())
+    assert anchors["seconds"] > 0 and training["method"] == method and training["iterations"] == 4
 
 
-def test_sequential_erasure_starts_from_the_previous_unet(tmp_path, doco_command):
+def test_sequential_erasure_starts_from_the_previous_unet(tmp_path):
     first = write_params(tmp_path, "stage1", iterations=4, warmup_iterations=2, checkpoint_every=2)
-    assert train(doco_command, first).returncode == 0
+    assert train(first).returncode == 0
     stage1_unet = tmp_path / "outputs" / "stage1" / "doco" / "unet"
     second = write_params(tmp_path, "stage2", iterations=4, warmup_iterations=2, checkpoint_every=2, target="heart",
                           base_unet=str(stage1_unet))
-    result = train(doco_command, second)
+    result = train(second)
     assert result.returncode == 0, result.stderr[-2000:]
     from diffusers import UNet2DConditionModel
 
@@ -146,10 +151,10 @@ def test_sequential_erasure_starts_from_the_previous_unet(tmp_path, doco_command
     assert torch.equal(stage1[untrained], stage2[untrained])
 
 
-def test_rgd_method_and_retain_mode_train(tmp_path, doco_command):
+def test_rgd_method_and_retain_mode_train(tmp_path):
     rgd = write_params(tmp_path, "rgd", method="rgd", trainable="full", iterations=3, warmup_iterations=0,
                        checkpoint_every=3, rgd_prompts=4)
-    result = train(doco_command, rgd)
+    result = train(rgd)
     assert result.returncode == 0, result.stderr[-2000:]
     run = tmp_path / "outputs" / "rgd"
     assert (run / "forget_latents" / "manifest.json").is_file() and (run / "anchor_latents" / "manifest.json").is_file()
@@ -164,17 +169,17 @@ def test_rgd_method_and_retain_mode_train(tmp_path, doco_command):
 
     doco_rgd = write_params(tmp_path, "doco_rgd", retain_mode="rgd", iterations=4, warmup_iterations=2,
                             checkpoint_every=2)
-    assert train(doco_command, doco_rgd).returncode == 0
+    assert train(doco_rgd).returncode == 0
 
 
-def test_a_preservation_set_joins_the_retaining_batch(tmp_path, doco_command, repo_root):
+def test_a_preservation_set_joins_the_retaining_batch(tmp_path, repo_root):
     from doco_lib import config
     from doco_lib.studies import runs
 
     preserve = repo_root / "params" / "prompts" / "toy_preserve.txt"
     params_file = write_params(tmp_path, "preserve", preservation_prompts_file=str(preserve), n_preservation_images=6,
                                iterations=4, warmup_iterations=2, checkpoint_every=2)
-    assert train(doco_command, params_file).returncode == 0
+    assert train(params_file).returncode == 0
     params = config.load_params(params_file)
     manifest = runs.preservation_dir(params) / "manifest.json"
     import json

@@ -34,9 +34,11 @@ def write_params(tmp_path: Path, run_name: str, **overrides) -> Path:
     return path
 
 
-def train(doco_command: list[str], params: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(doco_command + ["train", "--params", str(params), "--quiet"], capture_output=True,
-                          text=True, timeout=600, **kwargs)
+def train(params: Path) -> subprocess.CompletedProcess:
+    """`doco train --params PARAMS --quiet`, in this process."""
+    from conftest import run_doco
+
+    return run_doco("train", "--params", params, "--quiet")
 
 
 def train_with_fault(params: Path, point: str, action: str, nth: int) -> subprocess.CompletedProcess:

@@ -1,5 +1,5 @@
 """The toy version of the paper's Table 3: DoCo trained once per retain mode (none | l2 | cp), every model
-judged on the same prompt sets and seeds (`doco study retain-modes`)."""
+judged on the same prompt sets and seeds (`doco toy erasure`)."""
 
 from __future__ import annotations
 
