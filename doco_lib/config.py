@@ -225,25 +225,25 @@ SCHEMA: dict[str, Param] = {
                           "kept ([]: the code's default for objects; toy: the shapes the preservation prompts retain)",
                           TRAINING, check=lambda key, value: _list_of_words(key, value) if value else None),
     "spm_rank": Param(1, int, "SPM: adapter rank (one-dimensional: 1)", TRAINING, minimum=1),
-    "spm_alpha": Param(1.0, (int, float), "SPM: adapter scale α (branch × α/rank; code: 1)", TRAINING,
-                       check=_positive),
+    "spm_alpha": Param(4.0, (int, float), "SPM: adapter scale α, the branch × α/rank (code: 1; toy: 4, as at α 1 "
+                       "the toy world's lr left star drawn)", TRAINING, check=_positive),
     "spm_guidance": Param(1.0, (int, float), "SPM: erasing guidance g of the target ε(∅) − g(ε(c) − ε(∅)) (code: 1)",
                           TRAINING, minimum=0.0),
-    "spm_anchor_strength": Param(1000.0, (int, float), "SPM: weight of the latent-anchoring loss (code: 1000)",
-                                 TRAINING, minimum=0.0),
+    "spm_anchor_strength": Param(10.0, (int, float), "SPM: weight of the latent-anchoring loss (code: 1000; toy: "
+                                 "10, as 100 and 1000 held the toy adapters still)", TRAINING, minimum=0.0),
     "spm_anchors": Param(4, int, "SPM: random anchor embeddings drawn per iteration (code: 4)", TRAINING, minimum=1),
     "spm_anchor_batch": Param("official", str, "SPM: anchors reaching the loss: official (the code's, half of them "
                               "replaced by \"\") or intended (all drawn)", TRAINING, choices=registry.SPM_ANCHOR_BATCHES),
     "spm_prompts": Param("concept", str, "SPM: what it erases on: concept (the code's: the target word alone) or "
                          "target_prompts (the anchor prompts with the target in place of the anchor, as ESD here)",
                          TRAINING, choices=registry.SPM_PROMPTS),
-    "spm_denoising_steps": Param(30, int, "SPM: DDIM steps K that x_t is sampled with, k in [1, K) of them (code: 30)",
-                                 TRAINING, minimum=2),
+    "spm_denoising_steps": Param(10, int, "SPM: DDIM steps K that x_t is sampled with, k in [1, K) of them (code: "
+                                 "30; toy: 10, a third of the time)", TRAINING, minimum=2),
     "spm_start_guidance": Param(3.0, (int, float), "SPM: guidance of that sampling (code: 3)", TRAINING, minimum=0.0),
-    "spm_lr_warmup": Param(500, int, "SPM: iterations of linear learning-rate warm-up (code: 500 of 3000)", TRAINING,
-                           minimum=0),
-    "spm_lr_cycles": Param(3, int, "SPM: cosine cycles with hard restarts after the warm-up (code: 3; 0: constant)",
+    "spm_lr_warmup": Param(0, int, "SPM: iterations of linear learning-rate warm-up (code: 500 of 3000; toy: 0)",
                            TRAINING, minimum=0),
+    "spm_lr_cycles": Param(0, int, "SPM: cosine cycles with hard restarts after the warm-up (code: 3; toy: 0, a "
+                           "constant lr)", TRAINING, minimum=0),
     "esd_eta": Param(1.0, (int, float), "ESD: strength η of the negative guidance target", TRAINING, minimum=0.0),
     "esd_steps": Param(25, int, "ESD: DDIM steps of the partial denoising (ESD: 50)", TRAINING, minimum=2),
     "esd_start_guidance": Param(3.0, (int, float), "ESD: guidance of the partial denoising", TRAINING, minimum=0.0),

@@ -54,3 +54,14 @@ def run_doco(*args) -> subprocess.CompletedProcess:
         except SystemExit as exit_:  # argparse's usage errors
             status = exit_.code if isinstance(exit_.code, int) else 1
     return subprocess.CompletedProcess(["doco", *args], status, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def sd_hub(tmp_path_factory):
+    """A Hugging Face cache holding a tiny SD-v1.4-shaped pipeline under SD v1.4's hub id."""
+    from doco_lib.toy import sd_shaped
+
+    hub = tmp_path_factory.mktemp("hub")
+    sd_shaped.install_in_hub_cache(sd_shaped.build_sd14_pipeline(tmp_path_factory.mktemp("sd") / "sd14"),
+                                   sd_shaped.SD14_ID, hub)
+    return hub

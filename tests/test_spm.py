@@ -144,14 +144,6 @@ def test_spm_through_doco_train_erases_star_in_the_toy_world(tmp_path):
 TOY_RUN = dict(iterations=300, warmup_iterations=0, checkpoint_every=100, lr=3e-4, batch_size=8)
 
 
-@pytest.fixture(scope="module")
-def sd_hub(tmp_path_factory):
-    hub = tmp_path_factory.mktemp("hub")
-    sd_shaped.install_in_hub_cache(sd_shaped.build_sd14_pipeline(tmp_path_factory.mktemp("sd") / "sd14"),
-                                   sd_shaped.SD14_ID, hub)
-    return hub
-
-
 def test_the_sd14_spm_file_trains_on_the_sd14_shaped_pipeline(sd_hub, repo_root, tmp_path, monkeypatch):
     import huggingface_hub.constants
     from diffusers import UNet2DConditionModel

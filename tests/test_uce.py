@@ -1,7 +1,6 @@
 """UCE (doco_lib/methods/uce.py): the closed form against a hand computation and the properties of the ridge
 objective it solves; the code's text rows; a toy run through `doco train`; the SD-v1.4-shaped path."""
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_training import write_params
@@ -102,14 +101,6 @@ def test_uce_through_doco_train_erases_star_in_the_toy_world(tmp_path):
     after = erasure.judged_rates(load_pipeline("toy", "cpu", unet=str(run / "unet")), judge, sets, steps,
                                  guidance)["star"]
     assert before >= 0.75 and after <= ERASURE_REGRESSION_THRESHOLD * before, (before, after)
-
-
-@pytest.fixture(scope="module")
-def sd_hub(tmp_path_factory):
-    hub = tmp_path_factory.mktemp("hub")
-    sd_shaped.install_in_hub_cache(sd_shaped.build_sd14_pipeline(tmp_path_factory.mktemp("sd") / "sd14"),
-                                   sd_shaped.SD14_ID, hub)
-    return hub
 
 
 def test_the_sd14_uce_file_edits_only_the_32_cross_attention_kv_matrices(sd_hub, repo_root, tmp_path, monkeypatch):
