@@ -127,6 +127,11 @@ def test_learning_rate_schedule_is_diffusers_cosine_with_hard_restarts():
     assert spm.cosine_restarts_factor(10, 0, 300, 0) == 1.0
 
 
+# The schema's toy defaults for SPM, lr and batch (params/toy_world.yaml's) over the tiny run's anchor-image counts
+# (tests/tiny_training.py): as `doco train --params params/toy_world.yaml --set method=spm` trains.
+TOY_RUN = dict(iterations=400, warmup_iterations=0, checkpoint_every=100, lr=3e-4, batch_size=8)
+
+
 @pytest.mark.slow
 def test_spm_through_doco_train_erases_star_in_the_toy_world(tmp_path):
     params = write_params(tmp_path, "spm", method="spm", **TOY_RUN)
@@ -138,10 +143,6 @@ def test_spm_through_doco_train_erases_star_in_the_toy_world(tmp_path):
     before = erasure.judged_rates(load_pipeline("toy", "cpu"), judge, sets, 25, 5.0)["star"]
     after = erasure.judged_rates(load_pipeline("toy", "cpu", unet=str(run / "unet")), judge, sets, 25, 5.0)["star"]
     assert before >= 0.75 and after <= ERASURE_REGRESSION_THRESHOLD * before, (before, after)
-
-
-# The toy world's SPM defaults over the tiny run's counts (tests/tiny_training.py), with the toy world's lr.
-TOY_RUN = dict(iterations=300, warmup_iterations=0, checkpoint_every=100, lr=3e-4, batch_size=8)
 
 
 def test_the_sd14_spm_file_trains_on_the_sd14_shaped_pipeline(sd_hub, repo_root, tmp_path, monkeypatch):
