@@ -99,6 +99,18 @@ def test_changed_settings_refuse_to_resume(tmp_path):
     assert result.returncode != 0 and "batch_size" in result.stderr
 
 
+def test_another_methods_settings_do_not_refuse_a_resume(tmp_path):
+    """A DoCo checkpoint does not depend on SPM's keys; the check still covers DoCo's own (disc_lr)."""
+    params = write_params(tmp_path, "other", iterations=4, warmup_iterations=2, checkpoint_every=2)
+    assert train(params).returncode == 0
+    params.write_text(params.read_text().replace("iterations: 4", "iterations: 6") + "spm_alpha: 2.5\nuce_lambda: 0.3\n")
+    resumed = train(params)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    params.write_text(params.read_text().replace("iterations: 6", "iterations: 8") + "disc_lr: 0.123\n")
+    refused = train(params)
+    assert refused.returncode != 0 and "disc_lr" in refused.stderr
+
+
 def test_a_second_run_on_the_same_folder_refuses(tmp_path):
     from doco_lib.io import run_lock
 

@@ -50,7 +50,7 @@ from doco_lib.io import (
 )
 from doco_lib.methods.discriminator import GANLoss, NLayerDiscriminator
 from doco_lib.methods.prediction import Parameterization
-from doco_lib.methods.registry import FIDELITY_PRESETS, OPTIMIZERS, TRAINABLE
+from doco_lib.methods.registry import FIDELITY_PRESETS, METHODS, OPTIMIZERS, TRAINABLE
 from doco_lib.methods.split_gradients import SplitLinearGradients, bias_free_linears
 from doco_lib.methods.surgery import concept_preserving_gradient, restricted_gradient
 from doco_lib.models import encode_prompts, pick_device, text_encoders, unconditional_conditioning, unet_output
@@ -136,12 +136,12 @@ class TrainingConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def training_identity(self) -> dict:
-        """Everything that shapes the trajectory; `iterations` may grow on resume, the rest may not."""
-        identity = asdict(self)
-        for not_trajectory in ("iterations", "checkpoint_every", "attention", "compile_unet", "export_lora",
-                               "lora_energy"):
-            identity.pop(not_trajectory)
-        return identity
+        """Everything that shapes this method's trajectory; `iterations` may grow on resume, the rest may not.
+        Another method's keys (`spm_*` in a DoCo run) are left out, so changing them does not refuse a resume."""
+        other_methods = tuple(f"{name}_" for name in METHODS if name != self.method)
+        not_trajectory = ("iterations", "checkpoint_every", "attention", "compile_unet", "export_lora", "lora_energy")
+        return {key: value for key, value in asdict(self).items()
+                if key not in not_trajectory and not key.startswith(other_methods)}
 
 
 def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
