@@ -234,8 +234,9 @@ SCHEMA: dict[str, Param] = {
     "spm_anchors": Param(4, int, "SPM: random anchor embeddings drawn per iteration (code: 4)", TRAINING, minimum=1),
     "spm_anchor_batch": Param("official", str, "SPM: anchors reaching the loss: official (the code's, half of them "
                               "replaced by \"\") or intended (all drawn)", TRAINING, choices=registry.SPM_ANCHOR_BATCHES),
-    "spm_prompts": Param("concept", str, "SPM: what it erases on: concept (the code's: the target word alone) or "
-                         "target_prompts (the anchor prompts with the target in place of the anchor, as ESD here)",
+    "spm_prompts": Param("target_prompts", str, "SPM: what it erases on: concept (the code's: the target word alone) "
+                         "or target_prompts (the anchor prompts with the target in place of the anchor, as ESD here; "
+                         "toy: the bare word 'star' left the toy's captioned star drawn at 100%)",
                          TRAINING, choices=registry.SPM_PROMPTS),
     "spm_denoising_steps": Param(10, int, "SPM: DDIM steps K that x_t is sampled with, k in [1, K) of them (code: "
                                  "30; toy: 10, a third of the time)", TRAINING, minimum=2),
