@@ -169,7 +169,7 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tens
         if pooled is not None:
             size = pipe.unet.config.sample_size * pipe.vae_scale_factor
             time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=hidden.device)
-            hidden = _pack(hidden, pooled.float().to(hidden.device), time_ids.expand(len(hidden), TIME_IDS))
+            hidden = pack_conditioning(hidden, pooled.float().to(hidden.device), time_ids.expand(len(hidden), TIME_IDS))
         chunks.append(hidden)
     return torch.cat(chunks)
 
@@ -181,12 +181,13 @@ def unconditional_conditioning(pipe) -> torch.Tensor:
     if not getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", False):
         return empty
     inputs = unet_inputs(pipe.unet, empty)
-    return _pack(torch.zeros_like(inputs["encoder_hidden_states"]),
+    return pack_conditioning(torch.zeros_like(inputs["encoder_hidden_states"]),
                  torch.zeros_like(inputs["added_cond_kwargs"]["text_embeds"]), inputs["added_cond_kwargs"]["time_ids"])
 
 
-def _pack(hidden: torch.Tensor, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
-    """SDXL's hidden states (B, 77, d) with [text_embeds, time_ids] appended as ⌈(p + 6)/d⌉ zero-padded rows."""
+def pack_conditioning(hidden: torch.Tensor, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL's hidden states (B, 77, d) with [text_embeds, time_ids] appended as ⌈(p + 6)/d⌉ zero-padded rows: the
+    `encode_prompts` form of a conditioning, which `unet_inputs` unpacks."""
     extra = torch.cat([text_embeds, time_ids], dim=-1)
     width = hidden.shape[-1]
     rows = -(-extra.shape[-1] // width)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from doco_lib import config
 from doco_lib.anchors import AnchorLatents
 from doco_lib.concepts import ConceptSpec
-from doco_lib.methods import registry
+from doco_lib.methods import registry, spm
 from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.discriminator import NLayerDiscriminator, check_discriminator_fits
 from doco_lib.methods.harness import DocoTrainer, TrainingConfig, select_trainable
@@ -314,8 +314,6 @@ def test_params_files_of_the_new_families_validate(repo_root, name, model, size,
 COUNTS = {"n_anchor_images": 2, "anchor_shard_size": 2, "num_inference_steps": 1, "iterations": 2,
           "warmup_iterations": 1, "batch_size": 1, "checkpoint_every": 2, "esd_steps": 2, "rgd_prompts": 2,
           "spm_denoising_steps": 2, "spm_anchors": 1, "device": "cpu"}
-SPM_ON_SDXL = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                reason="SPM refuses SDXL UNets (a ParamsError): its pooled embedding and time ids")
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +336,6 @@ def _family_runs():
     for family, pipeline_class in (("sd21", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")):
         for method in registry.METHODS:
             marks = [] if method == "doco" else [pytest.mark.slow]
-            if (family, method) == ("sdxl", "spm"):
-                marks.append(SPM_ON_SDXL)
             yield pytest.param(family, pipeline_class, method, marks=marks, id=f"{family}-{method}")
 
 
@@ -363,6 +359,34 @@ def test_every_method_trains_through_doco_train(family, pipeline_class, method, 
     assert type(pipe).__name__ == pipeline_class
     base = load_pipeline(params["model"], "cpu").unet.state_dict()
     assert any(not torch.equal(w, base[name]) for name, w in pipe.unet.state_dict().items()), "nothing was erased"
+
+
+def test_spm_on_sdxl_anchors_hidden_states_and_pooled_embedding_apart(hub_cache, outputs, repo_root, monkeypatch,
+                                                                     one_torch_thread):
+    """As the code's train_spm_xl.py: each anchor's hidden states and pooled embedding are drawn against the
+    concept's own (norms within the 0.8–1.2 scale), its time ids are the concept's; transport reads the
+    cross-attended states."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    params = config.load_params(repo_root / "params" / "concepts" / "sdxl_snoopy.yaml",
+                                {**COUNTS, "method": "spm", "spm_anchors": 4, "spm_anchor_batch": "intended",
+                                 "run_name": "sdxl_spm_anchors", "output_root": str(outputs)})
+    pipe = runs.starting_pipeline(params)
+    runs.prepare_anchors(params, pipe)
+    trainer = runs.make_trainer(params, pipe)
+    concept = unet_inputs(pipe.unet, trainer.concept[:1].cpu())
+    anchors = unet_inputs(pipe.unet, trainer._anchors())
+    assert anchors["encoder_hidden_states"].shape == (4, 77, 96)
+    for drawn, own in ((anchors["encoder_hidden_states"], concept["encoder_hidden_states"]),
+                       (anchors["added_cond_kwargs"]["text_embeds"], concept["added_cond_kwargs"]["text_embeds"])):
+        ratios = drawn.flatten(1).norm(dim=1) / own.flatten().norm()
+        assert ((0.8 <= ratios) & (ratios <= 1.2)).all(), ratios
+        assert (F.cosine_similarity(drawn.flatten(1), own.flatten(1)) < 0.5).all()  # random, not the concept
+    assert torch.equal(anchors["added_cond_kwargs"]["time_ids"], concept["added_cond_kwargs"]["time_ids"].expand(4, -1))
+    assert spm.transport_strength(pipe, "a photo of Snoopy", ["Snoopy"]) == 1.0
+    assert spm.transport_strength(pipe, "a photo of a teapot", ["Snoopy"]) < 1.0
 
 
 @pytest.mark.slow

@@ -27,7 +27,8 @@ Training, one iteration, c the erased concept's embedding (its bare word, e.g. "
         L_a = ‖ε_SPM(x_t, a) − ε(x_t, a)‖²,   L = L_e + λ_a L_a,   λ_a = `spm_anchor_strength` (1000).
      The code interleaves [∅, a_1, ∅, a_2, …] and its noise prediction keeps the second half only, so for
      n = 4 the anchors that reach the loss are ∅, a_3, ∅, a_4 (`spm_anchor_batch: official`, the default);
-     `intended` anchors a_1 … a_n.
+     `intended` anchors a_1 … a_n. SDXL (the code's train_spm_xl.py): the hidden states and the pooled
+     embedding of each a_i are drawn so apart, each against c's own; the time ids are c's.
   4. Adam on U and D (the code: AdamW8bit, batch 1, lr 1e-4, 3000 iterations) with the code's learning-rate
      schedule, cosine with hard restarts after a linear warm-up (`spm_lr_warmup`, `spm_lr_cycles`; 0 cycles:
      constant after the warm-up, our addition). The code's random 256–448 px training resolutions are not
@@ -35,7 +36,7 @@ Training, one iteration, c the erased concept's embedding (its bare word, e.g. "
 
 Facilitated transport (inference). For a prompt p and the erased prompts e,
     s(p) = max_e max( cos(E(p), E(e)), |T(p) ∩ T(e)| / |T(e)| ),
-E the text encoder's hidden states flattened (77·d), T the set of token ids without BOS/EOS/padding; no
+E the hidden states the UNet cross-attends to, flattened (77·d; SDXL: both encoders'), T the set of token ids without BOS/EOS/padding; no
 threshold. The code multiplies *both* factors U and D by s, so the branch scales by s² (`scaling="squared"`,
 the default); "linear" scales it by s.
 
@@ -58,10 +59,10 @@ import torch
 import torch.nn.functional as F
 
 from doco_lib import costs, export
-from doco_lib.errors import CorruptFileError, ParamsError
+from doco_lib.errors import CorruptFileError
 from doco_lib.io import atomic_directory, atomic_save_json, atomic_write_bytes
 from doco_lib.methods.harness import ErasureTrainer
-from doco_lib.models import text_encoders, unet_output
+from doco_lib.models import encode_prompts, pack_conditioning, text_encoders, unet_inputs, unet_output
 from doco_lib.sampling import generate
 
 ADAPTER_FILE = "spm.safetensors"
@@ -219,7 +220,8 @@ def transport_strength(pipe, prompt: str, erased: list[str]) -> float:
     tokenizer = pipe.tokenizer
     ids = tokenizer([prompt, *erased], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    hidden = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().flatten(1)
+    # The hidden states the UNet cross-attends to (SDXL: both encoders'; its pooled embedding and time ids left out).
+    hidden = unet_inputs(pipe.unet, encode_prompts(pipe, [prompt, *erased]))["encoder_hidden_states"].flatten(1)
     cosine = F.cosine_similarity(hidden[:1], hidden[1:], dim=-1).cpu()
     special = set(tokenizer.convert_tokens_to_ids(list(tokenizer.special_tokens_map.values())))
     words = set(ids[0].tolist()) - special
@@ -270,9 +272,6 @@ class SpmTrainer(ErasureTrainer):
     method = "spm"
 
     def __init__(self, pipe, *args, **kwargs):
-        if pipe.unet.config.addition_embed_type is not None:
-            raise ParamsError("method: spm is implemented for SD v1 and 2.x UNets; SDXL's pooled embedding and "
-                              "time ids (the code's train_spm_xl.py) are not.")
         super().__init__(pipe, *args, **kwargs)
         self.erased = [self.spec.target]
         self.concept = self._encode(pipe, self.erased)  # (1, 77, d): the code trains on the bare word
@@ -314,19 +313,29 @@ class SpmTrainer(ErasureTrainer):
         index = int(k * len(self.loss_timesteps) / cfg.spm_denoising_steps)
         return latents, self.loss_timesteps[index].to(self.device).repeat(len(c))
 
+    def _random_anchor(self, c: torch.Tensor) -> torch.Tensor:
+        """One anchor for the embedding c (module docstring, step 3): random, kept with probability 1 − cos."""
+        while True:
+            noise = torch.randn(c.shape, generator=self.generator)
+            noise = noise / noise.flatten().norm()
+            similarity = F.cosine_similarity(c.flatten(), noise.flatten(), dim=0)
+            if torch.rand((), generator=self.generator) < 1 - similarity:
+                break
+        return (torch.rand((), generator=self.generator) * 0.4 + 0.8) * noise * c.flatten().norm()
+
     def _anchors(self) -> torch.Tensor:
-        """The anchor embeddings that reach the loss (module docstring, step 3), on the CPU."""
+        """The anchor embeddings that reach the loss (module docstring, step 3), on the CPU. SDXL, as the code's
+        train_spm_xl.py (sample_xl): the hidden states and the pooled embedding are drawn each against the
+        concept's own, the time ids are the concept's."""
         cfg = self.config
-        c = self.concept[0].cpu()
-        drawn = []
-        while len(drawn) < cfg.spm_anchors:
-            while True:
-                noise = torch.randn(c.shape, generator=self.generator)
-                noise = noise / noise.flatten().norm()
-                similarity = F.cosine_similarity(c.flatten(), noise.flatten(), dim=0)
-                if torch.rand((), generator=self.generator) < 1 - similarity:
-                    break
-            drawn.append((torch.rand((), generator=self.generator) * 0.4 + 0.8) * noise * c.flatten().norm())
+        c = self.concept[:1].cpu()
+        if self.unet.config.addition_embed_type is None:
+            drawn = [self._random_anchor(c[0]) for _ in range(cfg.spm_anchors)]
+        else:
+            inputs = unet_inputs(self.unet, c)
+            hidden, pooled = inputs["encoder_hidden_states"], inputs["added_cond_kwargs"]["text_embeds"]
+            drawn = [pack_conditioning(self._random_anchor(hidden), self._random_anchor(pooled),
+                                       inputs["added_cond_kwargs"]["time_ids"])[0] for _ in range(cfg.spm_anchors)]
         if cfg.spm_anchor_batch == "intended":
             return torch.stack(drawn)
         empty = self.empty_embedding[0].cpu()
