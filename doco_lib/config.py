@@ -335,7 +335,8 @@ SCHEMA: dict[str, Param] = {
     "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03, NB05, NB08),
                           minimum=1),
     # -- 05: ablations
-    "ablation_variants": Param(["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl", "RGD", "SepME"], list,
+    "ablation_variants": Param(["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl", "RGD", "UCE", "SPM",
+                                "SepME"], list,
                                "methods and retain modes compared (doco_lib.methods.registry.VARIANTS, and SepME on "
                                "sepme_model)", (NB05,),
                                check=_list_of_words),
