@@ -96,6 +96,16 @@ def _list_of_words(key: str, value: Any) -> None:
         raise ParamsError(f"{key}: expected a non-empty list of words, got {value!r}.")
 
 
+def _list_of_positive_numbers(key: str, value: Any) -> None:
+    if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ParamsError(f"{key}: expected a non-empty list of numbers > 0, got {value!r}.")
+
+
+def _list_of_step_counts(key: str, value: Any) -> None:
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        raise ParamsError(f"{key}: expected a non-empty list of step counts (integers ≥ 1), got {value!r}.")
+
+
 def _list_of_seeds(key: str, value: Any) -> None:
     if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise ParamsError(f"{key}: expected a non-empty list of seeds (integers ≥ 0), got {value!r}.")
@@ -193,6 +203,14 @@ SCHEMA: dict[str, Param] = {
     "related_concepts": Param(["pentagon", "hexagon", "circle", "triangle"], list,
                               "concepts that must survive: shown in grids, measured in the toy world",
                               (NB03, NB05, NB07), check=_list_of_words),
+    "sweep_guidance_scales": Param([1.5, 3.0, 5.0, 7.5, 10.0], list, "guidance scales the erasure is judged at (the "
+                                   "sampling sweep; toy world)", (NB05,), check=_list_of_positive_numbers),
+    "sweep_steps": Param([10, 25, 50], list, "denoising step counts the erasure is judged at (the sampling sweep; "
+                         "toy world)", (NB05,), check=_list_of_step_counts),
+    "cross_domain_concepts": Param([], list, "concepts of another kind than the target (e.g. styles when erasing an "
+                                   "object): UnlearnCanvas's CRA on real models, by CLIP accuracy (the toy world "
+                                   "reads its judge's colour and style heads)", (NB05,),
+                                   check=lambda key, value: _list_of_words(key, value) if value else None),
     # -- 01: anchor data
     "n_anchor_images": Param(256, int, "anchor images the original model generates (paper: 1000)",
                              (NB01, NB05, NB07), minimum=1),

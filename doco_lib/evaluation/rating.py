@@ -13,7 +13,7 @@ from doco_lib import config
 from doco_lib.evaluation.runner import EvaluatedModel, evaluate
 from doco_lib.io import slug
 from doco_lib.models import is_toy, load_judge, load_pipeline, toy_weights_dir
-from doco_lib.toy.erasure import cached_judged_rates, prompt_sets
+from doco_lib.toy.erasure import cached_judged_heads, prompt_sets
 
 
 def record_model(params: dict, record: dict) -> str:
@@ -27,8 +27,14 @@ def model_label(params: dict, model: str, label: str) -> str:
     return label if model == params["model"] else f"{label} ({model})"
 
 
+def _head_columns(heads: dict) -> dict:
+    """A prompt set's judged heads as columns: `rate` (the set's shape drawn), `colour rate`, `style rate`."""
+    return {"rate": heads["shape"], "colour rate": heads["colour"], "style rate": heads["style"]}
+
+
 def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: int) -> pd.DataFrame:
-    """Toy world: judged rate of every prompt set for each listed UNet and for its base model (per seed)."""
+    """Toy world: judged rate of every prompt set for each listed UNet and for its base model (per seed), with
+    the judge's colour and style heads on the same images (`colour rate`, `style rate`)."""
 
     judge = load_judge(params["device"])
     steps, guidance = params["num_inference_steps"], params["guidance_scale"]
@@ -42,9 +48,9 @@ def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: 
         for seed in sorted(set(unets["seed"])):
             sets = prompt_sets(params["target"], shapes, samples, seed)
             cache = config.run_dir(params) / "ablation" / name
-            for prompt_set, rate in cached_judged_rates(base, judge, sets, steps, guidance, seed, cache).items():
+            for prompt_set, heads in cached_judged_heads(base, judge, sets, steps, guidance, seed, cache).items():
                 rows.append({"model": model_label(params, base_model, "original"), "base": base_model, "seed": seed,
-                             "prompt set": prompt_set, "rate": rate})
+                             "prompt set": prompt_set, **_head_columns(heads)})
     for seed in sorted(set(unets["seed"])):
         sets = prompt_sets(params["target"], shapes, samples, seed)
         for record in (r for r in records if r["seed"] == seed):
@@ -52,10 +58,10 @@ def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: 
             erased = load_pipeline(base_model, params["device"], unet=record["unet"])
             label = {k: v for k, v in record.items() if k not in ("seed", "unet", "model")}
             cache = Path(record["unet"]).parent / "judged_rates.json"
-            for prompt_set, rate in cached_judged_rates(erased, judge, sets, steps, guidance, seed, cache).items():
+            for prompt_set, heads in cached_judged_heads(erased, judge, sets, steps, guidance, seed, cache).items():
                 rows.append({**label, "model": model_label(params, base_model, " ".join(str(v) for v in
                                                                                        label.values())),
-                             "base": base_model, "seed": seed, "prompt set": prompt_set, "rate": rate})
+                             "base": base_model, "seed": seed, "prompt set": prompt_set, **_head_columns(heads)})
     return pd.DataFrame(rows)
 
 
@@ -93,6 +99,17 @@ def rate_models(params: dict, unets: pd.DataFrame, concepts: list[str], samples:
     if is_toy(params["model"]):
         return judge_models(params, unets, concepts, samples)
     return clip_rates(params, unets, concepts)
+
+
+def sampling_sweep(params: dict, unets: pd.DataFrame, guidance_scales: list[float], step_counts: list[int],
+                   samples: int) -> pd.DataFrame:
+    """Toy world: how often each model (and its base) still draws the target and its synonym as the sampling
+    settings change: every guidance scale at the params' steps, every step count at the params' guidance.
+    Rows as `judge_models`', with the `guidance` and `steps` they were drawn at."""
+    steps, guidance = params["num_inference_steps"], params["guidance_scale"]
+    settings = dict.fromkeys([(g, steps) for g in guidance_scales] + [(guidance, s) for s in step_counts])
+    return pd.concat([judge_models({**params, "guidance_scale": g, "num_inference_steps": s}, unets, [params["target"]],
+                                   samples).assign(guidance=g, steps=s) for g, s in settings], ignore_index=True)
 
 
 def mean_ci(values: pd.Series, level: float = 0.95) -> tuple[float, float]:

@@ -6,6 +6,8 @@ styles drawn from a fixed seed, so the original and the erased model see the sam
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,51 +44,71 @@ def prompt_sets(target: str, shapes: list[str], n: int, seed: int = 0) -> dict[s
     return sets
 
 
-def judged_rates(pipe, judge, sets: dict[str, tuple[list[str], str]], steps: int, guidance: float,
-                 seed: int = 0) -> dict[str, float]:
-    """For each prompt set, the fraction of images the judge names as the set's shape."""
+HEADS = ("shape", "colour", "style")
+
+
+def _named_attribute_hits(predicted: dict, prompts: list[str]) -> dict[str, list[bool]]:
+    """For each of colour and style, whether the judge saw the value each prompt names (prompts naming none
+    are left out)."""
+    words = [prompt.replace(",", " ").split() for prompt in prompts]
+    hits = {}
+    for attribute, values in (("colour", render.COLOURS), ("style", render.STYLES)):
+        named = [(i, value) for i, w in enumerate(words) for value in values if value in w]
+        hits[attribute] = [predicted[attribute][i].item() == values.index(value) for i, value in named]
+    return hits
+
+
+def judged_heads(pipe, judge, sets: dict[str, tuple[list[str], str]], steps: int, guidance: float,
+                 seed: int = 0) -> dict[str, dict[str, float | None]]:
+    """For each prompt set, what the judge's three heads see on the same images: `shape`, the fraction drawn as
+    the set's shape; `colour` and `style`, the fraction drawn in the colour / style their prompt names (None
+    when no prompt of the set names one)."""
     rates = {}
     for name, (prompts, shape) in sets.items():
         images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], steps, guidance)
-        predicted = judge.predict(images_to_judge_input(images))["shape"]
-        rates[name] = (predicted == render.SHAPES.index(shape)).float().mean().item()
+        predicted = judge.predict(images_to_judge_input(images))
+        hits = _named_attribute_hits(predicted, prompts)
+        rates[name] = {"shape": (predicted["shape"] == render.SHAPES.index(shape)).float().mean().item(),
+                       **{head: sum(h) / len(h) if h else None for head, h in hits.items()}}
     return rates
+
+
+def judged_rates(pipe, judge, sets: dict[str, tuple[list[str], str]], steps: int, guidance: float,
+                 seed: int = 0) -> dict[str, float]:
+    """For each prompt set, the fraction of images the judge names as the set's shape."""
+    return {name: heads["shape"] for name, heads in judged_heads(pipe, judge, sets, steps, guidance, seed).items()}
 
 
 def attribute_accuracy(pipe, judge, prompts: list[str], steps: int, guidance: float, seed: int = 0) -> dict[str, float]:
     """For prompts that name a colour and/or a style (e.g. RGD's held-out retain twins, "a purple shape on a
     dotted background"), how often the judge sees the named colour and style: prompt alignment, toy world."""
     images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], steps, guidance)
-    predicted = judge.predict(images_to_judge_input(images))
-    words = [prompt.replace(",", " ").split() for prompt in prompts]
-    accuracy = {}
-    for attribute, values in (("colour", render.COLOURS), ("style", render.STYLES)):
-        named = [(i, value) for i, w in enumerate(words) for value in values if value in w]
-        if named:
-            hits = [predicted[attribute][i].item() == values.index(value) for i, value in named]
-            accuracy[attribute] = sum(hits) / len(hits)
-    return accuracy
+    hits = _named_attribute_hits(judge.predict(images_to_judge_input(images)), prompts)
+    return {attribute: sum(h) / len(h) for attribute, h in hits.items() if h}
+
+
+def cached_judged_heads(pipe, judge, sets: dict[str, tuple[list[str], str]], steps: int, guidance: float,
+                        seed: int, cache_file: Path) -> dict[str, dict[str, float | None]]:
+    """`judged_heads`, remembering each prompt set's result in `cache_file` (JSON) under a hash of everything
+    that determines it, the UNet's weights included; only sets not measured before are generated."""
+    cache_file = Path(cache_file)
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in pipe.unet.parameters())).hexdigest()
+    keys = {name: hashlib.sha256(json.dumps([weights, prompts, shape, steps, guidance, seed, HEADS]).encode()).hexdigest()
+            for name, (prompts, shape) in sets.items()}
+    missing = {name: sets[name] for name, key in keys.items() if key not in cache}
+    if missing:
+        cache.update({keys[name]: heads for name, heads in judged_heads(pipe, judge, missing, steps, guidance,
+                                                                        seed).items()})
+        atomic_write_text(json.dumps(cache, indent=1) + "\n", cache_file)
+    return {name: cache[key] for name, key in keys.items()}
 
 
 def cached_judged_rates(pipe, judge, sets: dict[str, tuple[list[str], str]], steps: int, guidance: float,
                         seed: int, cache_file: Path) -> dict[str, float]:
-    """`judged_rates`, remembering each prompt set's rate in `cache_file` (JSON) under a hash of everything
-    that determines it, the UNet's weights included; only sets not measured before are generated."""
-    import hashlib
-    import json
-
-
-    cache_file = Path(cache_file)
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in pipe.unet.parameters())).hexdigest()
-    keys = {name: hashlib.sha256(json.dumps([weights, prompts, shape, steps, guidance, seed]).encode()).hexdigest()
-            for name, (prompts, shape) in sets.items()}
-    missing = {name: sets[name] for name, key in keys.items() if key not in cache}
-    if missing:
-        cache.update({keys[name]: rate for name, rate in judged_rates(pipe, judge, missing, steps, guidance,
-                                                                      seed).items()})
-        atomic_write_text(json.dumps(cache, indent=1) + "\n", cache_file)
-    return {name: cache[key] for name, key in keys.items()}
+    """`judged_rates` through the cache of `cached_judged_heads`."""
+    heads = cached_judged_heads(pipe, judge, sets, steps, guidance, seed, cache_file)
+    return {name: rates["shape"] for name, rates in heads.items()}
 
 
 def erasure_table(before: dict[str, float], after: dict[str, dict[str, float]]):
