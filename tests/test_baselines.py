@@ -4,11 +4,9 @@ UNet outputs on the same batch (the trained UNet before its update, and the orig
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_training import TINY
+from tiny_training import tiny_trainer
 
-from doco_lib import config
 from doco_lib.models import load_pipeline
-from doco_lib.studies import runs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # toy-sized kernels
 
@@ -17,14 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # toy-sized kernels
 def original():
     """The toy pipeline as shipped: its UNet is ε* (the frozen original), its text encoder encodes ''."""
     return load_pipeline("toy", "cpu", dtype=torch.float32)
-
-
-def _trainer(root, run_name, **overrides):
-    params = config.validate({"output_root": str(root), "run_name": run_name, **TINY, "iterations": 2,
-                              "warmup_iterations": 0, "checkpoint_every": 2, **overrides})
-    pipe = runs.starting_pipeline(params)
-    runs.prepare_anchors(params, pipe)
-    return runs.make_trainer(params, pipe)
 
 
 def _losses_at_each_step(trainer, monkeypatch, record: str, formula) -> list[tuple[float, float]]:
@@ -57,7 +47,7 @@ def _unet(model, x, t, embeddings):
 def test_conabl_model_variant_pulls_the_target_to_the_frozen_anchor_prediction(tmp_path, monkeypatch, original):
     """ConAbl eq. 4 + retaining: L = ‖ε_θ(x_t, c*, t) − ε*(x_t, c, t)‖² + α ‖ε_θ(x_t, c, t) − ε‖² (mean squares)."""
     alpha = 0.5
-    trainer = _trainer(tmp_path, "conabl_model", method="conabl", conabl_variant="model", conabl_retain=True,
+    trainer = tiny_trainer(tmp_path, "conabl_model", method="conabl", conabl_variant="model", conabl_retain=True,
                        retain_weight=alpha, lr=1e-2)
 
     def formula(args, batch):
@@ -76,7 +66,7 @@ def test_conabl_model_variant_pulls_the_target_to_the_frozen_anchor_prediction(t
 
 def test_conabl_noise_variant_pulls_the_target_to_the_noise(tmp_path, monkeypatch):
     """ConAbl's noise variant without retaining: L = ‖ε_θ(x_t, c*, t) − ε‖²."""
-    trainer = _trainer(tmp_path, "conabl_noise", method="conabl", conabl_variant="noise", conabl_retain=False,
+    trainer = tiny_trainer(tmp_path, "conabl_noise", method="conabl", conabl_variant="noise", conabl_retain=False,
                        lr=1e-2)
 
     def formula(args, batch):
@@ -91,7 +81,7 @@ def test_conabl_noise_variant_pulls_the_target_to_the_noise(tmp_path, monkeypatc
 def test_esd_target_is_the_frozen_guidance_pushed_away_from_the_concept(tmp_path, monkeypatch, original):
     """ESD: L = ‖ε_θ(x_t, c*, t) − [ε*(x_t, t) − η (ε*(x_t, c*, t) − ε*(x_t, t))]‖², x_t partially denoised with c*."""
     eta, steps = 2.0, 4
-    trainer = _trainer(tmp_path, "esd", method="esd", trainable="cross_attention", esd_eta=eta, esd_steps=steps,
+    trainer = tiny_trainer(tmp_path, "esd", method="esd", trainable="cross_attention", esd_eta=eta, esd_steps=steps,
                        lr=1e-2)
     tokens = original.tokenizer([""], padding="max_length", max_length=original.tokenizer.model_max_length,
                                 return_tensors="pt").input_ids

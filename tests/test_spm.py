@@ -5,18 +5,14 @@ the code's learning-rate schedule and anchor batch; a toy run through `doco trai
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_training import write_params
+from tiny_training import ERASURE_REGRESSION_THRESHOLD, judged_star_rates, write_params
 
 from doco_lib import config
 from doco_lib.app import cli
 from doco_lib.methods import spm
-from doco_lib.models import load_judge, load_pipeline
+from doco_lib.models import load_pipeline
 from doco_lib.sampling import generate
-from doco_lib.toy import erasure, sd_shaped
-
-# The toy run must take the judged rate of "star" to at most this share of the original model's (a regression
-# threshold; see the run's settings below for what they reached when this test was written).
-ERASURE_REGRESSION_THRESHOLD = 0.5
+from doco_lib.toy import sd_shaped
 
 
 def test_sd14_gets_192_rank_one_adapters_with_423936_parameters():
@@ -139,9 +135,7 @@ def test_spm_through_doco_train_erases_star_in_the_toy_world(tmp_path):
     run = tmp_path / "outputs" / "spm" / "spm"
     assert (run / spm.ADAPTER_FILE).is_file() and not (run / "delta.safetensors").exists()
 
-    judge, sets = load_judge("cpu"), {"star": erasure.prompt_sets("star", [], 8, 0)["star"]}
-    before = erasure.judged_rates(load_pipeline("toy", "cpu"), judge, sets, 25, 5.0)["star"]
-    after = erasure.judged_rates(load_pipeline("toy", "cpu", unet=str(run / "unet")), judge, sets, 25, 5.0)["star"]
+    before, after = judged_star_rates(run / "unet")
     assert before >= 0.75 and after <= ERASURE_REGRESSION_THRESHOLD * before, (before, after)
 
 

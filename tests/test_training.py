@@ -8,10 +8,12 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_training import train, write_params
+from tiny_training import tiny_trainer, train, write_params
 
 from doco_lib.methods.harness import FIDELITY_PRESETS, TrainingConfig, select_trainable
 from doco_lib.methods.prediction import predicted_x0
+
+SIX_ITERATIONS = dict(iterations=6, warmup_iterations=2, checkpoint_every=6)  # 2 of them the warm-up
 
 
 def test_presets_then_overrides():
@@ -213,20 +215,6 @@ def test_a_preservation_set_joins_the_retaining_batch(tmp_path, repo_root):
         runs.make_trainer(without, runs.starting_pipeline(without))
 
 
-def _tiny_trainer(root, run_name, **overrides):
-    """A DoCo trainer of TINY settings in this process (6 iterations, 2 of warm-up), its anchors prepared."""
-    from tiny_training import TINY
-
-    from doco_lib import config
-    from doco_lib.studies import runs
-
-    params = config.validate({"output_root": str(root), "run_name": run_name, **TINY, "iterations": 6,
-                              "warmup_iterations": 2, "checkpoint_every": 6, **overrides})
-    pipe = runs.starting_pipeline(params)
-    runs.prepare_anchors(params, pipe)
-    return runs.make_trainer(params, pipe)
-
-
 def _state(trainer) -> list:
     """Everything a training step may change, copied."""
     import copy
@@ -254,7 +242,7 @@ def _assert_same(a, b, where="state"):
 def test_the_memory_check_runs_an_adversarial_iteration_and_leaves_no_trace(tmp_path, monkeypatch):
     from doco_lib.methods.harness import TrainingDoesNotFit
 
-    checked, plain = _tiny_trainer(tmp_path, "checked"), _tiny_trainer(tmp_path, "plain")
+    checked, plain = (tiny_trainer(tmp_path, name, **SIX_ITERATIONS) for name in ("checked", "plain"))
     for trainer in (checked, plain):
         trainer.run(until=1, progress=False)  # D and its optimizer have state, the generator has moved
     before = _state(checked)
@@ -285,7 +273,7 @@ def test_the_memory_check_runs_an_adversarial_iteration_and_leaves_no_trace(tmp_
 def test_the_fp16_loss_scale_is_divided_out_exactly(tmp_path):
     from doco_lib.methods.harness import FP16_LOSS_SCALE
 
-    scaled, plain = _tiny_trainer(tmp_path, "scaled", iterations=4), _tiny_trainer(tmp_path, "plain", iterations=4)
+    scaled, plain = (tiny_trainer(tmp_path, name, **{**SIX_ITERATIONS, "iterations": 4}) for name in ("scaled", "plain"))
     scaled.loss_scale = FP16_LOSS_SCALE  # as under fp16 on a GPU; float32 scales by a power of two exactly
     scaled.run(progress=False)
     plain.run(progress=False)

@@ -3,17 +3,13 @@ objective it solves; the code's text rows; a toy run through `doco train`; the S
 
 import torch
 from safetensors.torch import load_file
-from tiny_training import write_params
+from tiny_training import ERASURE_REGRESSION_THRESHOLD, judged_star_rates, write_params
 
 from doco_lib import config
 from doco_lib.app import cli
 from doco_lib.methods import uce
-from doco_lib.models import load_judge, load_pipeline
-from doco_lib.toy import erasure, sd_shaped
-
-# The toy run must take the judged rate of "star" to at most this share of the original model's. A regression
-# threshold, well above what the shipped defaults reach (0/8 stars in the run of this test when it was written).
-ERASURE_REGRESSION_THRESHOLD = 0.5
+from doco_lib.models import load_pipeline
+from doco_lib.toy import sd_shaped
 
 
 def test_closed_form_matches_the_hand_computed_2x2_case():
@@ -95,11 +91,7 @@ def test_uce_through_doco_train_erases_star_in_the_toy_world(tmp_path):
     assert all(v.abs().max() > 0 for v in delta.values())
     assert len((run / "training_log.csv").read_text().splitlines()) == 2  # one edit, however many iterations
 
-    judge, sets = load_judge("cpu"), {"star": erasure.prompt_sets("star", [], 8, 0)["star"]}
-    steps, guidance = 25, 5.0  # the toy world's sampling (the tiny run draws its anchor images in 2 steps)
-    before = erasure.judged_rates(load_pipeline("toy", "cpu"), judge, sets, steps, guidance)["star"]
-    after = erasure.judged_rates(load_pipeline("toy", "cpu", unet=str(run / "unet")), judge, sets, steps,
-                                 guidance)["star"]
+    before, after = judged_star_rates(run / "unet")  # at the toy world's sampling (the tiny run's anchors: 2 steps)
     assert before >= 0.75 and after <= ERASURE_REGRESSION_THRESHOLD * before, (before, after)
 
 
