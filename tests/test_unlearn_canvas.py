@@ -40,6 +40,8 @@ def test_the_table_averages_seeds_with_an_interval():
     table = unlearn_canvas.table(rated, "star")
     assert list(table.columns) == ["UA ↑", "IRA ↑", "CRA ↑"]
     assert table.loc["erased", "UA ↑"].startswith("75.0 ± ") and table.loc["erased", "CRA ↑"].startswith("87.5 ± ")
+    unmeasured = unlearn_canvas.table(rated.assign(**{"colour rate": None, "style rate": None}), "star")
+    assert unmeasured.loc["erased", "CRA ↑"] == "—" and unmeasured.loc["erased", "IRA ↑"].startswith("75.0 ± ")
     with pytest.raises(ValueError, match="no rate for the target 'heart'"):
         unlearn_canvas.accuracies(rated, "heart")
 

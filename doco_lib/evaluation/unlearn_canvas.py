@@ -53,7 +53,9 @@ def accuracies(rated: pd.DataFrame, target: str, erased: list[str] | tuple[str, 
 
 
 def table(rated: pd.DataFrame, target: str, erased=(), cross_domain=()) -> pd.DataFrame:
-    """UA / IRA / CRA in percent, 'mean ± CI' over seeds, one row per model."""
+    """UA / IRA / CRA in percent, 'mean ± CI' over seeds, one row per model; '—' where nothing measured it (CRA
+    without cross-domain concepts, or toy prompt sets too small to name a colour or a style)."""
     summary = summarise(accuracies(rated, target, erased, cross_domain).dropna(subset=["rate"]))
     wide = summary.pivot_table(index="model", columns="prompt set", values="cell", aggfunc="first", sort=False)
-    return wide[[m for m in METRICS if m in wide.columns]].rename(columns={m: f"{m} ↑" for m in METRICS})
+    wide = wide.reindex(index=list(dict.fromkeys(rated["model"])), columns=list(METRICS)).fillna("—")
+    return wide.rename(columns={m: f"{m} ↑" for m in METRICS}).rename_axis(columns=None)
