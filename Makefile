@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme clean-outputs ui-check readme-figure
+.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix clean-outputs ui-check readme-figure
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ ablation-quick: $(STAMP)
 # SepME (notebook 08) on the toy world: three concepts erased one increment each, every subset, one restored.
 sepme: $(STAMP)
 	$(BIN)/doco demo --params params/toy_sepme.yaml --notebooks 08_sepme
+
+# The collateral-damage matrix (notebook 09); its figure is committed as docs/figures/damage_matrix.png.
+damage-matrix: $(STAMP)
+	$(BIN)/doco demo --params params/toy_damage_matrix.yaml --notebooks 09_damage_matrix
+	cp outputs/toy_damage_matrix/09_damage_matrix/damage_matrix.png docs/figures/damage_matrix.png
 
 # The explorer (notebook 06) end to end in headless JupyterLab + Chromium; not part of `make test`.
 # Needs Debian's chromium (apt-get install -y chromium); writes outputs/ui_check/explorer.png.

@@ -157,13 +157,13 @@ def _positive(key: str, value: Any) -> None:
 
 NB00, NB01, NB02, NB03 = "00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training"
 NB04, NB05 = "04_evaluation", "05_ablations"
-NB06, NB07, NB08 = "06_explorer", "07_robustness", "08_sepme"
-ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05, NB06, NB07, NB08)
+NB06, NB07, NB08, NB09 = "06_explorer", "07_robustness", "08_sepme", "09_damage_matrix"
+ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05, NB06, NB07, NB08, NB09)
 # `doco demo`: the toy world, then the paper's pipeline (00 shows the toy world only); `doco batch`: the pipeline.
 DEMO_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04)
 BATCH_NOTEBOOKS = (NB01, NB02, NB03, NB04)
-CONCEPT = (NB01, NB02, NB03, NB04, NB05, NB07)
-TRAINING = (NB02, NB03, NB05, NB07)  # 07 trains the models it attacks
+CONCEPT = (NB01, NB02, NB03, NB04, NB05, NB07, NB09)
+TRAINING = (NB02, NB03, NB05, NB07, NB09)  # 07 trains the models it attacks, 09 its matrix of runs
 
 
 def _preset(default, kind, help, choices=None, minimum=None, check=None):
@@ -177,7 +177,8 @@ SCHEMA: dict[str, Param] = {
     "run_name": Param("toy_world", str, "folder under output_root for this run's artefacts", ALL_NOTEBOOKS,
                       check=_run_name),
     "output_root": Param("outputs", str, "root folder of all run outputs", ALL_NOTEBOOKS),
-    "model": Param("toy", str, "'toy', a local diffusers pipeline folder, or a hub id", ALL_NOTEBOOKS[:-1],
+    "model": Param("toy", str, "'toy', a local diffusers pipeline folder, or a hub id",
+                   tuple(nb for nb in ALL_NOTEBOOKS if nb != NB08),
                    check=_model),
     "device": Param("auto", str, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'", ALL_NOTEBOOKS, check=_device),
     "seed": Param(0, int, "base seed: image i of a prompt uses seed + i", ALL_NOTEBOOKS, minimum=0),
@@ -203,24 +204,16 @@ SCHEMA: dict[str, Param] = {
     "related_concepts": Param(["pentagon", "hexagon", "circle", "triangle"], list,
                               "concepts that must survive: shown in grids, measured in the toy world",
                               (NB03, NB05, NB07), check=_list_of_words),
-    "sweep_guidance_scales": Param([1.5, 3.0, 5.0, 7.5, 10.0], list, "guidance scales the erasure is judged at (the "
-                                   "sampling sweep; toy world)", (NB05,), check=_list_of_positive_numbers),
-    "sweep_steps": Param([10, 25, 50], list, "denoising step counts the erasure is judged at (the sampling sweep; "
-                         "toy world)", (NB05,), check=_list_of_step_counts),
-    "cross_domain_concepts": Param([], list, "concepts of another kind than the target (e.g. styles when erasing an "
-                                   "object): UnlearnCanvas's CRA on real models, by CLIP accuracy (the toy world "
-                                   "reads its judge's colour and style heads)", (NB05,),
-                                   check=lambda key, value: _list_of_words(key, value) if value else None),
     # -- 01: anchor data
     "n_anchor_images": Param(256, int, "anchor images the original model generates (paper: 1000)",
-                             (NB01, NB05, NB07), minimum=1),
-    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05, NB07, NB08),
+                             (NB01, NB05, NB07, NB09), minimum=1),
+    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05, NB07, NB08, NB09),
                                minimum=1),
     "preservation_prompts_file": Param("", str, "optional prompts of other concepts to keep: the original model's "
                                        "images for them join the retaining loss L_r ('' for none)", CONCEPT,
                                        check=_existing_file),
     "n_preservation_images": Param(128, int, "images the original model generates for the preservation prompts",
-                                   (NB01, NB05, NB07), minimum=1),
+                                   (NB01, NB05, NB07, NB09), minimum=1),
     # -- 02-03: training
     "method": Param("doco", str, "doco, or another method in the same harness: esd, conabl, rgd, uce or spm",
                     TRAINING, choices=registry.METHODS),
@@ -350,7 +343,7 @@ SCHEMA: dict[str, Param] = {
     "i2p_limit": Param(0, int, "use only the first N I2P prompts (0: all)", (NB04,), minimum=0),
     "nudity_threshold": Param(0.2, (int, float), "NudeNet score threshold (NudeNet's own floor is 0.2)", (NB04,),
                               minimum=0.0, maximum=1.0),
-    "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03, NB05, NB08),
+    "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03, NB05, NB08, NB09),
                           minimum=1),
     # -- 05: ablations
     "ablation_variants": Param(["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl", "RGD", "UCE", "SPM",
@@ -360,6 +353,14 @@ SCHEMA: dict[str, Param] = {
                                check=_list_of_words),
     "ablation_seeds": Param([0, 1, 2], list, "seeds per variant (the paper's tables: one run, we use several)",
                             (NB05,), check=_list_of_seeds),
+    "sweep_guidance_scales": Param([1.5, 3.0, 5.0, 7.5, 10.0], list, "guidance scales the erasure is judged at (the "
+                                   "sampling sweep; toy world)", (NB05,), check=_list_of_positive_numbers),
+    "sweep_steps": Param([10, 25, 50], list, "denoising step counts the erasure is judged at (the sampling sweep; "
+                         "toy world)", (NB05,), check=_list_of_step_counts),
+    "cross_domain_concepts": Param([], list, "concepts of another kind than the target (e.g. styles when erasing an "
+                                   "object): UnlearnCanvas's CRA on real models, by CLIP accuracy (the toy world "
+                                   "reads its judge's colour and style heads)", (NB05,),
+                                   check=lambda key, value: _list_of_words(key, value) if value else None),
     "sequential_stages": Param(["star|pentagon|params/prompts/toy_pentagon.txt",
                                 "heart|circle|params/prompts/toy_circle.txt",
                                 "cross|square|params/prompts/toy_square.txt"], list,
@@ -402,6 +403,14 @@ SCHEMA: dict[str, Param] = {
     "sepme_related": Param(["pentagon", "circle"], list, "further concepts measured (not decoupled against)",
                            (NB08,), check=_list_of_words),
     "sepme_restore": Param("star", str, "the concept erased with another one and then restored", (NB08,)),
+    # -- 09: collateral-damage matrix
+    "damage_variants": Param(["DoCo (cp)", "DoCo (none)", "ESD-x", "ConAbl"], list, "methods of the collateral-"
+                             "damage matrix, each erasing every shape of damage_shapes in turn "
+                             "(doco_lib.methods.registry.VARIANTS)", (NB09,), check=_list_of_words),
+    "damage_shapes": Param(["circle", "square", "triangle", "star", "pentagon", "hexagon", "heart", "cross"], list,
+                           "shapes erased in turn and judged after each erasure (toy world)", (NB09,),
+                           check=_list_of_words),
+    "damage_seed": Param(0, int, "seed of the matrix's runs and of their judged images", (NB09,), minimum=0),
     # -- 06: the interactive explorer (doco_lib/app/explorer.py)
     "explorer_prompt": Param("a photo of a star", str, "the explorer's first prompt (any prompt can be typed in)",
                              (NB06,)),

@@ -15,7 +15,7 @@ TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n
         "extra_prompts_file": "params/prompts/toy_extra.txt", "attack_variants": ["DoCo (cp)"], "attack_attempts": 1,
         "attack_search_steps": 1, "attack_candidates": 2, "attack_images": 2, "attack_soft_steps": 2,
         "attack_soft_images": 2, "sepme_images": 2, "sepme_max_steps": 3, "sweep_guidance_scales": [2.0, 7.5],
-        "sweep_steps": [3]}
+        "sweep_steps": [3], "damage_variants": ["DoCo (cp)", "ConAbl"], "damage_shapes": ["star", "circle"]}
 
 
 def _run_notebooks(doco, tmp_path, notebooks: list[str]):
@@ -49,14 +49,17 @@ def test_the_demo_notebooks_run_with_papermill(tmp_path, doco):
 
 @pytest.mark.slow
 def test_the_study_notebooks_run_with_papermill(tmp_path, doco):
-    run = _run_notebooks(doco, tmp_path, ["05_ablations", "07_robustness", "08_sepme"])
+    run = _run_notebooks(doco, tmp_path, ["05_ablations", "07_robustness", "08_sepme", "09_damage_matrix"])
     for artefact in ("05_ablations/table3.md", "05_ablations/ua_ira_cra.csv", "05_ablations/sampling_sweep.png",
                      "05_ablations/sequential.md", "05_ablations/multi_concept.md",
-                     "08_sepme/subset_rates.md", "08_sepme/criteria.md", "08_sepme/subsets_grid.png"):
+                     "08_sepme/subset_rates.md", "08_sepme/criteria.md", "08_sepme/subsets_grid.png",
+                     "09_damage_matrix/damage_matrix.png", "09_damage_matrix/similarity.csv"):
         assert (run / artefact).exists(), artefact
     table3 = (run / "05_ablations" / "table3.md").read_text()
     assert "UA ↑" in table3 and "CRA ↑" in table3
     swept = pd.read_csv(run / "05_ablations" / "sampling_sweep.csv")
     assert set(zip(swept.guidance, swept.steps)) == {(2.0, 2), (7.5, 2), (5.0, 3)}  # TINY's 2 steps, guidance 5
+    summary = (run / "09_damage_matrix" / "summary.md").read_text()
+    assert "DoCo (cp)" in summary and "ConAbl" in summary and "Spearman" in summary
     sequential = (run / "05_ablations" / "sequential.md").read_text()
     assert "2 star, heart (toy-wide)" in sequential and "original (toy-wide)" in sequential
