@@ -8,7 +8,7 @@ import yaml
 TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n_anchor_images": 8,
         "anchor_shard_size": 4, "iterations": 4, "warmup_iterations": 2, "checkpoint_every": 2, "batch_size": 4,
         "eval_samples": 2, "images_per_template": 1, "n_templates": 2, "esd_steps": 3,
-        "ablation_variants": ["DoCo (cp)", "ConAbl", "SepME"], "ablation_seeds": [0, 1], "multi_concept_seeds": [0],
+        "ablation_variants": ["DoCo (cp)", "ConAbl", "UCE", "SPM", "SepME"], "ablation_seeds": [0, 1], "multi_concept_seeds": [0],
         "multi_concept_model": "toy-wide",
         "sequential_stages": ["star|pentagon|params/prompts/toy_pentagon.txt",
                               "heart|circle|params/prompts/toy_circle.txt"],
@@ -63,3 +63,17 @@ def test_the_study_notebooks_run_with_papermill(tmp_path, doco):
     assert "DoCo (cp)" in summary and "ConAbl" in summary and "Spearman" in summary
     sequential = (run / "05_ablations" / "sequential.md").read_text()
     assert "2 star, heart (toy-wide)" in sequential and "original (toy-wide)" in sequential
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uce", "spm"])
+def test_notebook_03_trains_and_judges_uce_and_spm(tmp_path, doco, method):
+    """Notebooks 01 and 03 with another method than DoCo (02, the discriminator's warm-up, refuses it): its
+    export, curves and judged table."""
+    params = tmp_path / "tiny.yaml"
+    params.write_text(yaml.safe_dump({"run_name": "nb", "output_root": str(tmp_path / "out"), **TINY, "method": method,
+                                      "spm_denoising_steps": 3}))
+    result = doco("demo", "--params", params, "--notebooks", "01_data_preparation", "03_adversarial_training")
+    assert result.returncode == 0, result.stderr[-3000:]
+    judged = pd.read_csv(tmp_path / "out" / "nb" / "03_adversarial_training" / "erasure_judged.csv")
+    assert method in judged.columns and (tmp_path / "out" / "nb" / method / "unet" / "config.json").is_file()
