@@ -113,6 +113,14 @@ def test_another_methods_settings_do_not_refuse_a_resume(tmp_path):
     assert refused.returncode != 0 and "disc_lr" in refused.stderr
 
 
+def test_a_runs_identity_keeps_the_keys_it_reads_and_only_those():
+    """DoCo's fourth retain mode reads RGD's α, so its checkpoint depends on rgd_*; cp's does not; SPM's on spm_*."""
+    assert "rgd_alpha" in TrainingConfig(method="doco", retain_mode="rgd").training_identity()
+    cp = TrainingConfig(method="doco", retain_mode="cp").training_identity()
+    assert "rgd_alpha" not in cp and "spm_alpha" not in cp and "disc_lr" in cp
+    assert "spm_alpha" in TrainingConfig(method="spm").training_identity()
+
+
 def test_a_second_run_on_the_same_folder_refuses(tmp_path):
     from doco_lib.io import run_lock
 

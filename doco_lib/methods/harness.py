@@ -137,8 +137,10 @@ class TrainingConfig:
 
     def training_identity(self) -> dict:
         """Everything that shapes this method's trajectory; `iterations` may grow on resume, the rest may not.
-        Another method's keys (`spm_*` in a DoCo run) are left out, so changing them does not refuse a resume."""
-        other_methods = tuple(f"{name}_" for name in METHODS if name != self.method)
+        Keys of methods the run does not read (`spm_*` in a DoCo run) are left out, so changing them does not
+        refuse a resume; DoCo with `retain_mode: rgd` reads RGD's `rgd_*`."""
+        read = {self.method, "rgd"} if self.retain_mode == "rgd" else {self.method}
+        other_methods = tuple(f"{name}_" for name in METHODS if name not in read)
         not_trajectory = ("iterations", "checkpoint_every", "attention", "compile_unet", "export_lora", "lora_energy")
         return {key: value for key, value in asdict(self).items()
                 if key not in not_trajectory and not key.startswith(other_methods)}
