@@ -101,14 +101,16 @@ def _list_of_positive_numbers(key: str, value: Any) -> None:
         raise ParamsError(f"{key}: expected a non-empty list of numbers > 0, got {value!r}.")
 
 
-def _list_of_step_counts(key: str, value: Any) -> None:
-    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
-        raise ParamsError(f"{key}: expected a non-empty list of step counts (integers ≥ 1), got {value!r}.")
+def _list_of_integers(noun: str, minimum: int):
+    """The check of a non-empty list of integers ≥ `minimum` (`noun`: what they count, for the message)."""
+    def check(key: str, value: Any) -> None:
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value):
+            raise ParamsError(f"{key}: expected a non-empty list of {noun} (integers ≥ {minimum}), got {value!r}.")
+    return check
 
 
-def _list_of_seeds(key: str, value: Any) -> None:
-    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-        raise ParamsError(f"{key}: expected a non-empty list of seeds (integers ≥ 0), got {value!r}.")
+_list_of_seeds = _list_of_integers("seeds", 0)
+_list_of_step_counts = _list_of_integers("step counts", 1)
 
 
 def parse_stage(stage: str) -> tuple[str, str, str, str]:

@@ -36,8 +36,8 @@ Training, one iteration, c the erased concept's embedding (its bare word, e.g. "
 
 Facilitated transport (inference). For a prompt p and the erased prompts e,
     s(p) = max_e max( cos(E(p), E(e)), |T(p) ∩ T(e)| / |T(e)| ),
-E the hidden states the UNet cross-attends to, flattened (77·d; SDXL: both encoders'), T the set of token ids without BOS/EOS/padding; no
-threshold. The code multiplies *both* factors U and D by s, so the branch scales by s² (`scaling="squared"`,
+E the hidden states the UNet cross-attends to, flattened (77·d; SDXL: both encoders'), T the set of token ids
+without BOS/EOS/padding; no threshold. The code multiplies *both* factors U and D by s, so the branch scales by s² (`scaling="squared"`,
 the default); "linear" scales it by s.
 
 Storage. The adapter is its own safetensors file (`spm.safetensors`, kilobytes to 1.7 MB on SD) in the code's

@@ -85,11 +85,16 @@ def similarity(params: dict, shapes: list[str]) -> pd.DataFrame:
     return concept_similarity(load_pipeline(params["model"], params["device"]), shapes)
 
 
+def _diagonal(matrix: pd.DataFrame) -> pd.DataFrame:
+    """True where the row's shape is the column's (erased = judged)."""
+    return pd.DataFrame([[e == s for s in matrix.columns] for e in matrix.index], index=matrix.index,
+                        columns=matrix.columns)
+
+
 def entanglement_correlation(damage_matrix: pd.DataFrame, similarity_matrix: pd.DataFrame) -> tuple[float, float]:
     """Spearman's ρ (and its p-value) between the off-diagonal damage and the shapes' text similarity."""
-    pairs = [(damage_matrix.loc[e, s], similarity_matrix.loc[e, s]) for e in damage_matrix.index
-             for s in damage_matrix.columns if e != s]
-    result = stats.spearmanr([d for d, _ in pairs], [c for _, c in pairs])
+    damage_off = damage_matrix.where(~_diagonal(damage_matrix)).stack().dropna()  # pandas 3 keeps NaN rows
+    result = stats.spearmanr(damage_off, similarity_matrix.stack().reindex(damage_off.index))
     return float(result.statistic), float(result.pvalue)
 
 
@@ -98,8 +103,7 @@ def summary(matrices: dict[str, pd.DataFrame], similarity_matrix: pd.DataFrame) 
     the off-diagonal damage against the similarity, with its p-value."""
     rows = []
     for variant, matrix in matrices.items():
-        on_diagonal = pd.DataFrame([[e == s for s in matrix.columns] for e in matrix.index], index=matrix.index,
-                                   columns=matrix.columns)
+        on_diagonal = _diagonal(matrix)
         rho, p = entanglement_correlation(matrix, similarity_matrix)
         rows.append({"method": variant, "erasure (diagonal, pts)": matrix.where(on_diagonal).stack().mean(),
                      "damage (off the diagonal, pts)": matrix.where(~on_diagonal).stack().mean(),
