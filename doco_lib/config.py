@@ -160,12 +160,13 @@ def _positive(key: str, value: Any) -> None:
 NB00, NB01, NB02, NB03 = "00_toy_world", "01_data_preparation", "02_discriminator_warmup", "03_adversarial_training"
 NB04, NB05 = "04_evaluation", "05_ablations"
 NB06, NB07, NB08, NB09 = "06_explorer", "07_robustness", "08_sepme", "09_damage_matrix"
-ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05, NB06, NB07, NB08, NB09)
+NB10 = "10_styles_and_attributes"
+ALL_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04, NB05, NB06, NB07, NB08, NB09, NB10)
 # `doco demo`: the toy world, then the paper's pipeline (00 shows the toy world only); `doco batch`: the pipeline.
 DEMO_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04)
 BATCH_NOTEBOOKS = (NB01, NB02, NB03, NB04)
-CONCEPT = (NB01, NB02, NB03, NB04, NB05, NB07, NB09)
-TRAINING = (NB02, NB03, NB05, NB07, NB09)  # 07 trains the models it attacks, 09 its matrix of runs
+CONCEPT = (NB01, NB02, NB03, NB04, NB05, NB07, NB09, NB10)
+TRAINING = (NB02, NB03, NB05, NB07, NB09, NB10)  # 07 trains the models it attacks, 09 and 10 their runs
 
 
 def _preset(default, kind, help, choices=None, minimum=None, check=None):
@@ -208,14 +209,14 @@ SCHEMA: dict[str, Param] = {
                               (NB03, NB05, NB07), check=_list_of_words),
     # -- 01: anchor data
     "n_anchor_images": Param(256, int, "anchor images the original model generates (paper: 1000)",
-                             (NB01, NB05, NB07, NB09), minimum=1),
-    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05, NB07, NB08, NB09),
+                             (NB01, NB05, NB07, NB09, NB10), minimum=1),
+    "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05, NB07, NB08, NB09, NB10),
                                minimum=1),
     "preservation_prompts_file": Param("", str, "optional prompts of other concepts to keep: the original model's "
                                        "images for them join the retaining loss L_r ('' for none)", CONCEPT,
                                        check=_existing_file),
     "n_preservation_images": Param(128, int, "images the original model generates for the preservation prompts",
-                                   (NB01, NB05, NB07, NB09), minimum=1),
+                                   (NB01, NB05, NB07, NB09, NB10), minimum=1),
     # -- 02-03: training
     "method": Param("doco", str, "doco, or another method in the same harness: esd, conabl, rgd, uce or spm",
                     TRAINING, choices=registry.METHODS),
@@ -325,16 +326,17 @@ SCHEMA: dict[str, Param] = {
     "eval_templates": Param("toy", str, "prompt templates: clip80 (CLIP's 80 ImageNet templates) or toy",
                             (NB04, NB05, NB08),
                             choices=("clip80", "toy")),
-    "n_templates": Param(0, int, "templates per concept (0: all of the set)", (NB04, NB05, NB08), minimum=0,
+    "n_templates": Param(0, int, "templates per concept (0: all of the set)", (NB04, NB05, NB08, NB10), minimum=0,
                          maximum=80),
-    "images_per_template": Param(8, int, "images per template and concept", (NB04, NB05, NB08), minimum=1),
+    "images_per_template": Param(8, int, "images per template and concept", (NB04, NB05, NB08, NB10),
+                                 minimum=1),
     "clip_model": Param("toy", str, "CLIP for CS/CA and for 07's zero-shot judge on SD: 'toy' (the evaluation toy "
                         "CLIP) or a local folder or hub id, e.g. openai/clip-vit-large-patch14",
-                        (NB04, NB05, NB07, NB08)),
+                        (NB04, NB05, NB07, NB08, NB10)),
     "clip_score_definition": Param("torchmetrics", str, "torchmetrics (100·max(cos,0)), logits (100·cos) or hessel "
                                    "(2.5·max(cos,0))", (NB04,), choices=("torchmetrics", "logits", "hessel")),
     "fid_features": Param("judge", str, "FID features: inception (FID InceptionV3) or judge (toy world)",
-                          (NB04, NB05, NB08),
+                          (NB04, NB05, NB08, NB10),
                           choices=("inception", "judge")),
     "sample_batch_size": Param(0, int, "images per pipeline call when evaluating (0: by latent size: 64 in the toy "
                                "world, 8 on SD v1 at 512 px, a guidance batch of 16 that fits 24 GB in float16)",
@@ -345,8 +347,8 @@ SCHEMA: dict[str, Param] = {
     "i2p_limit": Param(0, int, "use only the first N I2P prompts (0: all)", (NB04,), minimum=0),
     "nudity_threshold": Param(0.2, (int, float), "NudeNet score threshold (NudeNet's own floor is 0.2)", (NB04,),
                               minimum=0.0, maximum=1.0),
-    "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)", (NB03, NB05, NB08, NB09),
-                          minimum=1),
+    "eval_samples": Param(64, int, "images per prompt set when judging the erasure (toy world)",
+                          (NB03, NB05, NB08, NB09, NB10), minimum=1),
     # -- 05: ablations
     "ablation_variants": Param(["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl", "RGD", "UCE", "SPM",
                                 "SepME"], list,
@@ -413,6 +415,23 @@ SCHEMA: dict[str, Param] = {
                            "shapes erased in turn and judged after each erasure (toy world)", (NB09,),
                            check=_list_of_words),
     "damage_seed": Param(0, int, "seed of the matrix's runs and of their judged images", (NB09,), minimum=0),
+    # -- 10: toy Table 2 (styles) and toy Figure 6 (an implicit attribute)
+    "study_variants": Param(["DoCo (cp)", "ESD-x", "ConAbl", "RGD", "UCE", "SPM"], list, "methods compared on the "
+                            "style and attribute erasures (doco_lib.methods.registry.VARIANTS)", (NB10,),
+                            check=_variants),
+    "study_seeds": Param([0, 1, 2], list, "training seeds of every style and attribute run", (NB10,),
+                         check=_list_of_seeds),
+    "style_targets": Param(["striped", "dotted", "checkered"], list, "toy styles erased in turn, each to the plain "
+                           "background", (NB10,), check=_list_of_words),
+    "attribute": Param("orange", str, "toy colour erased wherever it appears, implicit prompts included", (NB10,)),
+    "implicit_candidates_file": Param("params/prompts/toy_implicit_candidates.txt", str, "words tried as \"a photo "
+                                      "of a <word>\" beside the colour-free captions when searching implicit prompts",
+                                      (NB10,), check=_existing_file),
+    "implicit_samples": Param(16, int, "images per candidate prompt when searching the implicit prompts", (NB10,),
+                              minimum=1),
+    "implicit_threshold": Param(0.5, (int, float), "a candidate is implicit when the original model draws the "
+                                "attribute at least this often", (NB10,), minimum=0.0, maximum=1.0),
+    "implicit_images": Param(16, int, "images (seeds) per implicit prompt in the I2P-format CSV", (NB10,), minimum=1),
     # -- 06: the interactive explorer (doco_lib/app/explorer.py)
     "explorer_prompt": Param("a photo of a star", str, "the explorer's first prompt (any prompt can be typed in)",
                              (NB06,)),

@@ -19,10 +19,11 @@ TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n
         "sweep_steps": [3], "damage_variants": ["DoCo (cp)", "ConAbl"], "damage_shapes": ["star", "circle"]}
 
 
-def _run_notebooks(doco, tmp_path, notebooks: list[str]):
-    """`doco demo --notebooks …` on tiny params; checks every notebook ran without an error; the run folder."""
+def _run_notebooks(doco, tmp_path, notebooks: list[str], **settings):
+    """`doco demo --notebooks …` on tiny params (and `settings`); checks every notebook ran without an error; the run
+    folder."""
     params = tmp_path / "tiny.yaml"
-    params.write_text(yaml.safe_dump({"run_name": "nb", "output_root": str(tmp_path / "out"), **TINY}))
+    params.write_text(yaml.safe_dump({"run_name": "nb", "output_root": str(tmp_path / "out"), **TINY, **settings}))
     result = doco("demo", "--params", params, "--notebooks", *notebooks)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Passed unknown parameter" not in result.stderr  # the keys a parameters cell does not show are expected
@@ -78,3 +79,24 @@ def test_notebook_03_trains_and_judges_uce_and_spm(tmp_path, doco, method):
     assert result.returncode == 0, result.stderr[-3000:]
     judged = pd.read_csv(tmp_path / "out" / "nb" / "03_adversarial_training" / "erasure_judged.csv")
     assert method in judged.columns and (tmp_path / "out" / "nb" / method / "unet" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_notebook_10_styles_and_attribute_run_with_papermill(tmp_path, doco):
+    """Toy Table 2 and toy Figure 6 on tiny settings: every artefact, a row per method, and the implicit prompts
+    counted for the original model and each run (implicit_threshold 0: every candidate qualifies at 2 steps)."""
+    words = tmp_path / "words.txt"
+    words.write_text("apple\nocean\n")
+    run = _run_notebooks(doco, tmp_path, ["10_styles_and_attributes"], study_variants=["DoCo (cp)", "UCE"],
+                         study_seeds=[0, 1], style_targets=["striped"], implicit_candidates_file=str(words),
+                         implicit_samples=1, implicit_threshold=0.0, implicit_images=1) / "10_styles_and_attributes"
+    for artefact in ("table2.md", "styles_same_seeds.png", "candidate_colour_rates.csv", "implicit_orange_prompts.csv",
+                     "implicit_counts.png", "implicit_reduction.md", "attribute_table.md"):
+        assert (run / artefact).exists(), artefact
+    table2 = pd.read_csv(run / "table2.csv", index_col=[0, 1])
+    assert list(table2.index) == [("striped", "original"), ("striped", "DoCo (cp)"), ("striped", "UCE")]
+    assert {"CS (erased) ↓", "CA (kept) ↑", "FID ↓", "UA ↑", "IRA ↑", "CRA ↑"} <= set(table2.columns)
+    counts = pd.read_csv(run / "implicit_counts.csv")
+    assert set(counts.model) == {"original", "DoCo (cp)", "UCE"} and set(counts.seed) == {0, 1}
+    candidates = pd.read_csv(run / "candidate_colour_rates.csv")
+    assert "a photo of an apple" in set(candidates.prompt) and len(counts[counts["class"] == "total"]) == 6

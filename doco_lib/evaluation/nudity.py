@@ -62,6 +62,7 @@ class NudityDetector:
             raise ValueError(f"nudity_threshold must be in [0, 1], got {threshold}")
         self.detector = NudeDetector()
         self.threshold = threshold
+        self.classes = EXPOSED_CLASSES
 
     def count(self, images: torch.Tensor) -> list[dict[str, int]]:
         """Per image, the number of detections of each EXPOSED class at or above the threshold."""
@@ -83,22 +84,23 @@ class NudityDetector:
         return counts
 
 
-def i2p_counts(caches: dict, rows: list[I2PPrompt], steps: int, detector: NudityDetector) -> pd.DataFrame:
-    """EXPOSED detections per class (rows, plus 'total') and model (columns) over the I2P `rows`. Each model's
+def i2p_counts(caches: dict, rows: list[I2PPrompt], steps: int, detector) -> pd.DataFrame:
+    """Detections per class of `detector` (a `NudityDetector`: the EXPOSED classes; or anything with `classes` and
+    `count_files`, as the toy world's colour detector) (rows, plus 'total') and model (columns) over the I2P `rows`. Each model's
     images are generated into its `ImageCache` first, with each row's seed and guidance, and the pipeline is
     released; NudeNet then reads the PNG files one at a time, so no model's 4,703 images are held in memory."""
     counts = {}
     for label, cache in caches.items():
         paths = cache.ensure([r.prompt for r in rows], [r.seed for r in rows], steps, [r.guidance for r in rows])
         cache.release()
-        counts[label] = totals(detector.count_files(paths))
+        counts[label] = totals(detector.count_files(paths), detector.classes)
     table = pd.DataFrame(counts)
     table.loc["total"] = table.sum()
     return table
 
 
-def totals(counts: list[dict[str, int]]) -> dict[str, int]:
-    return {c: sum(image[c] for image in counts) for c in EXPOSED_CLASSES}
+def totals(counts: list[dict[str, int]], classes: tuple[str, ...] = EXPOSED_CLASSES) -> dict[str, int]:
+    return {c: sum(image[c] for image in counts) for c in classes}
 
 
 def reduction_percent(base_total: int, erased_total: int) -> float:

@@ -13,7 +13,7 @@ from doco_lib import config
 from doco_lib.evaluation.runner import EvaluatedModel, evaluate
 from doco_lib.io import slug
 from doco_lib.models import is_toy, load_judge, load_pipeline, toy_weights_dir
-from doco_lib.toy.erasure import cached_judged_heads, prompt_sets
+from doco_lib.toy.erasure import KINDS, VALUES, attribute_sets, cached_judged_heads, prompt_sets
 
 
 def record_model(params: dict, record: dict) -> str:
@@ -63,6 +63,33 @@ def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: 
                                                                                        label.values())),
                              "base": base_model, "seed": seed, "prompt set": prompt_set, **_head_columns(heads)})
     return pd.DataFrame(rows)
+
+
+def judge_kind(params: dict, trained: pd.DataFrame, kind: str, samples: int) -> pd.DataFrame:
+    """Toy world: the judge's heads on a prompt set per value of `kind` ('colour' or 'style': prompts naming it,
+    `erasure.attribute_sets`), for the original model and each run of `trained` (columns variant, seed, unet and
+    any labels, such as `erased`), `samples` images each with the run's seed. Rows: model, the labels, seed, prompt
+    set, `rate` (the kind's head: the value asked for drawn) and `<other kind> rate` for the other two heads."""
+    judge = load_judge(params["device"])
+    steps, guidance = params["num_inference_steps"], params["guidance_scale"]
+    labels = [c for c in trained.columns if c not in ("variant", "seed", "unet")]
+    original = load_pipeline(params["model"], params["device"])
+
+    def rows(pipe, cache, label: dict, seed: int, sets) -> list[dict]:
+        heads = cached_judged_heads(pipe, judge, sets, steps, guidance, seed, cache)
+        return [{**label, "seed": seed, "prompt set": name, "rate": h[kind],
+                 **{f"{other} rate": h[other] for other in KINDS if other != kind}} for name, h in heads.items()]
+
+    judged = []
+    for seed in sorted(set(trained.seed)):
+        sets = attribute_sets(kind, list(VALUES[kind]), samples, seed)
+        judged += rows(original, config.run_dir(params) / "judged" / f"original_{kind}_{slug(params['model'])}.json",
+                       {"model": "original", **dict.fromkeys(labels, "")}, seed, sets)
+        for record in trained[trained.seed == seed].to_dict("records"):
+            erased = load_pipeline(params["model"], params["device"], unet=record["unet"])
+            judged += rows(erased, Path(record["unet"]).parent / f"judged_{kind}.json",
+                           {"model": record["variant"], **{c: record[c] for c in labels}}, seed, sets)
+    return pd.DataFrame(judged)
 
 
 def clip_rates(params: dict, unets: pd.DataFrame, concepts: list[str]) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.evaluation.fid import InceptionFeatures, fid_from_features
 from doco_lib.models import pick_device
 from doco_lib.toy import render
-from doco_lib.toy.erasure import SHAPE_TEMPLATES, shape_prompts
+from doco_lib.toy.erasure import VALUES, attribute_prompts, kind_of
 from doco_lib.toy.quality import images_to_judge_input
 
 
@@ -35,10 +35,11 @@ class EvaluatedModel:
 
 def concept_prompts(concept: str, template_set: str, n_templates: int, images_per_template: int) -> tuple[list, list]:
     """(concept prompts, concept-free prompts), one entry per image."""
-    if template_set == "toy":
-        count = n_templates or len(SHAPE_TEMPLATES)
-        prompts = shape_prompts(concept, count)
-        anchors = shape_prompts("shape", count)
+    if template_set == "toy":  # captions naming the concept's kind (other words: as a shape); concept-free: "shape",
+        kind = kind_of(concept, default="shape")  # or the colour / style left out
+        count = n_templates or sum(kind in attributes for _, attributes in render.CAPTION_TEMPLATES)
+        prompts = attribute_prompts(kind, concept, count)
+        anchors = attribute_prompts(kind, "shape" if kind == "shape" else "", count)
     else:
         count = n_templates or len(templates.IMAGENET_TEMPLATES)
         prompts, anchors = templates.concept_prompts(concept, count), templates.anchor_prompts(count)
@@ -98,8 +99,11 @@ def _feature_extractor(kind: str, judge, device: str = "cpu"):
 
 
 def _judge_accuracy(judge, images: torch.Tensor, concept: str) -> float:
-    shape = {render.SYNONYMS.get(s, s): s for s in render.SHAPES} | {s: s for s in render.SHAPES}
-    if concept not in shape:
+    """How often the judge's head for the concept's kind (shape, colour or style) names it; NaN for words that
+    are none of the toy world's."""
+    kind = kind_of(concept, default="")
+    if not kind:
         return float("nan")
-    predicted = judge.predict(images_to_judge_input(images).to(next(judge.parameters()).device))["shape"].cpu()
-    return (predicted == render.SHAPES.index(shape[concept])).float().mean().item()
+    value = {synonym: shape for shape, synonym in render.SYNONYMS.items()}.get(concept, concept)
+    predicted = judge.predict(images_to_judge_input(images).to(next(judge.parameters()).device))[kind].cpu()
+    return (predicted == VALUES[kind].index(value)).float().mean().item()

@@ -29,10 +29,12 @@ def _mean(values: pd.Series) -> float:
 
 
 def accuracies(rated: pd.DataFrame, target: str, erased: list[str] | tuple[str, ...] = (),
-               cross_domain: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+               cross_domain: list[str] | tuple[str, ...] = (),
+               cross_heads: tuple[str, ...] = ("colour rate", "style rate")) -> pd.DataFrame:
     """UA, IRA and CRA of every (model, seed) of `rated` (rows: model, seed, prompt set, rate; the toy judge's
-    also `colour rate` and `style rate`), as rows (model, [base,] seed, prompt set = the metric, rate), the
-    layout `rating.summarise` averages over seeds. `erased`: further prompt sets of the target (its synonym)."""
+    also the other heads' columns, `cross_heads`: for shape sets `colour rate` and `style rate`, for style sets
+    `shape rate` and `colour rate`), as rows (model, [base,] seed, prompt set = the metric, rate), the layout
+    `rating.summarise` averages over seeds. `erased`: further prompt sets of the target (its synonym)."""
     erased = {target, *erased}
     group_by = [c for c in ("model", "base", "seed") if c in rated]
     rows = []
@@ -43,7 +45,7 @@ def accuracies(rated: pd.DataFrame, target: str, erased: list[str] | tuple[str, 
         retained = by_set[~by_set.index.isin(erased)]
         in_domain = retained[~retained.index.isin(cross_domain)]
         cross = [retained.loc[retained.index.isin(cross_domain), "rate"]]
-        cross += [in_domain[column] for column in ("colour rate", "style rate") if column in in_domain]
+        cross += [in_domain[column] for column in cross_heads if column in in_domain]
         cross_values = pd.concat(cross).astype(float)
         values = {"UA": 1.0 - float(by_set.loc[target, "rate"]), "IRA": _mean(in_domain["rate"].astype(float)),
                   "CRA": _mean(cross_values)}
@@ -52,10 +54,11 @@ def accuracies(rated: pd.DataFrame, target: str, erased: list[str] | tuple[str, 
     return pd.DataFrame(rows)
 
 
-def table(rated: pd.DataFrame, target: str, erased=(), cross_domain=()) -> pd.DataFrame:
+def table(rated: pd.DataFrame, target: str, erased=(), cross_domain=(),
+          cross_heads: tuple[str, ...] = ("colour rate", "style rate")) -> pd.DataFrame:
     """UA / IRA / CRA in percent, 'mean ± CI' over seeds, one row per model; '—' where nothing measured it (CRA
     without cross-domain concepts, or toy prompt sets too small to name a colour or a style)."""
-    summary = summarise(accuracies(rated, target, erased, cross_domain).dropna(subset=["rate"]))
+    summary = summarise(accuracies(rated, target, erased, cross_domain, cross_heads).dropna(subset=["rate"]))
     wide = summary.pivot_table(index="model", columns="prompt set", values="cell", aggfunc="first", sort=False)
     wide = wide.reindex(index=list(dict.fromkeys(rated["model"])), columns=list(METRICS)).fillna("—")
     return wide.rename(columns={m: f"{m} ↑" for m in METRICS}).rename_axis(columns=None)

@@ -102,6 +102,17 @@ def train_grid(params: dict, variants: list[str], seeds: list[int]) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def check_toy_study(params: dict, variants: list[str], variants_key: str, study: str, on_real_models: str) -> None:
+    """Refuse, before any run, a study that reads the toy judge on a model without it, or unknown variants (of the
+    key `variants_key`)."""
+    if not is_toy(params["model"]):
+        raise config.ParamsError(f"model: {params['model']!r}; {study} reads the toy judge, so it runs on the toy world "
+                                 f"('toy' or 'toy-wide'); {on_real_models}.")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise config.ParamsError(f"{variants_key}: unknown {unknown}; choose from {list(VARIANTS)}.")
+
+
 def check_real_model_settings(params: dict, variants: list[str]) -> None:
     """On a real model, refuse the toy world's defaults that would otherwise train RGD on the toy star's prompt
     slots or SepME on the toy pipeline, before any run starts."""

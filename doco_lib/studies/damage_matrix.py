@@ -21,8 +21,8 @@ from scipy import stats
 from doco_lib import config
 from doco_lib.io import slug
 from doco_lib.methods.registry import VARIANTS
-from doco_lib.models import concept_similarity, is_toy, load_judge, load_pipeline
-from doco_lib.studies.ablation import run_params, train_run
+from doco_lib.models import concept_similarity, load_judge, load_pipeline
+from doco_lib.studies.ablation import check_toy_study, run_params, train_run
 from doco_lib.toy.erasure import cached_judged_rates, prompt_sets
 from doco_lib.toy.render import SHAPES
 
@@ -32,12 +32,8 @@ ANCHOR, ANCHOR_PROMPTS = "shape", "params/prompts/toy_shape.txt"
 def check_settings(params: dict, variants: list[str], shapes: list[str]) -> None:
     """Refuse, before any run, what the matrix cannot do: a model without the toy judge, unknown variants or
     shapes."""
-    if not is_toy(params["model"]):
-        raise config.ParamsError(f"model: {params['model']!r}; the collateral-damage matrix reads the toy judge, so "
-                                 "it runs on the toy world ('toy' or 'toy-wide').")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise config.ParamsError(f"damage_variants: unknown {unknown}; choose from {list(VARIANTS)}.")
+    check_toy_study(params, variants, "damage_variants", "the collateral-damage matrix",
+                    "on SD, compare concepts with notebook 04")
     if len(shapes) < 2 or any(s not in SHAPES for s in shapes):
         raise config.ParamsError(f"damage_shapes: {shapes}; expected two or more of the toy shapes {list(SHAPES)}.")
 

@@ -17,19 +17,39 @@ from doco_lib.sampling import generate
 from doco_lib.toy import render
 from doco_lib.toy.quality import images_to_judge_input
 
+KINDS = ("shape", "colour", "style")
+VALUES = {"shape": render.SHAPES, "colour": render.COLOURS, "style": render.STYLES}
 SHAPE_TEMPLATES = [i for i, (_, attributes) in enumerate(render.CAPTION_TEMPLATES) if "shape" in attributes]
+
+
+def kind_of(word: str, default: str | None = None) -> str:
+    """'shape', 'colour' or 'style': which of the toy world's attributes `word` names (a shape's synonym counts);
+    `default` for any other word, if given."""
+    for kind in KINDS:
+        if word in VALUES[kind] or (kind == "shape" and word in render.SYNONYMS.values()):
+            return kind
+    if default is not None:
+        return default
+    raise ValueError(f"{word!r} is not a toy shape, colour or style ({[*render.SHAPES, *render.COLOURS, *render.STYLES]})")
+
+
+def attribute_prompts(kind: str, word: str, n: int, seed: int = 0) -> list[str]:
+    """`n` prompts naming `word` as their `kind` ('shape', 'colour' or 'style'), cycling through the caption
+    templates that name one, the other attributes drawn from `seed`. `word` may be any text: "shape" gives
+    generic shape prompts, and "" drops the attribute ("a star on a background")."""
+    templates = [text for text, attributes in render.CAPTION_TEMPLATES if kind in attributes]
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(n):
+        values = {other: VALUES[other][rng.integers(len(VALUES[other]))] for other in KINDS if other != kind}
+        text = " ".join(templates[i % len(templates)].format(**values, **{kind: word}).split())
+        prompts.append(render.with_articles(text.replace(" ,", ",")))
+    return prompts
 
 
 def shape_prompts(shape_word: str, n: int, seed: int = 0) -> list[str]:
     """`n` prompts naming `shape_word` (a shape or its synonym), over all shape-bearing templates."""
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for i in range(n):
-        template = render.CAPTION_TEMPLATES[SHAPE_TEMPLATES[i % len(SHAPE_TEMPLATES)]][0]
-        prompts.append(render.with_articles(template.format(
-            shape=shape_word, colour=render.COLOURS[rng.integers(len(render.COLOURS))],
-            style=render.STYLES[rng.integers(len(render.STYLES))])))
-    return prompts
+    return attribute_prompts("shape", shape_word, n, seed)
 
 
 def prompt_sets(target: str, shapes: list[str], n: int, seed: int = 0) -> dict[str, tuple[list[str], str]]:
@@ -44,32 +64,40 @@ def prompt_sets(target: str, shapes: list[str], n: int, seed: int = 0) -> dict[s
     return sets
 
 
-HEADS = ("shape", "colour", "style")
+def attribute_sets(kind: str, words: list[str], n: int, seed: int = 0) -> dict[str, tuple[list[str], None]]:
+    """Prompt sets naming each colour or style of `words` (`attribute_prompts`), in the form of `prompt_sets`;
+    no single shape is expected of them, so the judge's shape head is scored on the shapes they name."""
+    return {word: (attribute_prompts(kind, word, n, seed), None) for word in words}
 
 
 def _named_attribute_hits(predicted: dict, prompts: list[str]) -> dict[str, list[bool]]:
-    """For each of colour and style, whether the judge saw the value each prompt names (prompts naming none
-    are left out)."""
+    """For each of shape, colour and style, whether the judge saw the value each prompt names (prompts naming
+    none are left out; a shape's synonym names the shape)."""
     words = [prompt.replace(",", " ").split() for prompt in prompts]
+    synonym_of = {synonym: shape for shape, synonym in render.SYNONYMS.items()}
     hits = {}
-    for attribute, values in (("colour", render.COLOURS), ("style", render.STYLES)):
-        named = [(i, value) for i, w in enumerate(words) for value in values if value in w]
+    for attribute in KINDS:
+        values = VALUES[attribute]
+        named = [(i, synonym_of.get(word, word)) for i, w in enumerate(words) for word in w
+                 if synonym_of.get(word, word) in values]
         hits[attribute] = [predicted[attribute][i].item() == values.index(value) for i, value in named]
     return hits
 
 
-def judged_heads(pipe, judge, sets: dict[str, tuple[list[str], str]], steps: int, guidance: float,
+def judged_heads(pipe, judge, sets: dict[str, tuple[list[str], str | None]], steps: int, guidance: float,
                  seed: int = 0) -> dict[str, dict[str, float | None]]:
     """For each prompt set, what the judge's three heads see on the same images: `shape`, the fraction drawn as
-    the set's shape; `colour` and `style`, the fraction drawn in the colour / style their prompt names (None
-    when no prompt of the set names one)."""
+    the set's shape (for a set of colour or style prompts, shape None: as the shape each prompt names);
+    `colour` and `style`, the fraction drawn in the colour / style their prompt names (None when no prompt of
+    the set names one)."""
     rates = {}
     for name, (prompts, shape) in sets.items():
         images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], steps, guidance)
         predicted = judge.predict(images_to_judge_input(images))
         hits = _named_attribute_hits(predicted, prompts)
-        rates[name] = {"shape": (predicted["shape"] == render.SHAPES.index(shape)).float().mean().item(),
-                       **{head: sum(h) / len(h) if h else None for head, h in hits.items()}}
+        if shape is not None:
+            hits["shape"] = (predicted["shape"] == render.SHAPES.index(shape)).tolist()
+        rates[name] = {head: sum(h) / len(h) if h else None for head, h in hits.items()}
     return rates
 
 
@@ -94,7 +122,7 @@ def cached_judged_heads(pipe, judge, sets: dict[str, tuple[list[str], str]], ste
     cache_file = Path(cache_file)
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in pipe.unet.parameters())).hexdigest()
-    keys = {name: hashlib.sha256(json.dumps([weights, prompts, shape, steps, guidance, seed, HEADS]).encode()).hexdigest()
+    keys = {name: hashlib.sha256(json.dumps([weights, prompts, shape, steps, guidance, seed, KINDS]).encode()).hexdigest()
             for name, (prompts, shape) in sets.items()}
     missing = {name: sets[name] for name, key in keys.items() if key not in cache}
     if missing:
