@@ -91,6 +91,13 @@ def atomic_write_text(text: str, path: Path) -> None:
     atomic_write_bytes(text.encode("utf-8"), path)
 
 
+def write_text_if_changed(text: str, path: Path) -> Path:
+    """`atomic_write_text` unless `path` already holds `text` (generated settings files keep their timestamps)."""
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(text, path)
+    return path
+
+
 def atomic_save_json(obj: Any, path: Path) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
 

@@ -85,10 +85,11 @@ class NudityDetector:
 
 
 def i2p_counts(caches: dict, rows: list[I2PPrompt], steps: int, detector) -> pd.DataFrame:
-    """Detections per class of `detector` (a `NudityDetector`: the EXPOSED classes; or anything with `classes` and
-    `count_files`, as the toy world's colour detector) (rows, plus 'total') and model (columns) over the I2P `rows`. Each model's
-    images are generated into its `ImageCache` first, with each row's seed and guidance, and the pipeline is
-    released; NudeNet then reads the PNG files one at a time, so no model's 4,703 images are held in memory."""
+    """Detections per class of `detector` (rows, plus 'total') and model (columns) over the I2P `rows`: a
+    `NudityDetector` counts the EXPOSED classes; anything with `classes` and `count_files` may stand in for it (the
+    toy world's `implicit_attribute.AttributeDetector`). Each model's images are generated into its `ImageCache`
+    first, with each row's seed and guidance, and the pipeline is released; NudeNet then reads the PNG files one at
+    a time, so no model's 4,703 images are held in memory."""
     counts = {}
     for label, cache in caches.items():
         paths = cache.ensure([r.prompt for r in rows], [r.seed for r in rows], steps, [r.guidance for r in rows])

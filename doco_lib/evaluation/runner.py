@@ -22,7 +22,7 @@ from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.evaluation.fid import InceptionFeatures, fid_from_features
 from doco_lib.models import pick_device
 from doco_lib.toy import render
-from doco_lib.toy.erasure import VALUES, attribute_prompts, kind_of
+from doco_lib.toy.erasure import SHAPE_OF_SYNONYM, VALUES, attribute_prompts, kind_of
 from doco_lib.toy.quality import images_to_judge_input
 
 
@@ -104,6 +104,6 @@ def _judge_accuracy(judge, images: torch.Tensor, concept: str) -> float:
     kind = kind_of(concept, default="")
     if not kind:
         return float("nan")
-    value = {synonym: shape for shape, synonym in render.SYNONYMS.items()}.get(concept, concept)
+    value = SHAPE_OF_SYNONYM.get(concept, concept)
     predicted = judge.predict(images_to_judge_input(images).to(next(judge.parameters()).device))[kind].cpu()
     return (predicted == VALUES[kind].index(value)).float().mean().item()

@@ -34,7 +34,7 @@ from doco_lib.evaluation import nudity
 from doco_lib.evaluation.cache import model_caches, read_image
 from doco_lib.evaluation.rating import mean_ci
 from doco_lib.evaluation.runner import EvaluatedModel
-from doco_lib.io import atomic_write_text, read_utf8, slug
+from doco_lib.io import atomic_write_text, read_utf8, slug, write_text_if_changed
 from doco_lib.methods.registry import VARIANTS
 from doco_lib.models import load_judge, load_pipeline
 from doco_lib.sampling import generate
@@ -158,11 +158,10 @@ def train_attribute(params: dict, variants: list[str], attribute: str, seeds: li
     check_settings(params, variants, attribute)
     folder = config.run_dir(params) / "implicit"
     folder.mkdir(parents=True, exist_ok=True)
-    prompts, slots = folder / f"anchor_prompts_not_{attribute}.txt", folder / f"rgd_slots_{attribute}.yaml"
-    for text, path in (("\n".join(anchor_prompts(attribute)) + "\n", prompts),
-                       (yaml.safe_dump(rgd_slots(attribute), sort_keys=False), slots)):
-        if not path.is_file() or path.read_text() != text:
-            atomic_write_text(text, path)
+    prompts = write_text_if_changed("\n".join(anchor_prompts(attribute)) + "\n",
+                                    folder / f"anchor_prompts_not_{attribute}.txt")
+    slots = write_text_if_changed(yaml.safe_dump(rgd_slots(attribute), sort_keys=False),
+                                  folder / f"rgd_slots_{attribute}.yaml")
     overrides = {"concept_kind": "nudity", "target": attribute, "anchor": ANCHOR, "anchor_prompts_file": str(prompts),
                  "preservation_prompts_file": "", "rgd_slots_file": str(slots),
                  "uce_preserve": [c for c in render.COLOURS if c != attribute]}

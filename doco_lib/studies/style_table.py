@@ -14,15 +14,13 @@ style drawn), with its shape and colour heads on the same images for CRA.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import yaml
 
 from doco_lib import config
 from doco_lib.evaluation import rating, unlearn_canvas
 from doco_lib.evaluation.runner import EvaluatedModel, evaluate
-from doco_lib.io import atomic_write_text
+from doco_lib.io import write_text_if_changed
 from doco_lib.methods.registry import VARIANTS
 from doco_lib.models import load_judge, toy_weights_dir
 from doco_lib.studies.ablation import check_toy_study, run_params, train_run
@@ -58,21 +56,16 @@ def rgd_slots(style: str) -> dict:
             "test": {"shape": list(render.SHAPES[5:]), "colour": list(render.COLOURS[4:])}}
 
 
-def _write_once(text: str, path: Path) -> str:
-    if not path.is_file() or path.read_text() != text:
-        atomic_write_text(text, path)
-    return str(path)
-
-
 def train_styles(params: dict, variants: list[str], styles: list[str], seeds: list[int]) -> pd.DataFrame:
     """One run per (variant, erased style, seed); a table of their UNet folders."""
     check_settings(params, variants, styles)
     folder = config.run_dir(params) / "styles"
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = _write_once("\n".join(anchor_prompts()) + "\n", folder / f"anchor_prompts_{ANCHOR}.txt")
+    prompts = str(write_text_if_changed("\n".join(anchor_prompts()) + "\n", folder / f"anchor_prompts_{ANCHOR}.txt"))
     runs = []
     for style in styles:
-        slots = _write_once(yaml.safe_dump(rgd_slots(style), sort_keys=False), folder / f"rgd_slots_{style}.yaml")
+        slots = str(write_text_if_changed(yaml.safe_dump(rgd_slots(style), sort_keys=False),
+                                          folder / f"rgd_slots_{style}.yaml"))
         overrides = {"concept_kind": "instance", "target": style, "anchor": ANCHOR, "anchor_prompts_file": prompts,
                      "preservation_prompts_file": "", "rgd_slots_file": slots,
                      "uce_preserve": [s for s in render.STYLES if s not in (style, ANCHOR)]}

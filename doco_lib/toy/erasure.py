@@ -19,14 +19,14 @@ from doco_lib.toy.quality import images_to_judge_input
 
 KINDS = ("shape", "colour", "style")
 VALUES = {"shape": render.SHAPES, "colour": render.COLOURS, "style": render.STYLES}
-SHAPE_TEMPLATES = [i for i, (_, attributes) in enumerate(render.CAPTION_TEMPLATES) if "shape" in attributes]
+SHAPE_OF_SYNONYM = {synonym: shape for shape, synonym in render.SYNONYMS.items()}  # "pentagram" → "star"
 
 
 def kind_of(word: str, default: str | None = None) -> str:
     """'shape', 'colour' or 'style': which of the toy world's attributes `word` names (a shape's synonym counts);
     `default` for any other word, if given."""
     for kind in KINDS:
-        if word in VALUES[kind] or (kind == "shape" and word in render.SYNONYMS.values()):
+        if SHAPE_OF_SYNONYM.get(word, word) in VALUES[kind]:
             return kind
     if default is not None:
         return default
@@ -74,12 +74,11 @@ def _named_attribute_hits(predicted: dict, prompts: list[str]) -> dict[str, list
     """For each of shape, colour and style, whether the judge saw the value each prompt names (prompts naming
     none are left out; a shape's synonym names the shape)."""
     words = [prompt.replace(",", " ").split() for prompt in prompts]
-    synonym_of = {synonym: shape for shape, synonym in render.SYNONYMS.items()}
     hits = {}
     for attribute in KINDS:
         values = VALUES[attribute]
-        named = [(i, synonym_of.get(word, word)) for i, w in enumerate(words) for word in w
-                 if synonym_of.get(word, word) in values]
+        named = [(i, SHAPE_OF_SYNONYM.get(word, word)) for i, w in enumerate(words) for word in w
+                 if SHAPE_OF_SYNONYM.get(word, word) in values]
         hits[attribute] = [predicted[attribute][i].item() == values.index(value) for i, value in named]
     return hits
 
