@@ -27,6 +27,27 @@ def image_grid(images: torch.Tensor, columns: int, scale: int = 1, padding: int 
     return grid
 
 
+def labelled_grid(rows: list[torch.Tensor], row_labels: list[str], title: str, scale: int = 3):
+    """One grid of `rows` (each (N, 3, H, W), N images side by side) with each row's label written left of it and
+    `title` above; a matplotlib figure at the grid's own resolution."""
+    import matplotlib.pyplot as plt  # only where a figure is drawn: the CLI's imports stay light
+
+    if len(rows) != len(row_labels):
+        raise ValueError(f"labelled_grid: {len(rows)} rows of images but {len(row_labels)} row labels")
+    grid = image_grid(torch.cat(rows), len(rows[0]), scale=scale)
+    dpi = 100
+    figure, axes = plt.subplots(figsize=(grid.width / dpi + 1.6, grid.height / dpi + 0.6), dpi=dpi)
+    axes.imshow(grid, interpolation="nearest")
+    row_height = grid.height / len(rows)
+    axes.set_yticks([row_height * (i + 0.5) for i in range(len(rows))], row_labels, fontsize=10)
+    axes.set_xticks([])
+    axes.tick_params(length=0)
+    axes.grid(False)  # a seaborn theme's grid would cross the images
+    axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def save_images(images: torch.Tensor, out_dir: Path, prefix: str = "image", columns: int = 8) -> list[Path]:
     """Write each image as PNG plus `grid.png`; returns the image paths."""
     out_dir = Path(out_dir)

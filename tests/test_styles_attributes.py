@@ -9,6 +9,7 @@ import torch
 from doco_lib import config
 from doco_lib.evaluation import nudity, unlearn_canvas
 from doco_lib.evaluation.runner import _judge_accuracy, concept_prompts
+from doco_lib.figures import labelled_grid
 from doco_lib.models import load_judge
 from doco_lib.studies import implicit_attribute, style_table
 from doco_lib.toy import erasure, render
@@ -165,6 +166,30 @@ def test_reduction_is_the_papers_number_per_seed():
     table = implicit_attribute.reduction(counts)
     assert table.loc["original", "detections"] == "40" and table.loc["original", "reduction (%) ↑"] == "—"
     assert table.loc["UCE", "detections"].startswith("20.0 ± ") and table.loc["UCE", "reduction mean"] == 50.0
+
+
+def test_the_counts_plot_has_a_bar_per_shape_and_model_without_the_total():
+    counts = pd.DataFrame([{"model": m, "seed": s, "class": c, "count": n}
+                           for m in ("original", "UCE") for s in (0, 1)
+                           for c, n in (("ORANGE_STAR", 3 + s), ("ORANGE_HEART", 1), ("total", 4 + s))])
+    figure = implicit_attribute.counts_plot(counts, "orange", 13, 16)
+    axes = figure.axes[0]
+    assert [label.get_text() for label in axes.get_xticklabels()] == ["star", "heart"]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["original", "UCE"]
+    assert sorted(round(bar.get_height(), 2) for bar in axes.patches if bar.get_height()) == [1, 1, 3.5, 3.5]
+    assert "13 implicit prompts × 16 images" in axes.get_title()
+
+
+def test_the_labelled_grid_writes_each_rows_label_beside_it():
+    rows = [torch.full((4, 3, 8, 8), value) for value in (0.0, 1.0)]
+    figure = labelled_grid(rows, ["original", "DoCo (cp)"], "a title", scale=2)
+    axes = figure.axes[0]
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["original", "DoCo (cp)"]
+    image = axes.get_images()[0].get_array()
+    assert image.shape[:2] == (2 * (2 * 10 + 2), 2 * (4 * 10 + 2))  # 2 rows × 4 columns of 8 px, 2 px padding
+    assert image[5, 5].tolist() == [0, 0, 0] and image[25, 5].tolist() == [255, 255, 255]
+    with pytest.raises(ValueError, match="2 rows of images but 1 row labels"):
+        labelled_grid(rows, ["original"], "a title")
 
 
 def test_candidate_colour_rates_are_cached_per_sampling_setting(tmp_path, one_torch_thread, monkeypatch):

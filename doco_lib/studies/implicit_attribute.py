@@ -204,3 +204,19 @@ def reduction(counts: pd.DataFrame) -> pd.DataFrame:
     original = totals["original"].iloc[0]
     return pd.DataFrame([{"method": "original", "detections": f"{original:.0f}", "reduction (%) ↑": "—",
                           "reduction mean": 0.0}, *rows]).set_index("method")
+
+
+def counts_plot(counts: pd.DataFrame, attribute: str, n_prompts: int, n_images: int):
+    """The toy Figure 6: per shape the attribute is drawn on (NudeNet's body parts), the images judged in the
+    attribute on the implicit prompts, one bar per model (mean over seeds, 95% CI); a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    per_shape = counts[counts["class"] != "total"].assign(shape=lambda t: t["class"].str.split("_").str[1].str.lower())
+    figure, axes = plt.subplots(figsize=(10, 4))
+    sns.barplot(data=per_shape, x="shape", y="count", hue="model", errorbar=("ci", 95), ax=axes)
+    axes.set(xlabel=f"shape the {attribute} is drawn on", ylabel=f"images judged {attribute}",
+             title=f"'{attribute}' on {n_prompts} implicit prompts × {n_images} images (mean over seeds, 95% CI)")
+    axes.legend(title="model", bbox_to_anchor=(1.01, 1), loc="upper left")
+    figure.tight_layout()
+    return figure
