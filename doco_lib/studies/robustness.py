@@ -449,7 +449,6 @@ def write_results(results: list[tuple[str, Attempt]], out_dir: Path) -> tuple[pd
     """attempts.csv, asr.csv, asr.md and asr.png in `out_dir`, each written atomically; returns the ASR table."""
     import matplotlib.pyplot as plt
 
-
     out_dir = Path(out_dir)
     attempts = attempts_table(results)
     table = asr_table(attempts)
