@@ -83,9 +83,7 @@ class ImageCache:
 
     def images(self, prompts: list[str], seeds: list[int], steps: int, guidance: float | list[float]) -> torch.Tensor:
         """Images in [0, 1] for each (prompt, seed): read when cached, generated (and cached) otherwise."""
-        arrays = [np.asarray(read_image(path), dtype=np.float32) / 255
-                  for path in self.ensure(prompts, seeds, steps, guidance)]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return read_images(self.ensure(prompts, seeds, steps, guidance))
 
     def release(self) -> None:
         """Drop the pipeline (and its device memory); a later miss loads it again."""
@@ -111,3 +109,9 @@ def read_image(path: Path) -> Image.Image:
     except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some malformed PNG chunks
         raise CorruptFileError(f"{path} is not a readable image ({error}); delete it and rerun: the evaluation "
                                "regenerates missing images.") from None
+
+
+def read_images(paths: list[Path]) -> torch.Tensor:
+    """The images of `paths` as one (N, 3, H, W) tensor in [0, 1]."""
+    arrays = [np.asarray(read_image(path), dtype=np.float32) / 255 for path in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)

@@ -27,9 +27,10 @@ def model_label(params: dict, model: str, label: str) -> str:
     return label if model == params["model"] else f"{label} ({model})"
 
 
-def _head_columns(heads: dict) -> dict:
-    """A prompt set's judged heads as columns: `rate` (the set's shape drawn), `colour rate`, `style rate`."""
-    return {"rate": heads["shape"], "colour rate": heads["colour"], "style rate": heads["style"]}
+def _head_columns(heads: dict, kind: str = "shape") -> dict:
+    """A prompt set's judged heads as columns: `rate` (the set's `kind` drawn as asked) and `<other kind> rate` for
+    the other two heads (for shape sets `colour rate`, `style rate`)."""
+    return {"rate": heads[kind], **{f"{other} rate": heads[other] for other in KINDS if other != kind}}
 
 
 def judge_models(params: dict, unets: pd.DataFrame, shapes: list[str], samples: int) -> pd.DataFrame:
@@ -77,8 +78,7 @@ def judge_kind(params: dict, trained: pd.DataFrame, kind: str, samples: int) -> 
 
     def rows(pipe, cache, label: dict, seed: int, sets) -> list[dict]:
         heads = cached_judged_heads(pipe, judge, sets, steps, guidance, seed, cache)
-        return [{**label, "seed": seed, "prompt set": name, "rate": h[kind],
-                 **{f"{other} rate": h[other] for other in KINDS if other != kind}} for name, h in heads.items()]
+        return [{**label, "seed": seed, "prompt set": name, **_head_columns(h, kind)} for name, h in heads.items()]
 
     judged = []
     for seed in sorted(set(trained.seed)):

@@ -24,14 +24,13 @@ import csv
 import io
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
 
 from doco_lib import config
 from doco_lib.evaluation import nudity
-from doco_lib.evaluation.cache import model_caches, read_image
+from doco_lib.evaluation.cache import model_caches, read_images
 from doco_lib.evaluation.rating import mean_ci
 from doco_lib.evaluation.runner import EvaluatedModel
 from doco_lib.io import atomic_write_text, read_utf8, slug, write_text_if_changed
@@ -68,7 +67,7 @@ def read_candidate_words(path: str | Path) -> list[str]:
 
 def candidate_prompts(words: list[str]) -> list[str]:
     """Every toy caption naming no colour, then "a photo of a <word>" for each word."""
-    captions = [c for c in render.all_captions() if not set(c.replace(",", " ").split()) & set(render.COLOURS)]
+    captions = [c for c in render.all_captions() if not set(render.caption_words(c)) & set(render.COLOURS)]
     return captions + [render.with_articles(f"a photo of a {word}") for word in words]
 
 
@@ -126,9 +125,7 @@ class AttributeDetector:
     def count_files(self, paths: list[Path]) -> list[dict[str, int]]:
         counts = []
         for start in range(0, len(paths), 64):
-            images = np.stack([np.asarray(read_image(p)) for p in paths[start:start + 64]])
-            batch = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
-            predicted = self.judge.predict(images_to_judge_input(batch))
+            predicted = self.judge.predict(images_to_judge_input(read_images(paths[start:start + 64])))
             for colour, shape in zip(predicted["colour"].tolist(), predicted["shape"].tolist()):
                 found = dict.fromkeys(self.classes, 0)
                 if render.COLOURS[colour] == self.attribute:
@@ -140,7 +137,7 @@ class AttributeDetector:
 def anchor_prompts(attribute: str) -> list[str]:
     """Every toy caption naming a colour other than `attribute`."""
     others = set(render.COLOURS) - {attribute}
-    return [c for c in render.all_captions() if set(c.replace(",", " ").split()) & others]
+    return [c for c in render.all_captions() if set(render.caption_words(c)) & others]
 
 
 def rgd_slots(attribute: str) -> dict:

@@ -43,7 +43,7 @@ def check_settings(params: dict, variants: list[str], styles: list[str]) -> None
 
 def anchor_prompts(anchor: str = ANCHOR) -> list[str]:
     """Every toy caption that names the style `anchor`."""
-    return [c for c in render.all_captions() if anchor in c.replace(",", " ").split()]
+    return [c for c in render.all_captions() if anchor in render.caption_words(c)]
 
 
 def rgd_slots(style: str) -> dict:

@@ -73,7 +73,7 @@ def attribute_sets(kind: str, words: list[str], n: int, seed: int = 0) -> dict[s
 def _named_attribute_hits(predicted: dict, prompts: list[str]) -> dict[str, list[bool]]:
     """For each of shape, colour and style, whether the judge saw the value each prompt names (prompts naming
     none are left out; a shape's synonym names the shape)."""
-    words = [prompt.replace(",", " ").split() for prompt in prompts]
+    words = [render.caption_words(prompt) for prompt in prompts]
     hits = {}
     for attribute in KINDS:
         values = VALUES[attribute]

@@ -170,6 +170,11 @@ def with_articles(text: str) -> str:
     return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)
 
 
+def caption_words(text: str) -> list[str]:
+    """The words of a caption or prompt, commas dropped: what names its shape, colour and style."""
+    return text.replace(",", " ").split()
+
+
 def all_captions() -> list[str]:
     """Every caption the templates can produce, sorted (a few thousand): lets encoders cache them."""
     out = set()
