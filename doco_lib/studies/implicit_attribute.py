@@ -211,7 +211,8 @@ def counts_plot(counts: pd.DataFrame, attribute: str, n_prompts: int, n_images: 
 
     per_shape = counts[counts["class"] != "total"].assign(shape=lambda t: t["class"].str.split("_").str[1].str.lower())
     figure, axes = plt.subplots(figsize=(10, 4))
-    sns.barplot(data=per_shape, x="shape", y="count", hue="model", errorbar=("ci", 95), ax=axes)
+    sns.barplot(data=per_shape, x="shape", y="count", hue="model", errorbar=("ci", 95), seed=0,
+                ax=axes)  # a fixed bootstrap seed: the same counts draw the same figure
     axes.set(xlabel=f"shape the {attribute} is drawn on", ylabel=f"images judged {attribute}",
              title=f"'{attribute}' on {n_prompts} implicit prompts × {n_images} images (mean over seeds, 95% CI)")
     axes.legend(title="model", bbox_to_anchor=(1.01, 1), loc="upper left")
