@@ -51,7 +51,8 @@ damage-matrix: $(STAMP)
 	$(BIN)/doco demo --params params/toy_damage_matrix.yaml --notebooks 09_damage_matrix
 	cp outputs/toy_damage_matrix/09_damage_matrix/damage_matrix.png docs/figures/damage_matrix.png
 
-# Toy Table 2 (styles) and toy Figure 6 (an implicit attribute), notebook 10; its bar chart is committed under docs/figures/.
+# Toy Table 2 (styles) and toy Figure 6 (an implicit attribute), notebook 10; its bar chart and style grid are
+# committed under docs/figures/.
 styles-attributes: $(STAMP)
 	$(BIN)/doco demo --params params/toy_styles_attributes.yaml --notebooks 10_styles_and_attributes
 	cp outputs/toy_styles_attributes/10_styles_and_attributes/implicit_counts.png docs/figures/implicit_attribute.png
