@@ -23,6 +23,7 @@ from doco_lib.io import atomic_write_text, read_utf8
 from doco_lib.methods import registry
 from doco_lib.methods.rgd_prompts import SlotsError, load_slots
 from doco_lib.models import check_model_reference
+from doco_lib.sampling import SAMPLERS
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -212,6 +213,11 @@ SCHEMA: dict[str, Param] = {
                              (NB01, NB05, NB07, NB09, NB10), minimum=1),
     "anchor_shard_size": Param(32, int, "images per generation batch and cache shard", (NB01, NB05, NB07, NB08, NB09, NB10),
                                minimum=1),
+    "anchor_sampler": Param("pipeline", str, "sampler of the anchor images: pipeline (the model's own scheduler, PNDM on "
+                            "SD as the paper) or dpmsolver++ (the authors' code; a deviation, with anchor_steps 25)",
+                            (NB01, NB05, NB07, NB09, NB10), choices=SAMPLERS),
+    "anchor_steps": Param(0, int, "denoising steps of the anchor images (0: num_inference_steps)",
+                          (NB01, NB05, NB07, NB09, NB10), minimum=0, maximum=1000),
     "preservation_prompts_file": Param("", str, "optional prompts of other concepts to keep: the original model's "
                                        "images for them join the retaining loss L_r ('' for none)", CONCEPT,
                                        check=_existing_file),
@@ -338,9 +344,14 @@ SCHEMA: dict[str, Param] = {
     "fid_features": Param("judge", str, "FID features: inception (FID InceptionV3) or judge (toy world)",
                           (NB04, NB05, NB08, NB10),
                           choices=("inception", "judge")),
-    "sample_batch_size": Param(0, int, "images per pipeline call when evaluating (0: by latent size: 64 in the toy "
-                               "world, 8 on SD v1 at 512 px, a guidance batch of 16 that fits 24 GB in float16)",
+    "sample_batch_size": Param(0, int, "images per pipeline call when evaluating (0: on a GPU as many as fill its free "
+                               "memory, a power of two up to 64; on a CPU by latent size, 64 in the toy world)",
                                (NB03, NB04), minimum=0),
+    "eval_sampler": Param("pipeline", str, "sampler of the evaluation images: pipeline (the model's own scheduler, as "
+                          "the paper evaluates) or dpmsolver++ (faster; a deviation, say so when reporting)", (NB04,),
+                          choices=SAMPLERS),
+    "compile_sampling": Param(False, bool, "torch.compile the evaluation pipelines' UNet (GPUs: a slow first batch, "
+                              "faster later ones)", (NB04,)),
     "related_top_k": Param(10, int, "vocabulary words shown in the related-concept ranking", (NB04,), minimum=1),
     "i2p_csv": Param("", str, "I2P prompts CSV (prompt, evaluation_seed, evaluation_guidance) for the nudity "
                      "evaluation ('' to skip; required for concept_kind nudity)", (NB04,), check=_i2p_csv),

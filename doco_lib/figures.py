@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from doco_lib.io import atomic_write_bytes
+
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] → PIL image."""
     array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(array)
+
+
+def write_pngs(images: torch.Tensor, paths: list[Path]) -> None:
+    """Each image as a PNG file at its path, written atomically (a kill leaves the file whole or absent)."""
+    for image, path in zip(images, paths):
+        buffer = io.BytesIO()
+        to_pil(image).save(buffer, format="PNG")
+        atomic_write_bytes(buffer.getvalue(), path)
 
 
 def image_grid(images: torch.Tensor, columns: int, scale: int = 1, padding: int = 2) -> Image.Image:

@@ -79,10 +79,10 @@ def test_evaluation_holds_one_pipeline_at_a_time(tmp_path, monkeypatch):
     """Each model's pipeline is released before the next one is loaded (three fp32 SD pipelines do not fit)."""
     live = []
 
-    def loading(model, device, unet=None):
+    def loading(model, device, unet=None, **options):
         gc.collect()
         assert not [ref for ref in live if ref() is not None], "a second pipeline while the first is held"
-        pipe = load_pipeline(model, device, unet=unet)
+        pipe = load_pipeline(model, device, unet=unet, **options)
         live.append(weakref.ref(pipe))
         return pipe
 

@@ -98,7 +98,7 @@ if "no-flock" in modes:
         return real_flock(handle, operation)
     fcntl.flock = flock
 
-def generate(pipe, prompts, seeds, steps, guidance, batch_size):
+def generate(pipe, prompts, seeds, steps, guidance, batch_size, sampler):
     with open(calls, "a") as log:
         log.write(f"{os.getpid()} {seeds[0]}\n")
     if "kill" in modes and seeds[0] == seed + shard_size:

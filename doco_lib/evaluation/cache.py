@@ -1,11 +1,13 @@
-"""Generated images cached per (model, prompt, seed, steps, guidance), so a second evaluation of the
-same models only reads PNG files. Every model gets the same seeds, so comparisons are paired."""
+"""Generated images cached per model and sampling settings, one PNG per (prompt, seed, steps, guidance), so a
+second evaluation of the same models only reads PNG files. Every model gets the same seeds, so comparisons are
+paired. PNGs are encoded and written by a background thread while the next batch is drawn."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
+import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -13,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from doco_lib.figures import to_pil
-from doco_lib.io import CorruptFileError, atomic_write_bytes
+from doco_lib.figures import write_pngs
+from doco_lib.io import CorruptFileError
 from doco_lib.models import load_pipeline
-from doco_lib.sampling import generate
+from doco_lib.sampling import generate_batches, sampling_settings
 
 
 def file_digest(path: Path) -> str:
@@ -35,11 +37,14 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_key(model: str, unet_dir: str | None) -> str:
-    """Identifies a model by its base id and, for an erased UNet, the hash of its weights."""
+def model_key(model: str, unet_dir: str | None, sampling: dict | None = None) -> str:
+    """Identifies a model by its base id and, for an erased UNet, the hash of its weights, together with the
+    `sampling_settings` its images are drawn with."""
     parts = [model]
     if unet_dir:
         parts.append(file_digest(Path(unet_dir) / "diffusion_pytorch_model.safetensors"))
+    if sampling:
+        parts.append(json.dumps(sampling, sort_keys=True))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -47,11 +52,13 @@ class ImageCache:
     """PNG files of one model under `directory/key/`, one per (prompt, seed, steps, guidance). The pipeline is
     loaded on first need and released with `release()`, so that one model at a time occupies the device."""
 
-    def __init__(self, directory: Path, key: str, pipe_factory: Callable[[], object], batch_size: int | None = None):
+    def __init__(self, directory: Path, key: str, pipe_factory: Callable[[], object], batch_size: int | None = None,
+                 sampler: str = "pipeline"):
         self.directory = Path(directory) / key
         self.directory.mkdir(parents=True, exist_ok=True)
         self.pipe_factory = pipe_factory
         self.batch_size = batch_size
+        self.sampler = sampler
         self._pipe = None
         self.generated = 0
 
@@ -60,25 +67,27 @@ class ImageCache:
         return self.directory / f"{name}.png"
 
     def ensure(self, prompts: list[str], seeds: list[int], steps: int, guidance: float | list[float]) -> list[Path]:
-        """Generate what is not cached yet (in batches of `batch_size`, one guidance scale per call) and return
-        the PNG paths; nothing is held in memory beyond one batch."""
+        """Generate what is not cached yet (one guidance scale per pipeline call) and return the PNG paths. Each
+        batch is handed to a writer thread as it comes, so the device draws the next one meanwhile; nothing is
+        held in memory beyond the batches waiting to be written, and every file is in place when this returns."""
         guidances = guidance if isinstance(guidance, list) else [guidance] * len(prompts)
         paths = [self.path(p, s, steps, g) for p, s, g in zip(prompts, seeds, guidances)]
         missing = [i for i, path in enumerate(paths) if not path.is_file()]
-        for scale in dict.fromkeys(guidances[i] for i in missing):
-            todo = [i for i in missing if guidances[i] == scale]
-            chunk = self.batch_size or 64
-            for start in range(0, len(todo), chunk):
-                part = todo[start:start + chunk]
-                if self._pipe is None:
-                    self._pipe = self.pipe_factory()
-                new = generate(self._pipe, [prompts[i] for i in part], [seeds[i] for i in part], steps, scale,
-                               self.batch_size)
-                for i, image in zip(part, new):
-                    buffer = io.BytesIO()
-                    to_pil(image).save(buffer, format="PNG")
-                    atomic_write_bytes(buffer.getvalue(), paths[i])
-                self.generated += len(part)
+        if not missing:
+            return paths
+        if self._pipe is None:
+            self._pipe = self.pipe_factory()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer") as writer:
+            written = []
+            for scale in dict.fromkeys(guidances[i] for i in missing):
+                todo = [i for i in missing if guidances[i] == scale]
+                for start, images in generate_batches(self._pipe, [prompts[i] for i in todo],
+                                                      [seeds[i] for i in todo], steps, scale, self.batch_size,
+                                                      self.sampler):
+                    written.append(writer.submit(write_pngs, images, [paths[i] for i in todo[start:]]))
+                    self.generated += len(images)
+            for future in written:
+                future.result()  # a failed write raises here
         return paths
 
     def images(self, prompts: list[str], seeds: list[int], steps: int, guidance: float | list[float]) -> torch.Tensor:
@@ -92,12 +101,15 @@ class ImageCache:
             torch.cuda.empty_cache()
 
 
-def model_caches(directory: Path, base_model: str, models: list, device: str,
-                 batch_size: int | None = None) -> dict[str, ImageCache]:
-    """An `ImageCache` per evaluated model (label → cache) under `directory`, keyed by `model_key`, each loading
-    its pipeline (the base model with the model's UNet) only when it must generate."""
-    return {m.label: ImageCache(directory, model_key(base_model, m.unet),
-                                lambda m=m: load_pipeline(base_model, device, unet=m.unet), batch_size)
+def model_caches(directory: Path, base_model: str, models: list, device: str, batch_size: int | None = None,
+                 sampler: str = "pipeline", compiled: bool = False) -> dict[str, ImageCache]:
+    """An `ImageCache` per evaluated model (label → cache) under `directory`, keyed by `model_key` with the
+    `sampling_settings`, each loading its pipeline (the base model with the model's UNet) only when it must
+    generate."""
+    settings = sampling_settings(device, batch_size, sampler, compiled)
+    return {m.label: ImageCache(directory, model_key(base_model, m.unet, settings),
+                                lambda m=m: load_pipeline(base_model, device, unet=m.unet, compile_unet=compiled),
+                                batch_size, sampler)
             for m in models}
 
 

@@ -11,7 +11,7 @@ prompt (binary; SPM's error rate is 1 − CA).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,12 @@ DEFINITIONS = {"torchmetrics": (100.0, True), "logits": (100.0, False), "hessel"
 
 @dataclass
 class ClipScorer:
+    """CS and CA with one CLIP model. Images are preprocessed on the model's device (transformers' torchvision
+    image processor); each distinct text is embedded once per scorer, however many images and models share it."""
+
     model: object  # transformers.CLIPModel
     processor: object  # transformers.CLIPProcessor
+    _text_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu") -> "ClipScorer":
@@ -46,19 +50,23 @@ class ClipScorer:
         """Unit-norm embeddings of images in [0, 1], shape (N, 3, H, W), through the model's processor."""
         out = []
         for chunk in images.split(batch_size):
-            pixels = self.processor(images=list((chunk.clamp(0, 1) * 255).cpu()), return_tensors="pt")["pixel_values"]
+            pixels = self.processor(images=list((chunk.clamp(0, 1) * 255).to(self.device)), return_tensors="pt",
+                                    device=self.device)["pixel_values"]
             out.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))))
         return F.normalize(torch.cat(out).float(), dim=-1)
 
     @torch.no_grad()
     def text_embeddings(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), batch_size):
-            tokens = self.processor(text=texts[start:start + batch_size], return_tensors="pt", padding=True,
-                                    truncation=True)
-            out.append(_features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                                              attention_mask=tokens["attention_mask"].to(self.device))))
-        return F.normalize(torch.cat(out).float(), dim=-1)
+        """Unit-norm embeddings of `texts`, one row per text; texts not embedded before are embedded in batches,
+        each padded to its own longest text (CLIP's causal mask makes the padding change nothing)."""
+        new = [text for text in dict.fromkeys(texts) if text not in self._text_cache]
+        for start in range(0, len(new), batch_size):
+            chunk = new[start:start + batch_size]
+            tokens = self.processor(text=chunk, return_tensors="pt", padding=True, truncation=True)
+            embedded = _features(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                              attention_mask=tokens["attention_mask"].to(self.device)))
+            self._text_cache.update(zip(chunk, F.normalize(embedded.float(), dim=-1)))
+        return torch.stack([self._text_cache[text] for text in texts])
 
     def clip_score(self, images: torch.Tensor, texts: list[str], definition: str = "torchmetrics") -> float:
         """Mean CLIP score of each image with its own text."""

@@ -50,8 +50,8 @@ def concept_prompts(concept: str, template_set: str, n_templates: int, images_pe
 def evaluate(base_model: str, models: list[EvaluatedModel], concepts: list[str], *, cache_dir: Path, clip_model: str,
              template_set: str = "clip80", n_templates: int = 80, images_per_template: int = 1, steps: int = 25,
              guidance: float = 5.0, seed: int = 0, device: str = "auto", clip_score_definition: str = "torchmetrics",
-             fid_features: str = "inception", judge=None, sample_batch_size: int | None = None
-             ) -> tuple[pd.DataFrame, dict]:
+             fid_features: str = "inception", judge=None, sample_batch_size: int | None = None,
+             sampler: str = "pipeline", compile_sampling: bool = False) -> tuple[pd.DataFrame, dict]:
     """Long-form results (model, concept, metric, value) and timing information.
 
     Each model's missing images are generated first, one pipeline on the device at a time (released before the
@@ -61,7 +61,7 @@ def evaluate(base_model: str, models: list[EvaluatedModel], concepts: list[str],
     requests = {concept: concept_prompts(concept, template_set, n_templates, images_per_template)
                 for concept in concepts}
     seeds = {concept: [seed + i for i in range(len(prompts))] for concept, (prompts, _) in requests.items()}
-    caches = model_caches(Path(cache_dir), base_model, models, device, sample_batch_size)
+    caches = model_caches(Path(cache_dir), base_model, models, device, sample_batch_size, sampler, compile_sampling)
     for m in models:
         for concept, (prompts, _) in requests.items():
             caches[m.label].ensure(prompts, seeds[concept], steps, guidance)

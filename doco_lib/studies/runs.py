@@ -18,6 +18,7 @@ from doco_lib.methods.discriminator import check_discriminator_fits
 from doco_lib.methods.harness import DocoTrainer, ErasureTrainer, TrainingConfig, process_device
 from doco_lib.methods.rgd_prompts import load_slots, prompt_pairs
 from doco_lib.models import load_pipeline, toy_weights_dir
+from doco_lib.sampling import sampling_settings
 
 
 def starting_pipeline(params: dict):
@@ -52,7 +53,7 @@ def preservation_dir(params: dict) -> Path:
 def _generate(params: dict, pipe, prompts: list[str], directory: Path, n_images: int | None = None) -> AnchorLatents:
     """The original model's images for `prompts`, VAE-encoded, in `directory`. They are generated once per
     output root into `latent_cache/<key>/`, the key hashing everything that determines them (model, prompts,
-    count, seed, sampler settings), and hard-linked into the run: the runs of an ablation grid or a
+    count, seed, steps, guidance, sampler and `sampling_settings`), and hard-linked into the run: the runs of an ablation grid or a
     retain-mode study share one seed's anchor images instead of generating them again.
 
     A run that starts from an erased UNet (`base_unet`, a sequential stage) still gets the original model's
@@ -62,15 +63,17 @@ def _generate(params: dict, pipe, prompts: list[str], directory: Path, n_images:
     import json
 
     n_images = n_images or params["n_anchor_images"]
+    steps = params["anchor_steps"] or params["num_inference_steps"]
+    sampling = sampling_settings(params["device"], params["anchor_shard_size"], params["anchor_sampler"])
     determined_by = [params["model"], "", prompts, n_images, params["seed"],  # "": no base UNet, as before
-                     params["num_inference_steps"], params["guidance_scale"], params["anchor_shard_size"]]
+                     steps, params["guidance_scale"], params["anchor_shard_size"], sampling]
     key = hashlib.sha256(json.dumps(determined_by).encode()).hexdigest()[:20]
     shared = Path(params["output_root"]) / "latent_cache" / key
     if params.get("base_unet") and not cache_is_complete(shared):
         pipe = load_pipeline(params["model"], params["device"])  # the original model draws them
     prepare_anchor_latents(pipe, prompts, n_images, shared, model=params["model"], seed=params["seed"],
-                           steps=params["num_inference_steps"], guidance=params["guidance_scale"],
-                           shard_size=params["anchor_shard_size"])
+                           steps=steps, guidance=params["guidance_scale"], shard_size=params["anchor_shard_size"],
+                           sampler=params["anchor_sampler"], sampling=sampling)
     manifest = Path(directory) / MANIFEST
     if not (manifest.is_file() and manifest.read_bytes() == (shared / MANIFEST).read_bytes()
             and cache_is_complete(directory)):
@@ -256,7 +259,7 @@ def image_cache_dir(params: dict) -> Path:
 def image_caches(params: dict, models: list) -> dict:
     """An `ImageCache` per evaluated model (label → cache), each loading its pipeline only when it must generate."""
     return model_caches(image_cache_dir(params), params["model"], models, params["device"],
-                        params["sample_batch_size"] or None)
+                        params["sample_batch_size"] or None, params["eval_sampler"], params["compile_sampling"])
 
 
 def run_evaluation(params: dict, judge=None):
@@ -272,7 +275,8 @@ def run_evaluation(params: dict, judge=None):
                                seed=params["seed"], device=params["device"],
                                clip_score_definition=params["clip_score_definition"],
                                fid_features=params["fid_features"], judge=judge,
-                               sample_batch_size=params["sample_batch_size"] or None)
+                               sample_batch_size=params["sample_batch_size"] or None,
+                               sampler=params["eval_sampler"], compile_sampling=params["compile_sampling"])
     record_in_model_cards(params, results, models)
     return results, timing
 
