@@ -16,23 +16,34 @@ reported with their share of the change's energy.
 
 **Formats** (scale 1: W_eff = W0 + BA in both):
 - diffusers/PEFT, `pytorch_lora_weights.safetensors`: `unet.<module path>.lora_A.weight` / `.lora_B.weight`,
-  no alphas (diffusers then sets alpha = rank per module); `pipe.load_lora_weights(folder)` reads it.
+  and in the metadata the PEFT LoraConfig as diffusers' `save_lora_weights(unet_lora_adapter_metadata=…)` writes
+  it (key `lora_adapter_metadata`, fields prefixed `unet.`): every module's rank in `rank_pattern` and alpha = rank
+  in `alpha_pattern`. `pipe.load_lora_weights(folder)` builds the adapter from that config, so every layer has
+  scale 1 whatever its rank; without it diffusers infers ranks and alphas from the tensors, and some of its
+  versions then scale a layer of rank r_i by r_first / r_i.
 - kohya, `lora_kohya.safetensors`: `lora_unet_<module path, '.' → '_'>.lora_down.weight` (= A),
-  `.lora_up.weight` (= B · r / α) and `.alpha` (α = 1; readers scale lora_up · lora_down by α / r). For SD
-  v1/v2 UNets kohya's sd-scripts name the modules as diffusers does
-  (`lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k`; only its SDXL LoRAs use the original
-  `input_blocks_…` names); A1111 converts these names to its own, ComfyUI keeps a map of them, and diffusers'
-  `load_lora_weights` converts them back (`lora_conversion_utils._convert_unet_lora_key`).
+  `.lora_up.weight` (= B · r / α) and `.alpha` (α = 1; readers scale lora_up · lora_down by α / r). The module
+  paths are those kohya's sd-scripts writes: for SD v1/v2 UNets the diffusers paths
+  (`lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k`), which A1111 converts to its own and
+  ComfyUI keeps a map of; for SDXL the original LDM paths (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`,
+  `…_output_blocks_2_2_conv`, `…_label_emb_0_0`; `ldm_module_name`), which A1111 and ComfyUI look up directly.
+  diffusers' `load_lora_weights` converts both back (`lora_conversion_utils`).
 
 **Model card.** `write_model_card(erasure_dir)` writes README.md beside the exported UNet (the Hugging Face
 Hub's format: YAML front matter with license, base_model when it is a hub id, tags, library_name), from the
-export's `erasure.json`, the run's cost records, the LoRA report and the evaluation table once measured.
+export's `erasure.json`, the files the method wrote (a delta, SPM's adapter, DoCo's discriminator, a LoRA
+folder: each listed only where it exists), the run's cost records and the evaluation table once measured; a LoRA
+folder gets its own card from its report. Their loading snippets use `DiffusionPipeline`, which builds the
+pipeline class the base model names (SD v1/v2 or SDXL).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +57,12 @@ from doco_lib.toy import render
 from doco_lib.toy.erasure import judged_rates, prompt_sets
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(folder)` looks for first
+# The safetensors metadata key under which diffusers keeps a LoRA's PEFT LoraConfig (diffusers.loaders.lora_base
+# .LORA_ADAPTER_METADATA_KEY), each field prefixed with the component, as `save_lora_weights` writes it.
+PEFT_METADATA_KEY = "lora_adapter_metadata"
 KOHYA_FILE = "lora_kohya.safetensors"
 REPORT_FILE = "lora_report.json"
+JUDGED_FILE = "judged.csv"  # `export-lora --judge`'s table
 CARD_FILE = "README.md"
 EVALUATION_FILE = "evaluation.md"  # the measured table, kept beside the card so that a rewrite keeps it
 FORMATS = ("diffusers", "kohya", "both")
@@ -112,6 +127,7 @@ class LoraDecomposition:
     left_out: dict[str, float]
     energy: float
     total_energy: float  # Σ over every changed tensor of ‖Δ‖²_F
+    unet_config: Mapping  # the UNet's config: SDXL's kohya file names its modules by the LDM layout
 
     def report(self) -> dict:
         ranks = [layer.rank for layer in self.layers]
@@ -153,7 +169,8 @@ def decompose(unet, delta: dict[str, torch.Tensor], energy: float = 0.99) -> Lor
     if not layers:
         raise ParamsError("the erased UNet's change has no Linear or Conv2d weight to express as a LoRA "
                           f"({len(left_out)} changed tensors, none of them such a weight): was it trained at all?")
-    return LoraDecomposition(layers, {name: e / total for name, e in left_out.items()}, energy, total)
+    return LoraDecomposition(layers, {name: e / total for name, e in left_out.items()}, energy, total,
+                             dict(unet.config))
 
 
 def diffusers_state_dict(layers: list[LoraLayer]) -> dict[str, torch.Tensor]:
@@ -165,22 +182,94 @@ def diffusers_state_dict(layers: list[LoraLayer]) -> dict[str, torch.Tensor]:
     return state
 
 
-def kohya_name(module: str) -> str:
-    """kohya's LoRA name of a UNet module: `lora_unet_` + its diffusers path with '.' → '_'."""
-    return "lora_unet_" + module.replace(".", "_")
+def peft_config(layers: list[LoraLayer]) -> dict:
+    """The PEFT LoraConfig fields of the diffusers file: every module's rank in `rank_pattern` and alpha = rank in
+    `alpha_pattern` (scale α/r = 1), keyed "^<module path>" as diffusers keys them (PEFT matches a key against
+    the end of a module's path; "^" makes it the whole path). With them in the file, `load_lora_weights` builds
+    the config from them instead of inferring ranks and alphas from the tensors, which diffusers versions do
+    differently (some scale a layer of rank r_i by r_first / r_i)."""
+    ranks = {f"^{layer.module}": layer.rank for layer in layers}
+    most_common = collections.Counter(ranks.values()).most_common(1)[0][0]
+    return {"r": most_common, "lora_alpha": most_common, "rank_pattern": ranks, "alpha_pattern": dict(ranks),
+            "target_modules": sorted(layer.module for layer in layers)}
+
+
+def peft_metadata(layers: list[LoraLayer]) -> dict[str, str]:
+    """`peft_config` in the safetensors metadata as diffusers' `save_lora_weights(unet_lora_adapter_metadata=…)`
+    writes it: one JSON object under PEFT_METADATA_KEY, each field prefixed with "unet."."""
+    fields = {f"unet.{key}": value for key, value in peft_config(layers).items()}
+    return {PEFT_METADATA_KEY: json.dumps(fields, indent=2, sort_keys=True)}
+
+
+# The original (LDM/SGM) names of SDXL's UNet modules, which kohya's SDXL LoRAs use and A1111 and ComfyUI read:
+# the modules outside the blocks, and the layers inside a ResNet block (a transformer's keep their names).
+LDM_TOP_LEVEL = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+                 "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+                 "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+BLOCK_MODULE = re.compile(r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?"
+                          r"(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
+
+
+def ldm_module_name(module: str, unet_config: Mapping) -> str:
+    """The LDM path of a diffusers UNet module (`convert_ldm_unet_checkpoint` maps the other way). With L =
+    layers_per_block: level b's j-th ResNet and transformer are input_blocks.{1 + b(L+1) + j}.0 and .1, its
+    downsampler input_blocks.{(b+1)(L+1)}.0.op; the mid block's ResNets middle_block.0 and .2, its transformer
+    middle_block.1; up level b's j-th ResNet and transformer output_blocks.{b(L+1) + j}.0 and .1, its upsampler
+    output_blocks.{b(L+1) + L}.2.conv (.1.conv in an up block without transformers)."""
+    if module in LDM_TOP_LEVEL:
+        return LDM_TOP_LEVEL[module]
+    layers = unet_config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise ParamsError(f"UNet config layers_per_block: {layers!r}; LDM names need one number for every level.")
+    match = BLOCK_MODULE.fullmatch(module)
+    part, level, kind, index, inner = match.groups() if match else (None,) * 5
+    level, index, per_level = int(level or 0), int(index or 0), layers + 1
+    if part == "down_blocks" and kind == "downsamplers" and inner == "conv":
+        return f"input_blocks.{(level + 1) * per_level}.0.op"
+    if part == "up_blocks" and kind == "upsamplers" and inner == "conv":
+        slot = 2 if unet_config["up_block_types"][level].startswith("CrossAttn") else 1
+        return f"output_blocks.{level * per_level + layers}.{slot}.conv"
+    if kind == "resnets" and inner in LDM_RESNET:
+        slot, inner = 0, LDM_RESNET[inner]
+    elif kind == "attentions":
+        slot = 1
+    else:
+        raise ParamsError(f"{module!r}: no LDM name for this UNet module (expected conv_in, conv_out, the time or "
+                          "added embedding, or a ResNet, transformer, down- or upsampler of a block).")
+    if part == "mid_block":  # ResNet, transformer, ResNet
+        return f"middle_block.{1 if slot else 2 * index}.{inner}"
+    if part == "down_blocks":
+        return f"input_blocks.{1 + level * per_level + index}.{slot}.{inner}"
+    return f"output_blocks.{level * per_level + index}.{slot}.{inner}"
+
+
+def uses_ldm_names(unet_config: Mapping) -> bool:
+    """Whether kohya names this UNet's modules by the LDM layout: its sd-scripts trains SDXL (the UNet with the
+    `text_time` added embedding) on its own LDM-layout UNet, SD v1/v2 on diffusers' UNet."""
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+def kohya_name(module: str, unet_config: Mapping) -> str:
+    """kohya's LoRA name of a UNet module: `lora_unet_` + its path ('.' → '_'), the LDM path for SDXL
+    (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`), the diffusers path for SD v1/v2
+    (`lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k`)."""
+    path = ldm_module_name(module, unet_config) if uses_ldm_names(unet_config) else module
+    return "lora_unet_" + path.replace(".", "_")
 
 
 KOHYA_ALPHA = 1.0
 
 
-def kohya_state_dict(layers: list[LoraLayer]) -> dict[str, torch.Tensor]:
+def kohya_state_dict(layers: list[LoraLayer], unet_config: Mapping) -> dict[str, torch.Tensor]:
     """lora_down = A, lora_up = B · r / α and alpha = α = 1 for every module, so that the readers' scale α / r
     gives back W0 + BA. One α for all: diffusers maps per-module alphas of kohya files to names PEFT does not
     match (0.42.1 warns "alpha_pattern keys did not match any targeted module" and scales by the most common
     alpha), which would mis-scale every layer whose rank differs from it."""
     state = {}
     for layer in layers:
-        name = kohya_name(layer.module)
+        name = kohya_name(layer.module, unet_config)
         state[f"{name}.lora_down.weight"] = layer.down
         state[f"{name}.lora_up.weight"] = layer.up * (layer.rank / KOHYA_ALPHA)
         state[f"{name}.alpha"] = torch.tensor(KOHYA_ALPHA)
@@ -211,12 +300,15 @@ def write_lora(decomposition: LoraDecomposition, out_dir: Path, formats: str = "
     if formats not in FORMATS:
         raise ParamsError(f"--format: {formats!r} is not one of {FORMATS}.")
     metadata = {k: str(v) for k, v in (metadata or {}).items()} | {"lora_energy": str(decomposition.energy)}
-    files = {}
+    files, naming = {}, {}
     if formats in ("diffusers", "both"):
-        files[DIFFUSERS_FILE] = save(diffusers_state_dict(decomposition.layers), metadata=metadata)
+        files[DIFFUSERS_FILE] = save(diffusers_state_dict(decomposition.layers),
+                                     metadata=metadata | peft_metadata(decomposition.layers))
     if formats in ("kohya", "both"):
-        files[KOHYA_FILE] = save(kohya_state_dict(decomposition.layers), metadata=metadata)
-    report = {**metadata, **decomposition.report(), "files": {name: len(data) for name, data in files.items()}}
+        files[KOHYA_FILE] = save(kohya_state_dict(decomposition.layers, decomposition.unet_config), metadata=metadata)
+        naming = {"kohya_names": "ldm" if uses_ldm_names(decomposition.unet_config) else "diffusers"}
+    report = {**metadata, **decomposition.report(), **naming,
+              "files": {name: len(data) for name, data in files.items()}}
     with atomic_directory(Path(out_dir)) as tmp:
         for name, data in files.items():
             atomic_write_bytes(data, tmp / name)
@@ -287,9 +379,9 @@ def judged_comparison(model: str, unet_dir: str | Path, lora_dir: str | Path, ta
 
 
 def record_judged(lora_dir: Path, table, n: int) -> None:
-    """Keep a `judged_comparison` table in the LoRA folder (judged.csv), its report and its card."""
+    """Keep a `judged_comparison` table in the LoRA folder (JUDGED_FILE), its report and its card."""
     lora_dir = Path(lora_dir)
-    atomic_write_text(table.to_csv(float_format="%.2f"), lora_dir / "judged.csv")
+    atomic_write_text(table.to_csv(float_format="%.2f"), lora_dir / JUDGED_FILE)
     report = json.loads((lora_dir / REPORT_FILE).read_text())
     report["judged"] = f"{n} images per prompt set, judged %:\n\n" + table.to_markdown(floatfmt=".1f")
     atomic_save_json(report, lora_dir / REPORT_FILE)
@@ -325,27 +417,53 @@ def _costs_section(erasure_dir: Path) -> str:
         peak = f"{gpu / 2**30:.2f} GiB GPU" if gpu else f"{rss / 2**30:.2f} GiB RSS" if rss else "–"
         where = costs.machine_label(record["machine"]) if "machine" in record else record.get("gpu") or "–"
         rows.append(f"| {record.get('phase', path.stem)} | {record['seconds']:.1f} | {peak} | {where} |")
-        if "changed_params" in record:
-            notes.append(f"Training changed {record['changed_params']:,} of the UNet's {record['unet_params']:,} "
-                         f"parameters in {record['iterations']} iterations.\n")
+        if "changed_params" in record:  # of its own trainable parameters: SPM's are an adapter's, not the UNet's
+            notes.append(f"Training changed {record['changed_params']:,} of its {record['trainable_params']:,} "
+                         f"trainable parameters in {record['iterations']} iterations; the UNet has "
+                         f"{record['unet_params']:,}.\n")
     if not rows:
         return "No cost records (`costs/*.json`) were written for this run.\n"
     return "| phase | seconds | peak memory | measured on |\n|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + "".join(notes)
 
 
-def _loading(base_model: str, unet: str | None = None, lora: str | None = None) -> str:
-    """Python that loads the base model with an erased UNet folder or a LoRA folder."""
+def _loading(base_model: str, unet: str | None = None, lora: str | None = None,
+             weight_name: str = DIFFUSERS_FILE) -> str:
+    """Python that loads the base model with an erased UNet folder or a LoRA file; `DiffusionPipeline` builds
+    the class the base model's model_index.json names (SD v1/v2 and SDXL alike)."""
     if is_toy(base_model):
         lines = ["from doco_lib.models import load_pipeline\n",
                  f"pipe = load_pipeline({base_model!r}" + (f", unet={unet!r})" if unet else ")")]
     else:
-        lines = ["from diffusers import StableDiffusionPipeline, UNet2DConditionModel\n"]
+        lines = ["from diffusers import DiffusionPipeline" + (", UNet2DConditionModel\n" if unet else "\n")]
         if unet:
             lines.append(f"unet = UNet2DConditionModel.from_pretrained({unet!r})")
-        lines.append(f"pipe = StableDiffusionPipeline.from_pretrained({base_model!r}" + (", unet=unet)" if unet else ")"))
+        lines.append(f"pipe = DiffusionPipeline.from_pretrained({base_model!r}" + (", unet=unet)" if unet else ")"))
     if lora:
-        lines.append(f"pipe.load_lora_weights({lora!r}, weight_name={DIFFUSERS_FILE!r})")
+        lines.append(f"pipe.load_lora_weights({lora!r}, weight_name={weight_name!r})")
     return "```python\n" + "\n".join(lines) + "\n```\n"
+
+
+def _export_files(erasure_dir: Path, info: dict) -> str:
+    """What the export folder holds, each entry only where its file exists (SPM writes its adapter and no
+    delta, DoCo its discriminator, `export_lora` a LoRA folder)."""
+    adapter = info.get("adapter")
+    lora_report = erasure_dir / "lora" / REPORT_FILE
+    lora_files = json.loads(lora_report.read_text())["files"] if lora_report.is_file() else {}
+    described = {
+        "unet/": f"the UNet with the adapter `{adapter}` merged at strength 1, which is what the evaluation measures "
+                 "(SPM's facilitated transport scales the adapter per prompt, so it needs the adapter file)"
+                 if adapter else "the erased UNet (diffusers format, safetensors)",
+        "delta.safetensors": "W − W0 of every trained tensor (float32), the erasure's settings in its metadata",
+        "discriminator.safetensors": "the PatchGAN discriminator trained beside the UNet (not needed to sample)",
+    }
+    if adapter:
+        described[adapter] = ("the SPM adapter in the SPM code's format (`lora_unet_<module>` `.lora_down`, "
+                              "`.lora_up`, `.alpha`; rank, alpha and erased prompts in its metadata), for "
+                              "`doco_lib.methods.spm.generate_with_transport`")
+    if lora_files:
+        listed = ", ".join(f"`{name}`" for name in lora_files)
+        described["lora/"] = f"the change as a LoRA ({listed}), with its own card"
+    return "".join(f"- `{name}`: {text}\n" for name, text in described.items() if (erasure_dir / name).exists())
 
 
 def model_card(erasure_dir: Path) -> str:
@@ -357,16 +475,16 @@ def model_card(erasure_dir: Path) -> str:
     settings = json.loads(info["config"]) if "config" in info else {}
     tags = ["stable-diffusion", "text-to-image", "concept-erasure", "diffusers", f"erasure-{method}"]
     evaluation = erasure_dir / EVALUATION_FILE
+    as_lora = ("" if (erasure_dir / "lora" / REPORT_FILE).is_file() else
+               f"`doco export-lora --unet <this folder>/unet --model {base_model} --out <folder>` writes the UNet's "
+               "change as a LoRA.\n")
     lines = [_front_matter(base_model, tags),
              f"# {method} erasure of “{info.get('target', '?')}” ({info.get('kind', '?')})\n",
-             f"The UNet of `{base_model}` with the concept **{info.get('target', '?')}** erased by **{method}**, "
-             f"mapped to the anchor **{info.get('anchor', '?')}**; trained parameters: `{info.get('trainable', '?')}`. "
+             f"The UNet of `{base_model}` with the concept **{info.get('target', '?')}** erased by **{method}** (the "
+             f"run's anchor concept: **{info.get('anchor', '?')}**; trained: `{info.get('trainable', '?')}`). "
              "Written by DoCo lab at export.\n",
-             "## Use\n", _loading(base_model, unet="<this folder>/unet"),
-             "`delta.safetensors` holds W − W0 of the trained tensors; "
-             + ("`lora/` holds the change as a LoRA (diffusers and kohya files, with its own card).\n"
-                if (erasure_dir / "lora" / REPORT_FILE).is_file() else
-                f"`doco export-lora --unet <this folder>/unet --model {base_model} --out <folder>` writes it as a LoRA.\n"),
+             "## Files\n", _export_files(erasure_dir, info),
+             "## Use\n", _loading(base_model, unet="<this folder>/unet") + as_lora,
              "## Evaluation\n",
              evaluation.read_text() if evaluation.is_file() else
              "Not evaluated yet: notebook 04 (or `doco eval`) writes the measured table here.\n",
@@ -388,25 +506,32 @@ def record_evaluation(erasure_dir: Path, table_markdown: str) -> Path:
 
 
 def lora_card(report: dict) -> str:
-    """README.md of an exported LoRA: what it was made from, ranks, sizes, how to load it."""
+    """README.md of an exported LoRA: what it was made from, ranks, its files, how to load it."""
     base_model = report.get("base_model", "unknown")
     tags = ["stable-diffusion", "text-to-image", "lora", "concept-erasure", "diffusers"]
-    files = "\n".join(f"- `{name}`: {size / 1024:.1f} KiB" for name, size in report["files"].items())
+    layout = ("LDM names (`lora_unet_input_blocks_…`), as kohya's SDXL LoRAs" if report.get("kohya_names") == "ldm"
+              else "diffusers names (`lora_unet_down_blocks_…`), as kohya's SD v1/v2 LoRAs")
+    roles = {DIFFUSERS_FILE: "diffusers/PEFT format, every layer's rank and alpha (scale 1) in its metadata",
+             KOHYA_FILE: f"kohya format, alpha 1 per layer, {layout}"}
+    files = [f"- `{name}`: {roles[name]}; {size / 1024:.1f} KiB\n" for name, size in report["files"].items()]
+    files.append(f"- `{REPORT_FILE}`: rank, full rank and energy kept of every layer\n")
+    if "judged" in report:
+        files.append(f"- `{JUDGED_FILE}`: the toy judge's table below\n")
     left_out = (f"{len(report['left_out'])} changed tensors have no LoRA form (biases, norms) and are left out: "
                 f"{100 * report['left_out_energy_share']:.3f}% of the change's energy.\n" if report["left_out"] else
                 "Every changed tensor is a Linear or Conv2d weight: nothing was left out.\n")
-    use = []
-    if DIFFUSERS_FILE in report["files"]:
-        use.append(_loading(base_model, lora="<this folder>"))
-    if KOHYA_FILE in report["files"]:
-        use.append(f"A1111 and ComfyUI: copy `{KOHYA_FILE}` into their LoRA folder (kohya format, strength 1).\n")
+    loaded = DIFFUSERS_FILE if DIFFUSERS_FILE in report["files"] else KOHYA_FILE  # diffusers reads either
+    use = [_loading(base_model, lora="<this folder>", weight_name=loaded)]
+    if KOHYA_FILE in report["files"] and not is_toy(base_model):
+        use.append(f"A1111 and ComfyUI: copy `{KOHYA_FILE}` into their LoRA folder (strength 1).\n")
     judged = report.get("judged")
     return "\n".join([
         _front_matter(base_model, tags),
         f"# LoRA: {report.get('method', 'erasure')} erasure of “{report.get('target', '?')}”\n",
         f"The weight change of an erased UNet of `{base_model}` as a LoRA by truncated SVD per layer, keeping "
-        f"{100 * report['energy']:g}% of each layer's change energy: {report['layers']} layers, rank "
+        f"{100 * report['energy']:g}% of each layer's change energy (a relative error of at most "
+        f"{100 * math.sqrt(1 - report['energy']):.3g}% per layer): {report['layers']} layers, rank "
         f"{report['rank_min']}–{report['rank_max']} (mean {report['rank_mean']:.1f}), {report['lora_parameters']:,} "
         f"parameters for a change of {report['full_delta_parameters']:,}.\n",
-        left_out, "## Files\n", files + "\n", "## Use\n", *use,
-        "## Erasure, LoRA against the full weights (toy judge)\n" + judged + "\n" if judged else ""])
+        left_out, "## Files\n", "".join(files), "## Use\n", *use,
+        "## Erasure, LoRA against the full weights (toy judge)\n\n" + judged + "\n" if judged else ""])
