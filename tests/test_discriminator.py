@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from doco_lib.methods.discriminator import GANLoss, NLayerDiscriminator, check_discriminator_fits
+from doco_lib.methods.discriminator import GANLoss, NLayerDiscriminator, SyncedBatchNorm2d, check_discriminator_fits
 
 
 def test_paper_discriminator_on_sd_latents():
@@ -47,6 +48,38 @@ def test_norms_and_no_sigmoid(norm, layer):
     else:
         # Normalised after the first convolution: the input's scale drops out (measured: within 1e-3).
         torch.testing.assert_close(large, small, rtol=0, atol=1e-2)
+
+
+@pytest.fixture
+def alone_in_a_process_group(tmp_path):
+    """A gloo process group of this process alone (tests/test_multiprocess.py launches two)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_synced_batch_norm_of_one_process_is_batch_norm(alone_in_a_process_group):
+    torch.manual_seed(0)
+    plain = NLayerDiscriminator(4, 8, 3, "batch", 1)
+    synced = NLayerDiscriminator(4, 8, 3, "batch", 1, sync_batch_norm=True)
+    assert sum(isinstance(m, SyncedBatchNorm2d) for m in synced.modules()) == 1
+    synced.load_state_dict(plain.state_dict())  # the same keys: checkpoints and exports read alike
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):  # two training passes: the running statistics' momentum and unbiased variance
+        x = 3 * torch.randn(3, 4, 16, 16, generator=generator) + 1
+        outputs = [d(x) for d in (plain, synced)]
+        torch.testing.assert_close(outputs[1], outputs[0])
+        # Gradients of every weight, those before the BatchNorm layer through its statistics' backward pass.
+        plain_grads, synced_grads = (torch.autograd.grad(out.square().mean(), list(d.parameters()))
+                                     for out, d in zip(outputs, (plain, synced)))
+        for a, b in zip(plain_grads, synced_grads):
+            torch.testing.assert_close(b, a)
+    state = plain.state_dict()
+    assert state["model.3.num_batches_tracked"] == 2
+    for name, value in synced.state_dict().items():
+        torch.testing.assert_close(value, state[name], msg=lambda m, name=name: f"{name}: {m}")
+    plain.eval(), synced.eval()
+    torch.testing.assert_close(synced(x), plain(x))
 
 
 def test_gan_losses():

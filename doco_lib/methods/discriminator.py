@@ -3,7 +3,8 @@
 D sees a UNet prediction in latent space (4 channels: the predicted noise ε, or the predicted clean
 latent x0) and outputs a map of logits, one per patch: positive for the anchor concept ("real"),
 negative for the target concept ("fake"). Built like pix2pix/CycleGAN's `NLayerDiscriminator`
-(4×4 convolutions, LeakyReLU 0.2, normalisation from the second layer on, no sigmoid).
+(4×4 convolutions, LeakyReLU 0.2, normalisation from the second layer on, no sigmoid). Trained by several
+processes, its BatchNorm layers take their statistics over all processes' batches (`SyncedBatchNorm2d`).
 """
 
 from __future__ import annotations
@@ -11,15 +12,59 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 NORMS = ("batch", "instance", "none")
 GAN_MODES = ("vanilla", "lsgan")
 
 
-def _norm_layer(norm: str):
+class _SumOverProcesses(torch.autograd.Function):
+    """The sum of a tensor over all processes, differentiable: the gradient of each process's input is the sum of
+    all processes' output gradients (every process's loss depends on every process's input)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class SyncedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics span the batches of all processes of the launch, as one process
+    holding all of them would compute them: forward, backward and running statistics (the same in every process).
+    torch's SyncBatchNorm refuses CPU tensors; this runs under gloo on the CPU as under NCCL on GPUs, so the test
+    of several CPU processes exercises the code GPUs run. Statistics in float32, mean and variance in two passes
+    (no cancellation of E[x²] − E[x]²). Affine, with running statistics and a momentum, as D's layers are; in eval
+    mode it is BatchNorm2d, and its state dict is BatchNorm2d's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        values = x.float()
+        local_count = values.new_tensor([values.numel() // values.shape[1]])
+        sums = _SumOverProcesses.apply(torch.cat([values.sum((0, 2, 3)), local_count]))
+        count = sums[-1]
+        mean = sums[:-1] / count
+        centred = values - mean[:, None, None]
+        var = _SumOverProcesses.apply(centred.square().sum((0, 2, 3))) / count  # biased, to normalise
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
+            self.running_var.mul_(1 - self.momentum).add_(var * count / (count - 1), alpha=self.momentum)  # unbiased
+        normalised = centred * torch.rsqrt(var + self.eps)[:, None, None]
+        return (normalised * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
+
+
+def _norm_layer(norm: str, sync_batch_norm: bool = False):
     if norm == "batch":
-        return functools.partial(nn.BatchNorm2d, affine=True)
+        return functools.partial(SyncedBatchNorm2d if sync_batch_norm else nn.BatchNorm2d, affine=True)
     if norm == "instance":
         return functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
     if norm == "none":
@@ -33,15 +78,16 @@ class NLayerDiscriminator(nn.Module):
     Layers 1 … n_layers−1 have stride 2 and double the width (capped at 8× `base_channels`); the last
     maps to one logit per patch with stride `final_stride`. Defaults follow the DoCo paper: 5 layers,
     stride 2 throughout. The authors' code is the same with `final_stride=1`
-    (Conv 4→64, 64→128→256→512 with BatchNorm, then 512→1).
+    (Conv 4→64, 64→128→256→512 with BatchNorm, then 512→1). `sync_batch_norm`: BatchNorm statistics over
+    the batches of all processes (`SyncedBatchNorm2d`), for training by several processes.
     """
 
     def __init__(self, in_channels: int = 4, base_channels: int = 64, n_layers: int = 5, norm: str = "batch",
-                 final_stride: int = 2):
+                 final_stride: int = 2, sync_batch_norm: bool = False):
         super().__init__()
         if n_layers < 2:
             raise ValueError(f"disc_layers must be at least 2, got {n_layers}")
-        norm_layer = _norm_layer(norm)
+        norm_layer = _norm_layer(norm, sync_batch_norm)
         use_bias = norm != "batch"  # BatchNorm's shift makes a conv bias redundant
         layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, stride=2, padding=1),
                                    nn.LeakyReLU(0.2, inplace=True)]
