@@ -24,6 +24,7 @@ from doco_lib.methods import registry
 from doco_lib.methods.rgd_prompts import SlotsError, load_slots
 from doco_lib.models import check_model_reference
 from doco_lib.sampling import SAMPLERS
+from doco_lib.tracking import TRACKERS, check_tracker
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -90,6 +91,12 @@ def _run_name(key: str, value: Any) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
         raise ParamsError(f"{key}: {value!r} is not a valid run name; use letters, digits, '_', '-' and '.', "
                           "no path separators (it becomes a folder under output_root).")
+
+
+def _tracker_project(key: str, value: Any) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise ParamsError(f"{key}: {value!r} is not a valid project name; use letters, digits, '_', '-' and '.' (it "
+                          "becomes a folder under <run>/<method>/tracking/ and wandb's project).")
 
 
 def _list_of_words(key: str, value: Any) -> None:
@@ -322,6 +329,13 @@ SCHEMA: dict[str, Param] = {
                          "kohya files, doco_lib/export.py)", TRAINING),
     "lora_energy": Param(0.99, (int, float), "share of each layer's weight-change energy the exported LoRA keeps "
                          "(sets its rank per layer)", TRAINING, maximum=1.0, check=_positive),
+    "tracker": Param("none", str, "experiment tracking through accelerate: none, tensorboard or wandb (offline unless "
+                     "WANDB_MODE says otherwise), into <run>/<method>/tracking/", TRAINING, choices=TRACKERS,
+                     check=check_tracker),
+    "tracker_project": Param("doco-lab", str, "the tracker's project: TensorBoard's folder under tracking/, wandb's "
+                             "project", TRAINING, check=_tracker_project),
+    "tracker_sample_every": Param(0, int, "iterations between the tracker's sample grids (target and anchor prompt, "
+                                  "2 seeds each; 0: none)", TRAINING, minimum=0),
     # -- 04: evaluation
     "eval_models": Param([], list, "erased UNet folders to evaluate ([]: this run's doco/unet)", (NB04,),
                          check=lambda key, value: _list_of_words(key, value) if value else None),

@@ -15,8 +15,10 @@ uninterrupted one.
 
 Several processes (torchrun or `accelerate launch`, one per GPU; on the CPU with gloo) train data-parallel:
 each draws its own batches of `batch_size` from its own generator (rank 0's is the single-process one), the
-gradients of L_u and L_r, and D's, are averaged over the processes before each update, so every process
-holds the same weights; the main process alone writes checkpoints (with every process's generator), the
+gradients of L_u and L_r, and D's, are averaged over the processes before each update, and D's BatchNorm
+statistics span all processes' batches in each of its passes (`SyncedBatchNorm2d`), so N processes at batch B
+take the steps one process at batch N·B takes on the same samples (tested), and every process holds the same
+weights and running statistics; the main process alone writes checkpoints (with every process's generator), the
 log and the exports.
 """
 
@@ -35,7 +37,7 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 
-from doco_lib import costs, export
+from doco_lib import costs, export, tracking
 from doco_lib.anchors import AnchorLatents
 from doco_lib.concepts import ConceptSpec
 from doco_lib.config import SCHEMA, ParamsError
@@ -126,6 +128,11 @@ class TrainingConfig:
     compile_unet: bool = _schema_default("compile_unet")
     export_lora: bool = _schema_default("export_lora")
     lora_energy: float = _schema_default("lora_energy")
+    tracker: str = _schema_default("tracker")  # experiment tracking (doco_lib/tracking.py)
+    tracker_project: str = _schema_default("tracker_project")
+    tracker_sample_every: int = _schema_default("tracker_sample_every")
+    num_inference_steps: int = _schema_default("num_inference_steps")  # the tracker's sample grids
+    guidance_scale: float = _schema_default("guidance_scale")
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainingConfig":
@@ -141,7 +148,8 @@ class TrainingConfig:
         refuse a resume; DoCo with `retain_mode: rgd` reads RGD's `rgd_*`."""
         read = {self.method, "rgd"} if self.retain_mode == "rgd" else {self.method}
         other_methods = tuple(f"{name}_" for name in METHODS if name not in read)
-        not_trajectory = ("iterations", "checkpoint_every", "attention", "compile_unet", "export_lora", "lora_energy")
+        not_trajectory = ("iterations", "checkpoint_every", "attention", "compile_unet", "export_lora", "lora_energy",
+                          "tracker", "tracker_project", "tracker_sample_every", "num_inference_steps", "guidance_scale")
         return {key: value for key, value in asdict(self).items()
                 if key not in not_trajectory and not key.startswith(other_methods)}
 
@@ -268,7 +276,8 @@ class ErasureTrainer:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # accelerate's "cuda" (autocast, D's optimizer) is then this GPU
         self.mixed_precision = resolve_precision(config.mixed_precision, self.device)
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.device.type == "cpu")
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.device.type == "cpu",
+                                       **tracking.accelerator_arguments(config.tracker, self.run_dir))
         self.loss_scale = FP16_LOSS_SCALE if self.accelerator.scaler is not None else 1.0
         self.unet = pipe.unet.to(self.device)
         self.unet.requires_grad_(False)
@@ -336,6 +345,7 @@ class ErasureTrainer:
         self.loop_cost = costs.LoopCost()  # wall time and peak memory of the iterations, kept in the checkpoint
         if self.checkpoint_path.exists():
             self._load_checkpoint()
+        self.tracking = tracking.RunTracking(self, pipe)
 
     def needs_frozen_unet(self) -> bool:
         return False
@@ -463,6 +473,7 @@ class ErasureTrainer:
                 started = time.perf_counter()
                 record = self.train_step()
                 record["seconds"] = time.perf_counter() - started  # wall time of the iteration, for run-time reports
+                self.tracking.log_iteration(record)
                 bar.update(1)
                 bar.set_postfix({k: round(v, 3) for k, v in record.items() if isinstance(v, float)}, refresh=False)
                 if self.step % self.config.checkpoint_every == 0 or self.step == until:
@@ -559,7 +570,7 @@ class ErasureTrainer:
                 keep = ("base_model", "method", "target", "anchor", "kind", "trainable")
                 export.write_lora(export.decompose(self.unet, delta, self.config.lora_energy), paths["lora"],
                                   metadata={k: metadata[k] for k in keep})
-            costs.write_training_record(self, paths)
+            self.tracking.finish(costs.write_training_record(self, paths))
             export.write_model_card(self.run_dir)
         return paths
 
@@ -574,8 +585,11 @@ class DocoTrainer(ErasureTrainer):
 
     def build_extra(self) -> None:
         cfg = self.config
+        # Under several processes D's BatchNorm statistics span all processes' batches, as one process's would
+        # span them all; a single process keeps torch's BatchNorm2d (bit for bit as before).
         self.discriminator = NLayerDiscriminator(self.unet.config.in_channels, cfg.disc_channels, cfg.disc_layers,
-                                                 cfg.disc_norm, cfg.disc_final_stride).to(self.device)
+                                                 cfg.disc_norm, cfg.disc_final_stride,
+                                                 sync_batch_norm=self.accelerator.num_processes > 1).to(self.device)
         self.gan_loss = GANLoss(cfg.gan_mode).to(self.device)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.disc_lr, betas=(cfg.disc_beta1, 0.999))
         # Only D's optimizer goes through accelerate (its GradScaler under fp16). D itself is not wrapped in DDP,
@@ -588,8 +602,8 @@ class DocoTrainer(ErasureTrainer):
         self.joint = SplitLinearGradients(linears) if linears else None
 
     def extra_state(self) -> dict:
-        """D (its BatchNorm running statistics are the main process's, as DDP would broadcast them), D's
-        optimizer, and under fp16 its loss scaler."""
+        """D (its BatchNorm running statistics the same in every process), D's optimizer, and under fp16 its
+        loss scaler."""
         state = {"discriminator": self.discriminator.state_dict(), "opt_d": self.opt_d.state_dict()}
         if self.accelerator.scaler is not None:
             state["scaler"] = self.accelerator.scaler.state_dict()

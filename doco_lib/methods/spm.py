@@ -381,6 +381,6 @@ class SpmTrainer(ErasureTrainer):
             with self.network.merged(1.0), atomic_directory(unet_dir) as tmp:
                 self.unet.save_pretrained(tmp, safe_serialization=True)
             atomic_save_json({**metadata, "adapter": ADAPTER_FILE}, self.run_dir / "erasure.json")
-            costs.write_training_record(self, paths)
+            self.tracking.finish(costs.write_training_record(self, paths))
             export.write_model_card(self.run_dir)
         return paths
