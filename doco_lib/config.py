@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,11 +19,11 @@ from typing import Any, Callable
 import yaml
 
 from doco_lib.concepts import KINDS, ConceptSpec, PromptFileError, read_preservation_file, read_prompt_file
-from doco_lib.errors import ParamsError
+from doco_lib.errors import ParamsError, ToyDefaultsWarning
 from doco_lib.io import atomic_write_text, read_utf8
 from doco_lib.methods import registry
 from doco_lib.methods.rgd_prompts import SlotsError, load_slots
-from doco_lib.models import check_model_reference
+from doco_lib.models import check_model_reference, is_toy
 from doco_lib.sampling import SAMPLERS
 from doco_lib.tracking import TRACKERS, check_tracker
 
@@ -652,7 +653,78 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> di
     if resolved["concept_kind"] == "nudity" and not resolved["i2p_csv"]:  # notebook 04 would find out hours later
         raise ParamsError(f"{path}: i2p_csv: concept_kind nudity is measured as the paper does, by NudeNet on the I2P "
                           f"prompts; set i2p_csv to {I2P_SOURCE}.")
+    check_real_model_defaults(resolved, str(path), BATCH_NOTEBOOKS, user_set=set(values))
     return resolved
+
+
+# The study notebooks train the methods of a variants list rather than `method`.
+VARIANT_KEYS = {NB05: "ablation_variants", NB07: "attack_variants", NB09: "damage_variants", NB10: "study_variants"}
+
+
+def methods_read(resolved: dict[str, Any], notebooks: tuple[str, ...]) -> set[str]:
+    """The methods whose settings a run of `notebooks` reads: `method` where one trains it (and RGD's for DoCo
+    with retain_mode rgd), the methods of its variants list where one compares several (05 also DoCo's, its
+    multi-concept runs)."""
+    methods = {"doco"} if NB05 in notebooks else set()
+    for notebook in notebooks:
+        if notebook in VARIANT_KEYS:
+            trained = [{"retain_mode": resolved["retain_mode"], **registry.VARIANTS[name]}
+                       for name in resolved[VARIANT_KEYS[notebook]] if name in registry.VARIANTS]
+        else:
+            trained = [resolved] if notebook in TRAINING else []
+        for run in trained:
+            methods |= {run["method"], "rgd"} if run["method"] == "doco" and run["retain_mode"] == "rgd" \
+                else {run["method"]}
+    return methods
+
+
+def check_real_model_defaults(resolved: dict[str, Any], source: str, notebooks: tuple[str, ...],
+                              user_set: set[str] | None = None) -> None:
+    """On a real model, hold the keys that a run of `notebooks` reads against the toy-vs-recipe table
+    (`registry.REAL_MODEL_RECIPE`): raise a ParamsError naming every key that still holds the toy world's data,
+    then warn once (ToyDefaultsWarning) naming every setting left at a toy default that differs from its
+    method's recipe, with both values. `user_set`: the keys the params file and its overrides set, the user's
+    choices, never warned about; where it is unknown (a notebook's namespace holds every key, as papermill
+    injects them all) a key at its schema default counts as left there."""
+    if is_toy(resolved["model"]):
+        return
+    keys = {key for notebook in notebooks for key in notebook_keys(notebook)}
+    methods = methods_read(resolved, notebooks)
+    toy_data, toy_settings = {}, []
+    for row in registry.REAL_MODEL_RECIPE:
+        value = resolved.get(row.key)
+        if row.key not in keys or row.methods and not methods & set(row.methods) or value != SCHEMA[row.key].default:
+            continue
+        if row.toy_data:
+            toy_data.setdefault(row.key, row)
+        elif row.key not in (user_set or ()):
+            preset = registry.FIDELITY_PRESETS[resolved["fidelity"]].get(row.key)
+            if (preset if value is None else value) != row.value:
+                toy_settings.append(row)
+    model = resolved["model"]
+    if toy_data:
+        listed = "; ".join(f"{key}: {resolved[key]!r}, expected {row.source}"
+                           + (f" ({row.value!r})" if row.value not in (None, []) else "") for key, row in toy_data.items())
+        raise ParamsError(f"{source}: {', '.join(toy_data)} {'holds' if len(toy_data) == 1 else 'hold'} the toy "
+                          f"world's data, but model {model!r} is not the toy world: the run would train or measure the "
+                          f"toy world's concepts, not its own. {listed}. (params/concepts/sd14_snoopy.yaml sets them all "
+                          "for a real model.)")
+    if toy_settings:
+        fidelity = resolved["fidelity"]
+        groups: dict[str, list[str]] = {}
+        for row in toy_settings:
+            default = SCHEMA[row.key].default
+            toy = f"null: {registry.FIDELITY_PRESETS[fidelity][row.key]!r} under fidelity {fidelity}" \
+                if default is None else repr(default)
+            groups.setdefault(row.source, []).append(f"{row.key} {row.value!r} (toy {toy})")
+        listed = "; ".join(f"{where}: {', '.join(settings)}" for where, settings in groups.items())
+        named = sorted({m for row in toy_settings for m in row.methods} & methods) or sorted(methods)
+        recipes = sorted({registry.RECIPE_FILES[m] for m in named if m in registry.RECIPE_FILES}) \
+            or [registry.RECIPE_FILES["doco"]]
+        warnings.warn(f"{source}: model {model!r} runs {', '.join(named) or 'the evaluation'} with {len(toy_settings)} "
+                      f"setting{'s' if len(toy_settings) > 1 else ''} left at the toy world's defaults, which differ "
+                      f"from the recipe. {listed}. Set them in the params file, as {' and '.join(recipes)} "
+                      f"{'does' if len(recipes) == 1 else 'do'}.", ToyDefaultsWarning, stacklevel=3)
 
 
 def notebook_params(resolved: dict[str, Any], notebook: str) -> dict[str, Any]:
@@ -711,6 +783,7 @@ def notebook_setup(namespace: dict[str, Any], notebook: str) -> tuple[dict[str, 
                           "that doco writes into the run folder.")
     values = {key: namespace[key] for key in notebook_keys(notebook) if key in namespace}
     params = validate(values, source=f"{notebook} parameters")
+    check_real_model_defaults(params, f"{notebook} parameters", (notebook,))
     out_dir = run_dir(params) / notebook
     out_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(params, out_dir)

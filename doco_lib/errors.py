@@ -47,3 +47,9 @@ class TrainingDiverged(DocoError, RuntimeError):
     """A loss or gradient became non-finite; the message names the step and the keys to lower."""
 
     exit_status = 3
+
+
+class ToyDefaultsWarning(UserWarning):
+    """A real model runs a method with settings left at the toy world's defaults, which differ from the method's
+    recipe; the message names each key, its toy default and the recipe's value (`doco_lib.config`,
+    `check_real_model_defaults`). A warning, not a failure: the run is the method, with other settings."""

@@ -1,9 +1,12 @@
 
+import re
+
 import pytest
 import yaml
 
 from doco_lib import config
 from doco_lib.config import ParamsError
+from doco_lib.methods import registry
 
 
 def write(tmp_path, values, name="params.yaml"):
@@ -14,6 +17,12 @@ def write(tmp_path, values, name="params.yaml"):
 
 def test_shipped_params_files_are_valid(repo_root):
     for path in sorted((repo_root / "params").glob("*.yaml")):
+        if path.name == "sd14_paper.yaml":  # the base of the SD concept files, no run: valid, but without a concept
+            assert set(config.validate(config.read_params_file(path))) == set(config.SCHEMA)
+            with pytest.raises(ParamsError, match="anchor_prompts_file, related_concepts, eval_concepts, "
+                                                  "erased_concepts hold the toy world's data"):
+                config.load_params(path)
+            continue
         resolved = config.load_params(path)
         assert set(resolved) == set(config.SCHEMA)
 
@@ -176,3 +185,105 @@ def test_training_settings_default_to_the_schema():
             expected = FIDELITY_PRESETS["paper"][field.name]
         assert getattr(defaults, field.name) == (tuple(expected) if isinstance(expected, list) else expected), field.name
     assert TrainingConfig.from_params(config.validate({})).iterations == config.SCHEMA["iterations"].default
+
+
+# -- a real model with the toy world's defaults (doco_lib.methods.registry.REAL_MODEL_RECIPE)
+SD14 = "CompVis/stable-diffusion-v1-4"
+# The SD file of a DoCo run on Snoopy without its base: concept and evaluation set, nothing of any method.
+SD_SNOOPY = {"model": SD14, "target": "Snoopy", "anchor": "dog", "anchor_prompts_file": "params/prompts/dog.txt",
+             "related_concepts": ["Mickey", "SpongeBob"], "eval_concepts": ["Snoopy", "Mickey", "SpongeBob", "dog"],
+             "erased_concepts": ["Snoopy"], "clip_model": "openai/clip-vit-large-patch14", "fid_features": "inception",
+             "eval_templates": "clip80", "images_per_template": 10}
+# Where SPM's code and the toy world differ (spm_rank, spm_guidance, spm_anchors, ... agree).
+SPM_TOY_KEYS = ("lr", "iterations", "batch_size", "max_grad_norm", "spm_alpha", "spm_anchor_strength", "spm_prompts",
+                "spm_denoising_steps", "spm_lr_warmup", "spm_lr_cycles")
+
+
+def toy_default_warnings(load) -> list[str]:
+    """The ToyDefaultsWarning messages `load()` raises (every one, not Python's once per place)."""
+    import warnings
+
+    from doco_lib.errors import ToyDefaultsWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load()
+    return [str(w.message) for w in caught if issubclass(w.category, ToyDefaultsWarning)]
+
+
+def test_spm_on_sd_without_its_keys_warns_once_naming_each_toy_default_and_the_code_value(tmp_path):
+    messages = toy_default_warnings(lambda: config.load_params(write(tmp_path, {**SD_SNOOPY, "method": "spm"})))
+    assert len(messages) == 1
+    named = re.findall(r"(\w+) \S+ \(toy ", messages[0])
+    assert sorted(named) == sorted(SPM_TOY_KEYS)  # spm_rank, spm_anchors, ... agree with the code: not named
+    for text in ("spm_alpha 1.0 (toy 4.0)", "spm_anchor_strength 1000.0 (toy 10.0)", "lr 0.0001 (toy 0.0003)",
+                 "spm_prompts 'concept' (toy 'target_prompts')", "max_grad_norm 0.0 (toy null: 1.0 under fidelity "
+                 "official)", "params/concepts/sd14_snoopy_spm.yaml"):
+        assert text in messages[0], text
+    notebook = toy_default_warnings(lambda: config.notebook_setup(
+        {**SD_SNOOPY, "method": "spm", "output_root": str(tmp_path)}, "03_adversarial_training"))
+    assert len(notebook) == 1 and notebook[0].startswith("03_adversarial_training parameters: ")
+    assert sorted(re.findall(r"(\w+) \S+ \(toy ", notebook[0])) == sorted(SPM_TOY_KEYS)
+
+
+def test_no_toy_default_warning_for_keys_the_params_set(tmp_path, repo_root):
+    recipe = {k: v for k, v in config.read_params_file(repo_root / "params/concepts/sd14_snoopy_spm.yaml").items()
+              if k in SPM_TOY_KEYS}
+    assert set(recipe) == set(SPM_TOY_KEYS)
+    spm = write(tmp_path, {**SD_SNOOPY, "method": "spm"}, "spm.yaml")
+    with_recipe = write(tmp_path, {**SD_SNOOPY, "method": "spm", **recipe}, "recipe.yaml")
+    assert not toy_default_warnings(lambda: config.load_params(with_recipe))
+    assert not toy_default_warnings(lambda: config.load_params(spm, overrides=recipe))
+    # Set to the toy values themselves: the user's choice.
+    toy = {key: config.SCHEMA[key].default for key in SPM_TOY_KEYS}
+    assert not toy_default_warnings(lambda: config.load_params(spm, overrides=toy))
+    partly = toy_default_warnings(lambda: config.load_params(spm, overrides={"spm_alpha": 2.0}))
+    assert len(partly) == 1 and "spm_alpha" not in partly[0] and "spm_anchor_strength" in partly[0]
+
+
+@pytest.mark.parametrize("method", registry.METHODS)
+def test_the_toy_world_runs_every_method_on_its_defaults_silently(tmp_path, method):
+    assert not toy_default_warnings(lambda: config.load_params(write(tmp_path, {"method": method})))
+    assert not toy_default_warnings(lambda: config.notebook_setup({"output_root": str(tmp_path), "method": method},
+                                                                  "03_adversarial_training"))
+    assert not toy_default_warnings(lambda: config.load_params(write(tmp_path, {"model": "toy-wide", "method": method})))
+
+
+def test_the_shipped_sd_files_hold_their_methods_recipes(repo_root):
+    i2p = {"i2p_csv": str(repo_root / "tests" / "fixtures" / "i2p_small.csv")}
+    methods = set()
+    for path in sorted((repo_root / "params" / "concepts").glob("sd*.yaml")):
+        overrides = i2p if path.stem == "sd14_nudity" else None
+        assert not toy_default_warnings(lambda: methods.add(config.load_params(path, overrides)["method"])), path
+    assert methods == {"doco", "spm", "uce"}
+
+
+@pytest.mark.parametrize("values, keys", [
+    ({"method": "rgd"}, "rgd_slots_file holds"),
+    ({"method": "doco", "retain_mode": "rgd"}, "rgd_slots_file holds"),  # DoCo with RGD's restricted gradient
+    ({"method": "uce"}, "uce_preserve holds"),
+    ({"clip_model": "toy", "fid_features": "judge"}, "clip_model, fid_features hold"),
+])
+def test_toy_data_on_a_real_model_is_refused_before_any_work(tmp_path, doco, values, keys):
+    path = write(tmp_path, {**SD_SNOOPY, "output_root": str(tmp_path / "out"), **values})
+    with pytest.raises(ParamsError, match=rf"{keys} the toy world's data, but model '{SD14}' is not the toy world"):
+        config.load_params(path)
+    result = doco("train", "--params", path)
+    assert result.returncode == 2 and keys in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists(), "nothing may be written before the params are valid"
+    config.load_params(write(tmp_path, {**SD_SNOOPY, **values, "model": "toy"}))  # the toy world's own data
+
+
+def test_an_sd_file_without_a_concept_or_an_sd_study_without_its_stages_is_refused(tmp_path):
+    with pytest.raises(ParamsError, match="anchor_prompts_file, related_concepts, eval_concepts, erased_concepts, "
+                                          "clip_model, fid_features, eval_templates hold the toy world's data"):
+        config.load_params(write(tmp_path, {"model": SD14}))
+    namespace = {**SD_SNOOPY, "output_root": str(tmp_path), "ablation_variants": ["DoCo (cp)", "SPM"]}
+    with pytest.raises(ParamsError, match="05_ablations parameters: sequential_stages holds the toy world's data"):
+        config.notebook_setup(namespace, "05_ablations")
+    # With its own stages, 05 warns about the toy defaults of what it trains: SPM's settings and DoCo's schedule.
+    stages = ["Snoopy|dog|params/prompts/dog.txt", "Mickey|mouse|params/prompts/mouse.txt"]
+    messages = toy_default_warnings(lambda: config.notebook_setup({**namespace, "sequential_stages": stages},
+                                                                  "05_ablations"))
+    assert len(messages) == 1 and "runs doco, spm with" in messages[0]
+    assert "spm_alpha 1.0 (toy 4.0)" in messages[0] and "n_anchor_images 1000 (toy 256)" in messages[0]

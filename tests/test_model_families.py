@@ -313,7 +313,10 @@ def test_params_files_of_the_new_families_validate(repo_root, name, model, size,
 # Counts only; the rest (D, gradient checkpointing, mixed precision: none on the CPU) as in the params files.
 COUNTS = {"n_anchor_images": 2, "anchor_shard_size": 2, "num_inference_steps": 1, "iterations": 2,
           "warmup_iterations": 1, "batch_size": 1, "checkpoint_every": 2, "esd_steps": 2, "rgd_prompts": 2,
-          "spm_denoising_steps": 2, "spm_anchors": 1, "device": "cpu"}
+          "spm_denoising_steps": 2, "spm_anchors": 1, "device": "cpu",
+          # A real model refuses the toy world's RGD slots and UCE preserve list (config.check_real_model_defaults);
+          # the Snoopy files have neither, so the nudity slots and UCE's own default for objects stand in.
+          "rgd_slots_file": "params/prompts/rgd_nudity_slots.yaml", "uce_preserve": []}
 
 
 @pytest.fixture(scope="module")

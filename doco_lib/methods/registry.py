@@ -4,6 +4,11 @@ The params schema (`doco_lib.config`), the harness (`doco_lib.methods.harness`) 
 tuples and tables; none of them retypes a choice.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
 METHODS = ("doco", "esd", "conabl", "rgd", "uce", "spm")
 UCE_CODE_VERSIONS = (2023, 2025)
 SPM_ANCHOR_BATCHES = ("official", "intended")
@@ -42,3 +47,60 @@ VARIANTS = {
 }
 # Not a harness method: the target's SepME increment (doco_lib/studies/sepme_study.py), on `sepme_model`.
 SEPME = "SepME"
+
+
+@dataclass(frozen=True)
+class RecipeValue:
+    """A setting whose schema default is the toy world's and differs from a method's recipe on a real model."""
+
+    key: str
+    value: Any  # the recipe's value (toy data: what to give instead, in `source`)
+    source: str  # where the value comes from, as the message names it
+    methods: tuple[str, ...] = ()  # the methods that read the key; (): every run, whatever it trains
+    toy_data: bool = False  # the default is toy-world data (a file, the toy shapes, a toy network): refused
+
+
+# Gradient-trained on the DoCo paper's SD schedule (params/sd14_paper.yaml gives it to every method on SD alike).
+_PAPER_SCHEDULE = ("doco", "esd", "conabl", "rgd")
+_SPM_CODE = "SPM's code (configs/snoopy)"
+
+# The toy-vs-recipe table: on a real model (not `models.is_toy`), `doco_lib.config.check_real_model_defaults`
+# compares every key a run reads against it where params are loaded. Hyper-parameters left at the toy default
+# warn (`ToyDefaultsWarning`): the run is still the method on the user's concept, with other settings. Toy data
+# stops the run (`ParamsError`) whoever set it: RGD would forget the toy "star", UCE preserve the toy shapes, the
+# evaluation score SD images with the toy CLIP and judge, so no number would be about the user's concept.
+REAL_MODEL_RECIPE = (
+    RecipeValue("lr", 4e-6, "paper (section 4.1, params/sd14_paper.yaml)", _PAPER_SCHEDULE),
+    RecipeValue("iterations", 1000, "paper", _PAPER_SCHEDULE),
+    RecipeValue("warmup_iterations", 200, "paper", ("doco",)),
+    RecipeValue("n_anchor_images", 1000, "paper", ("doco",)),
+    RecipeValue("disc_layers", 5, "the fidelity presets' D on 64×64 latents (disc_layers: null)", ("doco",)),
+    RecipeValue("lr", 1e-4, _SPM_CODE, ("spm",)),
+    RecipeValue("iterations", 3000, _SPM_CODE, ("spm",)),
+    RecipeValue("batch_size", 1, _SPM_CODE, ("spm",)),
+    RecipeValue("max_grad_norm", 0.0, _SPM_CODE, ("spm",)),  # no clipping
+    RecipeValue("spm_alpha", 1.0, _SPM_CODE, ("spm",)),
+    RecipeValue("spm_anchor_strength", 1000.0, _SPM_CODE, ("spm",)),
+    RecipeValue("spm_prompts", "concept", _SPM_CODE, ("spm",)),
+    RecipeValue("spm_denoising_steps", 30, _SPM_CODE, ("spm",)),
+    RecipeValue("spm_lr_warmup", 500, _SPM_CODE, ("spm",)),
+    RecipeValue("spm_lr_cycles", 3, _SPM_CODE, ("spm",)),
+    RecipeValue("esd_steps", 50, "ESD's code", ("esd",)),
+    RecipeValue("images_per_template", 10, "paper"),
+    RecipeValue("rgd_slots_file", None, "slots naming the target, as params/prompts/rgd_nudity_slots.yaml does for "
+                "nudity", ("rgd",), toy_data=True),
+    RecipeValue("uce_preserve", [], "UCE's code for objects: [] (params/concepts/sd14_snoopy_uce.yaml)", ("uce",),
+                toy_data=True),
+    RecipeValue("anchor_prompts_file", None, "the anchor's prompts, e.g. params/prompts/dog.txt", toy_data=True),
+    RecipeValue("related_concepts", None, "the target's neighbours, e.g. [Mickey, SpongeBob, Pikachu]", toy_data=True),
+    RecipeValue("eval_concepts", None, "the target and its neighbours", toy_data=True),
+    RecipeValue("erased_concepts", None, "the target", toy_data=True),
+    RecipeValue("sequential_stages", None, "stages of the model's own concepts, e.g. ['Snoopy|dog|params/prompts/"
+                "dog.txt', 'Mickey|mouse|params/prompts/mouse.txt']", toy_data=True),
+    RecipeValue("clip_model", "openai/clip-vit-large-patch14", "the paper's CLIP ViT-L/14", toy_data=True),
+    RecipeValue("fid_features", "inception", "the paper's Inception features", toy_data=True),
+    RecipeValue("eval_templates", "clip80", "the paper's 80 CLIP ImageNet templates", toy_data=True),
+)
+# The params files that hold each method's recipe on SD v1.4, named by the message.
+RECIPE_FILES = {**dict.fromkeys(_PAPER_SCHEDULE, "params/sd14_paper.yaml (the base of params/concepts/sd14_*.yaml)"),
+                "spm": "params/concepts/sd14_snoopy_spm.yaml", "uce": "params/concepts/sd14_snoopy_uce.yaml"}
