@@ -317,7 +317,9 @@ SCHEMA: dict[str, Param] = {
     "mixed_precision": Param("no", str, "accelerate mixed precision; auto: bf16 on GPUs with it, else fp16, none "
                              "on the CPU", TRAINING, choices=("no", "auto", "bf16", "fp16")),
     "gradient_accumulation_steps": Param(1, int, "micro-batches per update", TRAINING, minimum=1),
-    "gradient_checkpointing": Param(False, bool, "trade compute for UNet activation memory", TRAINING),
+    "gradient_checkpointing": Param(False, (bool, str), "trade compute for UNet activation memory: true, false, or "
+                                    "auto (on a GPU off when a trial of the largest iteration fits its memory, else "
+                                    "on; off on a CPU)", TRAINING, choices=(True, False, "auto")),
     "optimizer": Param("adam", str, "UNet optimizer: adam (multi-tensor), adam_fused, or adam_8bit (bitsandbytes)",
                        TRAINING, choices=registry.OPTIMIZERS, check=_optimizer),
     "frozen_dtype": Param("auto", str, "dtype of the frozen original UNet (auto: float16 on GPUs)", TRAINING,

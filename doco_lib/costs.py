@@ -201,6 +201,7 @@ def training_record(trainer, paths: dict[str, Path]) -> dict:
       - seconds: its sessions' wall time summed; peaks: their maximum (per process, the main one's);
       - iterations: its step; measured_iterations: those inside a measured session (fewer when it resumed a
         checkpoint written before costs were recorded);
+      - gradient_checkpointing: whether the run checkpointed (`auto` resolved by its memory check);
       - trainable_params: Σ numel of `trainer.params`; changed_params: Σ [p ≠ p₀] elementwise over them, p₀
         the weights the run started from (`trainer.original`); every other UNet parameter is frozen
         (requires_grad off, in no optimizer), so it is unchanged; unet_params: all the UNet's parameters;
@@ -210,6 +211,7 @@ def training_record(trainer, paths: dict[str, Path]) -> dict:
              for key in ("peak_gpu_bytes", "peak_gpu_reserved_bytes", "peak_rss_bytes")}
     changed = sum(int((p.detach().cpu() != trainer.original[name]).sum()) for name, p in trainer.params.items())
     return {"phase": "training", "method": trainer.method, "trainable": trainer.config.trainable,
+            "gradient_checkpointing": trainer.gradient_checkpointing,
             "iterations": trainer.step, "measured_iterations": sum(s["last_step"] - s["first_step"] for s in sessions),
             "sessions": len(sessions), "seconds": sum(s["seconds"] for s in sessions), **peaks,
             "peak_rss_scope": None if not sessions else "phase" if all(s["peak_rss_scope"] == "phase" for s in sessions)

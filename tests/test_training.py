@@ -278,6 +278,44 @@ def test_the_memory_check_runs_an_adversarial_iteration_and_leaves_no_trace(tmp_
     _assert_same(_state(plain)[:5], _state(checked)[:5])
 
 
+def test_gradient_checkpointing_auto_turns_it_on_only_when_the_largest_iteration_does_not_fit(tmp_path, monkeypatch):
+    """`auto` is off on a CPU; on a GPU (simulated: the check pending, an out-of-memory error without checkpointing)
+    the memory check turns it on, with the pass-per-loss path it needs, and leaves no trace; when even that fails,
+    the error names the keys left to set."""
+    from doco_lib.methods.harness import TrainingDoesNotFit
+
+    fits, tight, too_big = (tiny_trainer(tmp_path, name, **SIX_ITERATIONS, gradient_checkpointing="auto")
+                            for name in ("fits", "tight", "too_big"))
+    assert not fits.gradient_checkpointing and not fits.checkpointing_undecided and fits.joint is not None
+    fits.run(until=1, progress=False)
+    for trainer in (fits, tight, too_big):
+        trainer.checkpointing_undecided = True  # as on a GPU
+    fits.fit_memory()
+    assert not fits.gradient_checkpointing and not fits.unet.is_gradient_checkpointing and fits.joint is not None
+
+    train_step = type(tight).train_step
+
+    def short_of_memory(trainer):
+        if not trainer.gradient_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+        return train_step(trainer)
+
+    monkeypatch.setattr(tight, "train_step", lambda: short_of_memory(tight))
+    before = _state(tight)
+    tight.fit_memory()
+    assert tight.gradient_checkpointing and tight.unet.is_gradient_checkpointing and tight.joint is None
+    assert not tight.checkpointing_undecided
+    _assert_same(before, _state(tight))
+
+    def never_fits():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 90.00 GiB.")
+
+    monkeypatch.setattr(too_big, "train_step", never_fits)
+    with pytest.raises(TrainingDoesNotFit, match=r"from iteration 3\) does not fit .*90\.00 GiB.*set any of: "
+                       r"mixed_precision: auto; a smaller batch_size"):
+        too_big.fit_memory()
+
+
 def test_the_fp16_loss_scale_is_divided_out_exactly(tmp_path):
     from doco_lib.methods.harness import FP16_LOSS_SCALE
 

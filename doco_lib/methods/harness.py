@@ -97,7 +97,7 @@ class TrainingConfig:
     seed: int = _schema_default("seed")
     mixed_precision: str = _schema_default("mixed_precision")
     gradient_accumulation_steps: int = _schema_default("gradient_accumulation_steps")
-    gradient_checkpointing: bool = _schema_default("gradient_checkpointing")
+    gradient_checkpointing: bool | str = _schema_default("gradient_checkpointing")  # true | false | "auto"
     heldout_fraction: float = 0.1
     esd_eta: float = _schema_default("esd_eta")
     esd_steps: int = _schema_default("esd_steps")
@@ -281,7 +281,10 @@ class ErasureTrainer:
         self.loss_scale = FP16_LOSS_SCALE if self.accelerator.scaler is not None else 1.0
         self.unet = pipe.unet.to(self.device)
         self.unet.requires_grad_(False)
-        if config.gradient_checkpointing:
+        # "auto": off, until a GPU's memory check finds the largest iteration does not fit without it (`fit_memory`).
+        self.gradient_checkpointing = config.gradient_checkpointing is True
+        self.checkpointing_undecided = config.gradient_checkpointing == "auto" and self.device.type == "cuda"
+        if self.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if config.attention == "classic":  # diffusers' default is SDPA (torch's fused attention kernels)
             from diffusers.models.attention_processor import AttnProcessor
@@ -460,12 +463,87 @@ class ErasureTrainer:
             return grads
         return [self.accelerator.reduce(g, "mean") for g in grads]
 
+    # ---------------------------------------------------------------- memory
+    def memory_trial(self) -> tuple[int, str]:
+        """(the step of the iteration to come that takes the most memory, how to name it in an error): here the
+        next one, as every iteration is alike."""
+        return self.step, f"iteration {self.step + 1}"
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        self.gradient_checkpointing = on
+        (self.unet.enable_gradient_checkpointing if on else self.unet.disable_gradient_checkpointing)()
+
+    def fit_memory(self) -> None:
+        """On a GPU, before training: with `gradient_checkpointing: auto`, try the largest iteration to come without
+        checkpointing and turn it on if that does not fit (trying again with it); otherwise check the largest
+        iteration where a lighter phase comes first (DoCo's warm-up), so that a run too large stops now, not hours in."""
+        trial, _ = self.memory_trial()
+        if self.checkpointing_undecided:
+            try:
+                self.check_memory()
+            except TrainingDoesNotFit:
+                self.set_gradient_checkpointing(True)
+                self.check_memory()
+            self.checkpointing_undecided = False
+            if self.accelerator.is_main_process:
+                print(f"gradient checkpointing (auto): {'on' if self.gradient_checkpointing else 'off'}")
+        elif trial > self.step:
+            self.check_memory()
+
+    def check_memory(self) -> None:
+        """Run the iteration of `memory_trial` now, then put back everything it changed: the weights, the optimizers
+        and the loss scaler, the `extra_state` (DoCo's D), the step and the log, the generator and torch's random
+        states. Raises TrainingDoesNotFit, naming the params keys that save memory, when it runs out of GPU memory."""
+        cuda = self.device.type == "cuda"
+        trial, description = self.memory_trial()
+        saved = {"trainable": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()},
+                 "opt_g": copy.deepcopy(self.opt_g.state_dict()), "step": self.step, "history": len(self.history),
+                 "generator": self.generator.get_state(), "training": self.unet.training,
+                 **copy.deepcopy(self.extra_state())}
+        costs.reset_peak()  # open cost meters keep the peaks so far
+        failure = None
+        try:
+            with torch.random.fork_rng(devices=[self.device] if cuda else []):
+                self.step = trial
+                self.train_step()
+        except torch.OutOfMemoryError as error:
+            failure = ". ".join(str(error).replace("\n", " ").split(". ")[:3])  # what it tried, what there was
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(saved["trainable"][name])
+                    p.grad = None
+            self.opt_g.load_state_dict(saved["opt_g"])
+            self.load_extra_state(saved)
+            self.step, self.history = saved["step"], self.history[:saved["history"]]
+            self.generator.set_state(saved["generator"])
+            self.unet.train(saved["training"])
+        if failure is not None:
+            if cuda:
+                torch.cuda.empty_cache()
+            cfg, keys = self.config, []
+            if not self.gradient_checkpointing:
+                keys.append("gradient_checkpointing: true")
+            if self.mixed_precision == "no":
+                keys.append("mixed_precision: auto")
+            keys.append(f"a smaller batch_size (now {cfg.batch_size}) with a larger gradient_accumulation_steps "
+                        f"(now {cfg.gradient_accumulation_steps})")
+            raise TrainingDoesNotFit(f"{description} does not fit in the memory of {self.device} ({failure}); set any "
+                                     f"of: {'; '.join(keys)}.")
+        if cuda and self.accelerator.is_main_process:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            print(f"memory check: {description} peaks at {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f} "
+                  f"of {total / 2 ** 30:.1f} GiB on {self.device} (gradient checkpointing "
+                  f"{'on' if self.gradient_checkpointing else 'off'})")
+
     # ---------------------------------------------------------------- loop, checkpoints, export
     def run(self, until: int | None = None, progress: bool = True) -> list[dict]:
         """Train until step `until` (default: all iterations), checkpointing every `checkpoint_every` steps."""
         from tqdm.auto import tqdm
 
         until = self.config.iterations if until is None else min(until, self.config.iterations)
+        if self.device.type == "cuda" and self.step < until:
+            self.fit_memory()
         bar = tqdm(total=until, initial=self.step, desc=self.method, unit="it",
                    disable=not (progress and self.accelerator.is_main_process))
         with self.loop_cost.session(self):
@@ -596,10 +674,15 @@ class DocoTrainer(ErasureTrainer):
         # which copes badly with two forward passes per backward and with autograd.grad through D for the
         # generator term: every process initialises D alike (seeded) and D's gradients are averaged by hand.
         self.opt_d = self.accelerator.prepare(self.opt_d)
-        # One UNet pass for L_u and L_r together where their gradients can be told apart afterwards (trained
-        # bias-free linear layers, e.g. the K/V default; not with recomputed or compiled forward passes).
-        linears = None if cfg.gradient_checkpointing or cfg.compile_unet else bias_free_linears(self.unet, self.params)
-        self.joint = SplitLinearGradients(linears) if linears else None
+        self.joint = self._joint_pass()
+
+    def _joint_pass(self) -> SplitLinearGradients | None:
+        """One UNet pass for L_u and L_r together where their gradients can be told apart afterwards (trained
+        bias-free linear layers, e.g. the K/V default; not with recomputed or compiled forward passes)."""
+        if self.gradient_checkpointing or self.config.compile_unet:
+            return None
+        linears = bias_free_linears(self.unet, self.params)
+        return SplitLinearGradients(linears) if linears else None
 
     def extra_state(self) -> dict:
         """D (its BatchNorm running statistics the same in every process), D's optimizer, and under fp16 its
@@ -674,55 +757,15 @@ class DocoTrainer(ErasureTrainer):
             logs.update(self._apply_generator_update(g_u_sum, g_r_sum, accumulate))
         return self.record_step("adversarial" if adversarial else "warmup", logs)
 
-    def run(self, until: int | None = None, progress: bool = True) -> list[dict]:
-        if self.device.type == "cuda" and self.step < self.config.warmup_iterations:
-            self.check_memory()  # the warm-up is lighter than what follows it: find out now, not hours in
-        return super().run(until, progress)
+    def memory_trial(self) -> tuple[int, str]:
+        """The first adversarial iteration: its UNet backward pass and the Adam state it creates make it the largest
+        in memory, and the warm-up before it is lighter."""
+        first = max(self.step, self.config.warmup_iterations)
+        return first, f"the adversarial phase (from iteration {first + 1})"
 
-    def check_memory(self) -> None:
-        """Run the first adversarial iteration now (its UNet backward pass and the Adam state it creates make it
-        the largest in memory), then put back everything it changed: the weights, both optimizers and the loss
-        scaler, D, the step and the log, the generator and torch's random states. Raises TrainingDoesNotFit,
-        naming the params keys that save memory, when it runs out of GPU memory."""
-        cuda = self.device.type == "cuda"
-        saved = {"trainable": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()},
-                 "opt_g": copy.deepcopy(self.opt_g.state_dict()), "step": self.step, "history": len(self.history),
-                 "generator": self.generator.get_state(), "training": self.unet.training,
-                 **copy.deepcopy(self.extra_state())}
-        costs.reset_peak()  # open cost meters keep the peaks so far
-        failure = None
-        try:
-            with torch.random.fork_rng(devices=[self.device] if cuda else []):
-                self.step = self.config.warmup_iterations
-                self.train_step()
-        except torch.OutOfMemoryError as error:
-            failure = ". ".join(str(error).replace("\n", " ").split(". ")[:3])  # what it tried, what there was
-        finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(saved["trainable"][name])
-            self.opt_g.load_state_dict(saved["opt_g"])
-            self.opt_d.zero_grad(set_to_none=True)
-            self.load_extra_state(saved)
-            self.step, self.history = saved["step"], self.history[:saved["history"]]
-            self.generator.set_state(saved["generator"])
-            self.unet.train(saved["training"])
-        if failure is not None:
-            torch.cuda.empty_cache()
-            cfg, keys = self.config, []
-            if not cfg.gradient_checkpointing:
-                keys.append("gradient_checkpointing: true")
-            if self.mixed_precision == "no":
-                keys.append("mixed_precision: auto")
-            keys.append(f"a smaller batch_size (now {cfg.batch_size}) with a larger gradient_accumulation_steps "
-                        f"(now {cfg.gradient_accumulation_steps})")
-            raise TrainingDoesNotFit(f"the adversarial phase (from iteration {cfg.warmup_iterations + 1}) does not "
-                                     f"fit in the memory of {self.device} ({failure}); set any of: {'; '.join(keys)}.")
-        if cuda and self.accelerator.is_main_process:
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            print(f"memory check: an adversarial iteration peaks at "
-                  f"{torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB on "
-                  f"{self.device}")
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        super().set_gradient_checkpointing(on)
+        self.joint = self._joint_pass()
 
     def _real_prediction(self, x_t, t, c, retain_prediction) -> torch.Tensor:
         """D's "real" sample: the frozen original's prediction for the anchor prompt, or the trained UNet's."""
