@@ -11,13 +11,16 @@ What is logged, by the main process only, with step = the iteration (the `step` 
 
 The files go to `<run>/<method>/tracking/`: TensorBoard's into `<tracker_project>/`, wandb's offline runs into
 `wandb/` (offline unless WANDB_MODE says otherwise; `wandb sync` uploads them). A resumed run appends to the same
-TensorBoard folder and hides what the interrupted process logged after its last checkpoint (TensorBoard's
-`purge_step`); under wandb each process's session is a run of its own, grouped as `<run_name>/<method>`.
+TensorBoard folder after cutting what the interrupted process logged past its last checkpoint out of the earlier
+event files (`truncate_event_files`), so the folder holds each step once whatever order a reader takes its files in
+(TensorBoard's own `purge_step` relies on the files' names sorting by start time); under wandb each process's
+session is a run of its own, grouped as `<run_name>/<method>`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 from dataclasses import asdict
@@ -28,6 +31,7 @@ import torch
 
 from doco_lib.errors import ParamsError
 from doco_lib.figures import image_grid
+from doco_lib.io import atomic_write_bytes
 from doco_lib.models import text_encoders
 from doco_lib.sampling import generate
 
@@ -54,6 +58,33 @@ def accelerator_arguments(tracker: str, run_dir: Path) -> dict:
     return {"log_with": tracker, "project_dir": str(Path(run_dir) / FOLDER)}
 
 
+def truncate_event_files(folder: Path, first_step: int) -> None:
+    """Drop from the TensorBoard event files in `folder` every summary logged at `first_step` or later (what a killed
+    process logged past the checkpoint a resumed one starts from), and their restart markers; each file is
+    rewritten atomically, and only when it changes."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*tfevents*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = []
+        for record in records:
+            event = event_pb2.Event.FromString(record)
+            late = event.HasField("summary") and event.step >= first_step
+            if not (late or event.HasField("session_log")):
+                kept.append(record)
+        if len(kept) == len(records):
+            continue
+        buffer = io.BytesIO()
+        writer = RecordWriter(buffer)
+        for record in kept:
+            writer.write(record)
+        atomic_write_bytes(buffer.getvalue(), path)
+
+
 class RunTracking:
     """The tracking of one trainer (an ErasureTrainer built with `accelerator_arguments`): trackers start at its
     first logged value and end at `finish`; every method does nothing under `tracker: none`."""
@@ -74,8 +105,9 @@ class RunTracking:
         wandb = {"dir": str(folder), "group": group, "name": group}
         if "WANDB_MODE" not in os.environ:
             wandb["mode"] = "offline"
-        # TensorBoard hides what a killed process logged after the checkpoint this one resumed from.
-        init = {"tensorboard": {"purge_step": first_step}, "wandb": wandb}
+        if config.tracker == "tensorboard":
+            truncate_event_files(folder / config.tracker_project, first_step)
+        init = {"wandb": wandb}
         # Trackers take numbers, strings and booleans: a list setting (uce_preserve) as one string.
         settings = {key: ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
                     for key, value in asdict(config).items()}
