@@ -1,0 +1,61 @@
+"""The GPU rehearsal's script, checked on the CPU (`--tiny`): every phase runs and is timed as documented, and the
+per-concept totals are the sums the protocol defines. Its numbers measure nothing (narrow pipelines, 128 px)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import sd_rehearsal
+
+pytestmark = pytest.mark.slow  # about a minute on two idle cores
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    work = tmp_path_factory.mktemp("rehearsal")
+    sd_rehearsal.main(["--tiny", "--mode", "direct", "--work", str(work), "--repeats", "3", "--seed", "1"])
+    return json.loads(next(work.glob("sd_rehearsal-cpu-*.json")).read_text()), next(work.glob("sd_rehearsal-cpu-*.md"))
+
+
+def test_every_phase_runs_a_discarded_warm_up_and_three_timed_batches_in_a_drawn_order(rehearsal):
+    results, _ = rehearsal
+    rows, order = results["direct"]["rows"], results["direct"]["order"]
+    phases = {(r["family"], r["phase"]) for r in rows}
+    for expected in [("sd14", "anchor images"), ("sd14", "anchor images, dpmsolver++ 2 steps (deviation)"),
+                     ("sd14", "DoCo paper preset as shipped, warmup"), ("sd14", "DoCo paper preset as shipped, adversarial"),
+                     ("sd14", "DoCo paper preset, gradient checkpointing (a 24 GB card), adversarial"),
+                     ("sd14", "DoCo official preset, adversarial"), ("sd14", "evaluation sampling, batch by free memory"),
+                     ("sd14", "evaluation sampling, batch 8 (a 24 GB card)"),
+                     ("metrics", "PNG encoding and writing (the writer thread)"), ("metrics", "CLIP-L score and accuracy"),
+                     ("metrics", "FID Inception features"), ("metrics", "NudeNet"), ("sdxl", "anchor images"),
+                     ("sdxl", "DoCo paper preset as shipped, adversarial"),
+                     ("sdxl", "evaluation sampling, batch by free memory")]:
+        assert expected in phases, expected
+    assert all(r["repeats"] == 3 == len(r["batch_seconds"]) for r in rows)
+    assert all(r["units_per_s"] == pytest.approx(r["units"] * 3 / sum(r["batch_seconds"])) for r in rows)
+    sd14 = [name for name in order if name.startswith("sd14: ")]
+    assert sd14 != sorted(sd14) and order.index(sd14[-1]) < order.index(next(n for n in order if n.startswith("sdxl")))
+    checkpointing = {r["phase"]: r["note"] for r in rows if r["family"] == "sd14" and r["unit"] == "iteration"}
+    assert checkpointing["DoCo paper preset as shipped, adversarial"].endswith("False")  # auto, on a CPU: off
+    assert checkpointing["DoCo paper preset, gradient checkpointing (a 24 GB card), adversarial"].endswith("True")
+
+
+def test_the_per_concept_totals_are_the_protocols_counts_at_the_measured_rates(rehearsal):
+    results, markdown = rehearsal
+    rows = results["direct"]["rows"]
+    rate = {r["phase"]: r["units_per_s"] for r in rows if r["family"] in ("sd14", "metrics")}
+    instance, nudity = results["direct"]["per_concept"]
+    assert instance["minutes"]["anchors"] == pytest.approx(1000 / rate["anchor images"] / 60)
+    assert instance["minutes"]["training"] == pytest.approx(
+        (200 / rate["DoCo paper preset as shipped, warmup"] + 800 / rate["DoCo paper preset as shipped, adversarial"]) / 60)
+    sampling = min(rate["evaluation sampling, batch by free memory"], rate["PNG encoding and writing (the writer thread)"])
+    scoring = 1 / (1 / rate["CLIP-L score and accuracy"] + 1 / rate["FID Inception features"])
+    images = 800 * (1 + 1 / 4)  # the erased model's 80 × 10 images, the base model's shared by 4 concepts
+    assert instance["minutes"]["evaluation"] == pytest.approx((images / sampling + images / scoring) / 60)
+    i2p = 4703 * (1 + 1 / 4)
+    assert nudity["minutes"]["I2P with NudeNet"] == pytest.approx((i2p / sampling + i2p / rate["NudeNet"]) / 60)
+    assert nudity["total_min"] == pytest.approx(sum(nudity["minutes"].values()))
+    assert (instance["budget_min"], nudity["budget_min"]) == (40, 60)
+    assert "--tiny: narrow pipelines" in markdown.read_text()
