@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure
+.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes
 
 install: $(STAMP)
 
@@ -71,3 +71,8 @@ readme-figure: $(STAMP) $(DEMO_UNET)/config.json
 
 $(DEMO_UNET)/config.json: | $(STAMP)
 	$(MAKE) demo
+
+# docs/results/retain_modes.{csv,json}: DoCo's retain modes on the toy world, 3 seeds × 64 judged images per set.
+results-retain-modes: $(STAMP)
+	$(BIN)/doco toy erasure --params params/toy_world.yaml --seeds 0 1 2 --samples 64 --record retain_modes
+	$(BIN)/doco results

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import shlex
 import sys
 import time
 from pathlib import Path
+
+import pandas as pd
 
 from doco_lib import config, costs
 from doco_lib.app.batch import Manifest, run_batch, run_concept, write_report
@@ -21,8 +24,8 @@ from doco_lib.methods.harness import is_main_process, process_device, wait_for_e
 from doco_lib.methods.sepme import compose_to_folder
 from doco_lib.models import is_toy, load_judge, load_pipeline
 from doco_lib.sampling import generate
-from doco_lib.studies import robustness, runs
-from doco_lib.studies.retain_modes import retain_mode_study
+from doco_lib.studies import journal, robustness, runs
+from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
 from doco_lib.toy import TOY_WEIGHTS
 from doco_lib.toy.build import build_toy_world
 
@@ -38,11 +41,33 @@ def _cmd_toy_build(args) -> None:
 
 def _cmd_toy_erasure(args) -> None:
     params = load_params(args.params)
-    table, _ = retain_mode_study(params, args.retain_modes, args.samples)
+    if args.record and args.record not in journal.RENDERERS:
+        raise ParamsError(f"--record: {args.record!r} is no artefact of docs/results; expected one of "
+                          f"{', '.join(journal.RENDERERS)}.")
+    started, parts = time.time(), []
+    for seed in args.seeds or [params["seed"]]:
+        run = params if not args.seeds else config.validate({**params, "seed": seed,
+                                                             "run_name": f"{params['run_name']}_seed{seed}"})
+        table, _ = retain_mode_study(run, args.retain_modes, args.samples)
+        parts.append(table.assign(seed=seed))
+        print(f"seed {seed}:\n{table.round(3).to_string(index=False)}")
+    table = pd.concat(parts, ignore_index=True)
     path = run_dir(params).parent / f"{params['run_name']}_retain_modes.csv"
     atomic_write_text(table.to_csv(index=False), path)
-    print(table.round(3).to_string(index=False))
     print(f"written to {path}")
+    if args.record:
+        samples = args.samples or params["eval_samples"]
+        journal.record(args.record, judged_rows(table, samples), "doco " + shlex.join(map(str, args.argv)), started)
+        print(f"artefact docs/results/{args.record}.csv recorded; `doco results` updates docs/results.md")
+
+
+def _cmd_results(args) -> None:
+    differing = journal.sync(check=args.check)
+    if args.check and differing:
+        raise DocoError(f"docs/results.md: the tables of {', '.join(differing)} differ from their artefacts in "
+                        "docs/results/; run `doco results` to regenerate them.")
+    print("docs/results.md " + ("matches its artefacts" if args.check else
+                                f"regenerated ({', '.join(differing) or 'nothing changed'})"))
 
 
 def _cmd_sample(args) -> None:
@@ -198,7 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--params", default="params/toy_world.yaml")
     study.add_argument("--retain-modes", nargs="+", default=["none", "l2", "cp"], choices=["none", "l2", "cp", "rgd"])
     study.add_argument("--samples", type=int, help="images per prompt set (default: eval_samples)")
+    study.add_argument("--seeds", type=int, nargs="+", help="one study per seed (runs <run_name>_seed<S>; default: "
+                       "the params' seed)")
+    study.add_argument("--record", metavar="NAME", help="write the judged rates as artefact NAME of docs/results "
+                       "(retain_modes)")
     study.set_defaults(func=_cmd_toy_erasure)
+
+    results = commands.add_parser("results", help="regenerate docs/results.md's tables from their artefacts in "
+                                  "docs/results/")
+    results.add_argument("--check", action="store_true", help="change nothing; fail when a table differs")
+    results.set_defaults(func=_cmd_results)
 
     sample = commands.add_parser("sample", help="write N images for a prompt from a diffusers SD pipeline")
     sample.add_argument("--model", default="toy", help="'toy', a pipeline folder or a hub id")
@@ -296,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the run records as its command
     try:
         args.func(args)
     except DocoError as error:

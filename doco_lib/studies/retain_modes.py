@@ -35,3 +35,11 @@ def retain_mode_study(params: dict, retain_modes: list[str], samples: int | None
         after[f"DoCo ({mode})"] = cached_judged_rates(erased, judge, sets, steps, guidance, seed,
                                                      Path(unets[mode]).parent / "judged_rates.json")
     return erasure_table(before, after), unets
+
+
+def judged_rows(table, samples: int):
+    """`doco toy erasure`'s table (with a `seed` column) as one row per seed, model and prompt set: the rows of
+    the journal's artefact."""
+    models = [c for c in table.columns if c not in ("prompt set", "seed") and not c.endswith("Δ (pts)")]
+    rows = table.melt(id_vars=["seed", "prompt set"], value_vars=models, var_name="model", value_name="rate")
+    return rows.assign(samples=samples)[["seed", "model", "prompt set", "samples", "rate"]]

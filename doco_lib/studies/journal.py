@@ -1,0 +1,106 @@
+"""The results journal's artefacts: what a study measured, committed, and the tables of docs/results.md made from it.
+
+An artefact is two files in docs/results/: `<name>.csv`, the measured rows (one per seed, model and prompt set,
+say), and `<name>.json`, how they were measured (git commit, command, machine, date, wall time, packages). A table
+of docs/results.md generated from one sits between the lines `<!-- artefact: NAME -->` and `<!-- /artefact -->`:
+`doco results` rewrites every such block from its artefact, and `doco results --check` lists the blocks that
+differ (tests/test_results_journal.py runs it), so a number in a block is the artefact's.
+
+Intervals throughout: the mean over seeds with a 95% Student-t interval (`rating.mean_ci`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+from doco_lib import costs
+from doco_lib.evaluation.rating import mean_ci
+from doco_lib.io import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[2]
+ARTEFACTS = REPO / "docs" / "results"
+JOURNAL = REPO / "docs" / "results.md"
+BLOCK = re.compile(r"(<!-- artefact: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /artefact -->)", re.S)
+
+
+def record(name: str, rows: pd.DataFrame, command: str, started: float, folder: Path = ARTEFACTS) -> None:
+    """Write artefact `name`: `rows` as CSV and how they were measured (`started`: the study's time.time())."""
+    import subprocess
+
+    from doco_lib.app.batch import environment  # the batch manifest's record of the code and packages
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = environment()
+    changed = subprocess.run(["git", "status", "--porcelain", "--", "doco_lib", "params", "notebooks"], cwd=REPO,
+                             capture_output=True, text=True).stdout.strip()
+    provenance = {"name": name, "date": date.today().isoformat(), "commit": run["git_commit"],
+                  "uncommitted_changes": changed.splitlines(), "command": command,
+                  "machine": costs.machine(), "wall_seconds": round(time.time() - started, 1),
+                  "python": run["python"], "packages": run["packages"]}
+    atomic_write_text(rows.to_csv(index=False), folder / f"{name}.csv")
+    atomic_write_text(json.dumps(provenance, indent=2) + "\n", folder / f"{name}.json")
+
+
+def load(name: str, folder: Path = ARTEFACTS) -> tuple[pd.DataFrame, dict]:
+    return pd.read_csv(folder / f"{name}.csv"), json.loads((folder / f"{name}.json").read_text())
+
+
+def _cell(values: pd.Series) -> str:
+    mean, half = mean_ci(values)
+    return f"{mean:.1f} ± {half:.1f}"
+
+
+def retain_modes_table(rows: pd.DataFrame) -> str:
+    """Judged rate (%) per prompt set (rows) and model (columns): mean ± 95% Student-t half-width over seeds."""
+    rows = rows.assign(percent=100 * rows["rate"])
+    models = list(dict.fromkeys(rows["model"]))
+    lines = ["| prompt set | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for prompt_set, group in rows.groupby("prompt set", sort=False):
+        cells = [_cell(group[group.model == model]["percent"]) for model in models]
+        lines.append(f"| {prompt_set} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {"retain_modes": retain_modes_table}
+
+
+def render(name: str, folder: Path = ARTEFACTS) -> str:
+    """The block of artefact `name`: where it comes from, then its table."""
+    rows, how = load(name, folder)
+    seeds = sorted(rows["seed"].unique()) if "seed" in rows else []
+    samples = sorted(rows["samples"].unique()) if "samples" in rows else []
+    counts = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if seeds else "") + \
+        (f", {', '.join(map(str, samples))} judged images per prompt set and seed" if samples else "")
+    return (f"Artefact [`docs/results/{name}.csv`](results/{name}.csv) ({how['date']}, git "
+            f"`{(how['commit'] or 'unknown')[:7]}`, {costs.machine_label(how['machine'])}, "
+            f"{how['wall_seconds'] / 60:.0f} min): `{how['command']}`. {counts}; mean ± 95% Student-t interval "
+            f"over seeds.\n\n{RENDERERS[name](rows)}\n")
+
+
+def sync(journal: Path = JOURNAL, folder: Path = ARTEFACTS, check: bool = False) -> list[str]:
+    """Rewrite the artefact blocks of `journal` from `folder` (or with `check`, leave it as it is); returns the
+    names of the blocks that differed. A block naming an artefact that does not exist is an error."""
+    text = journal.read_text(encoding="utf-8")
+    differing = []
+
+    def block(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS or not (folder / f"{name}.csv").is_file():
+            raise FileNotFoundError(f"{journal}: a block names artefact {name!r}, which {folder} does not hold "
+                                    f"(known: {', '.join(RENDERERS)}).")
+        body = render(name, folder)
+        if body != match["body"]:
+            differing.append(name)
+        return match.group(1) + body + match.group(4)
+
+    updated = BLOCK.sub(block, text)
+    if not check and updated != text:
+        atomic_write_text(updated, journal)
+    return differing
