@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from doco_lib import config, costs
+from doco_lib.app import journal
 from doco_lib.app.batch import Manifest, run_batch, run_concept, write_report
 from doco_lib.app.notebooks import run_notebooks
 from doco_lib.config import check_value, load_params, parse_overrides, run_dir, write_resolved
@@ -24,7 +25,7 @@ from doco_lib.methods.harness import is_main_process, process_device, wait_for_e
 from doco_lib.methods.sepme import compose_to_folder
 from doco_lib.models import is_toy, load_judge, load_pipeline
 from doco_lib.sampling import generate
-from doco_lib.studies import journal, robustness, runs
+from doco_lib.studies import robustness, runs
 from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
 from doco_lib.toy import TOY_WEIGHTS
 from doco_lib.toy.build import build_toy_world

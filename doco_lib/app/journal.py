@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import date
@@ -21,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from doco_lib import costs
+from doco_lib.app.batch import environment  # the batch manifest's record of the code and packages
 from doco_lib.evaluation.rating import mean_ci
 from doco_lib.io import atomic_write_text
 
@@ -32,10 +34,6 @@ BLOCK = re.compile(r"(<!-- artefact: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /
 
 def record(name: str, rows: pd.DataFrame, command: str, started: float, folder: Path = ARTEFACTS) -> None:
     """Write artefact `name`: `rows` as CSV and how they were measured (`started`: the study's time.time())."""
-    import subprocess
-
-    from doco_lib.app.batch import environment  # the batch manifest's record of the code and packages
-
     folder.mkdir(parents=True, exist_ok=True)
     run = environment()
     changed = subprocess.run(["git", "status", "--porcelain", "--", "doco_lib", "params", "notebooks"], cwd=REPO,
