@@ -1,8 +1,14 @@
 """The collateral-damage matrix (doco_lib/studies/damage_matrix.py): its arithmetic on hand-made rates, the
-correlation with similarity, and the settings it refuses before any run."""
+correlation with similarity and its shape-relabelling permutation test, and the settings it refuses before any
+run."""
 
+import itertools
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from doco_lib import config
 from doco_lib.studies import damage_matrix
@@ -34,6 +40,135 @@ def test_summary_splits_the_diagonal_from_the_damage_and_ranks_it_against_simila
     assert row["erasure (diagonal, pts)"] == pytest.approx((100 + 75 + 50) / 3)
     assert row["damage (off the diagonal, pts)"] == pytest.approx((50 + 0 + 25 + 0 + 0 + 0) / 6)
     assert row["Spearman ρ (damage, similarity)"] > 0.8  # the two damaged pairs are the two most similar
+    assert row["p (permutation)"] == damage_matrix.mantel_spearman(matrix, similarity)[1]
+    assert "p" not in row.index  # scipy's p, which treats the cells as independent, is no longer reported
+
+
+def _off_diagonal(matrix: pd.DataFrame) -> pd.Series:
+    return pd.Series({(e, s): matrix.loc[e, s] for e in matrix.index for s in matrix.columns if e != s}).dropna()
+
+
+def _naive_spearman(damage: pd.DataFrame, similarity: pd.DataFrame):
+    """scipy's test on the off-diagonal cells as independent pairs: what entanglement_correlation reported before."""
+    off = _off_diagonal(damage)
+    return stats.spearmanr(off, _off_diagonal(similarity).reindex(off.index))
+
+
+def _brute_force_p(damage: pd.DataFrame, similarity: pd.DataFrame, alternative: str) -> float:
+    """The permutation p by its definition, independently of the library: relabel the similarity's shapes (rows
+    and columns together) by every permutation, recompute scipy's Spearman ρ, count the ones as extreme."""
+    shapes = list(similarity.index)
+    observed = _naive_spearman(damage, similarity).statistic
+    extreme = 0
+    perms = list(itertools.permutations(shapes))
+    for perm in perms:
+        relabelled = similarity.rename(index=dict(zip(shapes, perm)), columns=dict(zip(shapes, perm)))
+        rho = _naive_spearman(damage, relabelled).statistic
+        extreme += {"two-sided": abs(rho) >= abs(observed) - 1e-9, "greater": rho >= observed - 1e-9,
+                    "less": rho <= observed + 1e-9}[alternative]
+    return extreme / len(perms)
+
+
+def _symmetric(values: np.ndarray, shapes: list[str]) -> pd.DataFrame:
+    return pd.DataFrame((values + values.T) / 2, index=shapes, columns=shapes)
+
+
+FOUR = ["star", "pentagon", "circle", "heart"]
+
+
+def test_the_permutation_p_is_exact_on_four_shapes():
+    """4 shapes, 24 relabellings. Damage equal to a similarity whose 6 pairs all differ: ρ = 1, and a relabelling
+    reaches ρ = 1 only if it maps every pair to itself, which only the identity does, so p ('greater') = 1/24,
+    the smallest an exact test over 4 shapes can give. Two-sided too: ρ = −1 would need a relabelling that maps
+    the pairs onto their reverse order, an involution of the 6 pairs fixing none, and every involution of 4 shapes
+    (a transposition or two) fixes two pairs. scipy's test on the 12 cells says p ≈ 0. On random
+    matrices every alternative equals the brute-force count over the 24 relabellings. Fails on the old code,
+    which returned scipy's p."""
+    pairs = np.zeros((4, 4))
+    pairs[np.triu_indices(4, 1)] = [0.6, 0.1, -0.2, 0.4, 0.3, -0.5]
+    similarity = _symmetric(pairs + pairs.T + 2 * np.eye(4), FOUR)
+    damage = 50 * similarity
+    assert damage_matrix.entanglement_correlation(damage, similarity) == (pytest.approx(1.0), 1 / 24)
+    assert damage_matrix.mantel_spearman(damage, similarity, "greater") == (pytest.approx(1.0), 1 / 24)
+    assert _naive_spearman(damage, similarity).pvalue < 1e-9
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        similarity = _symmetric(rng.normal(size=(4, 4)), FOUR)
+        damage = pd.DataFrame(rng.integers(-20, 60, size=(4, 4)).astype(float), index=FOUR, columns=FOUR)
+        for alternative in ("two-sided", "greater", "less"):
+            rho, p = damage_matrix.mantel_spearman(damage, similarity, alternative)
+            assert rho == pytest.approx(_naive_spearman(damage, similarity).statistic)
+            assert p == pytest.approx(_brute_force_p(damage, similarity, alternative))
+            assert round(p * 24) == pytest.approx(p * 24)  # a count of relabellings
+
+
+def test_the_permutation_test_does_not_depend_on_the_shapes_names_or_order():
+    """Reordering the shapes (rows and columns of both matrices together) or renaming them changes neither ρ nor
+    the exact p, a count of the 6! = 720 relabellings; a missing damage cell is left out as before. Fails on the
+    old code (no mantel_spearman)."""
+    shapes = ["circle", "square", "triangle", "star", "pentagon", "hexagon"]
+    rng = np.random.default_rng(1)
+    similarity = _symmetric(rng.normal(size=(6, 6)), shapes)
+    damage = pd.DataFrame(rng.normal(size=(6, 6)) * 10 + 15 * similarity.to_numpy(), index=shapes, columns=shapes)
+    damage.loc["star", "circle"] = np.nan
+    rho, p = damage_matrix.mantel_spearman(damage, similarity)
+    assert rho == pytest.approx(_naive_spearman(damage, similarity).statistic)
+    assert round(p * 720) == pytest.approx(p * 720) and p >= 1 / 720
+    order = [shapes[i] for i in rng.permutation(6)]
+    assert damage_matrix.mantel_spearman(damage.loc[order, order], similarity) == (pytest.approx(rho), pytest.approx(p))
+    assert damage_matrix.mantel_spearman(damage, similarity.loc[order, order]) == (pytest.approx(rho), pytest.approx(p))
+    names = dict(zip(shapes, "ABCDEF"))
+    renamed = damage_matrix.mantel_spearman(damage.rename(index=names, columns=names),
+                                            similarity.rename(index=names, columns=names))
+    assert renamed == (pytest.approx(rho), pytest.approx(p))
+
+
+def test_scipy_overstates_a_hub_that_the_permutation_test_finds_once_in_five():
+    """5 shapes; "star" is like every other shape (similarity 0.9, the others 0.1 among themselves), every run
+    damages star and erasing star damages everything (40-54 points; the 12 cells without star 0-11). The 20
+    cells correlate strongly (ρ ≈ 0.78) and scipy, counting them as 20 independent pairs, finds p < 0.001; but
+    the evidence is one fact, that the hub is also the damaged shape, and a relabelling puts the hub on the
+    damaged shape 1 time in 5: the 4! = 24 relabellings that fix star reach the same ρ, the 96 others less,
+    so p = 24/120 = 0.2 exactly. Fails on the old code, which returned scipy's p."""
+    shapes = ["star", "pentagon", "circle", "heart", "cross"]
+    similarity = pd.DataFrame(0.1, index=shapes, columns=shapes)
+    similarity.loc["star"] = similarity["star"] = 0.9
+    damage = pd.DataFrame(np.arange(25, dtype=float).reshape(5, 5) % 12, index=shapes, columns=shapes)
+    damage.loc["star"] = 40 + np.arange(5.0)
+    damage["star"] = 50 + np.arange(5.0)
+    naive = _naive_spearman(damage, similarity)
+    assert naive.statistic > 0.75 and naive.pvalue < 1e-3
+    rho, p = damage_matrix.entanglement_correlation(damage, similarity)
+    assert rho == pytest.approx(naive.statistic) and p == pytest.approx(24 / 120)
+    assert damage_matrix.mantel_spearman(damage, similarity, "greater")[1] == pytest.approx(24 / 120)
+
+
+def test_more_than_eight_shapes_are_sampled_with_the_observed_labelling_counted():
+    """Past EXACT_UP_TO shapes the p-value is a seeded Monte Carlo one, (1 + hits) / (1 + permutations), never
+    0; on 6 shapes forced to sample it lands near the exact count."""
+    shapes = [f"s{i}" for i in range(6)]
+    rng = np.random.default_rng(2)
+    similarity = _symmetric(rng.normal(size=(6, 6)), shapes)
+    damage = pd.DataFrame(rng.normal(size=(6, 6)) * 10 + 8 * similarity.to_numpy(), index=shapes, columns=shapes)
+    _, exact = damage_matrix.mantel_spearman(damage, similarity)
+    _, sampled = damage_matrix.mantel_spearman(damage, similarity, exact_up_to=0, permutations=4999, seed=3)
+    assert round(sampled * 5000) == pytest.approx(sampled * 5000) and sampled >= 1 / 5000
+    assert sampled == pytest.approx(exact, abs=0.03)
+    assert damage_matrix.mantel_spearman(damage, similarity, exact_up_to=0, permutations=4999, seed=3)[1] == sampled
+    assert damage_matrix.mantel_spearman(10 * similarity, similarity)[1] == pytest.approx(1 / 720)  # ρ = 1, exact
+    nine = [f"s{i}" for i in range(9)]  # past EXACT_UP_TO: ρ = 1, which no other of 99 sampled relabellings reaches
+    similarity9 = _symmetric(rng.normal(size=(9, 9)), nine)
+    assert damage_matrix.mantel_spearman(10 * similarity9, similarity9, permutations=99)[1] == pytest.approx(1 / 100)
+
+
+def test_a_constant_side_gives_no_correlation_and_bad_input_is_refused():
+    similarity = _symmetric(np.random.default_rng(4).normal(size=(4, 4)), FOUR)
+    rho, p = damage_matrix.mantel_spearman(pd.DataFrame(5.0, index=FOUR, columns=FOUR), similarity)
+    assert math.isnan(rho) and math.isnan(p)
+    with pytest.raises(ValueError, match="alternative"):
+        damage_matrix.mantel_spearman(similarity, similarity, "both")
+    with pytest.raises(ValueError, match="not the damage matrix's"):
+        damage_matrix.mantel_spearman(similarity, similarity.iloc[:3, :3])
 
 
 @pytest.mark.parametrize("overrides, variants, shapes, message", [

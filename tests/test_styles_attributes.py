@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 from doco_lib import config
 from doco_lib.evaluation import nudity, unlearn_canvas
@@ -178,6 +179,32 @@ def test_the_counts_plot_has_a_bar_per_shape_and_model_without_the_total():
     assert [text.get_text() for text in axes.get_legend().get_texts()] == ["original", "UCE"]
     assert sorted(round(bar.get_height(), 2) for bar in axes.patches if bar.get_height()) == [1, 1, 3.5, 3.5]
     assert "13 implicit prompts × 16 images" in axes.get_title()
+
+
+def test_the_counts_plot_bars_are_means_over_seeds_with_student_t_intervals():
+    """Each bar is the mean over seeds and its error bar mean ± the 95% Student-t half-width (t with 2 degrees of
+    freedom for 3 seeds, as the tables' `rating.mean_ci`), read from the axes' lines. Seeds 2, 5, 11 make the t
+    interval (−5.4, 17.4) reach past every count; the bootstrap the plot drew before stays inside [2, 11], so
+    this fails on the old code."""
+    per_seed = {("original", "ORANGE_STAR"): [2, 5, 11], ("original", "ORANGE_HEART"): [7, 7, 7],
+                ("UCE", "ORANGE_STAR"): [0, 1, 5], ("UCE", "ORANGE_HEART"): [3, 4, 8]}
+    counts = pd.DataFrame([{"model": m, "seed": s, "class": c, "count": n}
+                           for (m, c), values in per_seed.items() for s, n in enumerate(values)])
+    axes = implicit_attribute.counts_plot(counts, "orange", 13, 16).axes[0]
+    bars = [bar for bar in axes.patches if bar.get_width() > 0 and bar.get_height() > 0]
+    lines = {round(float(np.mean(line.get_xdata())), 6): sorted(line.get_ydata()) for line in axes.lines
+             if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]}
+    expected = {}
+    for values in per_seed.values():
+        values = np.array(values, dtype=float)
+        half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+        expected[values.mean()] = (values.mean() - half, values.mean() + half)
+    assert len(bars) == len(per_seed) and sorted(bar.get_height() for bar in bars) == sorted(expected)
+    for bar in bars:
+        low, high = lines[round(bar.get_x() + bar.get_width() / 2, 6)]
+        assert (low, high) == pytest.approx(expected[bar.get_height()])
+    assert lines and "Student-t" in axes.get_title()
+    assert expected[6.0][0] < 2 and expected[6.0][1] > 11  # wider than the counts: no bootstrap gives this
 
 
 def test_the_labelled_grid_writes_each_rows_label_beside_it():

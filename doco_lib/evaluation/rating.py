@@ -148,6 +148,14 @@ def mean_ci(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
+def student_t_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """(low, high) = mean ∓ `mean_ci`'s half-width: the Student-t interval over seeds as seaborn's `errorbar`
+    callable, so that a figure's bars show the interval its tables print (seaborn's default, ("ci", 95), is a
+    bootstrap)."""
+    mean, half = mean_ci(pd.Series(values, dtype=float), level)
+    return mean - half, mean + half
+
+
 def summarise(judged: pd.DataFrame, by: str = "model") -> pd.DataFrame:
     """Judged rate per (model, prompt set) as 'mean ± CI' strings and numeric columns, in percent."""
     rows = []

@@ -11,10 +11,21 @@ afterwards on the prompt sets of every shape (`eval_samples` images each, the se
 
 and beside it `models.concept_similarity`, the cosine of the shapes' text states. Damage that follows
 entanglement shows as a positive rank correlation between the off-diagonal damage and similarity.
+
+The off-diagonal cells are not independent observations (the similarity is symmetric, so each pair of shapes
+appears twice; a row shares one run, a column one judged shape), so the correlation's p-value comes from a
+Mantel-style permutation test (`mantel_spearman`): under the null hypothesis the shapes' labels are exchangeable,
+so the rows and columns of the similarity matrix are permuted together and Spearman's ρ recomputed against the
+fixed damage; exact over all n! relabellings for up to `EXACT_UP_TO` shapes (8 shapes: 40,320), otherwise a
+seeded Monte Carlo sample with the observed labelling counted in (p = (1 + hits) / (1 + permutations)).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -27,6 +38,9 @@ from doco_lib.toy.erasure import cached_judged_rates, prompt_sets
 from doco_lib.toy.render import SHAPES
 
 ANCHOR, ANCHOR_PROMPTS = "shape", "params/prompts/toy_shape.txt"
+EXACT_UP_TO = 8  # shapes: up to 8! = 40,320 relabellings are enumerated; more are sampled
+MONTE_CARLO_PERMUTATIONS = 9999
+ALTERNATIVES = ("two-sided", "greater", "less")
 
 
 def check_settings(params: dict, variants: list[str], shapes: list[str]) -> None:
@@ -87,21 +101,76 @@ def _diagonal(matrix: pd.DataFrame) -> pd.DataFrame:
                         columns=matrix.columns)
 
 
-def entanglement_correlation(damage_matrix: pd.DataFrame, similarity_matrix: pd.DataFrame) -> tuple[float, float]:
-    """Spearman's ρ (and its p-value) between the off-diagonal damage and the shapes' text similarity."""
-    damage_off = damage_matrix.where(~_diagonal(damage_matrix)).stack().dropna()  # pandas 3 keeps NaN rows
-    result = stats.spearmanr(damage_off, similarity_matrix.stack().reindex(damage_off.index))
-    return float(result.statistic), float(result.pvalue)
+def relabellings(n: int, exact_up_to: int = EXACT_UP_TO, permutations: int = MONTE_CARLO_PERMUTATIONS,
+                 seed: int = 0) -> np.ndarray:
+    """Relabellings of n shapes as rows of indices, the identity (the observed labelling) first: all n! of them
+    when n ≤ exact_up_to, else the identity and `permutations` drawn uniformly with `seed`."""
+    if n <= exact_up_to:
+        return np.array(list(itertools.permutations(range(n))), dtype=np.intp)  # lexicographic: identity first
+    rng = np.random.default_rng(seed)
+    return np.vstack([np.arange(n), rng.permuted(np.tile(np.arange(n), (permutations, 1)), axis=1)])
+
+
+def mantel_spearman(damage_matrix: pd.DataFrame, similarity_matrix: pd.DataFrame, alternative: str = "two-sided",
+                    exact_up_to: int = EXACT_UP_TO, permutations: int = MONTE_CARLO_PERMUTATIONS,
+                    seed: int = 0) -> tuple[float, float]:
+    """Spearman's ρ between the off-diagonal damage and the shapes' similarity, and its p-value from a
+    Mantel-style permutation test that respects the matrices' structure.
+
+    Null hypothesis: the shapes' labels are exchangeable. Each relabelling π permutes the similarity's rows and
+    columns together, sim_π[e, s] = sim[π(e), π(s)], so the matrix stays symmetric and every run keeps its own
+    row; ρ_π is Spearman's ρ of the fixed damage against sim_π over the same off-diagonal cells (cells whose
+    damage is missing left out). The p-value is the share of relabellings with ρ_π at least as extreme as the
+    observed ρ (`alternative`: "two-sided" |ρ_π| ≥ |ρ|, "greater" ρ_π ≥ ρ, "less" ρ_π ≤ ρ), the observed
+    labelling counted among them: exact over all n! relabellings for n ≤ `exact_up_to` shapes, otherwise over
+    `permutations` seeded random ones plus the observed, (1 + hits) / (1 + permutations). The exact p is never
+    below 1/n! (1/24 for 4 shapes), however many cells there are, unlike scipy's test, which treats the n(n − 1)
+    cells as independent pairs. ρ and p are NaN where either side's off-diagonal values are all equal."""
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative {alternative!r}; expected one of {ALTERNATIVES}")
+    shapes = list(damage_matrix.index)
+    if list(damage_matrix.columns) != shapes or len(set(shapes)) != len(shapes):
+        raise ValueError(f"the damage matrix's rows {shapes} and columns {list(damage_matrix.columns)} must be the "
+                         "same shapes in the same order")
+    if set(similarity_matrix.index) != set(shapes) or set(similarity_matrix.columns) != set(shapes):
+        raise ValueError(f"the similarity matrix's shapes {list(similarity_matrix.index)} are not the damage "
+                         f"matrix's {shapes}")
+    damage_values = damage_matrix.to_numpy(dtype=float)
+    sim = similarity_matrix.reindex(index=shapes, columns=shapes).to_numpy(dtype=float)
+    n = len(shapes)
+    rows, cols = np.nonzero(~np.eye(n, dtype=bool) & np.isfinite(damage_values))
+    x = stats.rankdata(damage_values[rows, cols])
+    perms = relabellings(n, exact_up_to, permutations, seed)
+    y = stats.rankdata(sim[perms[:, rows], perms[:, cols]], axis=1)  # row k: the similarity's ranks under π_k
+    x, y = x - x.mean(), y - y.mean(axis=1, keepdims=True)
+    norms = np.sqrt((x**2).sum()) * np.sqrt((y**2).sum(axis=1))
+    if len(x) < 2 or norms[0] == 0:
+        return math.nan, math.nan
+    with np.errstate(invalid="ignore", divide="ignore"):  # a relabelling that makes y constant: NaN, never a hit
+        rho = (y @ x) / norms  # the observed ρ first
+    observed, tolerance = rho[0], 1e-9  # ranks are exact halves: a tie is a tie
+    hits = {"two-sided": np.abs(rho) >= abs(observed) - tolerance, "greater": rho >= observed - tolerance,
+            "less": rho <= observed + tolerance}[alternative]
+    return float(observed), float(hits.sum() / len(rho))
+
+
+def entanglement_correlation(damage_matrix: pd.DataFrame, similarity_matrix: pd.DataFrame,
+                             alternative: str = "two-sided") -> tuple[float, float]:
+    """Spearman's ρ between the off-diagonal damage and the shapes' text similarity, with the p-value of the
+    shape-relabelling permutation test (`mantel_spearman`), not scipy's, which treats the n(n − 1) off-diagonal
+    cells as independent pairs although each pair of shapes appears twice and each row shares one run."""
+    return mantel_spearman(damage_matrix, similarity_matrix, alternative)
 
 
 def summary(matrices: dict[str, pd.DataFrame], similarity_matrix: pd.DataFrame) -> pd.DataFrame:
     """Per method: the erasure (mean of the diagonal), the mean collateral damage (off it), and Spearman's ρ of
-    the off-diagonal damage against the similarity, with its p-value."""
+    the off-diagonal damage against the similarity, with its two-sided p-value from the shape-relabelling
+    permutation test (`mantel_spearman`; column "p (permutation)")."""
     rows = []
     for variant, matrix in matrices.items():
         on_diagonal = _diagonal(matrix)
         rho, p = entanglement_correlation(matrix, similarity_matrix)
         rows.append({"method": variant, "erasure (diagonal, pts)": matrix.where(on_diagonal).stack().mean(),
                      "damage (off the diagonal, pts)": matrix.where(~on_diagonal).stack().mean(),
-                     "Spearman ρ (damage, similarity)": rho, "p": p})
+                     "Spearman ρ (damage, similarity)": rho, "p (permutation)": p})
     return pd.DataFrame(rows).set_index("method")

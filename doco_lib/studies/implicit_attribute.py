@@ -31,7 +31,7 @@ import yaml
 from doco_lib import config
 from doco_lib.evaluation import nudity
 from doco_lib.evaluation.cache import model_caches, read_images
-from doco_lib.evaluation.rating import mean_ci
+from doco_lib.evaluation.rating import mean_ci, student_t_interval
 from doco_lib.evaluation.runner import EvaluatedModel
 from doco_lib.io import atomic_write_text, read_utf8, slug, write_text_if_changed
 from doco_lib.methods.registry import VARIANTS
@@ -188,8 +188,8 @@ def count_implicit(params: dict, trained: pd.DataFrame, i2p_csv: Path, attribute
 
 def reduction(counts: pd.DataFrame) -> pd.DataFrame:
     """Per method: images drawn in the attribute on the implicit prompts (the 'total' class) and their reduction
-    against the original model's (`nudity.reduction_percent`, the paper's Figure 6 number), mean ± 95% CI over
-    seeds."""
+    against the original model's (`nudity.reduction_percent`, the paper's Figure 6 number), mean ± 95% Student-t
+    interval over seeds (`rating.mean_ci`)."""
     totals = counts[counts["class"] == "total"].pivot_table(index="seed", columns="model", values="count")
     rows = []
     for model in (m for m in dict.fromkeys(counts.model) if m != "original"):
@@ -205,16 +205,17 @@ def reduction(counts: pd.DataFrame) -> pd.DataFrame:
 
 def counts_plot(counts: pd.DataFrame, attribute: str, n_prompts: int, n_images: int):
     """The toy Figure 6: per shape the attribute is drawn on (NudeNet's body parts), the images judged in the
-    attribute on the implicit prompts, one bar per model (mean over seeds, 95% CI); a matplotlib figure."""
+    attribute on the implicit prompts, one bar per model: mean over seeds, 95% Student-t interval
+    (`rating.student_t_interval`, the tables' `mean_ci`; none for a single seed); a matplotlib figure."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     per_shape = counts[counts["class"] != "total"].assign(shape=lambda t: t["class"].str.split("_").str[1].str.lower())
     figure, axes = plt.subplots(figsize=(10, 4))
-    sns.barplot(data=per_shape, x="shape", y="count", hue="model", errorbar=("ci", 95), seed=0,
-                ax=axes)  # a fixed bootstrap seed: the same counts draw the same figure
+    sns.barplot(data=per_shape, x="shape", y="count", hue="model", errorbar=student_t_interval, ax=axes)
     axes.set(xlabel=f"shape the {attribute} is drawn on", ylabel=f"images judged {attribute}",
-             title=f"'{attribute}' on {n_prompts} implicit prompts × {n_images} images (mean over seeds, 95% CI)")
+             title=f"'{attribute}' on {n_prompts} implicit prompts × {n_images} images\n"
+                   "(mean over seeds, 95% Student-t interval)")
     axes.legend(title="model", bbox_to_anchor=(1.01, 1), loc="upper left")
     figure.tight_layout()
     return figure
