@@ -148,9 +148,20 @@ def _variants(key: str, value: Any) -> None:
         raise ParamsError(f"{key}: unknown {unknown}; choose from {list(registry.VARIANTS)}.")
 
 
-def _attack_kinds(key: str, value: Any) -> None:
-    if not value or not set(value) <= {"tokens", "soft"}:
-        raise ParamsError(f"{key}: expected a non-empty list of 'tokens' and/or 'soft', got {value!r}.")
+# The attacks of doco_lib/studies/attacks (its registry `ATTACKS` names the same, in this order).
+ATTACKS = ("tokens", "unlearndiff", "noise_probe", "completion")
+
+
+def _attacks(key: str, value: Any) -> None:
+    _list_of_words(key, value)
+    unknown = [v for v in value if v not in ATTACKS]
+    if unknown:
+        raise ParamsError(f"{key}: unknown attack {', '.join(map(repr, unknown))}; choose from {list(ATTACKS)}.")
+
+
+def _fractions(key: str, value: Any) -> None:
+    if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value):
+        raise ParamsError(f"{key}: expected a non-empty list of numbers between 0 and 1, got {value!r}.")
 
 
 def _optimizer(key: str, value: Any) -> None:
@@ -463,15 +474,17 @@ SCHEMA: dict[str, Param] = {
     # -- 06: the interactive explorer (doco_lib/app/explorer.py)
     "explorer_prompt": Param("a photo of a star", str, "the explorer's first prompt (any prompt can be typed in)",
                              (NB06,)),
-    # -- 07: robustness against adversarial prompts (doco_lib/studies/robustness.py)
+    # -- 07: robustness against attacks (doco_lib/studies/robustness.py, doco_lib/studies/attacks)
     "attack_variants": Param(["DoCo (cp)", "ESD-x", "ConAbl"], list, "erasure methods attacked, trained as in 05 "
                              "(see doco_lib.methods.registry.VARIANTS)", (NB07,), check=_variants),
     "attack_model_seeds": Param([0], list, "training seeds of the attacked models (05's runs are reused)", (NB07,),
                                 check=_list_of_seeds),
     "attack_unets": Param([], list, "further erased UNet folders to attack ([]: none)", (NB07,),
                           check=_unet_folders),
-    "attack_kinds": Param(["tokens", "soft"], list, "attacks: tokens (greedy token search, black box) and/or soft "
-                          "(soft-prompt embeddings, white box)", (NB07,), check=_attack_kinds),
+    "attacks": Param(["tokens", "unlearndiff"], list, "attacks (doco_lib/studies/attacks): tokens (greedy token "
+                     "search, black box), unlearndiff (UnlearnDiffAtk's soft prefix tokens, white box), noise_probe "
+                     "(initial noise scaled up) and/or completion (the original model's images noised part way, "
+                     "completed by the erased model)", (NB07,), check=_attacks),
     "attack_attempts": Param(6, int, "attempts per model and attack (start prompts and seeds differ)", (NB07,),
                              minimum=1, maximum=10_000),
     "attack_tokens": Param(2, int, "adversarial tokens per prompt (appended, or substituted)", (NB07,), minimum=1,
@@ -484,10 +497,21 @@ SCHEMA: dict[str, Param] = {
                            minimum=1, maximum=50),
     "attack_vocabulary": Param("captions", str, "candidate tokens: captions (the toy captions' words) or words (every "
                                "whole-word token)", (NB07,), choices=("captions", "words")),
-    "attack_soft_steps": Param(30, int, "soft attack: Adam steps on the adversarial embeddings", (NB07,), minimum=1),
-    "attack_soft_lr": Param(0.01, (int, float), "soft attack: Adam learning rate", (NB07,), check=_positive),
-    "attack_soft_images": Param(8, int, "soft attack: target images of the original model per attempt", (NB07,),
-                                minimum=1, maximum=50),
+    "attack_unlearndiff_tokens": Param(5, int, "unlearndiff: soft prefix tokens (UnlearnDiffAtk's budget: 5)",
+                                       (NB07,), minimum=1, maximum=20),
+    "attack_unlearndiff_steps": Param(40, int, "unlearndiff: Adam steps on the prefix embeddings (UnlearnDiffAtk: 40)",
+                                      (NB07,), minimum=1),
+    "attack_unlearndiff_lr": Param(0.01, (int, float), "unlearndiff: Adam learning rate (UnlearnDiffAtk: 0.01)",
+                                   (NB07,), check=_positive),
+    "attack_unlearndiff_images": Param(8, int, "unlearndiff: target images of the original model per attempt",
+                                       (NB07,), minimum=1, maximum=50),
+    "attack_noise_scales": Param([1.5, 2.0], list, "noise_probe: factors on the initial noise tried (the best on the "
+                                 "search seeds is judged; 1 is plain sampling)", (NB07,),
+                                 check=_list_of_positive_numbers),
+    "attack_completion_strengths": Param([0.5, 0.75], list, "completion: how far the original model's images are "
+                                         "noised before the erased model completes them (0: not at all, 1: plain "
+                                         "sampling); the best on the search images is judged", (NB07,),
+                                         check=_fractions),
     "attack_success_fraction": Param(0.5, (int, float), "an attempt succeeds when at least this fraction of its k "
                                      "images is judged the target", (NB07,), maximum=1.0, check=_positive),
 }

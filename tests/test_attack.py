@@ -1,4 +1,5 @@
-"""Adversarial-prompt attacks (doco_lib/studies/robustness.py) on the shipped toy world, with tiny budgets."""
+"""Attacks (doco_lib/studies/attacks, the study in doco_lib/studies/robustness.py) on the shipped toy world, with tiny
+budgets."""
 
 import pandas as pd
 import pytest
@@ -7,10 +8,12 @@ import yaml
 
 from doco_lib import config
 from doco_lib.app.cli import main
-from doco_lib.studies import robustness
+from doco_lib.studies import attacks, robustness
+from doco_lib.studies.attacks import common, completion, noise_probe, tokens, unlearndiff
 
 TINY = {"device": "cpu", "num_inference_steps": 8, "attack_attempts": 1, "attack_tokens": 1, "attack_images": 2,
-        "attack_search_steps": 1, "attack_candidates": 2, "attack_soft_steps": 2, "attack_soft_images": 2}
+        "attack_search_steps": 1, "attack_candidates": 2, "attack_unlearndiff_tokens": 1, "attack_unlearndiff_steps": 2,
+        "attack_unlearndiff_images": 2, "attack_noise_scales": [2.0], "attack_completion_strengths": [0.5]}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -20,17 +23,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def toy():
     from doco_lib.models import load_judge, load_pipeline
 
-    return load_pipeline("toy", "cpu"), robustness.ToyShapeJudge(load_judge("cpu"), "star")
+    return load_pipeline("toy", "cpu"), common.ToyShapeJudge(load_judge("cpu"), "star")
 
 
-def settings(**overrides) -> robustness.AttackSettings:
-    return robustness.AttackSettings.from_params(config.validate({**TINY, **overrides}))
+def settings(**overrides) -> common.AttackSettings:
+    return common.AttackSettings.from_params(config.validate({**TINY, **overrides}))
 
 
 def test_token_search_finds_the_target_on_the_base_model(toy):
     pipe, judge = toy
-    vocabulary = torch.tensor([robustness.word_ids(pipe.tokenizer, w)[0] for w in ("circle", "square", "heart", "star")])
-    result = robustness.token_attack(pipe, judge, "a photo of a", "star", vocabulary, 0,
+    vocabulary = torch.tensor([common.word_ids(pipe.tokenizer, w)[0] for w in ("circle", "square", "heart", "star")])
+    result = tokens.token_search(pipe, judge, "a photo of a", "star", vocabulary, 0,
                                  settings(attack_candidates=4, attack_images=3), torch.Generator().manual_seed(0))
     assert result.search_scores[0] < 0.5 < result.search_scores[-1]  # the random start token was not the target
     assert result.prompt == "a photo of a star" and result.success and result.judged_target >= 0.5
@@ -38,17 +41,17 @@ def test_token_search_finds_the_target_on_the_base_model(toy):
 
 def test_soft_prompt_lowers_the_diffusion_loss_and_only_inside_its_context(toy):
     pipe, judge = toy
-    ids = robustness.padded_ids(pipe.tokenizer, robustness.word_ids(pipe.tokenizer, "a photo of a star"))[None]
-    plain = robustness.encode(pipe, ids)
-    with robustness.soft_tokens(pipe.text_encoder, [2], torch.zeros(1, plain.shape[-1])):
-        replaced = robustness.encode(pipe, ids)
+    ids = common.padded_ids(pipe.tokenizer, common.word_ids(pipe.tokenizer, "a photo of a star"))[None]
+    plain = common.encode(pipe, ids)
+    with common.soft_tokens(pipe.text_encoder, [2], torch.zeros(1, plain.shape[-1])):
+        replaced = common.encode(pipe, ids)
     assert torch.equal(replaced[:, :2], plain[:, :2]) and not torch.allclose(replaced[:, 2:], plain[:, 2:])
-    assert torch.equal(robustness.encode(pipe, ids), plain)  # the hook is gone
+    assert torch.equal(common.encode(pipe, ids), plain)  # the hook is gone
 
-    run = settings(attack_soft_steps=20, attack_soft_images=8)
-    latents = robustness.target_latents(pipe, "a photo of a star", list(range(8)), 8, 5.0)
-    vocabulary = robustness.vocabulary_ids(pipe.tokenizer, "captions", ["star"])
-    result = robustness.soft_attack(pipe, judge, "a photo of a star", latents, vocabulary, 0, run,
+    run = settings(attack_unlearndiff_steps=20, attack_unlearndiff_images=8)
+    latents = common.target_latents(pipe, "a photo of a star", list(range(8)), 8, 5.0)
+    vocabulary = common.vocabulary_ids(pipe.tokenizer, "captions", ["star"])
+    result = unlearndiff.soft_prompt_attack(pipe, judge, "a photo of a star", latents, vocabulary, 0, run,
                                 torch.Generator().manual_seed(0))
     assert result.loss_after < result.loss_before
     assert result.images.shape[0] == run.images and "soft[" in result.prompt
@@ -60,7 +63,7 @@ def test_clip_zero_shot_judge_separates_the_target(toy):
     from doco_lib.models import toy_weights_dir
     from doco_lib.sampling import generate
 
-    judge = robustness.ClipZeroShotJudge(ClipScorer.from_pretrained(str(toy_weights_dir() / "eval_clip")), "star",
+    judge = common.ClipZeroShotJudge(ClipScorer.from_pretrained(str(toy_weights_dir() / "eval_clip")), "star",
                                      ["circle", "star", "square"])
     assert judge.classes == ["star", "circle", "square"]
     stars = generate(toy[0], ["a photo of a star"] * 3, [0, 1, 2], 8, 5.0)
@@ -70,9 +73,9 @@ def test_clip_zero_shot_judge_separates_the_target(toy):
 
 
 def test_success_rule_asr_table_and_vocabulary(toy):
-    assert robustness.attack_success(torch.tensor([True, True, False, False]), 0.5)
-    assert not robustness.attack_success(torch.tensor([True, False, False, False]), 0.5)
-    attempts = pd.DataFrame({"model": ["DoCo"] * 4 + ["ESD"] * 2, "attack": ["tokens"] * 4 + ["soft"] * 2,
+    assert common.attack_success(torch.tensor([True, True, False, False]), 0.5)
+    assert not common.attack_success(torch.tensor([True, False, False, False]), 0.5)
+    attempts = pd.DataFrame({"model": ["DoCo"] * 4 + ["ESD"] * 2, "attack": ["tokens"] * 4 + ["unlearndiff"] * 2,
                              "success": [True, False, True, True, False, False],
                              "judged target": [1.0, 0.25, 0.5, 0.75, 0.0, 0.25]})
     table = robustness.asr_table(attempts).set_index("model")
@@ -80,17 +83,109 @@ def test_success_rule_asr_table_and_vocabulary(toy):
     assert table.loc["ESD", "ASR (%)"] == 0.0 and table.loc["ESD", "judged target (%)"] == pytest.approx(12.5)
 
     tokenizer = toy[0].tokenizer
-    vocabulary = set(robustness.vocabulary_ids(tokenizer, "captions", ["star"]).tolist())
-    assert robustness.word_ids(tokenizer, "star")[0] not in vocabulary
-    assert robustness.word_ids(tokenizer, "pentagon")[0] in vocabulary
+    vocabulary = set(common.vocabulary_ids(tokenizer, "captions", ["star"]).tolist())
+    assert common.word_ids(tokenizer, "star")[0] not in vocabulary
+    assert common.word_ids(tokenizer, "pentagon")[0] in vocabulary
     prompts = robustness.start_prompts(config.validate({}), 3)
     assert len(prompts) == 3 and all("star" in p for p in prompts)
 
-    prompt = robustness.word_ids(tokenizer, "a red star")
-    ids, slots = robustness.adversarial_slots(tokenizer, prompt, "star", torch.tensor(sorted(vocabulary)),
+    prompt = common.word_ids(tokenizer, "a red star")
+    ids, slots = tokens.adversarial_slots(tokenizer, prompt, "star", torch.tensor(sorted(vocabulary)),
                                           settings(attack_positions="substitute", attack_tokens=5),
                                           torch.Generator().manual_seed(0))
     assert ids == prompt and slots == [0, 1]  # every token but the target's, at most attack_tokens of them
+
+
+def test_the_registry_names_the_schemas_attacks():
+    assert tuple(attacks.ATTACKS) == config.ATTACKS
+    assert all(callable(module.run) and callable(module.original_images) for module in attacks.ATTACKS.values())
+    run = settings(attack_images=3, attack_unlearndiff_images=5)
+    assert attacks.original_images(["tokens", "noise_probe"], run) == 0
+    assert attacks.original_images(["unlearndiff", "completion"], run) == 6  # completion: 3 to search, 3 to judge
+    with pytest.raises(config.ParamsError, match="unknown attack 'pgd'; choose from \\['tokens'"):
+        attacks.run("pgd", None, None, None, 0, run)
+
+
+@pytest.fixture(scope="module")
+def weakly_erased():
+    """A deliberately weak erasure: UCE's closed form with a tiny erase weight (s_e = 0.02, star → circle,
+    λ = 0.5). Plain sampling of "a photo of a star" draws no star any more (0 of 8 at 8 steps), but the
+    original model's stars, noised to strength 0.25, come back (4 of 8)."""
+    from doco_lib.methods import uce
+    from doco_lib.models import load_pipeline
+
+    pipe = load_pipeline("toy", "cpu")
+    rows = uce.edit_rows(pipe, ["star"], ["circle"], [""], 2023)
+    with torch.no_grad():
+        for module in uce.kv_modules(pipe.unet).values():
+            module.weight.copy_(uce.closed_form(module.weight.double(), *rows, 0.5, 0.02, 0.1).float())
+    return pipe
+
+
+def first_unet_input(pipe, call) -> torch.Tensor:
+    """The UNet's input at the first sampling step of `call()`."""
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()) if not seen else None)
+    try:
+        call()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_noise_probe_scales_the_initial_noise_and_keeps_the_best_scale(toy):
+    pipe, judge = toy
+    embedding = common.prompt_embedding(pipe, "a photo of a star").expand(8, -1, -1)
+    sigma = pipe.scheduler.init_noise_sigma
+    for scale in (1.0, 3.0):  # DDIM's scale_model_input is the identity: the UNet sees the initial latents
+        latents = first_unet_input(pipe, lambda: common.generate_embedded(pipe, embedding, list(range(8)), 2, 5.0,
+                                                                          noise_scale=scale))
+        assert latents.std().item() == pytest.approx(scale * sigma, rel=0.05)
+    result = noise_probe.noise_probe(pipe, judge, "a photo of a star", 0,
+                                     settings(attack_noise_scales=[1.0, 8.0], attack_images=3))
+    assert len(result.search_scores) == 2 and result.search_scores[0] > result.search_scores[1]
+    assert result.prompt == "a photo of a star [noise ×1]" and result.judged_target == 1.0
+
+
+def test_noise_probe_raises_the_judged_rate_on_a_weak_erasure_and_so_does_the_judge_alone(toy, weakly_erased):
+    """Measured (8 evaluation images, 8 steps): plain 0/8 stars, noise ×2 7/8. The toy judge, however, calls
+    the base model's *circles* at noise ×2 stars too (7/8 at these seeds): in the toy world the probe's rise is
+    the judge's false positives on over-noised images, not evidence that the erasure failed."""
+    judge, run = toy[1], settings(attack_images=8, attack_noise_scales=[2.0])
+    target = common.Target("a photo of a star", "star", torch.tensor([]))
+    plain = common.no_attack(weakly_erased, judge, target, 0, run)
+    probed = attacks.run("noise_probe", weakly_erased, judge, target, 0, run)
+    assert plain.judged_target <= 0.125 and probed.judged_target >= plain.judged_target + 0.5
+    circles = common.no_attack(toy[0], judge, common.Target("a photo of a circle", "star", torch.tensor([])), 0,
+                               run)
+    over_noised = noise_probe.noise_probe(toy[0], judge, "a photo of a circle", 0, run)
+    assert circles.judged_target == 0.0 and over_noised.judged_target >= 0.5
+
+
+def test_completion_starts_from_the_image_and_ends_at_plain_sampling(toy):
+    pipe = toy[0]
+    embedding, seeds = common.prompt_embedding(pipe, "a photo of a star"), list(range(100, 104))
+    z0 = common.target_latents(pipe, "a photo of a star", list(range(200, 204)), 8, 5.0)
+    plain = common.generate_embedded(pipe, embedding.expand(4, -1, -1), seeds, 8, 5.0)
+    assert torch.allclose(completion.complete(pipe, embedding, z0, seeds, 1.0, 8, 5.0), plain, atol=1e-5)
+    image = completion.decode_latents(pipe, z0)
+    assert torch.allclose(completion.complete(pipe, embedding, z0, seeds, 0.0, 8, 5.0), image, atol=1e-6)
+    distances = [(completion.complete(pipe, embedding, z0, seeds, s, 8, 5.0) - image).abs().mean().item()
+                 for s in (0.125, 0.5, 1.0)]
+    assert 0 < distances[0] < distances[1] < distances[2]  # the more noise, the less of the image is left
+
+
+def test_completion_raises_the_judged_rate_on_a_weak_erasure(toy, weakly_erased):
+    """Measured (8 evaluation images, 8 steps): plain 0/8 stars; the original model's stars (8/8) completed
+    from strength 0.25 by the weak erasure 4/8, from 0.5 1/8 (the erasure holds once half the image is noise)."""
+    judge, run = toy[1], settings(attack_images=8, attack_completion_strengths=[0.25])
+    latents = common.target_latents(toy[0], "a photo of a star",
+                                    run.seeds(0, common.TARGET_IMAGE_SEEDS, completion.original_images(run)), 8, 5.0)
+    target = common.Target("a photo of a star", "star", torch.tensor([]), latents)
+    plain = common.no_attack(weakly_erased, judge, target, 0, run)
+    completed = attacks.run("completion", weakly_erased, judge, target, 0, run)
+    assert plain.judged_target <= 0.125 and completed.judged_target >= plain.judged_target + 0.25
+    assert completed.prompt == "a photo of a star [completion from 0.25]"
 
 
 @pytest.fixture()
@@ -107,7 +202,7 @@ def test_cli_writes_the_asr_table_and_plot(toy, params_file, tmp_path):
     out = tmp_path / "out" / "attack" / "attack"
     table = pd.read_csv(out / "asr.csv")
     assert set(zip(table.model, table.attack)) == {(m, a) for m in ("original", "doco (run)")
-                                                   for a in ("none", "tokens", "soft")}
+                                                   for a in ("none", "tokens", "unlearndiff")}
     assert (table.attempts == 2).all()
     assert "ASR (%)" in (out / "asr.md").read_text() and (out / "asr.png").stat().st_size > 0
     assert len(pd.read_csv(out / "attempts.csv")) == 2 * 3 * 2
@@ -118,8 +213,11 @@ def test_bad_inputs_are_named_before_any_work(params_file, tmp_path, capsys):
     assert "--unet" in capsys.readouterr().err
     assert main(["attack", "--params", str(params_file), "--attempts", "0"]) == 2
     assert "attack_attempts: 0 is below the minimum 1" in capsys.readouterr().err
-    assert main(["attack", "--params", str(params_file), "--kinds", "pgd"]) == 2
-    assert "'tokens' and/or 'soft'" in capsys.readouterr().err
+    assert main(["attack", "--params", str(params_file), "--attack", "tokens", "pgd"]) == 2
+    assert "attacks: unknown attack 'pgd'; choose from ['tokens', 'unlearndiff', 'noise_probe', 'completion']" \
+        in capsys.readouterr().err
+    assert main(["attack", "--params", str(params_file), "--kinds", "soft"]) == 2  # the old option, the old name
+    assert "unknown attack 'soft'" in capsys.readouterr().err
     assert not (tmp_path / "out" / "attack" / "attack").exists()
     with pytest.raises(config.ParamsError, match="attack_variants: unknown \\['ESD'\\]"):
         config.check_value("attack_variants", ["ESD"])

@@ -14,8 +14,8 @@ TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n
         "sequential_stages": ["star|pentagon|params/prompts/toy_pentagon.txt",
                               "heart|circle|params/prompts/toy_circle.txt"],
         "extra_prompts_file": "params/prompts/toy_extra.txt", "attack_variants": ["DoCo (cp)"], "attack_attempts": 1,
-        "attack_search_steps": 1, "attack_candidates": 2, "attack_images": 2, "attack_soft_steps": 2,
-        "attack_soft_images": 2, "sepme_images": 2, "sepme_max_steps": 3, "sweep_guidance_scales": [2.0, 7.5],
+        "attack_search_steps": 1, "attack_candidates": 2, "attack_images": 2, "attack_unlearndiff_steps": 2,
+        "attack_unlearndiff_images": 2, "sepme_images": 2, "sepme_max_steps": 3, "sweep_guidance_scales": [2.0, 7.5],
         "sweep_steps": [3], "damage_variants": ["DoCo (cp)", "ConAbl"], "damage_shapes": ["star", "circle"]}
 
 

@@ -166,8 +166,8 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_attack(args) -> None:
-    """Adversarial prompts against the base model and each erased UNet: attack success rates."""
-    overrides = {key: value for key, value in (("attack_attempts", args.attempts), ("attack_kinds", args.kinds))
+    """Attacks (doco_lib/studies/attacks) on the base model and each erased UNet: attack success rates."""
+    overrides = {key: value for key, value in (("attack_attempts", args.attempts), ("attacks", args.attack))
                  if value is not None}
     params = load_params(args.params, overrides)
     robustness.check_unets(args.unet)  # before any generation
@@ -281,12 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--params", required=True)
     evaluate.set_defaults(func=_cmd_eval)
 
-    adversarial = commands.add_parser("attack", help="adversarial-prompt attacks on the base and erased models: "
+    adversarial = commands.add_parser("attack", help="attacks on the base and erased models: "
                                       "attack success rate (ASR) table and plot")
     adversarial.add_argument("--params", required=True, help="the run's params file (model, target, attack_* budget)")
     adversarial.add_argument("--unet", action="append", default=[], help="an erased UNet folder (repeat for several)")
     adversarial.add_argument("--attempts", type=int, help="attempts per model and attack (default: attack_attempts)")
-    adversarial.add_argument("--kinds", nargs="+", help="tokens and/or soft (default: attack_kinds)")
+    adversarial.add_argument("--attack", "--kinds", nargs="+", metavar="NAME",
+                             help=f"attacks, any of {', '.join(config.ATTACKS)} (default: the params' attacks)")
     adversarial.add_argument("--out", help="folder for asr.csv, asr.md, asr.png, attempts.csv (default: <run>/attack)")
     adversarial.set_defaults(func=_cmd_attack)
 

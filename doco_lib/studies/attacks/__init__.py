@@ -1,0 +1,36 @@
+"""The attacks on an erased model, one module each, behind one interface.
+
+Every module of `ATTACKS` has `run(pipe, judge, target, attempt, settings) -> Attempt` (common.py: the
+erased pipeline, the judge of its model family, the attempt's `Target`, its index, the `AttackSettings`)
+and `original_images(settings) -> int`, how many images of the original model per attempt it reads from
+`target.latents`. `doco attack --attack NAME ...` and the params key `attacks` choose among them by name:
+
+* `tokens`: greedy search over discrete tokens appended to (or substituted in) the prompt; black box.
+* `unlearndiff`: UnlearnDiffAtk, soft prefix tokens optimised so the erased model denoises the original
+  model's images of the target; white box.
+* `noise_probe`: the prompt sampled from initial noise scaled up; no optimisation.
+* `completion`: the original model's images of the target, noised part way and completed by the erased
+  model (img2img); no optimisation.
+
+`none` (common.no_attack) is the start prompt itself, the erasure's own result; the study always runs it.
+"""
+
+from __future__ import annotations
+
+from doco_lib import config
+from doco_lib.studies.attacks import completion, noise_probe, tokens, unlearndiff
+from doco_lib.studies.attacks.common import AttackSettings, Attempt, Judge, Target
+
+ATTACKS = {"tokens": tokens, "unlearndiff": unlearndiff, "noise_probe": noise_probe, "completion": completion}
+
+
+def run(name: str, pipe, judge: Judge, target: Target, attempt: int, settings: AttackSettings) -> Attempt:
+    """Attack `name` of `ATTACKS` on `pipe` (the erased model) for one attempt."""
+    if name not in ATTACKS:
+        raise config.ParamsError(f"attacks: unknown attack {name!r}; choose from {list(ATTACKS)}.")
+    return ATTACKS[name].run(pipe, judge, target, attempt, settings)
+
+
+def original_images(names: list[str], settings: AttackSettings) -> int:
+    """Images of the original model per attempt that the attacks `names` read (0: none)."""
+    return max([ATTACKS[name].original_images(settings) for name in names], default=0)
