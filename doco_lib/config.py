@@ -120,6 +120,7 @@ def _list_of_integers(noun: str, minimum: int):
 
 _list_of_seeds = _list_of_integers("seeds", 0)
 _list_of_step_counts = _list_of_integers("step counts", 1)
+_list_of_relearning_steps = _list_of_integers("step counts", 0)
 
 
 def parse_stage(stage: str) -> tuple[str, str, str, str]:
@@ -149,7 +150,7 @@ def _variants(key: str, value: Any) -> None:
 
 
 # The attacks of doco_lib/studies/attacks (its registry `ATTACKS` names the same, in this order).
-ATTACKS = ("tokens", "unlearndiff", "noise_probe", "completion")
+ATTACKS = ("tokens", "unlearndiff", "noise_probe", "completion", "textual_inversion", "relearning")
 
 
 def _attacks(key: str, value: Any) -> None:
@@ -483,8 +484,9 @@ SCHEMA: dict[str, Param] = {
                           check=_unet_folders),
     "attacks": Param(["tokens", "unlearndiff"], list, "attacks (doco_lib/studies/attacks): tokens (greedy token "
                      "search, black box), unlearndiff (UnlearnDiffAtk's soft prefix tokens, white box), noise_probe "
-                     "(initial noise scaled up) and/or completion (the original model's images noised part way, "
-                     "completed by the erased model)", (NB07,), check=_attacks),
+                     "(initial noise scaled up), completion (the original model's images noised part way, completed by "
+                     "the erased model), textual_inversion (CCE: one new word learnt against the erased model) "
+                     "and/or relearning (a copy of the erased UNet fine-tuned on a few images of the target)", (NB07,), check=_attacks),
     "attack_attempts": Param(6, int, "attempts per model and attack (start prompts and seeds differ)", (NB07,),
                              minimum=1, maximum=10_000),
     "attack_tokens": Param(2, int, "adversarial tokens per prompt (appended, or substituted)", (NB07,), minimum=1,
@@ -512,6 +514,21 @@ SCHEMA: dict[str, Param] = {
                                          "noised before the erased model completes them (0: not at all, 1: plain "
                                          "sampling); the best on the search images is judged", (NB07,),
                                          check=_fractions),
+    "attack_ti_steps": Param(100, int, "textual_inversion: Adam steps on the new word's embedding (the issue's SD "
+                             "trial: 300)", (NB07,), minimum=1),
+    "attack_ti_lr": Param(5e-3, (int, float), "textual_inversion: Adam learning rate (the issue's SD trial: 5e-3)",
+                          (NB07,), check=_positive),
+    "attack_ti_images": Param(8, int, "textual_inversion: images of the original model it learns the word on "
+                              "(the issue's SD trial: 256)", (NB07,), minimum=1, maximum=1024),
+    "attack_ti_initializer": Param("shape", str, "textual_inversion: the word whose embedding the new word starts from "
+                                   "(a coarse class name, e.g. object on SD)", (NB07,)),
+    "attack_relearn_steps": Param([0, 10, 50], list, "relearning: fine-tuning step counts at which the start prompt "
+                                  "is judged (cumulative; the largest is the attack's verdict, 0: plain sampling)",
+                                  (NB07,), check=_list_of_relearning_steps),
+    "attack_relearn_lr": Param(3e-4, (int, float), "relearning: Adam learning rate of the UNet copy", (NB07,),
+                               check=_positive),
+    "attack_relearn_images": Param(8, int, "relearning: images of the original model it fine-tunes on",
+                                   (NB07,), minimum=1, maximum=1024),
     "attack_success_fraction": Param(0.5, (int, float), "an attempt succeeds when at least this fraction of its k "
                                      "images is judged the target", (NB07,), maximum=1.0, check=_positive),
 }

@@ -11,6 +11,11 @@ and `original_images(settings) -> int`, how many images of the original model pe
 * `noise_probe`: the prompt sampled from initial noise scaled up; no optimisation.
 * `completion`: the original model's images of the target, noised part way and completed by the erased
   model (img2img); no optimisation.
+* `textual_inversion`: Circumventing Concept Erasure (CCE), one new word's input embedding learnt on the
+  original model's images of the target against the erased model, "a photo of a <x>" judged; white box.
+* `relearning`: a copy of the erased UNet fine-tuned on a few original images of the target (the start
+  prompt, the denoising loss), the start prompt judged after each of `attack_relearn_steps`; white box,
+  weights. Run on the original model too, its curve is the reference.
 
 `none` (common.no_attack) is the start prompt itself, the erasure's own result; the study always runs it.
 """
@@ -18,10 +23,11 @@ and `original_images(settings) -> int`, how many images of the original model pe
 from __future__ import annotations
 
 from doco_lib import config
-from doco_lib.studies.attacks import completion, noise_probe, tokens, unlearndiff
+from doco_lib.studies.attacks import completion, noise_probe, relearning, textual_inversion, tokens, unlearndiff
 from doco_lib.studies.attacks.common import AttackSettings, Attempt, Judge, Target
 
-ATTACKS = {"tokens": tokens, "unlearndiff": unlearndiff, "noise_probe": noise_probe, "completion": completion}
+ATTACKS = {"tokens": tokens, "unlearndiff": unlearndiff, "noise_probe": noise_probe, "completion": completion,
+           "textual_inversion": textual_inversion, "relearning": relearning}
 
 
 def run(name: str, pipe, judge: Judge, target: Target, attempt: int, settings: AttackSettings) -> Attempt:

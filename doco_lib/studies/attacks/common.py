@@ -17,6 +17,7 @@ import torch
 
 from doco_lib import config
 from doco_lib.evaluation.clip_metrics import ClipScorer
+from doco_lib.methods.prediction import Parameterization
 from doco_lib.models import is_toy, load_judge, pick_device
 from doco_lib.sampling import initial_latents
 from doco_lib.toy import render
@@ -44,6 +45,13 @@ class AttackSettings:
     unlearndiff_images: int
     noise_scales: tuple[float, ...]
     completion_strengths: tuple[float, ...]
+    ti_steps: int
+    ti_lr: float
+    ti_images: int
+    ti_initializer: str
+    relearn_steps: tuple[int, ...]
+    relearn_lr: float
+    relearn_images: int
     success_fraction: float
     num_inference_steps: int
     guidance_scale: float
@@ -53,7 +61,7 @@ class AttackSettings:
     def from_params(cls, params: dict) -> "AttackSettings":
         keys = [k for k in cls.__dataclass_fields__ if k not in ("num_inference_steps", "guidance_scale", "seed")]
         values = {k: params[f"attack_{k}"] for k in keys}
-        values.update({k: tuple(values[k]) for k in ("noise_scales", "completion_strengths")})
+        values.update({k: tuple(values[k]) for k in ("noise_scales", "completion_strengths", "relearn_steps")})
         return cls(**values, num_inference_steps=params["num_inference_steps"],
                    guidance_scale=params["guidance_scale"], seed=params["seed"])
 
@@ -71,8 +79,9 @@ class Target:
     """What an attempt attacks: its start prompt P (a target prompt of the run's concept), the target word,
     the candidate tokens, and `latents`: scaled latents z0 of the *original* model's images of P on the
     attempt's target-image seeds (None when no chosen attack needs them). UnlearnDiffAtk denoises the first
-    `unlearndiff_images` of them; diffusion completion starts its search from the first `images` and its
-    evaluation from the next `images`."""
+    `unlearndiff_images` of them, textual inversion the first `ti_images`, relearning the first
+    `relearn_images`; diffusion completion starts its search from the first `images` and its evaluation from
+    the next `images`."""
 
     prompt: str
     word: str
@@ -205,6 +214,64 @@ def soft_tokens(text_encoder, positions: list[int], vectors: torch.Tensor):
         yield
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------- the diffusion loss on the original model's images
+class DenoisingObjective:
+    """E_{z0, t, ε} ‖y − f(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, c)‖² on scaled latents z0 (the original model's images of
+    the target), with y = ε, or v for a v-prediction scheduler: the loss the white-box attacks minimise.
+    `fixed` is a fixed batch (every latent at `repeats` stratified timesteps) for a before/after comparison;
+    `sample()` draws a fresh batch (every latent, random timesteps) from `generator`."""
+
+    def __init__(self, pipe, latents: torch.Tensor, generator: torch.Generator, repeats: int = 4):
+        self.device, self.latents, self.generator = pipe.unet.device, latents, generator
+        self.parameterization = Parameterization.of_scheduler(pipe.scheduler.config, self.device)
+        self.alphas = self.parameterization.alphas_cumprod
+        count = repeats * len(latents)
+        strata = torch.arange(count) % repeats + torch.rand(count, generator=generator)
+        self.fixed = self.batch(latents.repeat_interleave(repeats, 0), (strata * len(self.alphas) / repeats).long())
+
+    def batch(self, z0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z0, t = z0.to(self.device), t.to(self.device)
+        noise = torch.randn(z0.shape, generator=self.generator).to(self.device)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, self.parameterization.target(z0, noise, t)
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.batch(self.latents, torch.randint(0, len(self.alphas), (len(self.latents),),
+                                                      generator=self.generator))
+
+    @staticmethod
+    def loss(unet, batch, condition: torch.Tensor) -> torch.Tensor:
+        """The loss of `unet` on `batch` with the prompt embedding `condition` (1 or len(batch), L, D)."""
+        x_t, t, target = batch
+        dtype = next(unet.parameters()).dtype
+        condition = condition.expand(len(x_t), -1, -1).to(dtype)
+        prediction = unet(x_t.to(dtype), t, encoder_hidden_states=condition).sample
+        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+    def optimise(self, unet, encoder, condition, parameter: torch.Tensor, lr: float, steps: int) -> tuple[float, float]:
+        """Adam on `parameter` (a prompt embedding's soft tokens) for `steps` fresh batches, `unet` and `encoder`
+        frozen (their `requires_grad` flags as before afterwards); `condition()` embeds the prompt with it.
+        Returns the loss on the fixed batch before and after."""
+        optimizer = torch.optim.Adam([parameter], lr=lr)
+        flags = [(p, p.requires_grad) for module in (unet, encoder) for p in module.parameters()]
+        unet.requires_grad_(False)
+        encoder.requires_grad_(False)
+        try:
+            with torch.no_grad():
+                before = self.loss(unet, self.fixed, condition()).item()
+            for _ in range(steps):
+                optimizer.zero_grad()
+                self.loss(unet, self.sample(), condition()).backward()
+                optimizer.step()
+            with torch.no_grad():
+                after = self.loss(unet, self.fixed, condition()).item()
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        return before, after
 
 
 # ---------------------------------------------------------------- generation

@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from doco_lib.methods.prediction import Parameterization
 from doco_lib.studies.attacks.common import (
     EVAL_SEEDS,
     AttackSettings,
     Attempt,
+    DenoisingObjective,
     Judge,
     Target,
     decode,
@@ -50,37 +50,16 @@ def soft_prompt_attack(pipe, judge: Judge, start_prompt: str, latents: torch.Ten
     ids = padded_ids(tokenizer, start.tolist() + word_ids(tokenizer, start_prompt))[None].to(device)
     table = encoder.get_input_embeddings().weight
     delta = torch.nn.Parameter(table[start.to(table.device)].detach().clone().float())
-    optimizer = torch.optim.Adam([delta], lr=settings.unlearndiff_lr)
-    parameterization = Parameterization.of_scheduler(pipe.scheduler.config, device)  # ε or v, as the UNet predicts
-    alphas = parameterization.alphas_cumprod
 
-    def noisy_batch(z0: torch.Tensor, t: torch.Tensor):
-        z0, t = z0.to(device), t.to(device)
-        noise = torch.randn(z0.shape, generator=generator).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, parameterization.target(z0, noise, t)
-
-    def loss_on(batch) -> torch.Tensor:
-        x_t, t, target = batch
+    def condition() -> torch.Tensor:
         with soft_tokens(encoder, slots, delta):
-            condition = encoder(ids)[0].expand(len(x_t), -1, -1)
-        return F.mse_loss(unet(x_t, t, encoder_hidden_states=condition.to(unet.dtype)).sample.float(), target.float())
+            return encoder(ids)[0]
 
-    unet.requires_grad_(False)
-    encoder.requires_grad_(False)
-    repeats = 4
-    strata = (torch.arange(repeats * len(latents)) % repeats + torch.rand(repeats * len(latents), generator=generator))
-    fixed = noisy_batch(latents.repeat_interleave(repeats, 0), (strata * len(alphas) / repeats).long())
+    objective = DenoisingObjective(pipe, latents, generator)
+    loss_before, loss_after = objective.optimise(unet, encoder, condition, delta, settings.unlearndiff_lr,
+                                                 settings.unlearndiff_steps)
     with torch.no_grad():
-        loss_before = loss_on(fixed).item()
-    for _ in range(settings.unlearndiff_steps):
-        optimizer.zero_grad()
-        loss_on(noisy_batch(latents, torch.randint(0, len(alphas), (len(latents),), generator=generator))).backward()
-        optimizer.step()
-    with torch.no_grad():
-        loss_after = loss_on(fixed).item()
-        with soft_tokens(encoder, slots, delta):
-            embedding = encoder(ids)[0]
+        embedding = condition()
         nearest = vocabulary[(F.normalize(delta, dim=1) @ F.normalize(table[vocabulary.to(table.device)].float(),
                                                                        dim=1).T).argmax(1).cpu()]
     seeds = settings.seeds(attempt, EVAL_SEEDS)

@@ -1,0 +1,82 @@
+"""`textual_inversion` (white box): Circumventing Concept Erasure (CCE), one new word learnt for the target.
+
+Pham et al., "Circumventing Concept Erasure Methods for Text-to-Image Generative Models", ICLR 2024. A
+placeholder word <x> gets one continuous input embedding v, learnt by textual inversion against the *erased*
+model θ* (frozen) on images z0 of the target drawn by the *original* model (the first `attack_ti_images` of
+`target.latents`):
+
+    min_v E_{z0, t, ε} ‖ε − ε_θ*(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, c("a photo of a <x>"; v))‖²   (v target for v-prediction).
+
+v starts from the embedding of `attack_ti_initializer` (textual inversion's coarse initializer word; the
+mean of its tokens' embeddings when it has several) and takes `attack_ti_steps` Adam steps at `attack_ti_lr`.
+It is substituted at <x>'s position as the text encoder's input embedding (common.soft_tokens) rather than
+added to the tokenizer, so the pipeline is left as it was. "a photo of a <x>" is then judged on the
+evaluation seeds; `loss_before` and `loss_after` are the objective on a fixed batch (every image at 4
+stratified timesteps). The issue's manual trial on SD used 300 steps at learning rate 5e-3 on 256 images; the
+toy defaults (see doco_lib/config.py) are smaller so that an attempt takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from doco_lib.studies.attacks.common import (
+    EVAL_SEEDS,
+    AttackSettings,
+    Attempt,
+    DenoisingObjective,
+    Judge,
+    Target,
+    decode,
+    generate_embedded,
+    judge_final,
+    padded_ids,
+    soft_tokens,
+    word_ids,
+)
+
+TEMPLATE = "a photo of a"  # the prompt is TEMPLATE + " <x>"
+
+
+def original_images(settings: AttackSettings) -> int:
+    """Images of the original model the attack needs per attempt: its training images."""
+    return settings.ti_images
+
+
+def textual_inversion(pipe, judge: Judge, start_prompt: str, latents: torch.Tensor, vocabulary: torch.Tensor,
+                      attempt: int, settings: AttackSettings, generator: torch.Generator) -> Attempt:
+    """Learn <x>'s embedding against the erased model's diffusion loss on the original model's images
+    `latents`, then generate "a photo of a <x>" and judge."""
+    tokenizer, unet, encoder = pipe.tokenizer, pipe.unet, pipe.text_encoder
+    template = word_ids(tokenizer, TEMPLATE)
+    placeholder = word_ids(tokenizer, settings.ti_initializer)[:1]  # any one token: its embedding is replaced
+    ids = padded_ids(tokenizer, template + placeholder)[None].to(encoder.device)
+    slot = [1 + len(template)]  # after BOS and the template
+    table = encoder.get_input_embeddings().weight
+    initial = word_ids(tokenizer, settings.ti_initializer)
+    word = torch.nn.Parameter(table[initial].detach().float().mean(0, keepdim=True))
+    objective = DenoisingObjective(pipe, latents, generator)
+
+    def condition() -> torch.Tensor:
+        with soft_tokens(encoder, slot, word):
+            return encoder(ids)[0]
+
+    loss_before, loss_after = objective.optimise(unet, encoder, condition, word, settings.ti_lr, settings.ti_steps)
+    with torch.no_grad():
+        embedding = condition()
+        candidates = vocabulary.long() if len(vocabulary) else torch.arange(len(table))
+        nearest = candidates[(F.normalize(word, dim=1) @ F.normalize(table[candidates.to(table.device)].float(),
+                                                                      dim=1).T).argmax(1).cpu()]
+    seeds = settings.seeds(attempt, EVAL_SEEDS)
+    final = generate_embedded(pipe, embedding.expand(len(seeds), -1, -1), seeds, settings.num_inference_steps,
+                              settings.guidance_scale)
+    rate, success = judge_final(judge, final, settings)
+    shown = f"{TEMPLATE} <x> (<x> ≈ {decode(tokenizer, nearest.tolist())})"
+    return Attempt("textual_inversion", attempt, start_prompt, shown, rate, success, final, loss_before=loss_before,
+                   loss_after=loss_after)
+
+
+def run(pipe, judge: Judge, target: Target, attempt: int, settings: AttackSettings) -> Attempt:
+    return textual_inversion(pipe, judge, target.prompt, target.latents[:settings.ti_images], target.vocabulary,
+                             attempt, settings, settings.generator(attempt))
