@@ -1,0 +1,94 @@
+"""docs/results.md's tables come from committed artefacts (docs/results/, doco_lib/app/journal.py): each
+generated block equals what its artefact renders, a changed number is caught, and every table outside the
+sections recorded before the artefacts existed sits in such a block."""
+
+import json
+import re
+import shutil
+
+import pandas as pd
+import pytest
+
+from doco_lib.app import journal
+from doco_lib.studies.retain_modes import judged_rows
+
+# Sections whose tables were recorded before docs/results/ existed, from runs whose outputs were not kept; each
+# leaves this list when a rerun records its artefact. A new section's tables must come from an artefact.
+LEGACY_SECTIONS = {
+    "The toy world itself", "Ablations: retain modes and methods (notebook 05)",
+    "The collateral-damage matrix (notebook 09)", "Styles and an implicit attribute (notebook 10)",
+    "LoRA export (`doco export-lora`)", "Multi-concept erasure (notebook 05)", "SepME: erase and restore (notebook 08)",
+    "Robustness against adversarial prompts (notebook 07, `doco attack`)", "Reliability", "The README figure",
+}
+
+
+def test_every_block_of_results_md_is_what_its_artefact_renders(doco):
+    result = doco("results", "--check")
+    assert result.returncode == 0, result.stderr
+    assert journal.BLOCK.search(journal.JOURNAL.read_text()), "results.md has no table made from an artefact"
+
+
+def test_every_artefact_has_a_block_and_says_how_it_was_measured():
+    text = journal.JOURNAL.read_text()
+    blocks = {match["name"] for match in journal.BLOCK.finditer(text)}
+    artefacts = {path.stem for path in journal.ARTEFACTS.glob("*.csv")}
+    assert artefacts == blocks
+    for name in artefacts:
+        how = json.loads((journal.ARTEFACTS / f"{name}.json").read_text())
+        assert re.fullmatch(r"[0-9a-f]{40}", how["commit"]) and how["command"].startswith(("doco ", "make "))
+        assert how["machine"]["torch"] and how["wall_seconds"] > 0 and how["uncommitted_changes"] == []
+
+
+def _sections(text: str) -> dict[str, str]:
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_every_table_outside_the_legacy_sections_comes_from_an_artefact():
+    sections = _sections(journal.JOURNAL.read_text())
+    assert LEGACY_SECTIONS <= set(sections), LEGACY_SECTIONS - set(sections)  # the list stays true
+    for title, body in sections.items():
+        if title in LEGACY_SECTIONS:
+            continue
+        outside = journal.BLOCK.sub("", body)
+        assert not re.search(r"^\|", outside, flags=re.M), f"{title!r}: a table that no artefact generates"
+
+
+@pytest.fixture
+def copied(tmp_path):
+    """A copy of the journal and its artefacts, to change."""
+    shutil.copytree(journal.ARTEFACTS, tmp_path / "results")
+    shutil.copy(journal.JOURNAL, tmp_path / "results.md")
+    return tmp_path / "results.md", tmp_path / "results"
+
+
+def test_a_changed_number_is_caught_and_regenerated(copied):
+    journal_md, folder = copied
+    original = journal_md.read_text()
+    block = journal.BLOCK.search(original)
+    cell = re.search(r"\| (\d+\.\d) ± ", block["body"])
+    changed = original[:block.start("body") + cell.start(1)] + "99.9" + original[block.start("body") + cell.end(1):]
+    journal_md.write_text(changed)
+    assert journal.sync(journal_md, folder, check=True) == [block["name"]]
+    assert journal_md.read_text() == changed  # --check changes nothing
+    assert journal.sync(journal_md, folder) == [block["name"]] and journal_md.read_text() == original
+
+
+def test_a_block_naming_a_missing_artefact_is_an_error(copied):
+    journal_md, folder = copied
+    journal_md.write_text("## A\n\n<!-- artefact: nowhere -->\n| x |\n<!-- /artefact -->\n")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        journal.sync(journal_md, folder, check=True)
+
+
+def test_retain_mode_cells_are_means_with_student_t_intervals_over_seeds():
+    table = pd.DataFrame({"prompt set": ["star", "circle"] * 3, "seed": [0, 0, 1, 1, 2, 2],
+                          "original": [1.0, 1.0, 1.0, 0.9, 1.0, 1.0], "DoCo (cp)": [0.5, 1, 0.6, 1, 0.7, 1],
+                          "DoCo (cp) Δ (pts)": [-50, 0, -40, 10, -30, 0]})
+    rows = judged_rows(table, samples=64)
+    assert list(rows.columns) == ["seed", "model", "prompt set", "samples", "rate"] and len(rows) == 12
+    lines = journal.retain_modes_table(rows).splitlines()
+    assert lines[0] == "| prompt set | original | DoCo (cp) |"
+    # star under cp: 50, 60, 70 % → mean 60, half-width t(0.975, 2) · s / √3 = 4.303 · 10 / 1.732 = 24.8
+    assert lines[2] == "| star | 100.0 ± 0.0 | 60.0 ± 24.8 |"
+    assert lines[3] == "| circle | 96.7 ± 14.3 | 100.0 ± 0.0 |"
