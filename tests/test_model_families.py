@@ -3,8 +3,11 @@
 The conversions of `doco_lib.methods.prediction` are checked against diffusers' scheduler math, and each method's
 reading of the UNet output is checked on a v-prediction model by hand: an ε-only assumption anywhere fails here.
 The SD-2.1- and SDXL-shaped random pipelines (published configs, narrowed widths) load as the right pipeline
-class and give the pipeline's own conditioning; every method trains on both through `doco train` (slow tier)."""
+class and give the pipeline's own conditioning; every method trains on both through `doco train` (slow tier), and on
+the SD-2.1-shaped one each method's update lowers its own objective on a held batch (an update of the wrong sign,
+which still changes the weights, raises it)."""
 
+import copy
 import math
 
 import pytest
@@ -75,8 +78,9 @@ def toy_v():
     return pipe
 
 
-def _anchors(pipe, prompts: list[str], n: int = 6) -> AnchorLatents:
-    size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+def _anchors(pipe, prompts: list[str], n: int = 6, size: int | None = None) -> AnchorLatents:
+    """`n` random anchor latents of the UNet's sample size (or `size`), captioned with `prompts` in turn."""
+    size, channels = size or pipe.unet.config.sample_size, pipe.unet.config.in_channels
     g = torch.Generator().manual_seed(1)
     return AnchorLatents(torch.randn(n, channels, size, size, generator=g), torch.full((n, channels, size, size), 0.1),
                          [prompts[i % len(prompts)] for i in range(n)], list(range(n)), pipe.vae.config.scaling_factor)
@@ -362,6 +366,175 @@ def test_every_method_trains_through_doco_train(family, pipeline_class, method, 
     assert type(pipe).__name__ == pipeline_class
     base = load_pipeline(params["model"], "cpu").unet.state_dict()
     assert any(not torch.equal(w, base[name]) for name, w in pipe.unet.state_dict().items()), "nothing was erased"
+
+
+# ---------------------------------------------------------------------------------------------- each loss's sign
+# `test_every_method_trains_through_doco_train` checks that a weight changed, which an update of the wrong sign
+# does too. Here each method's own update, repeated on one held batch (the trainer's generator set back to its
+# state before the first step, so every step draws the same latents, noise, timesteps and prompts; ESD's and SPM's
+# sampled x_t replaced by fixed latents at a fixed timestep), must lower that method's objective on the batch, as
+# the test computes it from UNet outputs alone: an update that ascends it (a flipped loss) raises it. SD 2.1's
+# v-prediction throughout (u below: the UNet's output, v for this model).
+SIGN_STEPS = 3
+SIGN_BATCH = 2
+# 16×16 latents, not SD 2.1's 96×96: the UNet is convolutional, and 96² tokens of self-attention made each case
+# 40-80 s on one core (1-2 s at 16×16).
+SIGN_LATENT = 16
+
+
+def _sign_anchors(pipe, prompt: str) -> AnchorLatents:
+    return _anchors(pipe, [prompt], size=SIGN_LATENT)
+
+
+def _sign_pipeline(sd21_folder):
+    pipe = load_pipeline(str(sd21_folder), "cpu", dtype=torch.float32)
+    return pipe, copy.deepcopy(pipe.unet).requires_grad_(False).eval()  # the original, apart from any trainer's
+
+
+def _u(unet, x, t, c) -> torch.Tensor:
+    return unet(x, t, encoder_hidden_states=c).sample
+
+
+def _held_batch(trainer, start, latents=None):
+    """The batch every step draws from the generator state `start`: (ε, t, x_t, v, ᾱ_t, c, c*) of the harness's
+    anchor batch, then the anchor indices and the generator after those draws (RGD's forget batch comes next)."""
+    index, g = _replay_index(trainer, start, SIGN_BATCH)
+    noise, t, x_t, v, a = _replay_noised(trainer, latents or trainer.anchors, index, g)
+    prompts = trainer.prompt_index[index]
+    return noise, t, x_t, v, a, trainer.anchor_embeddings[prompts], trainer.target_embeddings[prompts], index, g
+
+
+def _fixed_sample():
+    """Fixed latents at a fixed timestep, in place of the x_t ESD and SPM sample with the model being trained."""
+    x_t = torch.randn(SIGN_BATCH, 4, SIGN_LATENT, SIGN_LATENT, generator=torch.Generator().manual_seed(7))
+    return x_t, torch.full((SIGN_BATCH,), 601)
+
+
+def _doco_case(pipe, original, tmp_path, monkeypatch):
+    """DoCo, paper preset (cp): L_u = BCE(D₀(ε of u_θ(x_t, c*)), real), against D as it was before the steps (the
+    steps train D too; L_u against a moving D could rise with a correct update)."""
+    cfg = TrainingConfig(iterations=SIGN_STEPS, warmup_iterations=0, batch_size=SIGN_BATCH, disc_layers=3, lr=1e-4,
+                         seed=1)
+    trainer = DocoTrainer(pipe, _sign_anchors(pipe, "a photo of a dog"), ConceptSpec("instance", "dog", "Snoopy"), cfg,
+                          tmp_path, device="cpu")
+    start = trainer.generator.get_state()
+    _, t, x_t, _, a, _, c_star, *_ = _held_batch(trainer, start)
+    frozen_d = copy.deepcopy(trainer.discriminator)  # train mode, as D runs in training: batch statistics
+
+    def objective():
+        eps = a.sqrt() * _u(trainer.unet, x_t, t, c_star) + (1 - a).sqrt() * x_t  # ε of a v prediction
+        logits = frozen_d(eps)
+        return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+    return trainer, start, objective
+
+
+def _esd_case(pipe, original, tmp_path, monkeypatch):
+    """ESD-x: ‖u_θ(x_t, c*) − [u₀(x_t, ∅) − η (u₀(x_t, c*) − u₀(x_t, ∅))]‖²."""
+    cfg = TrainingConfig(method="esd", trainable="cross_attention", iterations=SIGN_STEPS, batch_size=SIGN_BATCH,
+                         esd_eta=1.0, lr=1e-4, seed=1)
+    trainer = TRAINERS["esd"](pipe, _sign_anchors(pipe, "a photo of a dog"), ConceptSpec("instance", "dog", "Snoopy"),
+                              cfg, tmp_path, device="cpu")
+    x_t, t = _fixed_sample()
+    monkeypatch.setattr(trainer, "_partial_denoise", lambda c_star: (x_t, t))
+    c_star = trainer.target_embeddings[:1].expand(SIGN_BATCH, -1, -1)  # one anchor prompt: one target prompt
+    empty = trainer.empty_embedding.expand_as(c_star)
+    unconditional = _u(original, x_t, t, empty)
+    target = unconditional - cfg.esd_eta * (_u(original, x_t, t, c_star) - unconditional)
+    return trainer, trainer.generator.get_state(), lambda: F.mse_loss(_u(trainer.unet, x_t, t, c_star), target)
+
+
+def _conabl_case(pipe, original, tmp_path, monkeypatch):
+    """ConAbl (model variant, retaining): ‖u_θ(x_t, c*) − u₀(x_t, c)‖² + α ‖u_θ(x_t, c) − v‖²."""
+    cfg = TrainingConfig(method="conabl", conabl_variant="model", conabl_retain=True, retain_weight=0.5,
+                         iterations=SIGN_STEPS, batch_size=SIGN_BATCH, lr=1e-4, seed=1)
+    trainer = TRAINERS["conabl"](pipe, _sign_anchors(pipe, "a photo of a dog"), ConceptSpec("instance", "dog", "Snoopy"),
+                                 cfg, tmp_path, device="cpu")
+    start = trainer.generator.get_state()
+    _, t, x_t, v, _, c, c_star, *_ = _held_batch(trainer, start)
+    anchor = _u(original, x_t, t, c)
+
+    def objective():
+        return (F.mse_loss(_u(trainer.unet, x_t, t, c_star), anchor)
+                + cfg.retain_weight * F.mse_loss(_u(trainer.unet, x_t, t, c), v))
+    return trainer, start, objective
+
+
+def _rgd_case(pipe, original, tmp_path, monkeypatch):
+    """RGD (no truncation): L_f = ‖u_θ(x_f, c_f) − v_f‖² ascended and L_r = ‖u_θ(x_r, c_r) − v_r‖² descended, each
+    on its own (−L_f + α L_r fell with the forget term's sign flipped too: both losses then fell)."""
+    cfg = TrainingConfig(method="rgd", trainable="cross_attention_kv", rgd_truncation=0, iterations=SIGN_STEPS,
+                         batch_size=SIGN_BATCH, lr=1e-4, seed=1)
+    retain, forget = _sign_anchors(pipe, "a photo of a dog"), _sign_anchors(pipe, "a photo of Snoopy")
+    trainer = TRAINERS["rgd"](pipe, retain, ConceptSpec("instance", "dog", "Snoopy"), cfg, tmp_path, device="cpu",
+                              target_prompts={"a photo of a dog": "a photo of Snoopy"}, forget=forget)
+    start = trainer.generator.get_state()
+    _, t_r, x_r, v_r, _, c_r, c_f, index, g = _held_batch(trainer, start)
+    _, t_f, x_f, v_f, _ = _replay_noised(trainer, forget, index, g)
+
+    def objective():
+        return torch.stack([-F.mse_loss(_u(trainer.unet, x_f, t_f, c_f), v_f),
+                            F.mse_loss(_u(trainer.unet, x_r, t_r, c_r), v_r)])
+    return trainer, start, objective
+
+
+def _spm_case(pipe, original, tmp_path, monkeypatch):
+    """SPM (the code's bare word c): ‖u_SPM(x_t, c) − [u₀(x_t, ∅) − g (u₀(x_t, c) − u₀(x_t, ∅))]‖² (its anchoring
+    term is 0 at the start, where the adapters' up factors are 0)."""
+    cfg = TrainingConfig(method="spm", spm_prompts="concept", spm_anchors=1, iterations=SIGN_STEPS,
+                         batch_size=SIGN_BATCH, lr=1e-3, seed=1)
+    trainer = TRAINERS["spm"](pipe, _sign_anchors(pipe, "a photo of a dog"), ConceptSpec("instance", "dog", "Snoopy"),
+                              cfg, tmp_path, device="cpu")
+    x_t, t = _fixed_sample()
+    monkeypatch.setattr(trainer, "_noised_by_sampling", lambda c, empty: (x_t, t))
+    c = trainer.concept.expand(SIGN_BATCH, -1, -1)
+    empty = trainer.empty_embedding.expand_as(c)
+    unconditional = _u(original, x_t, t, empty)
+    target = unconditional - cfg.spm_guidance * (_u(original, x_t, t, c) - unconditional)
+    return trainer, trainer.generator.get_state(), lambda: F.mse_loss(_u(trainer.unet, x_t, t, c), target)
+
+
+SIGN_CASES = {"doco": _doco_case, "esd": _esd_case, "conabl": _conabl_case, "rgd": _rgd_case, "spm": _spm_case}
+
+
+@pytest.mark.parametrize("method", list(SIGN_CASES))
+def test_each_methods_update_lowers_its_own_objective_on_a_held_sd21_batch(method, sd21_folder, tmp_path,
+                                                                         monkeypatch, one_torch_thread):
+    pipe, original = _sign_pipeline(sd21_folder)
+    with torch.no_grad():
+        trainer, start, objective = SIGN_CASES[method](pipe, original, tmp_path, monkeypatch)
+        before = objective()
+    for _ in range(SIGN_STEPS):
+        trainer.generator.set_state(start.clone())
+        trainer.train_step()
+    with torch.no_grad():
+        after = objective()
+    assert (after < before).all(), f"{method}: its objective on the held batch went from {before} to {after}"
+
+
+def test_the_uce_edit_lowers_its_ridge_objective_on_sd21(sd21_folder, tmp_path):
+    """UCE is closed form: its edit W' of every K/V matrix must lower λ‖W − W₀‖² + s_e ‖W c_e − W₀ c_a‖² +
+    s_p ‖(W − W₀) c_p‖² below its value at W₀ (s_e ‖W₀ (c_e − c_a)‖²), and bring the target's rows onto the
+    anchor's values: an edit of the wrong sign moves them away."""
+    from doco_lib.methods import uce
+
+    pipe, _ = _sign_pipeline(sd21_folder)
+    cfg = TrainingConfig(method="uce", uce_preserve=("a photo of a cat",), seed=1)
+    trainer = TRAINERS["uce"](pipe, _sign_anchors(pipe, "a photo of a dog"), ConceptSpec("instance", "dog", "Snoopy"),
+                              cfg, tmp_path, device="cpu")
+    c_e, c_a, c_p = trainer.rows
+    w0 = {name: m.weight.detach().double().clone() for name, m in uce.kv_modules(trainer.unet).items()}
+    trainer.run(progress=False)
+    for name, module in uce.kv_modules(trainer.unet).items():
+        w, start = module.weight.detach().double(), w0[name]
+        values = c_a @ start.T
+
+        def ridge(weights):
+            return (cfg.uce_lambda * (weights - start).square().sum()
+                    + cfg.uce_erase_scale * (c_e @ weights.T - values).square().sum()
+                    + trainer.preserve_scale * (c_p @ (weights - start).T).square().sum()).item()
+
+        assert ridge(w) < ridge(start), name
+        assert (c_e @ w.T - values).norm() < 0.5 * (c_e @ start.T - values).norm(), name
 
 
 def test_spm_on_sdxl_anchors_hidden_states_and_pooled_embedding_apart(hub_cache, outputs, repo_root, monkeypatch,

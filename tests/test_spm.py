@@ -5,7 +5,7 @@ the code's learning-rate schedule and anchor batch; a toy run through `doco trai
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_training import ERASURE_REGRESSION_THRESHOLD, judged_star_rates, write_params
+from tiny_training import ERASURE_REGRESSION_THRESHOLD, judged_shape_rates, write_params
 
 from doco_lib import config
 from doco_lib.app import cli
@@ -126,17 +126,22 @@ def test_learning_rate_schedule_is_diffusers_cosine_with_hard_restarts():
 # The schema's toy defaults for SPM, lr and batch (params/toy_world.yaml's) over the tiny run's anchor-image counts
 # (tests/tiny_training.py): as `doco train --params params/toy_world.yaml --set method=spm` trains.
 TOY_RUN = dict(iterations=400, warmup_iterations=0, checkpoint_every=100, lr=3e-4, batch_size=8)
+# Measured through this test on seeds 0-2 (8 prompts per shape at 25 steps, before → after): star 100 → 37.5, 50,
+# 25% (seed 1 sits at the threshold of half the original's rate); circle, heart and pentagon 100 → 100% on each.
+SPM_MIN_CIRCLE_RATE = 0.75  # circle, neither erased nor anchored: at most 2 of 8 lost
 
 
 @pytest.mark.slow
-def test_spm_through_doco_train_erases_star_in_the_toy_world(tmp_path):
+def test_spm_through_doco_train_erases_star_and_keeps_circle_in_the_toy_world(tmp_path):
     params = write_params(tmp_path, "spm", method="spm", **TOY_RUN)
     assert cli.main(["train", "--params", str(params), "--quiet"]) == 0
     run = tmp_path / "outputs" / "spm" / "spm"
     assert (run / spm.ADAPTER_FILE).is_file() and not (run / "delta.safetensors").exists()
 
-    before, after = judged_star_rates(run / "unet")
-    assert before >= 0.75 and after <= ERASURE_REGRESSION_THRESHOLD * before, (before, after)
+    rates = judged_shape_rates(run / "unet", ["star", "circle"])
+    (before, after), (circle_before, circle_after) = rates["star"], rates["circle"]
+    assert before >= 0.75 and after <= ERASURE_REGRESSION_THRESHOLD * before, rates
+    assert circle_before >= 0.75 and circle_after >= SPM_MIN_CIRCLE_RATE, rates
 
 
 def test_the_sd14_spm_file_trains_on_the_sd14_shaped_pipeline(sd_hub, repo_root, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ objective it solves; the code's text rows; a toy run through `doco train`; the S
 
 import torch
 from safetensors.torch import load_file
-from tiny_training import ERASURE_REGRESSION_THRESHOLD, judged_star_rates, write_params
+from tiny_training import ERASURE_REGRESSION_THRESHOLD, judged_shape_rates, write_params
 
 from doco_lib import config
 from doco_lib.app import cli
@@ -82,7 +82,16 @@ def test_text_rows_follow_the_code():
         assert rows.shape == (1, hidden.shape[-1]) and torch.allclose(rows, expected, atol=1e-6)
 
 
-def test_uce_through_doco_train_erases_star_in_the_toy_world(tmp_path):
+# Circle is neither erased nor preserved (the toy `uce_preserve` is triangle, square, heart, cross), yet UCE's edit of
+# every K/V matrix in the toy's 32-wide text space damages it with every other shape (docs/results.md: IRA 58%). With
+# the test's 8 prompts at 25 steps circle measured 50% (4 of 8) after the edit, 100% before; the same 8-prompt sets
+# drawn with prompt seeds 1-4: 37.5, 75, 50, 62.5% (star 0, 37.5, 0, 12.5%); 16 prompts at 10 steps, prompt seeds
+# 0-4: 50, 56, 69, 62, 56%. So circle is held to a floor that catches an edit wiping out what it does not target,
+# not to "kept" (code version 2025 keeps no shape better: circle 75%, cross 0%).
+UCE_MIN_CIRCLE_RATE = 0.25  # at least 2 of 8 circles
+
+
+def test_uce_through_doco_train_erases_star_and_leaves_circle_above_a_floor_in_the_toy_world(tmp_path):
     params = write_params(tmp_path, "uce", method="uce")
     assert cli.main(["train", "--params", str(params), "--quiet"]) == 0
     run = tmp_path / "outputs" / "uce" / "uce"
@@ -91,8 +100,10 @@ def test_uce_through_doco_train_erases_star_in_the_toy_world(tmp_path):
     assert all(v.abs().max() > 0 for v in delta.values())
     assert len((run / "training_log.csv").read_text().splitlines()) == 2  # one edit, however many iterations
 
-    before, after = judged_star_rates(run / "unet")  # at the toy world's sampling (the tiny run's anchors: 2 steps)
-    assert before >= 0.75 and after <= ERASURE_REGRESSION_THRESHOLD * before, (before, after)
+    rates = judged_shape_rates(run / "unet", ["star", "circle"])  # at the toy world's sampling (anchors: 2 steps)
+    (before, after), (circle_before, circle_after) = rates["star"], rates["circle"]
+    assert before >= 0.75 and after <= ERASURE_REGRESSION_THRESHOLD * before, rates
+    assert circle_before >= 0.75 and circle_after >= UCE_MIN_CIRCLE_RATE, rates
 
 
 def test_the_sd14_uce_file_edits_only_the_32_cross_attention_kv_matrices(sd_hub, repo_root, tmp_path, monkeypatch):

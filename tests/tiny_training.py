@@ -33,7 +33,8 @@ TINY = dict(n_anchor_images=8, anchor_shard_size=4, num_inference_steps=2, batch
 
 
 # A toy erasure must take the judged rate of "star" to at most this share of the original model's: a regression
-# threshold, well above what the shipped defaults reach (UCE and SPM: 0 of 8 stars when their tests were written).
+# threshold, above what the shipped defaults reach (UCE: 0 of 8 stars; SPM's 400-iteration run: 3, 4, 2 of 8 on
+# seeds 0-2, measured when the circle checks were added).
 ERASURE_REGRESSION_THRESHOLD = 0.5
 
 
@@ -50,10 +51,17 @@ def tiny_trainer(root: Path, run_name: str, **overrides):
 def judged_star_rates(unet: Path) -> tuple[float, float]:
     """The toy judge's rate of "star" (8 prompts at the toy world's 25 steps and guidance 5) for the shipped toy
     model and with the erased `unet` folder."""
-    judge, sets = load_judge("cpu"), {"star": erasure.prompt_sets("star", [], 8, 0)["star"]}
-    before = erasure.judged_rates(load_pipeline("toy", "cpu"), judge, sets, 25, 5.0)["star"]
-    after = erasure.judged_rates(load_pipeline("toy", "cpu", unet=str(unet)), judge, sets, 25, 5.0)["star"]
-    return before, after
+    return judged_shape_rates(unet, ["star"])["star"]
+
+
+def judged_shape_rates(unet: Path, shapes: list[str]) -> dict[str, tuple[float, float]]:
+    """For each toy shape of `shapes`, the toy judge's rate (8 prompts naming it, at the toy world's 25 steps and
+    guidance 5) for the shipped toy model and with the erased `unet` folder: shape → (before, after)."""
+    judge = load_judge("cpu")
+    sets = {shape: erasure.prompt_sets(shape, [], 8, 0)[shape] for shape in shapes}
+    before = erasure.judged_rates(load_pipeline("toy", "cpu"), judge, sets, 25, 5.0)
+    after = erasure.judged_rates(load_pipeline("toy", "cpu", unet=str(unet)), judge, sets, 25, 5.0)
+    return {shape: (before[shape], after[shape]) for shape in shapes}
 
 
 def write_params(tmp_path: Path, run_name: str, **overrides) -> Path:
