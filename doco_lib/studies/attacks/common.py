@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from doco_lib import config
 from doco_lib.evaluation.clip_metrics import ClipScorer
@@ -322,10 +323,23 @@ class Attempt:
                 "loss before": self.loss_before, "loss after": self.loss_after}
 
 
+def judged_embedding(pipe, judge: Judge, embedding: torch.Tensor, attempt: int, settings: AttackSettings
+                     ) -> tuple[torch.Tensor, float, bool]:
+    """A prompt embedding (1, L, D) sampled on the attempt's evaluation seeds and judged: (images, rate, success)."""
+    seeds = settings.seeds(attempt, EVAL_SEEDS)
+    images = generate_embedded(pipe, embedding.expand(len(seeds), -1, -1), seeds, settings.num_inference_steps,
+                               settings.guidance_scale)
+    return (images, *judge_final(judge, images, settings))
+
+
+def nearest_tokens(table: torch.Tensor, vectors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """For each row of `vectors`, the id among `candidates` whose input embedding (a row of `table`) is closest in
+    cosine: how a soft token reads as a word."""
+    similarity = F.normalize(vectors, dim=1) @ F.normalize(table[candidates.to(table.device)].float(), dim=1).T
+    return candidates[similarity.argmax(1).cpu()]
+
+
 def no_attack(pipe, judge: Judge, target: Target, attempt: int, settings: AttackSettings) -> Attempt:
     """The start prompt itself on the evaluation seeds: the erasure's own result (the row `none`)."""
-    seeds = settings.seeds(attempt, EVAL_SEEDS)
-    images = generate_embedded(pipe, prompt_embedding(pipe, target.prompt).expand(len(seeds), -1, -1), seeds,
-                               settings.num_inference_steps, settings.guidance_scale)
-    rate, success = judge_final(judge, images, settings)
+    images, rate, success = judged_embedding(pipe, judge, prompt_embedding(pipe, target.prompt), attempt, settings)
     return Attempt("none", attempt, target.prompt, target.prompt, rate, success, images)

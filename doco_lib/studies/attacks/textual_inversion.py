@@ -19,18 +19,16 @@ toy defaults (see doco_lib/config.py) are smaller so that an attempt takes secon
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from doco_lib.studies.attacks.common import (
-    EVAL_SEEDS,
     AttackSettings,
     Attempt,
     DenoisingObjective,
     Judge,
     Target,
     decode,
-    generate_embedded,
-    judge_final,
+    judged_embedding,
+    nearest_tokens,
     padded_ids,
     soft_tokens,
     word_ids,
@@ -66,12 +64,8 @@ def textual_inversion(pipe, judge: Judge, start_prompt: str, latents: torch.Tens
     with torch.no_grad():
         embedding = condition()
         candidates = vocabulary.long() if len(vocabulary) else torch.arange(len(table))
-        nearest = candidates[(F.normalize(word, dim=1) @ F.normalize(table[candidates.to(table.device)].float(),
-                                                                      dim=1).T).argmax(1).cpu()]
-    seeds = settings.seeds(attempt, EVAL_SEEDS)
-    final = generate_embedded(pipe, embedding.expand(len(seeds), -1, -1), seeds, settings.num_inference_steps,
-                              settings.guidance_scale)
-    rate, success = judge_final(judge, final, settings)
+        nearest = nearest_tokens(table, word, candidates)
+    final, rate, success = judged_embedding(pipe, judge, embedding, attempt, settings)
     shown = f"{TEMPLATE} <x> (<x> ≈ {decode(tokenizer, nearest.tolist())})"
     return Attempt("textual_inversion", attempt, start_prompt, shown, rate, success, final, loss_before=loss_before,
                    loss_after=loss_after)

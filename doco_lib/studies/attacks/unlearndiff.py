@@ -16,18 +16,16 @@ nearest vocabulary tokens. The final prompt δ ⊕ P is judged on the evaluation
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from doco_lib.studies.attacks.common import (
-    EVAL_SEEDS,
     AttackSettings,
     Attempt,
     DenoisingObjective,
     Judge,
     Target,
     decode,
-    generate_embedded,
-    judge_final,
+    judged_embedding,
+    nearest_tokens,
     padded_ids,
     soft_tokens,
     word_ids,
@@ -60,12 +58,8 @@ def soft_prompt_attack(pipe, judge: Judge, start_prompt: str, latents: torch.Ten
                                                  settings.unlearndiff_steps)
     with torch.no_grad():
         embedding = condition()
-        nearest = vocabulary[(F.normalize(delta, dim=1) @ F.normalize(table[vocabulary.to(table.device)].float(),
-                                                                       dim=1).T).argmax(1).cpu()]
-    seeds = settings.seeds(attempt, EVAL_SEEDS)
-    final = generate_embedded(pipe, embedding.expand(len(seeds), -1, -1), seeds, settings.num_inference_steps,
-                              settings.guidance_scale)
-    rate, success = judge_final(judge, final, settings)
+        nearest = nearest_tokens(table, delta, vocabulary)
+    final, rate, success = judged_embedding(pipe, judge, embedding, attempt, settings)
     shown = f"soft[{decode(tokenizer, nearest.tolist())}] ⊕ {start_prompt}"
     return Attempt("unlearndiff", attempt, start_prompt, shown, rate, success, final, loss_before=loss_before,
                    loss_after=loss_after)
