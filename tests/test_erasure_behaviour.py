@@ -61,19 +61,20 @@ def test_a_tiny_doco_run_erases_the_target_and_keeps_an_unrelated_shape(tmp_path
 # params/toy_world.yaml without its preservation set (not read by these methods), at the cheapest settings measured
 # to erase star on seeds 0-4, judged as the DoCo test above (16 prompts per shape, 10 DDIM steps, guidance 5; the
 # anchor images drawn at those 10 steps). Rates are star → after, circle after; the original model: star 100, 93.8,
-# 100, 93.8, 93.8%, circle 100% on seeds 0-4. Seed 0 runs here. Times: one core of the shared 2-core machine.
+# 100, 93.8, 93.8%, circle 100% on seeds 0-4. Seed 0 runs here. Times: one core of the shared 2-core machine; 17-30 s
+# each, so all run in the slow tier (the fast tier keeps the DoCo test above).
 BASELINE_RUN = {"preservation_prompts_file": "", "warmup_iterations": 0, "num_inference_steps": 10, "device": "cpu"}
 BASELINES = [
     # ESD-x (the ablation's 10-step partial denoising) at lr 1e-3, 40 iterations of 8, 8 anchor images (ESD reads
     # only their prompts): star 0, 18.8, 0, 6.2, 25%, circle 100% on each. 20 iterations: star 50-100%; batch 4
     # at 40: 0-44%. About 17 s.
     pytest.param({"method": "esd", "trainable": "cross_attention", "esd_steps": 10, "lr": 1e-3, "iterations": 40,
-                  "n_anchor_images": 8}, REGRESSION_MIN_KEPT_RATE, id="ESD-x"),
+                  "n_anchor_images": 8}, REGRESSION_MIN_KEPT_RATE, id="ESD-x", marks=pytest.mark.slow),
     # ConAbl (model variant, retaining on) at lr 1e-3, 150 iterations, 32 anchor images: star 0, 6.2, 6.2, 0, 6.2%,
     # circle 100, 100, 100, 100, 93.8%. 120 iterations: star 0-18.8%, circle down to 87.5% (seed 3); 100: star
     # 12.5-50%; 16 anchor images at 100: star 50-75%; lr 3e-3 at 60: circle 87.5% on three seeds. About 21 s.
     pytest.param({"method": "conabl", "conabl_variant": "model", "lr": 1e-3, "iterations": 150,
-                  "n_anchor_images": 32}, REGRESSION_MIN_KEPT_RATE, id="ConAbl"),
+                  "n_anchor_images": 32}, REGRESSION_MIN_KEPT_RATE, id="ConAbl", marks=pytest.mark.slow),
     # RGD on the cross-attention K/V (the schema's `trainable`) at lr 1e-3, 120 iterations, 256 forget and 256
     # retain images (the schema's count): star 0, 0, 0, 18.8, 0%, circle 100, 93.8, 100, 81.2, 100% (seeds 5, 6:
     # star 0, 0%, circle 81.2, 100%). Its ascent erases abruptly, then spreads: 80 iterations left star at 12.5,
@@ -123,11 +124,12 @@ def test_a_tiny_run_of_each_baseline_erases_star_and_keeps_circle(overrides, min
 # 398 steps and left star at 50% on seed 4), judged as above on toy-wide before and after. Measured on seeds 0-4:
 # star 100, 100, 93.8, 100, 100% → 12.5, 12.5, 12.5, 0, 25%; circle 100% → 100% on each. 16 images for 400 steps:
 # circle 87.5% on seeds 0 and 2; lr 0.3 for 200 steps: circle down to 81.2%; 8 images for 150 steps: star
-# 81-100%. About 15 s.
+# 81-100%. About 15-26 s: slow.
 SEPME_RUN = {"sepme_images": 32, "sepme_max_steps": 300, "sepme_threshold": -1.0, "num_inference_steps": 10,
              "anchor_shard_size": 32, "device": "cpu"}
 
 
+@pytest.mark.slow
 def test_a_tiny_sepme_increment_erases_star_and_keeps_circle(tmp_path, judge):
     params = config.validate({"output_root": str(tmp_path), "run_name": "sepme", **SEPME_RUN})
     assert params["sepme_model"] == "toy-wide" and params["sepme_concepts"][0] == "star"
