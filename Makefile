@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes
+.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export
 
 install: $(STAMP)
 
@@ -75,4 +75,9 @@ $(DEMO_UNET)/config.json: | $(STAMP)
 # docs/results/retain_modes.{csv,json}: DoCo's retain modes on the toy world, 3 seeds × 64 judged images per set.
 results-retain-modes: $(STAMP)
 	$(BIN)/doco toy erasure --params params/toy_world.yaml --seeds 0 1 2 --samples 64 --record retain_modes
+	$(BIN)/doco results
+
+# The LoRA export against the full weights (docs/results/lora_export.csv): DoCo (cp) on 3 seeds, 64 images per set.
+results-lora-export: $(STAMP)
+	$(BIN)/doco toy lora-export --params params/toy_world.yaml --seeds 0 1 2 --samples 64 --record
 	$(BIN)/doco results

@@ -539,3 +539,14 @@ def test_the_files_carry_the_erasure_in_their_metadata(erased, tmp_path):
         assert (export.PEFT_METADATA_KEY in metadata) == (name == export.DIFFUSERS_FILE)
         assert {k: v for k, v in metadata.items() if k != export.PEFT_METADATA_KEY} == {"target": "star",
                                                                                           "lora_energy": "0.99"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--energy", "1.5"], "--energy: 1.5 must be in (0, 1]"),
+    (["--samples", "0"], "--samples: 0 images per prompt set"),
+    (["--set", "model=CompVis/stable-diffusion-v1-4"], "is not the toy world"),
+])
+def test_the_lora_export_study_refuses_bad_input_before_training(doco, tmp_path, args, message):
+    result = doco("toy", "lora-export", "--set", f"output_root={tmp_path}", *args)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert not any(tmp_path.iterdir())  # nothing trained

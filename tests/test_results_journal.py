@@ -92,3 +92,16 @@ def test_retain_mode_cells_are_means_with_student_t_intervals_over_seeds():
     # star under cp: 50, 60, 70 % → mean 60, half-width t(0.975, 2) · s / √3 = 4.303 · 10 / 1.732 = 24.8
     assert lines[2] == "| star | 100.0 ± 0.0 | 60.0 ± 24.8 |"
     assert lines[3] == "| circle | 96.7 ± 14.3 | 100.0 ± 0.0 |"
+
+
+def test_the_loras_difference_from_the_full_weights_is_taken_per_seed_then_averaged():
+    rates = {"original": [1.0, 1.0, 1.0], "full weights": [0.10, 0.20, 0.30], "LoRA": [0.10, 0.25, 0.30]}
+    rows = pd.DataFrame([{"seed": seed, "model": model, "prompt set": "star", "samples": 64, "rate": rate[seed],
+                          "energy": 0.99, "lora_layers": 14, "rank_mean": 11.5 + seed, "diffusers_kib": 55.0}
+                         for model, rate in rates.items() for seed in range(3)])
+    text = journal.lora_export_table(rows)
+    lines = text.splitlines()
+    assert lines[0] == "| prompt set | original | full weights | LoRA | LoRA − full (pts) |"
+    # LoRA − full: 0, 5, 0 points → mean 1.7, half-width 4.303 · 2.887 / √3 = 7.2
+    assert lines[2] == "| star | 100.0 ± 0.0 | 20.0 ± 24.8 | 21.7 ± 25.9 | 1.7 ± 7.2 |"
+    assert "99% of each layer's change energy" in text and "seed 2: 14 layers, mean rank 13.5, 55 KiB" in text

@@ -26,6 +26,7 @@ from doco_lib.methods.sepme import compose_to_folder
 from doco_lib.models import is_toy, load_judge, load_pipeline
 from doco_lib.sampling import generate
 from doco_lib.studies import robustness, runs
+from doco_lib.studies.lora_export import lora_export_study
 from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
 from doco_lib.toy import TOY_WEIGHTS
 from doco_lib.toy.build import build_toy_world
@@ -60,6 +61,18 @@ def _cmd_toy_erasure(args) -> None:
         samples = args.samples or params["eval_samples"]
         journal.record(args.record, judged_rows(table, samples), "doco " + shlex.join(map(str, args.argv)), started)
         print(f"artefact docs/results/{args.record}.csv recorded; `doco results` updates docs/results.md")
+
+
+def _cmd_toy_lora_export(args) -> None:
+    params = load_params(args.params, parse_overrides(args.set))
+    started = time.time()
+    rows = lora_export_study(params, args.seeds, args.samples, args.energy)
+    path = run_dir(params) / "lora_export.csv"
+    atomic_write_text(rows.to_csv(index=False), path)
+    print(journal.lora_export_table(rows), f"\nwritten to {path}", sep="\n")
+    if args.record:
+        journal.record("lora_export", rows, "doco " + shlex.join(map(str, args.argv)), started)
+        print("artefact docs/results/lora_export.csv recorded; `doco results` updates docs/results.md")
 
 
 def _cmd_results(args) -> None:
@@ -229,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--record", metavar="NAME", help="write the judged rates as artefact NAME of docs/results "
                        "(retain_modes)")
     study.set_defaults(func=_cmd_toy_erasure)
+
+    lora = toy.add_parser("lora-export", help="train DoCo (cp) per seed, export each as a LoRA and judge it against "
+                          "the full weights")
+    lora.add_argument("--params", default="params/toy_world.yaml")
+    lora.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
+    lora.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    lora.add_argument("--samples", type=int, default=64, help="judged images per prompt set, model and seed")
+    lora.add_argument("--energy", type=float, default=0.99, help="share of each layer's change energy kept")
+    lora.add_argument("--record", action="store_true", help="write the rows as artefact lora_export of docs/results")
+    lora.set_defaults(func=_cmd_toy_lora_export)
 
     results = commands.add_parser("results", help="regenerate docs/results.md's tables from their artefacts in "
                                   "docs/results/")

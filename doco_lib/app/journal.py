@@ -66,7 +66,20 @@ def retain_modes_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {"retain_modes": retain_modes_table}
+def lora_export_table(rows: pd.DataFrame) -> str:
+    """`retain_modes_table` of the original, full-weight and LoRA models, with the LoRA's difference from the full
+    weights taken per seed before averaging, then the export's size per seed."""
+    wide = rows.pivot_table(index=["seed", "prompt set"], columns="model", values="rate", sort=False).reset_index()
+    difference = wide.assign(model="LoRA − full (pts)", rate=wide["LoRA"] - wide["full weights"])
+    table = retain_modes_table(pd.concat([rows, difference[["seed", "prompt set", "model", "rate"]]]))
+    sizes = rows.drop_duplicates("seed")
+    per_seed = "; ".join(f"seed {r.seed}: {r.lora_layers} layers, mean rank {r.rank_mean:g}, {r.diffusers_kib:g} KiB"
+                         for r in sizes.itertuples())
+    return f"{table}\n\nThe LoRA at {sizes['energy'].iloc[0]:.0%} of each layer's change energy ({per_seed})."
+
+
+RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {"retain_modes": retain_modes_table,
+                                                       "lora_export": lora_export_table}
 
 
 def render(name: str, folder: Path = ARTEFACTS) -> str:
