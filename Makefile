@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export
+.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world
 
 install: $(STAMP)
 
@@ -80,4 +80,9 @@ results-retain-modes: $(STAMP)
 # The LoRA export against the full weights (docs/results/lora_export.csv): DoCo (cp) on 3 seeds, 64 images per set.
 results-lora-export: $(STAMP)
 	$(BIN)/doco toy lora-export --params params/toy_world.yaml --seeds 0 1 2 --samples 64 --record
+	$(BIN)/doco results
+
+# How often the judge names the prompted shape, colour and style of toy and toy-wide (docs/results/toy_world.csv).
+results-toy-world: $(STAMP)
+	$(BIN)/doco toy quality --models toy toy-wide --seeds 0 1000 2000 --samples 64 --record
 	$(BIN)/doco results

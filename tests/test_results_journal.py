@@ -105,3 +105,12 @@ def test_the_loras_difference_from_the_full_weights_is_taken_per_seed_then_avera
     # LoRA − full: 0, 5, 0 points → mean 1.7, half-width 4.303 · 2.887 / √3 = 7.2
     assert lines[2] == "| star | 100.0 ± 0.0 | 20.0 ± 24.8 | 21.7 ± 25.9 | 1.7 ± 7.2 |"
     assert "99% of each layer's change energy" in text and "seed 2: 14 layers, mean rank 13.5, 55 KiB" in text
+
+
+def test_the_toy_world_table_has_one_row_per_prompted_value_and_one_column_per_model():
+    rows = pd.DataFrame([{"model": model, "seed": seed, "attribute": "shape", "value": "star", "samples": 64,
+                          "rate": rate} for model, rates in {"toy": [1.0, 1.0, 1.0], "toy-wide": [0.9, 1.0, 0.95]}.items()
+                         for seed, rate in zip([0, 1000, 2000], rates)])
+    lines = journal.toy_world_table(rows).splitlines()
+    assert lines[0] == "| prompted value | toy | toy-wide |"
+    assert lines[2] == "| shape: star | 100.0 ± 0.0 | 95.0 ± 12.4 |"  # 90, 100, 95: s = 5, 4.303 · 5 / √3 = 12.4

@@ -91,3 +91,8 @@ def test_concept_similarity_finds_the_word_in_the_prompt(pipe):
     assert similarity.loc["star", "pentagram"] > similarity.loc["star", "circle"]  # the synonym is nearest
     twice = concept_similarity(pipe, ["star", "star", "circle"], template="a {} on a plain background")
     assert twice.values[0, 1] == pytest.approx(1.0, abs=1e-5)  # the same word, the same state
+
+
+def test_toy_quality_refuses_seeds_whose_images_overlap(doco, tmp_path):
+    result = doco("toy", "quality", "--set", f"output_root={tmp_path}", "--seeds", "0", "1", "--samples", "64")
+    assert result.returncode != 0 and "--seeds: [0, 1]" in result.stderr and "at least --samples" in result.stderr

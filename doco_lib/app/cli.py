@@ -30,6 +30,7 @@ from doco_lib.studies.lora_export import lora_export_study
 from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
 from doco_lib.toy import TOY_WEIGHTS
 from doco_lib.toy.build import build_toy_world
+from doco_lib.toy.quality import quality_rows
 
 
 def _cmd_toy_build(args) -> None:
@@ -73,6 +74,19 @@ def _cmd_toy_lora_export(args) -> None:
     if args.record:
         journal.record("lora_export", rows, "doco " + shlex.join(map(str, args.argv)), started)
         print("artefact docs/results/lora_export.csv recorded; `doco results` updates docs/results.md")
+
+
+def _cmd_toy_quality(args) -> None:
+    params = load_params(args.params, parse_overrides(args.set))
+    started = time.time()
+    rows = quality_rows(args.models, args.seeds, args.samples, params["num_inference_steps"],
+                        params["guidance_scale"], params["device"])
+    path = run_dir(params) / "toy_world_quality.csv"
+    atomic_write_text(rows.to_csv(index=False), path)
+    print(journal.toy_world_table(rows), f"\nwritten to {path}", sep="\n")
+    if args.record:
+        journal.record("toy_world", rows, "doco " + shlex.join(map(str, args.argv)), started)
+        print("artefact docs/results/toy_world.csv recorded; `doco results` updates docs/results.md")
 
 
 def _cmd_results(args) -> None:
@@ -252,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--energy", type=float, default=0.99, help="share of each layer's change energy kept")
     lora.add_argument("--record", action="store_true", help="write the rows as artefact lora_export of docs/results")
     lora.set_defaults(func=_cmd_toy_lora_export)
+
+    quality = toy.add_parser("quality", help="how often the judge names the prompted shape, colour and style of a "
+                             "toy model's samples")
+    quality.add_argument("--params", default="params/toy_world.yaml", help="sampling steps, guidance and device")
+    quality.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
+    quality.add_argument("--models", nargs="+", default=["toy", "toy-wide"], choices=["toy", "toy-wide"])
+    quality.add_argument("--seeds", type=int, nargs="+", default=[0, 1000, 2000],
+                         help="base seeds, at least --samples apart (image i uses seed + i)")
+    quality.add_argument("--samples", type=int, default=64, help="judged images per prompted value, model and seed")
+    quality.add_argument("--record", action="store_true", help="write the rows as artefact toy_world of docs/results")
+    quality.set_defaults(func=_cmd_toy_quality)
 
     results = commands.add_parser("results", help="regenerate docs/results.md's tables from their artefacts in "
                                   "docs/results/")

@@ -78,8 +78,34 @@ def lora_export_table(rows: pd.DataFrame) -> str:
     return f"{table}\n\nThe LoRA at {sizes['energy'].iloc[0]:.0%} of each layer's change energy ({per_seed})."
 
 
+def toy_world_table(rows: pd.DataFrame) -> str:
+    """How often the judge names the prompted shape, colour or style (rows) of each toy model's samples (columns)."""
+    named = rows.assign(**{"prompt set": rows["attribute"] + ": " + rows["value"]})
+    return retain_modes_table(named).replace("| prompt set |", "| prompted value |", 1)
+
+
+def attacks_table(rows: pd.DataFrame) -> str:
+    """Attack success rate (%) per model (rows; the control's prompts on rows of their own) and attack (columns,
+    `none` first: before any attack): mean ± 95% Student-t half-width over seeds. Then each attack's cost per attempt,
+    over every model and seed: wall seconds and UNet steps."""
+    rows = rows.assign(percent=100 * rows["asr"],
+                       label=[m if p == "target" else f"{m}, {p}" for m, p in zip(rows["method"], rows["prompts"])])
+    attacks = list(dict.fromkeys(rows["attack"]))
+    lines = ["| model | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+    for label, group in rows.groupby("label", sort=False):
+        cells = [_cell(group[group.attack == attack]["percent"]) if (group.attack == attack).any() else "–"
+                 for attack in attacks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| attack | seconds per attempt | UNet steps per attempt |", "|---|---|---|"]
+    for attack, group in rows.groupby("attack", sort=False):
+        attempts = group["attempts"].sum()
+        lines.append(f"| {attack} | {group['seconds'].sum() / attempts:.1f} | {group['steps'].sum() / attempts:,.0f} |")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {"retain_modes": retain_modes_table,
-                                                       "lora_export": lora_export_table}
+                                                       "lora_export": lora_export_table,
+                                                       "toy_world": toy_world_table, "attacks": attacks_table}
 
 
 def render(name: str, folder: Path = ARTEFACTS) -> str:
@@ -87,8 +113,10 @@ def render(name: str, folder: Path = ARTEFACTS) -> str:
     rows, how = load(name, folder)
     seeds = sorted(rows["seed"].unique()) if "seed" in rows else []
     samples = sorted(rows["samples"].unique()) if "samples" in rows else []
+    attempts = sorted(rows["attempts"].unique()) if "attempts" in rows else []
     counts = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if seeds else "") + \
-        (f", {', '.join(map(str, samples))} judged images per prompt set and seed" if samples else "")
+        (f", {', '.join(map(str, samples))} judged images per prompt set and seed" if samples else "") + \
+        (f", {', '.join(map(str, attempts))} attempts per model, attack and seed" if attempts else "")
     return (f"Artefact [`docs/results/{name}.csv`](results/{name}.csv) ({how['date']}, git "
             f"`{(how['commit'] or 'unknown')[:7]}`, {costs.machine_label(how['machine'])}, "
             f"{how['wall_seconds'] / 60:.0f} min): `{how['command']}`. {counts}; mean ± 95% Student-t interval "
