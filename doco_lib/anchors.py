@@ -45,13 +45,15 @@ def _sha256(path: Path) -> str:
 
 @dataclass
 class AnchorLatents:
-    """The cache, loaded: latents are unscaled VAE posteriors; multiply samples by `scaling_factor`."""
+    """The cache, loaded: latents are unscaled VAE posteriors; samples are shifted by `shift_factor` (SD 3.x and
+    FLUX.1's VAEs; 0 for SD v1, 2.x and SDXL's) and multiplied by `scaling_factor`, as their pipelines do."""
 
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
     prompts: list[str]
     seeds: list[int]
     scaling_factor: float
+    shift_factor: float = 0.0
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -59,16 +61,21 @@ class AnchorLatents:
     @classmethod
     def concatenate(cls, caches: list["AnchorLatents"]) -> "AnchorLatents":
         """One pool of several caches of the same model (multi-concept erasure)."""
-        if len({c.scaling_factor for c in caches}) != 1:
+        if len({(c.scaling_factor, c.shift_factor) for c in caches}) != 1:
             raise ValueError("caches of different VAEs (scaling factors differ) cannot be pooled")
         return cls(torch.cat([c.latent_mean for c in caches]), torch.cat([c.latent_std for c in caches]),
                    [p for c in caches for p in c.prompts], [s for c in caches for s in c.seeds],
-                   caches[0].scaling_factor)
+                   caches[0].scaling_factor, caches[0].shift_factor)
 
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents z0 for `index`, drawn from the cached posteriors (as SD training samples them)."""
         mean, std = self.latent_mean[index], self.latent_std[index]
-        return (mean + std * torch.randn(mean.shape, generator=generator)) * self.scaling_factor
+        return (mean + std * torch.randn(mean.shape, generator=generator) - self.shift_factor) * self.scaling_factor
+
+
+def vae_scaling(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a VAE's latents as its pipeline applies them (no shift: 0)."""
+    return vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
 
 
 def cache_settings(model: str, prompts: list[str], n_images: int, seed: int, steps: int, guidance: float,
@@ -179,7 +186,7 @@ def prepare_anchor_latents(pipe, prompts: list[str], n_images: int, directory: P
                 time.sleep(CLAIM_POLL_S)
         for preview in previews:
             preview.result()  # a failed write raises here
-    return load_anchor_latents(directory, scaling_factor=vae.config.scaling_factor)
+    return load_anchor_latents(directory, *vae_scaling(vae))
 
 
 @torch.no_grad()
@@ -206,8 +213,9 @@ def cache_is_complete(directory: Path) -> bool:
     return _valid_shards(Path(directory), manifest) == set(range(n_shards))
 
 
-def load_anchor_latents(directory: Path, scaling_factor: float) -> AnchorLatents:
-    """Load a complete cache, checking every shard against the manifest's checksum."""
+def load_anchor_latents(directory: Path, scaling_factor: float, shift_factor: float = 0.0) -> AnchorLatents:
+    """Load a complete cache, checking every shard against the manifest's checksum; `scaling_factor` and
+    `shift_factor` as `vae_scaling` gives them."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
@@ -223,4 +231,5 @@ def load_anchor_latents(directory: Path, scaling_factor: float) -> AnchorLatents
     return AnchorLatents(latent_mean=torch.cat([s["latent_mean"] for s in shards]),
                          latent_std=torch.cat([s["latent_std"] for s in shards]),
                          prompts=[e["prompt"] for e in manifest["images"]],
-                         seeds=[e["seed"] for e in manifest["images"]], scaling_factor=scaling_factor)
+                         seeds=[e["seed"] for e in manifest["images"]], scaling_factor=scaling_factor,
+                         shift_factor=shift_factor)

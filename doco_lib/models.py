@@ -86,14 +86,15 @@ def sampling_dtype(device: torch.device) -> torch.dtype:
 def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | str = "auto", unet: str | None = None,
                   trust_pickle: bool = False, compile_unet: bool = False):
     """The pipeline class its model_index.json names (`StableDiffusionPipeline` for SD v1 and 2.x,
-    `StableDiffusionXLPipeline` for SDXL), without safety checker; `unet` swaps in an erased UNet folder. `dtype`
+    `StableDiffusionXLPipeline` for SDXL, `StableDiffusion3Pipeline`, `FluxPipeline`), without safety checker;
+    `unet` swaps in an erased denoiser folder (a UNet, or the transformer of an SD 3.x or FLUX.1 pipeline). `dtype`
     "auto": `sampling_dtype` of the device; pass torch.float32 for a pipeline whose UNet will be trained. A
     float16 pipeline on a GPU (one that only samples) keeps its UNet and VAE in channels-last layout, which the
     GPU's convolution kernels read fastest; `compile_unet` also compiles its UNet (torch.compile: the first
     batch waits for the compilation, the later ones run faster).
 
     Weights are read from safetensors only, unless `trust_pickle`."""
-    from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     check_model_reference(model)
     target_device = pick_device(device)  # fail on a missing GPU before loading gigabytes
@@ -110,7 +111,8 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
     kwargs = dict(dtype=dtype, use_safetensors=safetensors)
     if unet is not None:
         try:
-            kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet, dtype=dtype, use_safetensors=safetensors)
+            component, model_class = _denoiser_class(unet)
+            kwargs[component] = model_class.from_pretrained(unet, dtype=dtype, use_safetensors=safetensors)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"the UNet folder {unet!r} could not be loaded ({str(error).splitlines()[0]}); it "
                                  "is damaged or not a diffusers UNet: export it again or delete it.") from None
@@ -129,11 +131,66 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
     pipe.set_progress_bar_config(disable=True)
     pipe.to(target_device)
     if target_device.type == "cuda" and dtype == torch.float16:
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser(pipe).to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if compile_unet:
-        pipe.unet.compile()
+        denoiser(pipe).compile()
     return pipe
+
+
+# ---------------------------------------------------------------------------------------------- the denoiser
+# The pipeline component that denoises: SD v1, 2.x and SDXL have a `unet`, SD 3.x and FLUX.1 a `transformer`. The
+# harness trains whichever `denoiser(pipe)` returns; `denoiser_output` calls it with an `encode_prompts`
+# conditioning, so that no method needs to know which family it trains.
+DENOISER_COMPONENTS = ("unet", "transformer")
+# FluxPipeline's `default_sample_size`: 128×128 latents (1024 px); its transformer config has no sample size.
+FLUX_LATENT_SIZE = 128
+# The distilled guidance FLUX.1-dev's transformer is conditioned on in training: the Flux pipeline's default
+# guidance_scale and diffusers' train_dreambooth_flux.py's --guidance_scale.
+FLUX_TRAINING_GUIDANCE = 3.5
+
+
+def denoiser_component(pipe) -> str:
+    """'unet' or 'transformer': the name of `pipe`'s denoising component."""
+    for name in DENOISER_COMPONENTS:
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise ModelLoadError(f"{type(pipe).__name__} has neither a UNet nor a transformer to train.")
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """`pipe`'s denoiser: its UNet (SD v1, 2.x, SDXL) or its MMDiT transformer (SD 3.x, FLUX.1)."""
+    return getattr(pipe, denoiser_component(pipe))
+
+
+def denoiser_family(model) -> str:
+    """'unet', 'sd3' (`SD3Transformer2DModel`) or 'flux' (`FluxTransformer2DModel`): how `model` is called."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if isinstance(model, SD3Transformer2DModel):
+        return "sd3"
+    if isinstance(model, FluxTransformer2DModel):
+        return "flux"
+    return "unet"
+
+
+def latent_shape(model) -> tuple[int, int]:
+    """(channels, side) of the square latents the denoiser `model` draws at its native size, unpacked: SD v1's
+    (4, 64), SDXL's (4, 128), SD 3.5's (16, 128), FLUX.1's (16, 128) (its 64 input channels are 2×2 patches of 16)."""
+    if denoiser_family(model) == "flux":
+        return model.config.in_channels // 4, FLUX_LATENT_SIZE
+    return model.config.in_channels, model.config.sample_size
+
+
+def _denoiser_class(folder: str) -> tuple[str, type]:
+    """(pipeline component, model class) of a saved denoiser folder, by the class its config.json names."""
+    import json
+
+    import diffusers
+
+    name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name", "UNet2DConditionModel")
+    component = "transformer" if name in ("SD3Transformer2DModel", "FluxTransformer2DModel") else "unet"
+    return component, getattr(diffusers, name)
 
 
 # ---------------------------------------------------------------------------------------------- conditioning
@@ -142,8 +199,9 @@ TIME_IDS = 6
 
 
 def text_encoders(pipe) -> list:
-    """The pipeline's text encoders: one for SD v1 and 2.x, two for SDXL."""
-    return [encoder for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if encoder is not None]
+    """The pipeline's text encoders: one for SD v1 and 2.x, two for SDXL and FLUX.1, three for SD 3.x."""
+    return [encoder for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                                    getattr(pipe, "text_encoder_3", None)) if encoder is not None]
 
 
 @torch.no_grad()
@@ -158,7 +216,13 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tens
     `added_cond_kwargs`: the second encoder's pooled embedding (`text_embeds`, 1280) and `time_ids` = (H, W, 0, 0,
     H, W) for the UNet's native size in pixels, packed zero-padded into one more row. One tensor per prompt keeps
     caching, indexing, concatenating and casting conditionings the same code for every family; `unet_inputs`
-    unpacks it."""
+    unpacks it.
+
+    SD 3.x and FLUX.1: the pipeline's own `encode_prompt` (SD 3.x: the CLIP states zero-padded to T5's width and
+    joined with 256 T5 rows, FLUX.1: 512 T5 rows), with the pooled CLIP embedding packed as zero-padded rows in the
+    same way; `denoiser_output` unpacks it."""
+    if getattr(pipe, "transformer", None) is not None:
+        return _encode_with_pipeline(pipe, prompts, batch_size)
     encoders = text_encoders(pipe)
     tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)][:len(encoders)]
     chunks = []
@@ -183,6 +247,21 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tens
     return torch.cat(chunks)
 
 
+def _encode_with_pipeline(pipe, prompts: list[str], batch_size: int) -> torch.Tensor:
+    """`encode_prompts` of an SD 3.x or FLUX.1 pipeline: its `encode_prompt`'s states, the pooled embedding appended."""
+    device = pipe.text_encoder.device
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        if denoiser_family(pipe.transformer) == "sd3":
+            hidden, _, pooled, _ = pipe.encode_prompt(chunk, None, None, device=device,
+                                                      do_classifier_free_guidance=False)
+        else:  # the text ids it returns are zeros, rebuilt by `denoiser_output`
+            hidden, pooled, _ = pipe.encode_prompt(chunk, None, device=device)
+        chunks.append(append_rows(hidden.float(), pooled.float().to(hidden.device)))
+    return torch.cat(chunks)
+
+
 def unconditional_conditioning(pipe) -> torch.Tensor:
     """The conditioning classifier-free guidance contrasts with, (1, rows, width): the empty prompt's, or zeros
     (SDXL's time_ids kept) for a pipeline that zeroes it (SDXL's `force_zeros_for_empty_prompt`)."""
@@ -197,7 +276,11 @@ def unconditional_conditioning(pipe) -> torch.Tensor:
 def pack_conditioning(hidden: torch.Tensor, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
     """SDXL's hidden states (B, 77, d) with [text_embeds, time_ids] appended as ⌈(p + 6)/d⌉ zero-padded rows: the
     `encode_prompts` form of a conditioning, which `unet_inputs` unpacks."""
-    extra = torch.cat([text_embeds, time_ids], dim=-1)
+    return append_rows(hidden, torch.cat([text_embeds, time_ids], dim=-1))
+
+
+def append_rows(hidden: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """Hidden states (B, L, d) with the vectors `extra` (B, p) appended as ⌈p/d⌉ zero-padded rows."""
     width = hidden.shape[-1]
     rows = -(-extra.shape[-1] // width)
     extra = torch.nn.functional.pad(extra, (0, rows * width - extra.shape[-1]))
@@ -220,9 +303,32 @@ def unet_inputs(unet, conditioning: torch.Tensor) -> dict:
             "added_cond_kwargs": {"text_embeds": extra[:, :pooled], "time_ids": extra[:, pooled:pooled + TIME_IDS]}}
 
 
-def unet_output(unet, x_t: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-    """The UNet's output (ε or v, as its scheduler's `prediction_type` says) for an `encode_prompts` conditioning."""
-    return unet(x_t, t, **unet_inputs(unet, conditioning)).sample
+def denoiser_output(model, x_t: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+    """The denoiser's output (ε or v, as its scheduler's `prediction_type` says) for latents x_t (B, C, H, W), a
+    timestep per sample (or one for all) and an `encode_prompts` conditioning, called as its pipeline calls it:
+    a UNet with `unet_inputs`; an SD 3.x transformer with the states, the pooled embedding and t; a FLUX.1
+    transformer with the latents packed into 2×2 patches, their position ids, the text's (zeros), t/1000 and for
+    dev the distilled guidance (`FLUX_TRAINING_GUIDANCE`), its output unpacked to (B, C, H, W)."""
+    family = denoiser_family(model)
+    if family == "unet":
+        return model(x_t, t, **unet_inputs(model, conditioning)).sample
+    pooled_width = model.config.pooled_projection_dim
+    rows = -(-pooled_width // conditioning.shape[-1])
+    hidden, pooled = conditioning[:, :-rows], conditioning[:, -rows:].flatten(1)[:, :pooled_width]
+    t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
+    if family == "sd3":
+        return model(hidden_states=x_t, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled).sample
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = x_t.shape
+    packed = FluxPipeline._pack_latents(x_t, batch, channels, height, width)
+    image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x_t.device, x_t.dtype)
+    text_ids = torch.zeros(hidden.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+    guidance = (torch.full((batch,), FLUX_TRAINING_GUIDANCE, device=x_t.device, dtype=torch.float32)
+                if model.config.guidance_embeds else None)
+    output = model(hidden_states=packed, timestep=t / 1000, guidance=guidance, pooled_projections=pooled,
+                   encoder_hidden_states=hidden, txt_ids=text_ids, img_ids=image_ids).sample
+    return FluxPipeline._unpack_latents(output, height, width, 1)
 
 
 def load_text_encoder(model: str = TOY, device: str = "auto"):

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from doco_lib.models import pick_device, sampling_dtype
+from doco_lib.models import denoiser, denoiser_component, denoiser_family, latent_shape, pick_device, sampling_dtype
 
 # "pipeline": the model's own scheduler. "dpmsolver++": DPM-Solver++ (2nd-order multistep), what the DoCo
 # authors' code draws its anchor images with (25 steps): faster, a named deviation from the paper's sampler.
@@ -32,15 +32,20 @@ MEMORY_SHARE = 0.85
 
 
 def initial_latents(pipe, seeds: list[int]) -> torch.Tensor:
-    config = pipe.unet.config
-    return torch.stack([torch.randn(config.in_channels, config.sample_size, config.sample_size,
-                                    generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds])
+    """The starting noise of each seed, at the denoiser's native latent size, in the form its pipeline takes (FLUX.1's
+    packed into 2×2 patches)."""
+    channels, size = latent_shape(denoiser(pipe))
+    noise = torch.stack([torch.randn(channels, size, size, generator=torch.Generator("cpu").manual_seed(seed))
+                         for seed in seeds])
+    if denoiser_family(denoiser(pipe)) == "flux":
+        return type(pipe)._pack_latents(noise, len(seeds), channels, size, size)
+    return noise
 
 
 def default_batch_size(pipe) -> int:
     """Images per pipeline call by latent size: 64 for the toy world's 8×8 latents, 8 for SD v1's 64×64 (a
     classifier-free-guidance batch of 16), 2 for SDXL's 128×128; what a 24 GB card holds in float16."""
-    return max(1, min(MAX_BATCH, 32768 // pipe.unet.config.sample_size ** 2))
+    return max(1, min(MAX_BATCH, 32768 // latent_shape(denoiser(pipe))[1] ** 2))
 
 
 def scheduler_for(pipe, sampler: str):
@@ -83,19 +88,20 @@ def sampling_components(pipe, sampler: str = "pipeline"):
     swaps = {}
     if sampler != "pipeline":
         swaps["scheduler"] = scheduler_for(pipe, sampler)
-    unet = pipe.unet
+    name = denoiser_component(pipe)
+    unet = getattr(pipe, name)
     autocast = contextlib.nullcontext()
     if unet.device.type == "cuda" and unet.dtype == torch.float32:
         if _has_hooks(unet):  # bfloat16 where the VAE overflows float16 (`force_upcast`, SDXL's)
             bf16 = pipe.vae.config.get("force_upcast", False) and torch.cuda.is_bf16_supported(including_emulation=False)
             autocast = torch.autocast("cuda", torch.bfloat16 if bf16 else torch.float16)
         else:
-            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                module = getattr(pipe, name, None)
+            for component in (name, "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+                module = getattr(pipe, component, None)
                 if module is not None:
-                    swaps[name] = half_precision_copy(module)
-            for name in ("unet", "vae"):
-                swaps[name].to(memory_format=torch.channels_last)
+                    swaps[component] = half_precision_copy(module)
+            for component in (name, "vae"):
+                swaps[component].to(memory_format=torch.channels_last)
     originals = {name: getattr(pipe, name) for name in swaps}
     for name, module in swaps.items():
         setattr(pipe, name, module)
@@ -129,10 +135,10 @@ def fitting_batch_size(pipe) -> int:
     `MAX_BATCH`; on other devices `default_batch_size`. Measured once per UNet architecture, dtype and device: peak
     memory of one guided denoising step at 1 and at 4 images gives a fixed and a per-image part, and the VAE
     decodes one image at a time (slicing) or the whole batch."""
-    unet = pipe.unet
+    unet = denoiser(pipe)
     if unet.device.type != "cuda":
         return default_batch_size(pipe)
-    key = (type(unet).__name__, unet.config.sample_size, sum(p.numel() for p in unet.parameters()), unet.dtype,
+    key = (type(unet).__name__, latent_shape(unet)[1], sum(p.numel() for p in unet.parameters()), unet.dtype,
            unet.device.index)
     if key not in _fitting:
         peaks = {n: _peak_of_one_step(pipe, n) for n in (1, 4)}
@@ -154,12 +160,12 @@ def batch_that_fits(free: int, fixed: int, per_image: int) -> int:
 @torch.no_grad()
 def _peak_of_one_step(pipe, n_images: int) -> int:
     """Bytes one call of `pipe` for `n_images` images with one guided step and decoding adds to what is allocated."""
-    device = pipe.unet.device
+    device = denoiser(pipe).device
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     pipe([""] * n_images, num_inference_steps=1, guidance_scale=2.0, output_type="pt",
-         latents=initial_latents(pipe, list(range(n_images))).to(device, pipe.unet.dtype))
+         latents=initial_latents(pipe, list(range(n_images))).to(device, denoiser(pipe).dtype))
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
@@ -177,7 +183,7 @@ def generate_batches(pipe, prompts: list[str], seeds: list[int], steps: int, gui
         start = 0
         while start < len(prompts):
             end = start + batch_size
-            latents = initial_latents(pipe, seeds[start:end]).to(pipe.unet.device, pipe.unet.dtype)
+            latents = initial_latents(pipe, seeds[start:end]).to(denoiser(pipe).device, denoiser(pipe).dtype)
             try:
                 with autocast:
                     images = pipe(prompts[start:end], num_inference_steps=steps, guidance_scale=guidance,

@@ -6,8 +6,9 @@ its prediction for the target prompt c* matches the frozen original's guidance p
     ε_θ(x_t, c*, t)  →  ε*(x_t, t) − η (ε*(x_t, c*, t) − ε*(x_t, t))
 
 on latents x_t obtained by partially denoising noise with prompt c* (the trained model, guidance
-`esd_start_guidance`, a random number of the `esd_steps` DDIM steps). ESD-x trains cross-attention
-(`trainable: cross_attention`), ESD-u everything else (`trainable: non_cross_attention`).
+`esd_start_guidance`, a random number of the `esd_steps` DDIM steps; Euler steps of the flow for SD 3.x and
+FLUX.1). ESD-x trains cross-attention (`trainable: cross_attention`), ESD-u everything else (`trainable:
+non_cross_attention`); on an MMDiT their analogues (`registry.TRAINABLE_PARAMETERS`).
 
 Concept Ablation (ConAbl) — Kumari et al., "Ablating Concepts in Text-to-Image Diffusion Models", ICCV
 2023. On noised anchor latents, the prediction for the target prompt c* is pulled to the frozen model's
@@ -22,7 +23,8 @@ same loss on the paired concept-free twins is descended (G_r = ∇L_r); where th
 projected onto the normal plane of the other, and the update is G_u' + α G_r' (`rgd_alpha`, default 1.6
 as the authors' run script). Forget/retain prompts come from slot vocabularies (`doco_lib.methods.rgd_prompts`).
 
-Each loss regresses the trained UNet's output in its own parameterization (ε, or v for SD 2.x): targets made of
+Each loss regresses the trained UNet's output in its own parameterization (ε, v for SD 2.x, a flow's v for SD 3.x
+and FLUX.1): targets made of
 noise come from the harness as ε or v, and targets made of UNet outputs (the frozen model's anchor prediction,
 ESD's guided combination, whose weights sum to one) are in that parameterization already
 (`doco_lib.methods.prediction`).
@@ -35,10 +37,11 @@ import torch.nn.functional as F
 
 from doco_lib.anchors import AnchorLatents
 from doco_lib.methods.harness import ErasureTrainer
+from doco_lib.methods.prediction import denoising_scheduler
 from doco_lib.methods.spm import SpmTrainer
 from doco_lib.methods.surgery import restricted_gradient
 from doco_lib.methods.uce import UceTrainer
-from doco_lib.models import unet_output
+from doco_lib.models import denoiser_output, latent_shape
 
 
 class ConAblTrainer(ErasureTrainer):
@@ -57,10 +60,10 @@ class ConAblTrainer(ErasureTrainer):
             if cfg.conabl_variant == "model":
                 with torch.no_grad():
                     frozen = self.frozen_unet
-                    target = unet_output(frozen, x_t.to(frozen.dtype), t, c.to(frozen.dtype)).float()
+                    target = denoiser_output(frozen, x_t.to(frozen.dtype), t, c.to(frozen.dtype)).float()
             else:
                 target = diffusion_target
-            both = unet_output(self.unet, torch.cat([x_t, x_r]), torch.cat([t, t_r]), torch.cat([c_star, c_r])).float()
+            both = denoiser_output(self.unet, torch.cat([x_t, x_r]), torch.cat([t, t_r]), torch.cat([c_star, c_r])).float()
         prediction, retain_prediction = both[: len(x_t)], both[len(x_t):]
         ablation_loss = F.mse_loss(prediction, target)
         retain_loss = F.mse_loss(retain_prediction, target_r)
@@ -76,20 +79,20 @@ class EsdTrainer(ErasureTrainer):
 
     @torch.no_grad()
     def _partial_denoise(self, c_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoise fresh noise with prompt c* for a random number of DDIM steps; returns (x_t, t)."""
-        from diffusers import DDIMScheduler
-
+        """Denoise fresh noise with prompt c* for a random number of DDIM steps (a flow's Euler steps); returns
+        (x_t, t)."""
         cfg = self.config
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(cfg.esd_steps)
+        channels, size = latent_shape(self.unet)
+        scheduler = denoising_scheduler(self.scheduler_config, cfg.esd_steps, (size // 2) ** 2)
         stop = int(torch.randint(0, cfg.esd_steps - 1, (1,), generator=self.generator))
-        shape = (len(c_star), self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        latents = torch.randn(shape, generator=self.generator).to(self.device) * scheduler.init_noise_sigma
+        shape = (len(c_star), channels, size, size)
+        # A flow starts from unit noise (its scheduler has no `init_noise_sigma`).
+        latents = torch.randn(shape, generator=self.generator).to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)
         empty = self.empty_embedding.expand_as(c_star)
         for timestep in scheduler.timesteps[:stop]:
             with self.accelerator.autocast():
-                eps_empty, eps_prompt = unet_output(self.unet, torch.cat([latents, latents]), timestep,
-                                                    torch.cat([empty, c_star])).float().chunk(2)
+                eps_empty, eps_prompt = denoiser_output(self.unet, torch.cat([latents, latents]), timestep,
+                                                        torch.cat([empty, c_star])).float().chunk(2)
             eps = eps_empty + cfg.esd_start_guidance * (eps_prompt - eps_empty)
             latents = scheduler.step(eps, timestep, latents).prev_sample
         t = scheduler.timesteps[stop].to(self.device).repeat(len(c_star))
@@ -103,11 +106,11 @@ class EsdTrainer(ErasureTrainer):
         empty = self.empty_embedding.expand_as(c_star)
         with torch.no_grad(), self.accelerator.autocast():
             frozen = self.frozen_unet
-            eps_empty, eps_prompt = unet_output(frozen, torch.cat([x_t, x_t]).to(frozen.dtype), torch.cat([t, t]),
+            eps_empty, eps_prompt = denoiser_output(frozen, torch.cat([x_t, x_t]).to(frozen.dtype), torch.cat([t, t]),
                                                 torch.cat([empty, c_star]).to(frozen.dtype)).float().chunk(2)
             target = eps_empty - cfg.esd_eta * (eps_prompt - eps_empty)
         with self.accelerator.autocast():
-            prediction = unet_output(self.unet, x_t, t, c_star).float()
+            prediction = denoiser_output(self.unet, x_t, t, c_star).float()
         loss = F.mse_loss(prediction, target)
         return self.descend(loss, {"g_loss": loss.item()}, "esd")
 
@@ -131,8 +134,8 @@ class RgdTrainer(ErasureTrainer):
         x_f, t_f, target_f = self._noised(self.forget.sample(index, self.generator).to(self.device), self.generator)
         # Separate passes, so that each of the two backward passes runs through its own batch only.
         with self.accelerator.autocast():
-            pred_f = unet_output(self.unet, x_f, t_f, c_f).float()
-            pred_r = unet_output(self.unet, x_r, t_r, c_r).float()
+            pred_f = denoiser_output(self.unet, x_f, t_f, c_f).float()
+            pred_r = denoiser_output(self.unet, x_r, t_r, c_r).float()
         forget_loss, retain_loss = F.mse_loss(pred_f, target_f), F.mse_loss(pred_r, target_r)
         truncated = 0 < cfg.rgd_truncation < forget_loss.item()
         # Ascend L_f unless it is already above m; in place, as G_f is a UNet's size (RGD trains the whole UNet).

@@ -2,14 +2,17 @@
 
 `ErasureTrainer` holds what all methods share (see its docstring); `DocoTrainer` adds DoCo: a
 discriminator warm-up, then alternating discriminator and UNet (generator) updates. One DoCo iteration, on a batch of cached anchor latents z0 with noise ε and timesteps t:
-  1. x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε; the trained UNet predicts for the target prompt c* ("fake") and, in the
+  1. x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε (a flow's (1−σ) z0 + σ ε); the trained UNet predicts for the target prompt c* ("fake") and, in the
      same forward pass, for the anchor prompt c. "Real" is the anchor prediction of the trained UNet
      (paper) or of a frozen copy of the original UNet (authors' code). D sees predictions as ε or x0 and L_r
-     regresses onto ε or v, as the UNet's `prediction_type` says (`doco_lib.methods.prediction`).
+     regresses onto ε, v or a flow's ε − z0, as the `prediction_type` says (`doco_lib.methods.prediction`).
   2. After the warm-up: L_u = the generator term of eq. 8 (D should call the target prediction
      "anchor"), L_r = the diffusion loss on the anchor prediction; their gradients G_u, G_r are combined
      by `retain_mode` (none | l2 | cp, eq. 9) and applied by Adam.
   3. D is updated to tell real from fake (BCE with logits, eq. 8), on detached predictions.
+The denoiser trained is the pipeline's UNet (SD v1, 2.x, SDXL) or its MMDiT transformer (SD 3.x, FLUX.1:
+`models.denoiser`, for the methods of `registry.FLOW_METHODS`); `self.unet` names either, and every call goes
+through `models.denoiser_output`, so no method needs to know which family it trains.
 All randomness comes from one generator saved in the checkpoint, so a resumed run equals an
 uninterrupted one.
 
@@ -52,10 +55,26 @@ from doco_lib.io import (
 )
 from doco_lib.methods.discriminator import GANLoss, NLayerDiscriminator
 from doco_lib.methods.prediction import Parameterization
-from doco_lib.methods.registry import FIDELITY_PRESETS, METHODS, OPTIMIZERS, TRAINABLE
+from doco_lib.methods.registry import (
+    FIDELITY_PRESETS,
+    FLOW_METHODS,
+    METHODS,
+    OPTIMIZERS,
+    TRAINABLE,
+    TRAINABLE_PARAMETERS,
+)
 from doco_lib.methods.split_gradients import SplitLinearGradients, bias_free_linears
 from doco_lib.methods.surgery import concept_preserving_gradient, restricted_gradient
-from doco_lib.models import encode_prompts, pick_device, text_encoders, unconditional_conditioning, unet_output
+from doco_lib.models import (
+    denoiser,
+    denoiser_family,
+    denoiser_output,
+    encode_prompts,
+    latent_shape,
+    pick_device,
+    text_encoders,
+    unconditional_conditioning,
+)
 
 
 def _schema_default(key: str):
@@ -155,20 +174,29 @@ class TrainingConfig:
 
 
 def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
-    """Parameters to fine-tune: cross-attention K/V (DoCo and ConAbl code), all cross-attention (ESD-x),
-    everything but cross-attention (ESD-u), or the full UNet."""
+    """Parameters of the denoiser `unet` to fine-tune: cross-attention K/V (DoCo and ConAbl code), all
+    cross-attention (ESD-x), everything but cross-attention (ESD-u), or the full UNet; on an MMDiT (SD 3.x,
+    FLUX.1) their analogues, as `registry.TRAINABLE_PARAMETERS` lists them."""
+    import re
+
     if mode not in TRAINABLE:
         raise ValueError(f"trainable {mode!r} is not one of {TRAINABLE}")
-    rules = {
-        "cross_attention_kv": lambda n: "attn2.to_k" in n or "attn2.to_v" in n,
-        "cross_attention": lambda n: "attn2." in n,
-        "non_cross_attention": lambda n: "attn2." not in n and not n.startswith(("time_embedding", "conv_out")),
-        "full": lambda n: True,
-    }
-    selected = {name: p for name, p in unet.named_parameters() if rules[mode](name)}
+    kind = "unet" if denoiser_family(unet) == "unet" else "mmdit"
+    include, exclude = TRAINABLE_PARAMETERS[kind][mode]
+    selected = {name: p for name, p in unet.named_parameters()
+                if re.search(include, name) and not (exclude and re.search(exclude, name))}
     if not selected:
-        raise ValueError(f"trainable={mode!r} selects no parameter of this UNet")
+        raise ValueError(f"trainable={mode!r} selects no parameter of this {type(unet).__name__}")
     return selected
+
+
+def check_method_supported(method: str, model) -> None:
+    """Refuse a method that does not train the denoiser `model`'s family yet (the flow-matching transformers
+    train with `registry.FLOW_METHODS` only)."""
+    family = denoiser_family(model)
+    if family != "unet" and method not in FLOW_METHODS:
+        name = {"sd3": "SD3", "flux": "Flux"}[family]
+        raise ParamsError(f"method {method} does not support {name} yet; supported: {', '.join(FLOW_METHODS)}.")
 
 
 FROZEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -279,7 +307,9 @@ class ErasureTrainer:
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.device.type == "cpu",
                                        **tracking.accelerator_arguments(config.tracker, self.run_dir))
         self.loss_scale = FP16_LOSS_SCALE if self.accelerator.scaler is not None else 1.0
-        self.unet = pipe.unet.to(self.device)
+        # The denoiser trained: a UNet, or the MMDiT transformer of SD 3.x or FLUX.1 (`models.denoiser`).
+        self.unet = denoiser(pipe).to(self.device)
+        check_method_supported(self.method, self.unet)
         self.unet.requires_grad_(False)
         # "auto": off, until a GPU's memory check finds the largest iteration does not fit without it (`fit_memory`).
         self.gradient_checkpointing = config.gradient_checkpointing is True
@@ -287,6 +317,9 @@ class ErasureTrainer:
         if self.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if config.attention == "classic":  # diffusers' default is SDPA (torch's fused attention kernels)
+            if denoiser_family(self.unet) != "unet":
+                raise ParamsError("attention: classic is a UNet's attention processor; use sdpa with SD 3.x and "
+                                  "FLUX.1.")
             from diffusers.models.attention_processor import AttnProcessor
 
             self.unet.set_attn_processor(AttnProcessor())
@@ -382,12 +415,11 @@ class ErasureTrainer:
                                               generator=self.generator)]
 
     def _noised(self, z0: torch.Tensor, generator: torch.Generator):
-        """(x_t, t, target): `z0` noised at uniformly drawn timesteps, as in DDPM training, and what the UNet should
-        output for it (the noise ε, or v for a v-prediction model)."""
+        """(x_t, t, target): `z0` noised at uniformly drawn timesteps, as in DDPM or flow-matching training, and what
+        the denoiser should output for it (the noise ε, v for a v-prediction model, ε − z0 for a flow)."""
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
-        t = torch.randint(0, len(self.alphas_cumprod), (len(z0),), generator=generator).to(self.device)
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, self.parameterization.target(z0, noise, t)
+        t = self.parameterization.draw_timesteps(len(z0), generator).to(self.device)
+        return self.parameterization.add_noise(z0, noise, t), t, self.parameterization.target(z0, noise, t)
 
     def _batch(self, index: torch.Tensor, generator: torch.Generator):
         x_t, t, target = self._noised(self.anchors.sample(index, generator).to(self.device), generator)
@@ -665,7 +697,8 @@ class DocoTrainer(ErasureTrainer):
         cfg = self.config
         # Under several processes D's BatchNorm statistics span all processes' batches, as one process's would
         # span them all; a single process keeps torch's BatchNorm2d (bit for bit as before).
-        self.discriminator = NLayerDiscriminator(self.unet.config.in_channels, cfg.disc_channels, cfg.disc_layers,
+        # D reads unpacked latents: 4 channels for SD v1/2/XL, 16 for SD 3.x and FLUX.1 (`models.latent_shape`).
+        self.discriminator = NLayerDiscriminator(latent_shape(self.unet)[0], cfg.disc_channels, cfg.disc_layers,
                                                  cfg.disc_norm, cfg.disc_final_stride,
                                                  sync_batch_norm=self.accelerator.num_processes > 1).to(self.device)
         self.gan_loss = GANLoss(cfg.gan_mode).to(self.device)
@@ -726,7 +759,7 @@ class DocoTrainer(ErasureTrainer):
             retain_prediction = None
             if not adversarial:
                 with torch.no_grad(), self.accelerator.autocast():
-                    fake = unet_output(self.unet, x_t, t, c_star)
+                    fake = denoiser_output(self.unet, x_t, t, c_star)
             else:
                 # L_r's batch: the anchor batch first (sharing x_t and t with the target's), then preservation.
                 x_r, t_r, target_r, c_r = self._retain_batch(x_t, t, target, c)
@@ -771,11 +804,11 @@ class DocoTrainer(ErasureTrainer):
         """D's "real" sample: the frozen original's prediction for the anchor prompt, or the trained UNet's."""
         if self.frozen_unet is not None:
             with torch.no_grad(), self.accelerator.autocast():
-                return unet_output(self.frozen_unet, x_t.to(self.frozen_unet.dtype), t, c.to(self.frozen_unet.dtype))
+                return denoiser_output(self.frozen_unet, x_t.to(self.frozen_unet.dtype), t, c.to(self.frozen_unet.dtype))
         if retain_prediction is not None:
             return retain_prediction[: len(x_t)]
         with torch.no_grad(), self.accelerator.autocast():
-            return unet_output(self.unet, x_t, t, c)
+            return denoiser_output(self.unet, x_t, t, c)
 
     def _generator_predictions(self, x_t, t, c_star, x_r, t_r, c_r):
         """The trained UNet's predictions for the target batch (L_u) and the retaining batch (L_r): one pass over
@@ -783,12 +816,12 @@ class DocoTrainer(ErasureTrainer):
         its own part of the work only."""
         if self.joint is not None:
             with self.joint.recording(), self.accelerator.autocast():
-                both = unet_output(self.unet, torch.cat([x_t, x_r]), torch.cat([t, t_r]), torch.cat([c_star, c_r]))
+                both = denoiser_output(self.unet, torch.cat([x_t, x_r]), torch.cat([t, t_r]), torch.cat([c_star, c_r]))
             return both[: len(x_t)], both[len(x_t):]
         with self.accelerator.autocast():
-            fake = unet_output(self.unet, x_t, t, c_star)
+            fake = denoiser_output(self.unet, x_t, t, c_star)
         with torch.set_grad_enabled(self.config.retain_mode != "none"), self.accelerator.autocast():
-            return fake, unet_output(self.unet, x_r, t_r, c_r)
+            return fake, denoiser_output(self.unet, x_r, t_r, c_r)
 
     def _grads_for_mode(self, g_loss, retain_loss, split: int):
         """(G_u, G_r) for cp and rgd; (the one gradient, None) for none and l2."""
@@ -839,17 +872,17 @@ class DocoTrainer(ErasureTrainer):
         prompts = self.prompt_index[self.heldout_index]
         c, c_star = self.anchor_embeddings[prompts], self.target_embeddings[prompts]
         unet = self.frozen_unet if self.frozen_unet is not None else self.unet
-        n_steps = len(self.alphas_cumprod)
+        grid = self.parameterization.timesteps  # buckets of the training grid's steps (a flow's: falling σ)
+        n_steps = len(grid)
         rows = []
         for bucket in range(n_buckets):
             low, high = bucket * n_steps // n_buckets, (bucket + 1) * n_steps // n_buckets
-            t = torch.randint(low, high, (len(self.heldout_index),), generator=generator).to(self.device)
+            t = grid[torch.randint(low, high, (len(self.heldout_index),), generator=generator)].to(self.device)
             z0 = self.anchors.sample(self.heldout_index, generator).to(self.device)
             noise = torch.randn(z0.shape, generator=generator).to(self.device)
-            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            real = unet_output(unet, x_t.to(unet.dtype), t, c.to(unet.dtype)).float()
-            fake = unet_output(self.unet, x_t, t, c_star)
+            x_t = self.parameterization.add_noise(z0, noise, t)
+            real = denoiser_output(unet, x_t.to(unet.dtype), t, c.to(unet.dtype)).float()
+            fake = denoiser_output(self.unet, x_t, t, c_star)
             d_real = self._discriminate(self._disc_view(real, x_t, t))
             d_fake = self._discriminate(self._disc_view(fake, x_t, t))
             accuracy = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item()

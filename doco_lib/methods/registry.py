@@ -15,6 +15,33 @@ SPM_ANCHOR_BATCHES = ("official", "intended")
 SPM_PROMPTS = ("concept", "target_prompts")
 RETAIN_MODES = ("none", "l2", "cp", "rgd")
 TRAINABLE = ("cross_attention_kv", "cross_attention", "non_cross_attention", "full")
+# What each `trainable` mode selects, per kind of denoiser (`models.denoiser_family`): a parameter trains when its
+# name matches the first regular expression (searched, not anchored) and not the second (None: nothing excluded).
+# On a UNet the text enters through cross-attention (`attn2`): its K/V read the text states (DoCo's and
+# ConAbl's code, UCE), all of it is ESD-x's, everything else but the time embedding and the output convolution
+# ESD-u's. An MMDiT (SD 3.x's joint blocks, FLUX.1's double-stream blocks) has no cross-attention: text and image
+# tokens attend jointly, each stream with its own projections, and the text stream's `add_k_proj`/`add_v_proj`
+# are what the image queries read of the text, the analogue of cross-attention K/V; with `add_q_proj`, the text
+# stream's attention input, ESD-x's analogue; FLUX.1's single-stream blocks project both streams with one matrix
+# and stay out of these two. ESD-u's analogue keeps out the text projections, the time/text embedding and the
+# output projection.
+#
+# Trained parameters on the full configs (meta device; tests/test_flow_training.py checks them), weights and biases:
+#   mode                  SD 3.5 medium: 24 joint blocks, 1536 wide     FLUX.1-dev: 19 double-stream, 3072 wide
+#   cross_attention_kv    48 matrices, 113,319,936 (5.1%)               38 matrices, 358,729,728 (3.0%)
+#   cross_attention       72 matrices, 169,979,904                      57 matrices, 538,094,592
+#   non_cross_attention   2,064,829,568                                 11,330,854,912
+#   full                  2,243,171,520                                 11,901,408,320
+# (SDXL's UNet trains 140 K/V matrices, 340,787,200 parameters, under cross_attention_kv.)
+TRAINABLE_PARAMETERS = {
+    "unet": {"cross_attention_kv": (r"attn2\.to_[kv]", None), "cross_attention": (r"attn2\.", None),
+             "non_cross_attention": ("", r"attn2\.|^time_embedding|^conv_out"), "full": ("", None)},
+    "mmdit": {"cross_attention_kv": (r"attn\.add_[kv]_proj\.", None),
+              "cross_attention": (r"attn\.add_[qkv]_proj\.", None),
+              "non_cross_attention": ("", r"attn\.add_[qkv]_proj\.|^time_text_embed|^proj_out"), "full": ("", None)},
+}
+# The methods that train the flow-matching transformers (SD 3.x, FLUX.1) so far; the others are UNet-only.
+FLOW_METHODS = ("doco", "esd")
 OPTIMIZERS = ("adam", "adam_fused", "adam_8bit")
 CONABL_VARIANTS = ("model", "noise")
 

@@ -62,7 +62,7 @@ from doco_lib import costs, export
 from doco_lib.errors import CorruptFileError
 from doco_lib.io import atomic_directory, atomic_save_json, atomic_write_bytes
 from doco_lib.methods.harness import ErasureTrainer
-from doco_lib.models import encode_prompts, pack_conditioning, text_encoders, unet_inputs, unet_output
+from doco_lib.models import denoiser_output, encode_prompts, pack_conditioning, text_encoders, unet_inputs
 from doco_lib.sampling import generate
 
 ADAPTER_FILE = "spm.safetensors"
@@ -306,7 +306,7 @@ class SpmTrainer(ErasureTrainer):
         latents = latents.to(self.device) * scheduler.init_noise_sigma
         for timestep in scheduler.timesteps[:k]:
             with self.accelerator.autocast():
-                eps_empty, eps_c = unet_output(self.unet, torch.cat([latents, latents]), timestep,
+                eps_empty, eps_c = denoiser_output(self.unet, torch.cat([latents, latents]), timestep,
                                                torch.cat([empty, c])).float().chunk(2)
             latents = scheduler.step(eps_empty + cfg.spm_start_guidance * (eps_c - eps_empty), timestep,
                                      latents).prev_sample
@@ -352,11 +352,11 @@ class SpmTrainer(ErasureTrainer):
         anchors = self._anchors().to(self.device).repeat_interleave(n, dim=0)
         x_a, t_a = x_t.repeat(len(anchors) // n, 1, 1, 1), t.repeat(len(anchors) // n)
         with torch.no_grad(), self.network.strength(0.0), self.accelerator.autocast():
-            eps_c, eps_empty, eps_anchor = unet_output(self.unet, torch.cat([x_t, x_t, x_a]), torch.cat([t, t, t_a]),
+            eps_c, eps_empty, eps_anchor = denoiser_output(self.unet, torch.cat([x_t, x_t, x_a]), torch.cat([t, t, t_a]),
                                                        torch.cat([c, empty, anchors])).float().split([n, n, len(anchors)])
             erased_target = eps_empty - cfg.spm_guidance * (eps_c - eps_empty)
         with self.accelerator.autocast():
-            prediction = unet_output(self.unet, torch.cat([x_t, x_a]), torch.cat([t, t_a]),
+            prediction = denoiser_output(self.unet, torch.cat([x_t, x_a]), torch.cat([t, t_a]),
                                      torch.cat([c, anchors])).float()
         erase_loss = F.mse_loss(prediction[:n], erased_target)
         anchor_loss = F.mse_loss(prediction[n:], eps_anchor)

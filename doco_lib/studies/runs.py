@@ -7,7 +7,14 @@ from pathlib import Path
 import torch
 
 from doco_lib import config, export
-from doco_lib.anchors import MANIFEST, AnchorLatents, cache_is_complete, load_anchor_latents, prepare_anchor_latents
+from doco_lib.anchors import (
+    MANIFEST,
+    AnchorLatents,
+    cache_is_complete,
+    load_anchor_latents,
+    prepare_anchor_latents,
+    vae_scaling,
+)
 from doco_lib.concepts import ConceptSpec, read_preservation_file, read_prompt_file
 from doco_lib.evaluation.cache import model_caches
 from doco_lib.evaluation.nudity import read_i2p_csv
@@ -17,7 +24,7 @@ from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.discriminator import check_discriminator_fits
 from doco_lib.methods.harness import DocoTrainer, ErasureTrainer, TrainingConfig, process_device
 from doco_lib.methods.rgd_prompts import load_slots, prompt_pairs
-from doco_lib.models import load_pipeline, toy_weights_dir
+from doco_lib.models import denoiser, latent_shape, load_pipeline, toy_weights_dir
 from doco_lib.sampling import sampling_settings
 
 
@@ -78,7 +85,7 @@ def _generate(params: dict, pipe, prompts: list[str], directory: Path, n_images:
     if not (manifest.is_file() and manifest.read_bytes() == (shared / MANIFEST).read_bytes()
             and cache_is_complete(directory)):
         _link_copy(shared, Path(directory))
-    return load_anchor_latents(directory, pipe.vae.config.scaling_factor)
+    return load_anchor_latents(directory, *vae_scaling(pipe.vae))
 
 
 def _link_copy(source: Path, destination: Path) -> None:
@@ -112,7 +119,7 @@ def prepare_anchors(params: dict, pipe) -> AnchorLatents:
 
 
 def load_anchors(params: dict, pipe) -> AnchorLatents:
-    return load_anchor_latents(anchor_dir(params), pipe.vae.config.scaling_factor)
+    return load_anchor_latents(anchor_dir(params), *vae_scaling(pipe.vae))
 
 
 def training_config(params: dict, latent_size: int) -> TrainingConfig:
@@ -152,7 +159,7 @@ def rehearsal_latents(params: dict, pipe, erased: list[tuple[str, str, str]]) ->
         cache = _generate(stage, pipe, prompts, anchor_dir(params).with_name(f"rehearsal_latents_{spec.target}"))
         captions = dict(spec.prompt_pairs(sorted(set(cache.prompts))))
         caches.append(AnchorLatents(cache.latent_mean, cache.latent_std, [captions[p] for p in cache.prompts],
-                                    cache.seeds, cache.scaling_factor))
+                                    cache.seeds, cache.scaling_factor, cache.shift_factor))
     return AnchorLatents.concatenate(caches)
 
 
@@ -161,16 +168,16 @@ def make_trainer(params: dict, pipe, rehearse: list[tuple[str, str, str]] | None
     resumes from the checkpoint there when one exists. `rehearse`: concepts erased before this run, (target,
     anchor, anchor prompt file) each, whose target prompts over their anchors' images join the retaining batch."""
     spec, _ = concept(params)
-    cfg = training_config(params, pipe.unet.config.sample_size)
+    cfg = training_config(params, latent_shape(denoiser(pipe))[1])
     if cfg.method == "rgd":
         pairs = rgd_pairs(params)
-        forget = load_anchor_latents(config.run_dir(params) / "forget_latents", pipe.vae.config.scaling_factor)
+        forget = load_anchor_latents(config.run_dir(params) / "forget_latents", *vae_scaling(pipe.vae))
         return TRAINERS["rgd"](pipe, load_anchors(params, pipe), spec, cfg, training_dir(params), device=pipe.device,
                                target_prompts={r: f for f, r in pairs}, forget=forget)
     trainer_class = DocoTrainer if cfg.method == "doco" else TRAINERS[cfg.method]
     preservation = None
     if params["preservation_prompts_file"]:
-        preservation = load_anchor_latents(preservation_dir(params), pipe.vae.config.scaling_factor)
+        preservation = load_anchor_latents(preservation_dir(params), *vae_scaling(pipe.vae))
     rehearsal = None
     if rehearse:
         check_can_rehearse(params)
@@ -200,7 +207,7 @@ def make_multi_concept_trainer(params: dict, concepts: list[tuple[str, str, str]
                                          f"({pairs[anchor_prompt]!r} and {target_prompt!r}); give the concepts "
                                          "disjoint anchor prompts.")
         stages.append((stage, spec, prompts))
-    cfg = training_config(params, pipe.unet.config.sample_size)
+    cfg = training_config(params, latent_shape(denoiser(pipe))[1])
     pool = AnchorLatents.concatenate([_generate(stage, pipe, prompts, anchor_dir(params).with_name(
         f"anchor_latents_{spec.target}")) for stage, spec, prompts in stages])
     preservation = None
