@@ -1,0 +1,204 @@
+"""The flow-matching transformers (SD 3.5 medium, FLUX.1) in the training harness.
+
+The flow conversions of `doco_lib.methods.prediction` are checked against diffusers' FlowMatchEulerDiscreteScheduler
+(an ε-only or DDPM reading of the output fails here); `denoiser_output` against the pipelines' own denoising step;
+the MMDiT parameters each `trainable` mode selects on the full configs (meta device). On the SD-3.5-shaped tiny
+pipeline, installed under its hub id, DoCo and ESD train through `doco train` and change only their registered
+parameters, ESD's update lowers its own objective on a held batch (an update of the wrong sign raises it), and the
+methods not ported yet are refused before any image is drawn."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from doco_lib import config
+from doco_lib.anchors import AnchorLatents
+from doco_lib.concepts import ConceptSpec
+from doco_lib.methods.baselines import TRAINERS
+from doco_lib.methods.harness import TrainingConfig, select_trainable
+from doco_lib.methods.prediction import Parameterization
+from doco_lib.methods.registry import FLOW_METHODS
+from doco_lib.models import denoiser_output, encode_prompts, load_pipeline
+from doco_lib.studies import runs
+from doco_lib.toy import flow_shaped, sd_shaped
+
+
+# ---------------------------------------------------------------------------------------------- conversions
+def _flow_scheduler(steps: int | None = None):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**flow_shaped.SD35_SCHEDULER)  # shift 3.0
+    if steps is not None:
+        scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def test_flow_conversions_match_the_flow_match_euler_scheduler():
+    """x_t = diffusers' scale_noise; ε and x0 of a v output are inverses of the target; an Euler step of the
+    scheduler on v lands where (1−σ') x0 + σ' ε of the same output does; training draws the shifted grid."""
+    scheduler = _flow_scheduler()
+    flow = Parameterization.of_scheduler(scheduler.config)
+    assert flow.prediction_type == "flow_matching" and flow.alphas_cumprod is None
+    assert torch.equal(flow.timesteps, scheduler.timesteps)  # σ·1000 on the training grid, shifted
+    assert flow.timesteps[500] / 1000 == pytest.approx(3 * 0.5 / (1 + 2 * 0.5), abs=1e-3)
+    g = torch.Generator().manual_seed(0)
+    z0, noise, v = (torch.randn(3, 16, 8, 8, generator=g) for _ in range(3))
+    t = scheduler.timesteps[torch.tensor([3, 400, 990])]
+    x_t = scheduler.scale_noise(z0, t, noise)
+
+    assert torch.allclose(flow.add_noise(z0, noise, t), x_t, atol=1e-6)
+    target = flow.target(z0, noise, t)
+    assert torch.equal(target, noise - z0)
+    assert torch.allclose(flow.eps(target, x_t, t), noise, atol=1e-5)
+    assert torch.allclose(flow.x0(target, x_t, t), z0, atol=1e-5)
+    assert not torch.allclose(flow.eps(v, x_t, t), v, atol=1e-2)  # an ε model's identity would pass v through
+
+    for step in (0, 3, 7):
+        sampler = _flow_scheduler(10)
+        timestep, sigma_next = sampler.timesteps[step], sampler.sigmas[step + 1]
+        moved = sampler.step(v[:1], timestep, x_t[:1]).prev_sample
+        at = timestep.view(1)
+        expected = (1 - sigma_next) * flow.x0(v[:1], x_t[:1], at) + sigma_next * flow.eps(v[:1], x_t[:1], at)
+        assert torch.allclose(moved, expected, atol=1e-4), step
+
+    drawn = flow.draw_timesteps(64, torch.Generator().manual_seed(1))
+    assert drawn.dtype == torch.float32 and set(drawn.tolist()) <= set(scheduler.timesteps.tolist())
+    assert (drawn / 1000).median() > 0.5  # shift 3 spends most training steps at high noise
+
+
+def test_full_mmdits_train_the_registered_text_stream_projections():
+    """On the full configs (meta device): DoCo's default (cross_attention_kv) is the text stream's K/V of every
+    joint or double-stream block, ESD-x's (cross_attention) adds its queries; FLUX.1's single-stream blocks and
+    SD 3.5's second, image-only attention (attn2) stay frozen."""
+    sd35 = flow_shaped.make_sd35_transformer("full", device="meta")
+    flux = flow_shaped.make_flux_transformer("full", "dev", device="meta")
+
+    def count(params):
+        return sum(p.numel() for p in params.values())
+
+    for model, blocks, width, counts in (
+            (sd35, 24, 1536, {"cross_attention_kv": 113_319_936, "cross_attention": 169_979_904,
+                              "non_cross_attention": 2_064_829_568, "full": 2_243_171_520}),
+            (flux, 19, 3072, {"cross_attention_kv": 358_729_728, "cross_attention": 538_094_592,
+                              "non_cross_attention": 11_330_854_912, "full": 11_901_408_320})):
+        selected = {mode: select_trainable(model, mode) for mode in counts}
+        assert {mode: count(params) for mode, params in selected.items()} == counts
+        kv = selected["cross_attention_kv"]
+        assert count(kv) == blocks * 2 * (width * width + width)  # weights and biases
+        assert all(".attn.add_k_proj." in n or ".attn.add_v_proj." in n for n in kv)
+        assert not any("single_transformer_blocks" in n or "attn2" in n for n in selected["cross_attention"])
+        assert not set(selected["cross_attention"]) & set(selected["non_cross_attention"])
+
+
+# ---------------------------------------------------------------------------------------------- the SD3.5 pipeline
+@pytest.fixture(scope="module")
+def flow_hub(tmp_path_factory):
+    hub = tmp_path_factory.mktemp("hub")
+    sd_shaped.install_shaped("sd35", hub)
+    return hub
+
+
+@pytest.fixture
+def offline(flow_hub, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(flow_hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.slow
+def test_denoiser_output_is_the_sd35_pipelines_own_step(offline, one_torch_thread):
+    """One Euler step of the pipeline itself (σ from 1 to 0, no guidance) equals x_T − v of `denoiser_output` with the
+    `encode_prompts` conditioning: the conditioning, the pooled embedding and the timestep reach the transformer as
+    the pipeline passes them."""
+    pipe = load_pipeline(flow_shaped.SD35_ID, "cpu", dtype=torch.float32)
+    prompt = "a photo of Snoopy on a beach"
+    latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stepped = pipe(prompt, num_inference_steps=1, guidance_scale=1.0, height=128, width=128, latents=latents,
+                       output_type="latent").images
+        v = denoiser_output(pipe.transformer, latents, torch.tensor([1000.0]), encode_prompts(pipe, [prompt]))
+    assert torch.allclose(stepped, latents - v, atol=1e-5)
+
+
+# Counts only, as tests/test_model_families.py's runs of the UNet families.
+COUNTS = {"n_anchor_images": 2, "anchor_shard_size": 2, "num_inference_steps": 1, "iterations": 2,
+          "warmup_iterations": 1, "batch_size": 1, "checkpoint_every": 2, "esd_steps": 2, "device": "cpu"}
+
+
+def _doco_train(repo_root, outputs, monkeypatch, **overrides):
+    from doco_lib.app import cli
+
+    monkeypatch.chdir(repo_root)
+    values = {**COUNTS, "output_root": str(outputs), **overrides}
+    sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    code = cli.main(["train", "--params", "params/concepts/sd35_snoopy.yaml", "--quiet", *sets])
+    return code, config.load_params(repo_root / "params" / "concepts" / "sd35_snoopy.yaml", values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, trainable", [("doco", "cross_attention_kv"), ("esd", "cross_attention")])
+def test_doco_and_esd_train_sd35_through_doco_train(method, trainable, offline, repo_root, tmp_path_factory,
+                                                    monkeypatch, one_torch_thread):
+    outputs = tmp_path_factory.getbasetemp() / "flow_outputs"  # one anchor cache for both methods
+    code, params = _doco_train(repo_root, outputs, monkeypatch, method=method, trainable=trainable,
+                               run_name=f"sd35_{method}")
+    assert code == 0
+    erased = load_pipeline(params["model"], "cpu", unet=str(runs.training_dir(params) / "unet"))
+    base = load_pipeline(params["model"], "cpu")
+    assert type(erased).__name__ == "StableDiffusion3Pipeline"
+    original = base.transformer.state_dict()
+    changed = {n for n, w in erased.transformer.state_dict().items() if not torch.equal(w, original[n])}
+    registered = set(select_trainable(base.transformer, trainable))
+    assert changed and changed <= registered, changed - registered
+    assert all(".attn.add_" in n for n in changed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["conabl", "rgd", "uce", "spm"])
+def test_methods_not_ported_are_refused_on_sd35_before_any_image(method, offline, repo_root, tmp_path, monkeypatch,
+                                                                 capsys, one_torch_thread):
+    code, _ = _doco_train(repo_root, tmp_path, monkeypatch, method=method, run_name=f"sd35_{method}",
+                          rgd_slots_file="params/prompts/rgd_nudity_slots.yaml", uce_preserve=[])
+    assert code == 2
+    assert f"method {method} does not support SD3 yet; supported: {', '.join(FLOW_METHODS)}" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.safetensors")), "no anchor image may be drawn"
+
+
+# ---------------------------------------------------------------------------------------------- ESD's sign
+SIGN_STEPS = 3
+SIGN_BATCH = 2
+
+
+@pytest.mark.slow
+def test_esd_update_lowers_its_objective_on_a_held_sd35_batch(offline, tmp_path, monkeypatch, one_torch_thread):
+    """ESD-x on the flow: ‖v_θ(x_t, c*) − [v₀(x_t, ∅) − η (v₀(x_t, c*) − v₀(x_t, ∅))]‖² on fixed latents at a fixed
+    timestep falls over repeated steps (ESD's sampled x_t replaced by them); an update of the wrong sign raises it."""
+    pipe = load_pipeline(flow_shaped.SD35_ID, "cpu", dtype=torch.float32)
+    original = copy.deepcopy(pipe.transformer).requires_grad_(False).eval()
+    anchors = AnchorLatents(torch.zeros(4, 16, 16, 16), torch.ones(4, 16, 16, 16), ["a photo of a dog"] * 4,
+                            list(range(4)), 1.5305, 0.0609)
+    cfg = TrainingConfig(method="esd", trainable="cross_attention", iterations=SIGN_STEPS, batch_size=SIGN_BATCH,
+                         esd_eta=1.0, lr=1e-3, seed=1)
+    trainer = TRAINERS["esd"](pipe, anchors, ConceptSpec("instance", "dog", "Snoopy"), cfg, tmp_path, device="cpu")
+    x_t = torch.randn(SIGN_BATCH, 16, 16, 16, generator=torch.Generator().manual_seed(7))
+    t = torch.full((SIGN_BATCH,), float(trainer.parameterization.timesteps[300]))
+    monkeypatch.setattr(trainer, "_partial_denoise", lambda c_star: (x_t, t))
+    c_star = trainer.target_embeddings[:1].expand(SIGN_BATCH, -1, -1)
+    empty = trainer.empty_embedding.expand_as(c_star)
+    with torch.no_grad():
+        unconditional = denoiser_output(original, x_t, t, empty)
+        target = unconditional - cfg.esd_eta * (denoiser_output(original, x_t, t, c_star) - unconditional)
+
+        def objective():
+            return F.mse_loss(denoiser_output(trainer.unet, x_t, t, c_star), target)
+        before = objective()
+    start = trainer.generator.get_state()
+    for _ in range(SIGN_STEPS):
+        trainer.generator.set_state(start.clone())
+        trainer.train_step()
+    with torch.no_grad():
+        after = objective()
+    assert after < before, f"ESD's objective on the held batch went from {before} to {after}"
