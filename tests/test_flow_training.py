@@ -100,6 +100,13 @@ def flow_hub(tmp_path_factory):
     return hub
 
 
+@pytest.fixture(scope="module")
+def flux_hub(flow_hub):
+    """FLUX.1-dev beside SD 3.5, installed only by the tests that use it."""
+    sd_shaped.install_shaped("flux-dev", flow_hub)
+    return flow_hub
+
+
 @pytest.fixture
 def offline(flow_hub, monkeypatch):
     import huggingface_hub.constants
@@ -121,6 +128,22 @@ def test_denoiser_output_is_the_sd35_pipelines_own_step(offline, one_torch_threa
                        output_type="latent").images
         v = denoiser_output(pipe.transformer, latents, torch.tensor([1000.0]), encode_prompts(pipe, [prompt]))
     assert torch.allclose(stepped, latents - v, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_denoiser_output_is_the_flux_dev_pipelines_own_step(flux_hub, offline, one_torch_thread):
+    """The same on FLUX.1-dev: latents packed into 2×2 patches and unpacked again, t/1000, the distilled guidance
+    3.5 (the pipeline's default), the text ids."""
+    from diffusers import FluxPipeline
+
+    pipe = load_pipeline(flow_shaped.FLUX_DEV_ID, "cpu", dtype=torch.float32)
+    prompt = "a photo of Snoopy on a beach"
+    latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        packed = pipe(prompt, num_inference_steps=1, guidance_scale=3.5, height=128, width=128,
+                      latents=FluxPipeline._pack_latents(latents, 1, 16, 16, 16), output_type="latent").images
+        v = denoiser_output(pipe.transformer, latents, torch.tensor([1000.0]), encode_prompts(pipe, [prompt]))
+    assert torch.allclose(FluxPipeline._unpack_latents(packed, 128, 128, 8), latents - v, atol=1e-5)
 
 
 # Counts only, as tests/test_model_families.py's runs of the UNet families.
@@ -154,6 +177,21 @@ def test_doco_and_esd_train_sd35_through_doco_train(method, trainable, offline, 
     registered = set(select_trainable(base.transformer, trainable))
     assert changed and changed <= registered, changed - registered
     assert all(".attn.add_" in n for n in changed)
+
+
+@pytest.mark.slow
+def test_doco_trains_flux_dev_through_doco_train(flux_hub, offline, repo_root, tmp_path, monkeypatch,
+                                                 one_torch_thread):
+    """DoCo on FLUX.1-dev (sd35_snoopy.yaml's settings, the model swapped): anchors drawn from packed noise, trained on
+    unpacked 16-channel latents, the double-stream blocks' text K/V changed, nothing else."""
+    code, params = _doco_train(repo_root, tmp_path, monkeypatch, model=flow_shaped.FLUX_DEV_ID, run_name="flux_doco")
+    assert code == 0
+    erased = load_pipeline(params["model"], "cpu", unet=str(runs.training_dir(params) / "unet"))
+    original = load_pipeline(params["model"], "cpu").transformer
+    assert type(erased).__name__ == "FluxPipeline"
+    changed = {n for n, w in erased.transformer.state_dict().items() if not torch.equal(w, original.state_dict()[n])}
+    assert changed and changed <= set(select_trainable(original, "cross_attention_kv"))
+    assert all(n.startswith("transformer_blocks.") for n in changed)  # double-stream blocks only
 
 
 @pytest.mark.slow
