@@ -1,7 +1,8 @@
 """The PatchGAN discriminator and GAN losses of DoCo's concept domain correction.
 
-D sees a UNet prediction in latent space (4 channels: the predicted noise ε, or the predicted clean
-latent x0) and outputs a map of logits, one per patch: positive for the anchor concept ("real"),
+D sees a denoiser prediction in latent space (the predicted noise ε, or the predicted clean latent x0: 4
+channels for SD v1, 2.x and SDXL, 16 for SD 3.x and FLUX.1, whose packed 2×2 patches the harness unpacks first,
+`models.latent_shape`) and outputs a map of logits, one per patch: positive for the anchor concept ("real"),
 negative for the target concept ("fake"). Built like pix2pix/CycleGAN's `NLayerDiscriminator`
 (4×4 convolutions, LeakyReLU 0.2, normalisation from the second layer on, no sigmoid). Trained by several
 processes, its BatchNorm layers take their statistics over all processes' batches (`SyncedBatchNorm2d`).
@@ -115,7 +116,8 @@ class NLayerDiscriminator(nn.Module):
 
 
 def check_discriminator_fits(n_layers: int, final_stride: int, latent_size: int) -> None:
-    """Raise a clear error when a discriminator this deep would shrink the latent below one patch."""
+    """Raise a clear error when a discriminator this deep would shrink the latent below one patch (the latent's
+    channels do not change the geometry: the probe reads 4)."""
     probe = NLayerDiscriminator(4, 1, n_layers, "none", final_stride)
     if probe.output_size(latent_size) < 1:
         raise ValueError(f"disc_layers={n_layers} with final stride {final_stride} is too deep for {latent_size}×"
