@@ -33,7 +33,8 @@ def starting_pipeline(params: dict):
     this process's device (under torchrun or `accelerate launch`, each process its own)."""
     pipe = load_pipeline(params["model"], str(process_device(params["device"])), dtype=torch.float32,  # trained
                          unet=params.get("base_unet") or None)
-    check_method_supported(params.get("method", "doco"), denoiser(pipe))  # before any image is generated
+    # Before any image is generated.
+    check_method_supported(params.get("method", "doco"), denoiser(pipe), params.get("export_lora", False))
     return pipe
 
 
