@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world
+.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world results-sepme
 
 install: $(STAMP)
 
@@ -85,4 +85,9 @@ results-lora-export: $(STAMP)
 # How often the judge names the prompted shape, colour and style of toy and toy-wide (docs/results/toy_world.csv).
 results-toy-world: $(STAMP)
 	$(BIN)/doco toy quality --models toy toy-wide --seeds 0 1000 2000 --samples 64 --record
+	$(BIN)/doco results
+
+# SepME's increments per seed, every subset judged (docs/results/sepme.csv): 3 seeds, 64 images per set.
+results-sepme: $(STAMP)
+	$(BIN)/doco toy sepme --params params/toy_sepme.yaml --seeds 0 1 2 --samples 64 --record
 	$(BIN)/doco results

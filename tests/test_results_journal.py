@@ -114,3 +114,13 @@ def test_the_toy_world_table_has_one_row_per_prompted_value_and_one_column_per_m
     lines = journal.toy_world_table(rows).splitlines()
     assert lines[0] == "| prompted value | toy | toy-wide |"
     assert lines[2] == "| shape: star | 100.0 ± 0.0 | 95.0 ± 12.4 |"  # 90, 100, 95: s = 5, 4.303 · 5 / √3 = 12.4
+
+
+def test_the_sepme_table_has_one_row_per_erased_subset_and_one_column_per_prompt_set():
+    rows = pd.DataFrame([{"seed": seed, "model": model, "prompt set": prompt_set, "samples": 64, "rate": rate}
+                         for seed in range(3) for model, prompt_set, rate in
+                         [("original", "star", 1.0), ("original", "heart", 1.0), ("star", "star", 0.1 * seed),
+                          ("star", "heart", 1.0)]])
+    lines = journal.sepme_table(rows).splitlines()
+    assert lines[0] == "| erased | star | heart |"
+    assert lines[2:] == ["| original | 100.0 ± 0.0 | 100.0 ± 0.0 |", "| star | 10.0 ± 24.8 | 100.0 ± 0.0 |"]

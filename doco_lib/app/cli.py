@@ -25,7 +25,7 @@ from doco_lib.methods.harness import is_main_process, process_device, wait_for_e
 from doco_lib.methods.sepme import compose_to_folder
 from doco_lib.models import is_toy, load_judge, load_pipeline
 from doco_lib.sampling import generate
-from doco_lib.studies import robustness, runs
+from doco_lib.studies import robustness, runs, sepme_study
 from doco_lib.studies.lora_export import lora_export_study
 from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
 from doco_lib.toy import TOY_WEIGHTS
@@ -87,6 +87,18 @@ def _cmd_toy_quality(args) -> None:
     if args.record:
         journal.record("toy_world", rows, "doco " + shlex.join(map(str, args.argv)), started)
         print("artefact docs/results/toy_world.csv recorded; `doco results` updates docs/results.md")
+
+
+def _cmd_toy_sepme(args) -> None:
+    params = load_params(args.params, parse_overrides(args.set))
+    started = time.time()
+    rows = sepme_study.subset_rates_over_seeds(params, args.seeds, args.samples or params["eval_samples"])
+    path = run_dir(params) / "sepme_subset_rates.csv"
+    atomic_write_text(rows.to_csv(index=False), path)
+    print(journal.sepme_table(rows), f"\nwritten to {path}", sep="\n")
+    if args.record:
+        journal.record("sepme", rows, "doco " + shlex.join(map(str, args.argv)), started)
+        print("artefact docs/results/sepme.csv recorded; `doco results` updates docs/results.md")
 
 
 def _cmd_results(args) -> None:
@@ -277,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--samples", type=int, default=64, help="judged images per prompted value, model and seed")
     quality.add_argument("--record", action="store_true", help="write the rows as artefact toy_world of docs/results")
     quality.set_defaults(func=_cmd_toy_quality)
+
+    sepme_seeds = toy.add_parser("sepme", help="SepME's increments trained per seed, every subset of them judged "
+                                 "(notebook 08's table over seeds)")
+    sepme_seeds.add_argument("--params", default="params/toy_sepme.yaml")
+    sepme_seeds.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
+    sepme_seeds.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    sepme_seeds.add_argument("--samples", type=int, help="judged images per prompt set (default: eval_samples)")
+    sepme_seeds.add_argument("--record", action="store_true", help="write the rows as artefact sepme of docs/results")
+    sepme_seeds.set_defaults(func=_cmd_toy_sepme)
 
     results = commands.add_parser("results", help="regenerate docs/results.md's tables from their artefacts in "
                                   "docs/results/")

@@ -78,6 +78,17 @@ def lora_export_table(rows: pd.DataFrame) -> str:
     return f"{table}\n\nThe LoRA at {sizes['energy'].iloc[0]:.0%} of each layer's change energy ({per_seed})."
 
 
+def sepme_table(rows: pd.DataFrame) -> str:
+    """Judged rate (%) of each prompt set (columns) under each erased subset of SepME's increments (rows)."""
+    rows = rows.assign(percent=100 * rows["rate"])
+    sets = list(dict.fromkeys(rows["prompt set"]))
+    lines = ["| erased | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for model, group in rows.groupby("model", sort=False):
+        cells = [_cell(group[group["prompt set"] == prompt_set]["percent"]) for prompt_set in sets]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def toy_world_table(rows: pd.DataFrame) -> str:
     """How often the judge names the prompted shape, colour or style (rows) of each toy model's samples (columns)."""
     named = rows.assign(**{"prompt set": rows["attribute"] + ": " + rows["value"]})
@@ -105,7 +116,8 @@ def attacks_table(rows: pd.DataFrame) -> str:
 
 RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {"retain_modes": retain_modes_table,
                                                        "lora_export": lora_export_table,
-                                                       "toy_world": toy_world_table, "attacks": attacks_table}
+                                                       "toy_world": toy_world_table, "sepme": sepme_table,
+                                                       "attacks": attacks_table}
 
 
 def render(name: str, folder: Path = ARTEFACTS) -> str:

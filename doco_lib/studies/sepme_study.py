@@ -33,7 +33,7 @@ from doco_lib.config import ParamsError
 from doco_lib.evaluation.rating import rate_models
 from doco_lib.io import atomic_write_text, slug
 from doco_lib.methods import sepme
-from doco_lib.models import is_toy, load_judge, pick_device
+from doco_lib.models import is_toy, load_judge, load_pipeline, pick_device
 from doco_lib.sampling import generate
 from doco_lib.toy.erasure import judged_rates, shape_prompts
 
@@ -285,3 +285,17 @@ def criteria(rates: pd.DataFrame, params: dict) -> pd.DataFrame:
 def write_table(table: pd.DataFrame, path: Path) -> None:
     atomic_write_text(table.to_csv(), path.with_suffix(".csv"))
     atomic_write_text(table.to_markdown() + "\n", path.with_suffix(".md"))
+
+
+def subset_rates_over_seeds(params: dict, seeds: list[int], samples: int, progress: bool = False) -> pd.DataFrame:
+    """`rate_subsets` with the increments trained once per seed (runs `<run_name>_seed<S>`): one row per seed,
+    model (the erased subset, or the original) and prompt set (the results journal's `sepme` artefact)."""
+    runs = [config.validate({**params, "seed": seed, "run_name": f"{params['run_name']}_seed{seed}"},
+                            source=f"SepME seed {seed}") for seed in seeds]  # all refused before any training
+    pipe = load_pipeline(params["sepme_model"], params["device"], dtype=torch.float32)
+    parts = []
+    for run in runs:
+        train_increments(run, pipe, progress)
+        parts.append(rate_subsets(run, compose_subsets(run), samples).assign(samples=samples))
+    rows = pd.concat(parts, ignore_index=True)
+    return rows[["seed", "model", "prompt set", "samples", "rate"]]
