@@ -17,7 +17,7 @@ from doco_lib.studies.retain_modes import judged_rows
 LEGACY_SECTIONS = {
     "The toy world itself", "Ablations: retain modes and methods (notebook 05)",
     "The collateral-damage matrix (notebook 09)", "Styles and an implicit attribute (notebook 10)",
-    "LoRA export (`doco export-lora`)", "Multi-concept erasure (notebook 05)", "SepME: erase and restore (notebook 08)",
+    "Multi-concept erasure (notebook 05)", "SepME: erase and restore (notebook 08)",
     "Robustness against adversarial prompts (notebook 07, `doco attack`)", "Reliability", "The README figure",
 }
 
