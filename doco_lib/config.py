@@ -149,8 +149,18 @@ def _variants(key: str, value: Any) -> None:
         raise ParamsError(f"{key}: unknown {unknown}; choose from {list(registry.VARIANTS)}.")
 
 
+def _attacked_variants(key: str, value: Any) -> None:
+    """Notebook 07 attacks SepME's erasure (on sepme_model) beside the harness's variants, as notebook 05 trains it."""
+    _list_of_words(key, value)
+    known = [*registry.VARIANTS, registry.SEPME]
+    unknown = [v for v in value if v not in known]
+    if unknown:
+        raise ParamsError(f"{key}: unknown {unknown}; choose from {known}.")
+
+
 # The attacks of doco_lib/studies/attacks (its registry `ATTACKS` names the same, in this order).
-ATTACKS = ("tokens", "unlearndiff", "noise_probe", "completion", "textual_inversion", "relearning")
+ATTACKS = ("tokens", "unlearndiff", "noise_probe", "completion", "textual_inversion", "relearning", "ring_a_bell",
+           "gcg")
 
 
 def _attacks(key: str, value: Any) -> None:
@@ -188,6 +198,7 @@ DEMO_NOTEBOOKS = (NB00, NB01, NB02, NB03, NB04)
 BATCH_NOTEBOOKS = (NB01, NB02, NB03, NB04)
 CONCEPT = (NB01, NB02, NB03, NB04, NB05, NB07, NB09, NB10)
 TRAINING = (NB02, NB03, NB05, NB07, NB09, NB10)  # 07 trains the models it attacks, 09 and 10 their runs
+SEPME_TRAINING = (NB05, NB07, NB08)  # 05 and 07 train the target's SepME increment as 08 does
 
 
 def _preset(default, kind, help, choices=None, minimum=None, check=None):
@@ -421,29 +432,29 @@ SCHEMA: dict[str, Param] = {
                                  check=lambda key, value: _model(key, value) if value else None),
     # -- 08: SepME, separable erase and restore (doco_lib/methods/sepme.py, doco_lib/studies/sepme_study.py)
     "sepme_model": Param("toy-wide", str, "SepME's base model: 'toy-wide' (the toy world with a text encoder wide "
-                         "enough for SepME's null spaces), a pipeline folder or a hub id", (NB05, NB08), check=_model),
+                         "enough for SepME's null spaces), a pipeline folder or a hub id", SEPME_TRAINING, check=_model),
     "sepme_concepts": Param(["star", "heart", "cross"], list, "concepts erased one increment each (at least 2)",
-                            (NB05, NB08), check=_list_of_words),
+                            SEPME_TRAINING, check=_list_of_words),
     "sepme_name_template": Param("a photo of a {concept}", str, "each concept's name prompt: the other "
-                                 "increments are decoupled against it", (NB05, NB08)),
+                                 "increments are decoupled against it", SEPME_TRAINING),
     "sepme_prompt_files": Param([], list, "prompts of each concept's training images, a file per concept ([]: toy "
-                                "captions in a toy world, else the name prompt)", (NB05, NB08),
+                                "captions in a toy world, else the name prompt)", SEPME_TRAINING,
                                 check=lambda key, value: _list_of_words(key, value) if value else None),
-    "sepme_images": Param(64, int, "images of each concept the base model generates for its increment", (NB05, NB08),
+    "sepme_images": Param(64, int, "images of each concept the base model generates for its increment", SEPME_TRAINING,
                           minimum=1),
-    "sepme_lr": Param(0.1, (int, float), "Adam learning rate of P (authors' README run: 0.1)", (NB05, NB08),
+    "sepme_lr": Param(0.1, (int, float), "Adam learning rate of P (authors' README run: 0.1)", SEPME_TRAINING,
                       check=_positive),
     "sepme_scale": Param(0.01, (int, float), "scale of the null-space basis B (README run: 1e-4, too small a step "
-                         "for the toy world, their argparse default: 1e-2)", (NB05, NB08), check=_positive),
+                         "for the toy world, their argparse default: 1e-2)", SEPME_TRAINING, check=_positive),
     "sepme_threshold": Param(-2e-3, (int, float), "stop once the correlation's momentum falls below this "
                              "(README run: 1e-4, which stops the toy increments with the correlation still near 0)",
-                             (NB05, NB08)),
-    "sepme_beta": Param(1e-6, (int, float), "weight of the L1 penalty on the increment", (NB05, NB08), minimum=0.0),
-    "sepme_max_steps": Param(1000, int, "most training steps per concept", (NB05, NB08), minimum=1),
-    "sepme_batch_size": Param(1, int, "images per step (the authors': 1)", (NB05, NB08), minimum=1),
+                             SEPME_TRAINING),
+    "sepme_beta": Param(1e-6, (int, float), "weight of the L1 penalty on the increment", SEPME_TRAINING, minimum=0.0),
+    "sepme_max_steps": Param(1000, int, "most training steps per concept", SEPME_TRAINING, minimum=1),
+    "sepme_batch_size": Param(1, int, "images per step (the authors': 1)", SEPME_TRAINING, minimum=1),
     "sepme_first_row_only": Param(False, bool, "the authors' quirk: the increment reaches batch element 0 only",
-                                  (NB05, NB08)),
-    "sepme_accumulate_grads": Param(False, bool, "the authors' quirk: gradients are never zeroed", (NB05, NB08)),
+                                  SEPME_TRAINING),
+    "sepme_accumulate_grads": Param(False, bool, "the authors' quirk: gradients are never zeroed", SEPME_TRAINING),
     "sepme_related": Param(["pentagon", "circle"], list, "further concepts measured (not decoupled against)",
                            (NB08,), check=_list_of_words),
     "sepme_restore": Param("star", str, "the concept erased with another one and then restored", (NB08,)),
@@ -477,16 +488,26 @@ SCHEMA: dict[str, Param] = {
                              (NB06,)),
     # -- 07: robustness against attacks (doco_lib/studies/robustness.py, doco_lib/studies/attacks)
     "attack_variants": Param(["DoCo (cp)", "ESD-x", "ConAbl"], list, "erasure methods attacked, trained as in 05 "
-                             "(see doco_lib.methods.registry.VARIANTS)", (NB07,), check=_variants),
+                             "(doco_lib.methods.registry.VARIANTS, and SepME on sepme_model)", (NB07,),
+                             check=_attacked_variants),
     "attack_model_seeds": Param([0], list, "training seeds of the attacked models (05's runs are reused)", (NB07,),
                                 check=_list_of_seeds),
     "attack_unets": Param([], list, "further erased UNet folders to attack ([]: none)", (NB07,),
                           check=_unet_folders),
+    "attack_control": Param("circle", str, "control concept: the start prompts with the target replaced by it, "
+                            "attacked by attack_controls and judged as the target", (NB07,)),
+    "attack_controls": Param([], list, "attacks also run from the control concept's prompts ([]: no control; the "
+                             "toy judge calls over-noised circles stars, so read noise_probe beside its control)",
+                             (NB07,), check=lambda key, value: _attacks(key, value) if value else None),
     "attacks": Param(["tokens", "unlearndiff"], list, "attacks (doco_lib/studies/attacks): tokens (greedy token "
                      "search, black box), unlearndiff (UnlearnDiffAtk's soft prefix tokens, white box), noise_probe "
                      "(initial noise scaled up), completion (the original model's images noised part way, completed by "
-                     "the erased model), textual_inversion (CCE: one new word learnt against the erased model) "
-                     "and/or relearning (a copy of the erased UNet fine-tuned on a few images of the target)", (NB07,), check=_attacks),
+                     "the erased model), textual_inversion (CCE: one new word learnt against the erased model), "
+                     "relearning (a copy of the erased UNet fine-tuned on a few images of the target), ring_a_bell "
+                     "(Ring-A-Bell: a genetic search for a prompt whose text embedding is the start prompt's plus the "
+                     "concept's direction) and/or gcg (MMA-Diffusion: a gradient-guided token search for a prompt "
+                     "whose text embedding is the start prompt's, the target's words forbidden)", (NB07,),
+                     check=_attacks),
     "attack_attempts": Param(6, int, "attempts per model and attack (start prompts and seeds differ)", (NB07,),
                              minimum=1, maximum=10_000),
     "attack_tokens": Param(2, int, "adversarial tokens per prompt (appended, or substituted)", (NB07,), minimum=1,
@@ -529,6 +550,24 @@ SCHEMA: dict[str, Param] = {
                                check=_positive),
     "attack_relearn_images": Param(8, int, "relearning: images of the original model it fine-tunes on",
                                    (NB07,), minimum=1, maximum=1024),
+    "attack_ring_a_bell_population": Param(64, int, "ring_a_bell: prompts per generation of the genetic search "
+                                           "(Ring-A-Bell: 200)", (NB07,), minimum=2),
+    "attack_ring_a_bell_generations": Param(100, int, "ring_a_bell: generations of the genetic search "
+                                            "(Ring-A-Bell: 3000)", (NB07,), minimum=1),
+    "attack_ring_a_bell_tokens": Param(8, int, "ring_a_bell: tokens K of the searched prompt (Ring-A-Bell: 16, or "
+                                       "75 for its K = 77)", (NB07,), minimum=1, maximum=75),
+    "attack_ring_a_bell_eta": Param(3.0, (int, float), "ring_a_bell: strength η of the concept vector added to the "
+                                    "start prompt's embedding (Ring-A-Bell: 3 for nudity)", (NB07,), check=_positive),
+    "attack_ring_a_bell_mutation": Param(0.25, (int, float), "ring_a_bell: probability that a child prompt has one "
+                                         "token replaced (Ring-A-Bell: 0.25)", (NB07,), minimum=0.0, maximum=1.0),
+    "attack_gcg_tokens": Param(8, int, "gcg: tokens of the adversarial prompt (MMA-Diffusion: 20)", (NB07,),
+                               minimum=1, maximum=75),
+    "attack_gcg_steps": Param(50, int, "gcg: greedy coordinate gradient steps (MMA-Diffusion: 1000)", (NB07,),
+                              minimum=1),
+    "attack_gcg_topk": Param(16, int, "gcg: tokens with the most promising gradient per position that a swap "
+                             "draws from (MMA-Diffusion: 256)", (NB07,), minimum=1),
+    "attack_gcg_candidates": Param(64, int, "gcg: single-token swaps evaluated per step (MMA-Diffusion: 512)",
+                                   (NB07,), minimum=1),
     "attack_success_fraction": Param(0.5, (int, float), "an attempt succeeds when at least this fraction of its k "
                                      "images is judged the target", (NB07,), maximum=1.0, check=_positive),
 }

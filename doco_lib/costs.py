@@ -134,7 +134,8 @@ def machine(device: torch.device | str | None = None) -> dict:
 
 def machine_label(machine: dict) -> str:
     """'NVIDIA H100 80GB HBM3, torch 2.5.1' or 'Intel(R) Xeon(R) …, 2 threads, torch 2.5.1'."""
-    where = machine.get("gpu") or f"{machine.get('cpu')}, {machine.get('cpu_threads')} threads"
+    threads = machine.get("cpu_threads")
+    where = machine.get("gpu") or f"{machine.get('cpu')}, {threads} thread{'' if threads == 1 else 's'}"
     return f"{where}, torch {machine.get('torch')}"
 
 

@@ -281,7 +281,7 @@ def test_bad_inputs_are_named_before_any_work(params_file, tmp_path, capsys):
     assert "attack_attempts: 0 is below the minimum 1" in capsys.readouterr().err
     assert main(["attack", "--params", str(params_file), "--attack", "tokens", "pgd"]) == 2
     assert "attacks: unknown attack 'pgd'; choose from ['tokens', 'unlearndiff', 'noise_probe', 'completion', " \
-           "'textual_inversion', 'relearning']" \
+           "'textual_inversion', 'relearning', 'ring_a_bell', 'gcg']" \
         in capsys.readouterr().err
     assert main(["attack", "--params", str(params_file), "--kinds", "soft"]) == 2  # the old option, the old name
     assert "unknown attack 'soft'" in capsys.readouterr().err

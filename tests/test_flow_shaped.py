@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from doco_lib.models import load_pipeline
-from doco_lib.toy import flow_shaped, sd_shaped
+from doco_lib.toy import flow_shaped, shaped
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +17,13 @@ def flow_hub(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd35_installed(flow_hub):
-    return sd_shaped.install_shaped("sd35", flow_hub)
+    return shaped.install_shaped("sd35", flow_hub)
 
 
 @pytest.fixture(scope="module")
 def flux_installed(flow_hub, tmp_path_factory):
     """Both FLUX.1 variants, through the command line that installs shaped pipelines."""
-    assert sd_shaped.main(["flux-dev", "flux-schnell", "--hub-cache", str(flow_hub)]) == 0
+    assert shaped.main(["flux-dev", "flux-schnell", "--hub-cache", str(flow_hub)]) == 0
     return flow_hub
 
 
@@ -145,7 +145,7 @@ def test_full_configs_have_the_real_parameter_counts():
 
 def test_unknown_family_and_variant_are_refused(tmp_path):
     with pytest.raises(ValueError, match="flux-dev"):
-        sd_shaped.install_shaped("flux-pro", tmp_path)
+        shaped.install_shaped("flux-pro", tmp_path)
     with pytest.raises(ValueError, match="'dev' or 'schnell'"):
         flow_shaped.make_flux_transformer("tiny", "pro", device="meta")
     with pytest.raises(ValueError, match="'tiny' or 'full'"):

@@ -13,8 +13,8 @@ TINY = {"samples_per_prompt": 1, "grid_columns": 2, "num_inference_steps": 2, "n
         "multi_concept_model": "toy-wide",
         "sequential_stages": ["star|pentagon|params/prompts/toy_pentagon.txt",
                               "heart|circle|params/prompts/toy_circle.txt"],
-        "extra_prompts_file": "params/prompts/toy_extra.txt", "attack_variants": ["DoCo (cp)"], "attack_attempts": 1,
-        "attack_search_steps": 1, "attack_candidates": 2, "attack_images": 2, "attack_unlearndiff_steps": 2,
+        "extra_prompts_file": "params/prompts/toy_extra.txt", "attack_variants": ["DoCo (cp)", "SepME"],
+        "attack_attempts": 1, "attack_controls": ["noise_probe"], "attack_search_steps": 1, "attack_candidates": 2, "attack_images": 2, "attack_unlearndiff_steps": 2,
         "attack_unlearndiff_images": 2, "sepme_images": 2, "sepme_max_steps": 3, "sweep_guidance_scales": [2.0, 7.5],
         "sweep_steps": [3], "damage_variants": ["DoCo (cp)", "ConAbl"], "damage_shapes": ["star", "circle"]}
 
@@ -54,9 +54,13 @@ def test_the_study_notebooks_run_with_papermill(tmp_path, doco):
     run = _run_notebooks(doco, tmp_path, ["05_ablations", "06_explorer", "07_robustness", "08_sepme", "09_damage_matrix"])
     for artefact in ("05_ablations/table3.md", "05_ablations/ua_ira_cra.csv", "05_ablations/sampling_sweep.png",
                      "05_ablations/sequential.md", "05_ablations/multi_concept.md",
-                     "08_sepme/subset_rates.md", "08_sepme/criteria.md", "08_sepme/subsets_grid.png",
+                     "07_robustness/attacks.png", "08_sepme/subset_rates.md", "08_sepme/criteria.md",
+                     "08_sepme/subsets_grid.png",
                      "09_damage_matrix/damage_matrix.png", "09_damage_matrix/similarity.csv"):
         assert (run / artefact).exists(), artefact
+    attacked = pd.read_csv(run / "07_robustness" / "attacks.csv")  # SepME beside its own base model's original
+    assert set(attacked.method) == {"original", "DoCo (cp)", "original (toy-wide)", "SepME (toy-wide)"}
+    assert set(attacked.prompts) == {"target", "control (circle)"}
     table3 = (run / "05_ablations" / "table3.md").read_text()
     assert "UA ↑" in table3 and "CRA ↑" in table3
     swept = pd.read_csv(run / "05_ablations" / "sampling_sweep.csv")

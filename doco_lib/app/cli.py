@@ -25,12 +25,12 @@ from doco_lib.methods.harness import is_main_process, process_device, wait_for_e
 from doco_lib.methods.sepme import compose_to_folder
 from doco_lib.models import is_toy, load_judge, load_pipeline
 from doco_lib.sampling import generate
-from doco_lib.studies import robustness, runs, sepme_study
+from doco_lib.studies import attack_study, robustness, runs, sepme_study
 from doco_lib.studies.lora_export import lora_export_study
 from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
+from doco_lib.studies.toy_world_quality import quality_rows
 from doco_lib.toy import TOY_WEIGHTS
 from doco_lib.toy.build import build_toy_world
-from doco_lib.toy.quality import quality_rows
 
 
 def _cmd_toy_build(args) -> None:
@@ -87,6 +87,22 @@ def _cmd_toy_quality(args) -> None:
     if args.record:
         journal.record("toy_world", rows, "doco " + shlex.join(map(str, args.argv)), started)
         print("artefact docs/results/toy_world.csv recorded; `doco results` updates docs/results.md")
+
+
+def _cmd_toy_attacks(args) -> None:
+    """The attack study: `attack_variants` trained per seed as in notebook 05, every attack on each (notebook 07)."""
+    params = load_params(args.params, parse_overrides(args.set))
+    started = time.time()
+    models = attack_study.train_models(params, params["attack_variants"], args.seeds or params["attack_model_seeds"],
+                                       params["attack_unets"])
+    study = attack_study.attack_study(params, models)
+    out = run_dir(params) / "attacks"
+    write_resolved(params, out)
+    paths = attack_study.write_study(study, out)
+    print(journal.attacks_table(study.rows), f"\nwritten to {', '.join(map(str, paths.values()))}", sep="\n")
+    if args.record:
+        journal.record("attacks", study.rows, "doco " + shlex.join(map(str, args.argv)), started)
+        print("artefact docs/results/attacks.csv recorded; `doco results` updates docs/results.md")
 
 
 def _cmd_toy_sepme(args) -> None:
@@ -289,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--samples", type=int, default=64, help="judged images per prompted value, model and seed")
     quality.add_argument("--record", action="store_true", help="write the rows as artefact toy_world of docs/results")
     quality.set_defaults(func=_cmd_toy_quality)
+
+    attack = toy.add_parser("attacks", help="train attack_variants per seed as notebook 05 does and run every attack "
+                            "of attacks on each (notebook 07's study): ASR with intervals, cost, controls")
+    attack.add_argument("--params", default="params/toy_attacks.yaml")
+    attack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
+    attack.add_argument("--seeds", type=int, nargs="+", help="training and attack seeds (default: attack_model_seeds)")
+    attack.add_argument("--record", action="store_true", help="write the rows as artefact attacks of docs/results")
+    attack.set_defaults(func=_cmd_toy_attacks)
 
     sepme_seeds = toy.add_parser("sepme", help="SepME's increments trained per seed, every subset of them judged "
                                  "(notebook 08's table over seeds)")

@@ -17,11 +17,12 @@ erasure without any attack.
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from doco_lib import config
 from doco_lib.io import atomic_write_bytes, atomic_write_text
@@ -64,6 +65,49 @@ def label_unets(unets: list[str]) -> dict[str, str]:
     return {label if labels.count(label) == 1 else unet: unet for label, unet in zip(labels, unets)}
 
 
+def attack_targets(params: dict, base, settings: AttackSettings, names: list[str], concept: str | None = None
+                   ) -> list[Target]:
+    """The attempts' targets: start prompts of `concept` (default: the target; another concept's are the study's
+    control), the candidate tokens (never the target's), and the original model `base`'s images of each start
+    prompt where an attack of `names` reads them."""
+    concept = concept or params["target"]
+    prompts = start_prompts({**params, "target": concept}, settings.attempts)
+    vocabulary = vocabulary_ids(base.tokenizer, settings.vocabulary, [params["target"]])
+    count = attacks.original_images(names, settings)
+    return [Target(p, concept, vocabulary,
+                   target_latents(base, p, settings.seeds(a, TARGET_IMAGE_SEEDS, count), settings.num_inference_steps,
+                                  settings.guidance_scale) if count else None)
+            for a, p in enumerate(prompts)]
+
+
+def measured(name: str, pipe, judge: Judge, target: Target, attempt: int, settings: AttackSettings
+             ) -> tuple[Attempt, float, int]:
+    """Attack `name` (`none`: the start prompt itself) for one attempt, with its cost: wall seconds and UNet steps,
+    the images that went through the UNet (one per image and call: sampling, search and optimisation alike; a copy
+    of the UNet made inside, e.g. relearning's, counts too, as its hooks are copied with it)."""
+    steps = [0]
+
+    def count(module, args, kwargs):
+        steps[0] += len(args[0] if args else kwargs["sample"])
+
+    handle = pipe.unet.register_forward_pre_hook(count, with_kwargs=True)
+    started = time.perf_counter()
+    try:
+        result = no_attack(pipe, judge, target, attempt, settings) if name == "none" else \
+            attacks.run(name, pipe, judge, target, attempt, settings)
+    finally:
+        handle.remove()
+    return result, time.perf_counter() - started, steps[0]
+
+
+def attacked(pipe, judge: Judge, targets: list[Target], names: list[str], settings: AttackSettings
+             ) -> Iterator[tuple[Attempt, float, int]]:
+    """`none`, then each attack of `names`, on every target in turn: `measured`'s (attempt, seconds, UNet steps)."""
+    for a, target in enumerate(targets):
+        for name in ["none", *names]:
+            yield measured(name, pipe, judge, target, a, settings)
+
+
 def attack_models(params: dict, models: dict[str, str | None], judge: Judge | None = None,
                   progress: bool = True) -> list[tuple[str, Attempt]]:
     """Every attack of `attacks` (and `none`) on every model (label → erased UNet folder, None for the base
@@ -71,24 +115,15 @@ def attack_models(params: dict, models: dict[str, str | None], judge: Judge | No
     names = params["attacks"]
     check_unets([u for u in models.values() if u is not None], key="models")  # before any generation
     settings = AttackSettings.from_params(params)
-    prompts = start_prompts(params, settings.attempts)
     judge = judge or make_judge(params)
     base = load_pipeline(params["model"], params["device"])
-    vocabulary = vocabulary_ids(base.tokenizer, settings.vocabulary, [params["target"]])
-    count = attacks.original_images(names, settings)
-    targets = [Target(p, params["target"], vocabulary,
-                      target_latents(base, p, settings.seeds(a, TARGET_IMAGE_SEEDS, count), settings.num_inference_steps,
-                                     settings.guidance_scale) if count else None)
-               for a, p in enumerate(prompts)]
+    targets = attack_targets(params, base, settings, names)
     results = []
     for label, unet in models.items():
         pipe = base if unet is None else load_pipeline(params["model"], params["device"], unet=unet)
-        for a, target in enumerate(targets):
-            results.append((label, no_attack(pipe, judge, target, a, settings)))
-            for name in names:
-                results.append((label, attacks.run(name, pipe, judge, target, a, settings)))
+        done = [attempt for attempt, _, _ in attacked(pipe, judge, targets, names, settings)]
+        results += [(label, attempt) for attempt in done]
         if progress:
-            done = [r for m, r in results if m == label]
             print(f"{label}: " + ", ".join(f"{k} ASR {100 * np.mean([r.success for r in done if r.attack == k]):.0f}%"
                                            for k in ["none", *names]), flush=True)
     return results
@@ -135,16 +170,3 @@ def write_results(results: list[tuple[str, Attempt]], out_dir: Path) -> tuple[pd
     plt.close(figure)
     atomic_write_bytes(buffer.getvalue(), paths["asr.png"])
     return table, paths
-
-
-def successful_images(results: list[tuple[str, Attempt]], per_model: int = 1) -> tuple[torch.Tensor, list[str]]:
-    """The evaluation images of the first `per_model` successful attacked attempts of each model and attack
-    (one row each), with a caption per row."""
-    rows, captions, taken = [], [], {}
-    for label, attempt in results:
-        key = (label, attempt.attack)
-        if attempt.attack != "none" and attempt.success and taken.get(key, 0) < per_model:
-            taken[key] = taken.get(key, 0) + 1
-            rows.append(attempt.images)
-            captions.append(f"{label} · {attempt.attack}: {attempt.prompt!r} ({100 * attempt.judged_target:.0f}%)")
-    return (torch.cat(rows) if rows else torch.empty(0)), captions

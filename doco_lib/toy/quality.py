@@ -63,27 +63,3 @@ def build_curve(build_report: dict):
             for point in build_report.get("unet_curve", []) for attribute in PROMPT_FORMATS if attribute in point]
     return pd.DataFrame(rows)
 
-
-def quality_rows(models: list[str], seeds: list[int], n_per_prompt: int, steps: int, guidance: float,
-                 device: str = "cpu"):
-    """`pipeline_quality` of each toy model ('toy', 'toy-wide') from each base seed, one row per model, seed,
-    attribute and value (the results journal's `toy_world` artefact). Seeds closer than `n_per_prompt` share
-    images, so they are refused."""
-    import pandas as pd
-
-    from doco_lib.errors import ParamsError
-    from doco_lib.models import load_judge, load_pipeline
-
-    ordered = sorted(seeds)
-    if any(b - a < n_per_prompt for a, b in zip(ordered, ordered[1:])):
-        raise ParamsError(f"--seeds: {seeds}; image i of a seed uses seed + i, so seeds must lie at least --samples "
-                          f"({n_per_prompt}) apart to give independent images, e.g. 0 1000 2000.")
-    judge = load_judge(device)
-    parts = []
-    for model in models:
-        pipe = load_pipeline(model, device)
-        for seed in seeds:
-            table = quality_table(pipeline_quality(pipe, judge, n_per_prompt, steps, guidance, seed))
-            parts.append(table.assign(model=model, seed=seed, samples=n_per_prompt))
-    rows = pd.concat(parts, ignore_index=True).rename(columns={"accuracy": "rate"})
-    return rows[["model", "seed", "attribute", "value", "samples", "rate"]]

@@ -20,9 +20,8 @@ with 1, 2 and 10 transformer layers per block, 2048-wide cross-attention (CLIP V
 config.json files of stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-xl-base-1.0, from memory
 (there is no internet here); `tiny` narrows the widths only, as for SD v1.4.
 
-The flow-matching transformer families (SD 3.5 medium, FLUX.1-dev and -schnell) are built by `flow_shaped`.
-`install_shaped(family, cache_dir)` builds any of them by name (`shaped_families`) and installs it under its hub
-id; from a shell: `python -m doco_lib.toy.sd_shaped sd35 flux-dev --hub-cache DIR [--size full --device cuda]`.
+The flow-matching transformer families (SD 3.5 medium, FLUX.1-dev and -schnell) are built by `flow_shaped`; `shaped`
+builds and installs any family by name.
 """
 
 from __future__ import annotations
@@ -240,56 +239,3 @@ def parameter_counts(folder: Path) -> dict[str, int]:
                                           if k != "__metadata__")
     return counts
 
-
-def shaped_families() -> dict:
-    """Every shaped family: name → (hub id, `build(folder, size=, seed=, device=)`). The flow-matching
-    transformer families (SD3.5 medium, FLUX.1-dev and -schnell) come from `flow_shaped`."""
-    from doco_lib.toy import flow_shaped
-
-    def flux(variant):
-        return lambda folder, **kw: flow_shaped.build_flux_pipeline(folder, variant=variant, **kw)
-
-    return {"sd14": (SD14_ID, build_sd14_pipeline), "sd21": (SD21_ID, build_sd21_pipeline),
-            "sdxl": (SDXL_ID, build_sdxl_pipeline), "clip-l": (CLIP_L_ID, build_clip_model),
-            "sd35": (flow_shaped.SD35_ID, flow_shaped.build_sd35_pipeline),
-            "flux-dev": (flow_shaped.FLUX_DEV_ID, flux("dev")),
-            "flux-schnell": (flow_shaped.FLUX_SCHNELL_ID, flux("schnell"))}
-
-
-def install_shaped(family: str, cache_dir: Path, size: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
-    """Build the shaped `family` (a name of `shaped_families`) and install it in the Hugging Face cache `cache_dir`
-    under its real hub id; returns the snapshot folder."""
-    import tempfile
-
-    families = shaped_families()
-    if family not in families:
-        raise ValueError(f"family {family!r} is none of {', '.join(families)}")
-    repo_id, build = families[family]
-    with tempfile.TemporaryDirectory() as work:
-        folder = build(Path(work) / family, size=size, seed=seed, device=device)
-        return install_in_hub_cache(folder, repo_id, cache_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Install shaped random pipelines in a Hugging Face cache under their hub ids.
-
-    `python -m doco_lib.toy.sd_shaped FAMILY… --hub-cache DIR`, for runs with `HF_HUB_CACHE=DIR HF_HUB_OFFLINE=1`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("families", nargs="+", choices=list(shaped_families()), metavar="FAMILY",
-                        help=f"one or more of {', '.join(shaped_families())}")
-    parser.add_argument("--hub-cache", type=Path, required=True, help="the Hugging Face cache folder (HF_HUB_CACHE)")
-    parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="where the weights are initialised (a GPU: seconds for full)")
-    args = parser.parse_args(argv)
-    for family in args.families:
-        snapshot = install_shaped(family, args.hub_cache, args.size, args.seed, args.device)
-        print(f"{family}: {shaped_families()[family][0]} → {snapshot}")
-    print(f"use with HF_HUB_CACHE={args.hub_cache} HF_HUB_OFFLINE=1")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

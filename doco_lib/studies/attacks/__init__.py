@@ -16,6 +16,10 @@ and `original_images(settings) -> int`, how many images of the original model pe
 * `relearning`: a copy of the erased UNet fine-tuned on a few original images of the target (the start
   prompt, the denoising loss), the start prompt judged after each of `attack_relearn_steps`; white box,
   weights. Run on the original model too, its curve is the reference.
+* `ring_a_bell`: Ring-A-Bell, a genetic search for a prompt whose text embedding is the start prompt's plus
+  the concept's direction (from the concept's prompt pairs); the text encoder only.
+* `gcg`: MMA-Diffusion's greedy coordinate gradient search for a prompt, the target's words forbidden, whose
+  text embedding is the start prompt's; the text encoder only.
 
 `none` (common.no_attack) is the start prompt itself, the erasure's own result; the study always runs it.
 """
@@ -23,11 +27,20 @@ and `original_images(settings) -> int`, how many images of the original model pe
 from __future__ import annotations
 
 from doco_lib import config
-from doco_lib.studies.attacks import completion, noise_probe, relearning, textual_inversion, tokens, unlearndiff
+from doco_lib.studies.attacks import (
+    completion,
+    gcg,
+    noise_probe,
+    relearning,
+    ring_a_bell,
+    textual_inversion,
+    tokens,
+    unlearndiff,
+)
 from doco_lib.studies.attacks.common import AttackSettings, Attempt, Judge, Target
 
 ATTACKS = {"tokens": tokens, "unlearndiff": unlearndiff, "noise_probe": noise_probe, "completion": completion,
-           "textual_inversion": textual_inversion, "relearning": relearning}
+           "textual_inversion": textual_inversion, "relearning": relearning, "ring_a_bell": ring_a_bell, "gcg": gcg}
 
 
 def run(name: str, pipe, judge: Judge, target: Target, attempt: int, settings: AttackSettings) -> Attempt:

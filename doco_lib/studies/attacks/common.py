@@ -21,6 +21,7 @@ from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.methods.prediction import Parameterization
 from doco_lib.models import is_toy, load_judge, pick_device
 from doco_lib.sampling import initial_latents
+from doco_lib.studies.runs import concept
 from doco_lib.toy import render
 from doco_lib.toy.quality import images_to_judge_input
 from doco_lib.toy.render import SHAPES
@@ -31,7 +32,8 @@ SEARCH_SEEDS, EVAL_SEEDS, TARGET_IMAGE_SEEDS, ATTEMPT_STRIDE = 0, 10_000_000, 20
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """Budget and rules of the attacks, from the validated `attack_*` keys (defaults: doco_lib/config.py)."""
+    """Budget and rules of the attacks, from the validated `attack_*` keys (defaults: doco_lib/config.py), and
+    the concept's (anchor prompt, target prompt) pairs, from which Ring-A-Bell extracts the concept's direction."""
 
     attempts: int
     tokens: int
@@ -53,18 +55,30 @@ class AttackSettings:
     relearn_steps: tuple[int, ...]
     relearn_lr: float
     relearn_images: int
+    ring_a_bell_population: int
+    ring_a_bell_generations: int
+    ring_a_bell_tokens: int
+    ring_a_bell_eta: float
+    ring_a_bell_mutation: float
+    gcg_tokens: int
+    gcg_steps: int
+    gcg_topk: int
+    gcg_candidates: int
     success_fraction: float
     num_inference_steps: int
     guidance_scale: float
     seed: int
+    concept_pairs: tuple[tuple[str, str], ...]
 
     @classmethod
     def from_params(cls, params: dict) -> "AttackSettings":
-        keys = [k for k in cls.__dataclass_fields__ if k not in ("num_inference_steps", "guidance_scale", "seed")]
-        values = {k: params[f"attack_{k}"] for k in keys}
+        others = ("num_inference_steps", "guidance_scale", "seed", "concept_pairs")
+        values = {k: params[f"attack_{k}"] for k in cls.__dataclass_fields__ if k not in others}
         values.update({k: tuple(values[k]) for k in ("noise_scales", "completion_strengths", "relearn_steps")})
+        spec, anchor_prompts = concept(params)
         return cls(**values, num_inference_steps=params["num_inference_steps"],
-                   guidance_scale=params["guidance_scale"], seed=params["seed"])
+                   guidance_scale=params["guidance_scale"], seed=params["seed"],
+                   concept_pairs=tuple(spec.prompt_pairs(anchor_prompts)))
 
     def seeds(self, attempt: int, offset: int, count: int | None = None) -> list[int]:
         start = self.seed + offset + attempt * ATTEMPT_STRIDE
@@ -312,7 +326,8 @@ class Attempt:
     success: bool
     images: torch.Tensor
     search_scores: list[float] = field(default_factory=list)  # search: the score after each step or setting tried
-    loss_before: float = float("nan")  # unlearndiff: diffusion loss on a fixed batch, before and after
+    loss_before: float = float("nan")  # the objective before and after: the diffusion loss on a fixed batch (white
+    # box), the distance of the prompt's text embedding to the target embedding (ring_a_bell, gcg)
     loss_after: float = float("nan")
 
     def row(self) -> dict:

@@ -1,0 +1,112 @@
+"""The attack study (doco_lib/studies/attack_study.py, `doco toy attacks`, notebook 07): its rows at a tiny budget,
+their table in the results journal, and the artefact `--record` writes."""
+
+import functools
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from doco_lib import config
+from doco_lib.app import journal
+from doco_lib.studies import attack_study
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = {"device": "cpu", "num_inference_steps": 4, "attack_attempts": 2, "attack_images": 2, "attack_tokens": 1,
+        "attack_search_steps": 1, "attack_candidates": 2, "attack_noise_scales": [2.0],
+        "attacks": ["tokens", "noise_probe"], "attack_controls": ["noise_probe"]}
+
+
+@pytest.fixture(scope="module")
+def weak_unet(tmp_path_factory):
+    """A deliberately weak erasure of star (UCE's closed form, erase weight 0.02; tests/test_attack.py), saved."""
+    from doco_lib.methods import uce
+    from doco_lib.models import load_pipeline
+
+    pipe = load_pipeline("toy", "cpu")
+    rows = uce.edit_rows(pipe, ["star"], ["circle"], [""], 2023)
+    with torch.no_grad():
+        for module in uce.kv_modules(pipe.unet).values():
+            module.weight.copy_(uce.closed_form(module.weight.double(), *rows, 0.5, 0.02, 0.1).float())
+    folder = tmp_path_factory.mktemp("weak") / "unet"
+    pipe.unet.save_pretrained(folder)
+    return str(folder)
+
+
+def test_study_rows_at_a_tiny_budget(weak_unet, tmp_path):
+    """One method, one seed, two attacks and the noise probe's control, two attempts each: a row per (model,
+    prompts, attack) with its counts, Wilson interval, judged rate and cost; `none` costs exactly its sampling."""
+    params = config.validate({**TINY, "output_root": str(tmp_path)})
+    models = pd.DataFrame([{"variant": "UCE (weak)", "seed": 3, "unet": weak_unet}])
+    study = attack_study.attack_study(params, models, progress=False)
+    rows = study.rows
+    assert list(rows.columns) == attack_study.COLUMNS
+    assert list(zip(rows.method, rows.prompts, rows.attack)) == [
+        (model, prompts, attack) for model in ("original", "UCE (weak)")
+        for prompts, attacks in (("target", ["none", "tokens", "noise_probe"]), ("control (circle)", ["none", "noise_probe"]))
+        for attack in attacks]
+    assert (rows.seed == 3).all() and (rows.attempts == 2).all() and len(study.attempts) == 2 * len(rows)
+    assert ((rows.asr == rows.successes / 2) & (rows.asr_low <= rows.asr) & (rows.asr <= rows.asr_high)).all()
+    assert rows.asr_high.le(1).all() and rows.asr_low.ge(0).all() and (rows.seconds > 0).all()
+    by = rows.set_index(["method", "prompts", "attack"])
+    assert by.loc[("original", "target", "none"), "asr"] == 1.0  # the original model draws its stars
+    assert by.loc[("original", "control (circle)", "none"), "judged_target"] == 0.0  # and its circles are no stars
+    # none: 2 attempts × 2 images × 4 steps × 2 (classifier-free guidance); the noise probe samples twice as many
+    assert (by.xs("none", level="attack").steps == 32).all() and (by.xs("noise_probe", level="attack").steps == 64).all()
+    assert all(caption.split(" · ")[0] in ("original", "UCE (weak)") for caption, _ in study.examples)
+
+
+def test_the_journal_table_is_the_mean_asr_over_seeds_with_its_student_t_interval():
+    rows = pd.DataFrame([
+        {"method": method, "seed": seed, "prompts": prompts, "attack": attack, "attempts": 20, "successes": 0,
+         "asr": asr, "asr_low": 0.0, "asr_high": 1.0, "judged_target": asr, "seconds": seconds, "steps": 100}
+        for seed, doco in zip((0, 1, 2), (0.5, 0.6, 0.7))
+        for method, prompts, attack, asr, seconds in (
+            ("original", "target", "none", 1.0, 10.0), ("original", "target", "tokens", 1.0, 40.0),
+            ("DoCo (cp)", "target", "none", 0.05 * seed, 10.0), ("DoCo (cp)", "target", "tokens", doco, 40.0),
+            ("DoCo (cp)", "control (circle)", "none", 0.0, 10.0))])
+    lines = journal.attacks_table(rows).splitlines()
+    assert lines[0] == "| model | none | tokens |"
+    assert lines[2] == "| original | 100.0 ± 0.0 | 100.0 ± 0.0 |"
+    # tokens on DoCo: 50, 60, 70 % → mean 60, half-width t(0.975, 2) · 10 / √3 = 24.8; none: 0, 5, 10 % → 5 ± 12.4
+    assert lines[3] == "| DoCo (cp) | 5.0 ± 12.4 | 60.0 ± 24.8 |"
+    assert lines[4] == "| DoCo (cp), control (circle) | 0.0 ± 0.0 | – |"
+    # the cost per attempt over every model and seed: none 10 s / 20 attempts, tokens 40 s / 20
+    assert lines[-2:] == ["| none | 0.5 | 5 |", "| tokens | 2.0 | 5 |"]
+
+
+def test_the_params_file_runs_every_method_and_attack_with_enough_attempts(repo_root):
+    """`make attacks`' budget: the registry's every attack (a new one joins here), the seven methods of notebook 05
+    (DoCo with three retain modes), 3 seeds, at most 5 points of ASR per attempt, the noise probe's control."""
+    params = config.load_params(repo_root / "params" / "toy_attacks.yaml")
+    assert params["attacks"] == list(config.ATTACKS)
+    assert params["attack_variants"] == ["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl", "RGD", "UCE",
+                                         "SPM", "SepME"]
+    assert len(params["attack_model_seeds"]) >= 3 and 100 / params["attack_attempts"] <= 5
+    assert "noise_probe" in params["attack_controls"] and params["attack_control"] != params["target"]
+    with pytest.raises(config.ParamsError, match="attack_control: 'star' is the target"):
+        attack_study.check_study({**params, "attack_control": "star"})
+
+
+@pytest.mark.slow
+def test_record_writes_the_artefact_that_the_journal_renders(doco, tmp_path, monkeypatch):
+    """`doco toy attacks --record` trains UCE (tiny), attacks it and writes attacks.{csv,json}; a block naming the
+    artefact in a copy of results.md then renders its table."""
+    folder = tmp_path / "results"
+    monkeypatch.setattr(journal, "record", functools.partial(journal.record, folder=folder))
+    params = tmp_path / "tiny.yaml"
+    params.write_text(yaml.safe_dump({"run_name": "attacks", "output_root": str(tmp_path / "out"), **TINY,
+                                      "attack_variants": ["UCE"], "n_anchor_images": 4, "anchor_shard_size": 4}))
+    result = doco("toy", "attacks", "--params", params, "--seeds", "1", "--record")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows, how = journal.load("attacks", folder)
+    assert list(rows.columns) == attack_study.COLUMNS and set(rows.method) == {"original", "UCE"}
+    assert set(rows.seed) == {1} and how["command"].startswith("doco toy attacks") and how["wall_seconds"] > 0
+    out = tmp_path / "out" / "attacks" / "attacks"
+    assert (out / "attacks.png").stat().st_size > 0 and len(pd.read_csv(out / "attempts.csv")) == 2 * len(rows)
+    page = tmp_path / "results.md"
+    page.write_text("## Attacks\n\n<!-- artefact: attacks -->\n<!-- /artefact -->\n")
+    assert journal.sync(page, folder) == ["attacks"]
+    assert "| UCE | " in page.read_text() and "2 attempts per model, attack and seed" in page.read_text()
