@@ -22,7 +22,7 @@ from doco_lib.methods.prediction import Parameterization
 from doco_lib.methods.registry import FLOW_METHODS
 from doco_lib.models import denoiser_output, encode_prompts, load_pipeline
 from doco_lib.studies import runs
-from doco_lib.toy import flow_shaped, sd_shaped
+from doco_lib.toy import flow_shaped, shaped
 
 
 # ---------------------------------------------------------------------------------------------- conversions
@@ -96,14 +96,14 @@ def test_full_mmdits_train_the_registered_text_stream_projections():
 @pytest.fixture(scope="module")
 def flow_hub(tmp_path_factory):
     hub = tmp_path_factory.mktemp("hub")
-    sd_shaped.install_shaped("sd35", hub)
+    shaped.install_shaped("sd35", hub)
     return hub
 
 
 @pytest.fixture(scope="module")
 def flux_hub(flow_hub):
     """FLUX.1-dev beside SD 3.5, installed only by the tests that use it."""
-    sd_shaped.install_shaped("flux-dev", flow_hub)
+    shaped.install_shaped("flux-dev", flow_hub)
     return flow_hub
 
 
