@@ -20,13 +20,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/doco demo --params params/toy_world.yaml
 
-# While working: everything but the slow end-to-end runs (tests marked slow).
+# While working: everything but the slow end-to-end runs (tests marked slow). One pytest-xdist worker per core, each
+# test file on one worker (its module fixtures built once), one torch thread per worker (tests/conftest.py).
+PYTEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 
 # What CI runs: the whole suite, slow end-to-end runs included (the SD path, multi-process training).
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +

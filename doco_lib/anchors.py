@@ -75,7 +75,7 @@ class AnchorLatents:
 
 def vae_scaling(vae) -> tuple[float, float]:
     """(scaling_factor, shift_factor) of a VAE's latents as its pipeline applies them (no shift: 0)."""
-    return vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+    return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
 
 
 def cache_settings(model: str, prompts: list[str], n_images: int, seed: int, steps: int, guidance: float,

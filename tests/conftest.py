@@ -9,7 +9,10 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Two threads at most (CI has 2 cores); fewer when OMP_NUM_THREADS asks, e.g. beside another torch job.
+# One torch thread per pytest-xdist worker (`make test` runs one worker per core; the `doco` subprocesses and
+# papermill kernels inherit it), else two at most (CI has 2 cores); OMP_NUM_THREADS, when set, wins.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -34,7 +34,7 @@ def hub_cache(tmp_path_factory):
 def test_doco_batch_runs_the_sd14_files_end_to_end(hub_cache, tmp_path, repo_root):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "OMP_NUM_THREADS": "2"}
+    env = {"OMP_NUM_THREADS": "2", **os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)}
     files = [repo_root / "params" / "concepts" / f"sd14_{name}.yaml" for name in ("snoopy", "nudity")]
     overrides = [arg for key, value in COUNTS.items() for arg in ("--set", f"{key}={value}")]
     done = subprocess.run([sys.executable, "-m", "doco_lib", "batch", *map(str, files), "--run-id", "sd",
