@@ -64,16 +64,24 @@ def _cmd_toy_erasure(args) -> None:
         print(f"artefact docs/results/{args.record}.csv recorded; `doco results` updates docs/results.md")
 
 
+def _report_study(args, artefact: str, rows: pd.DataFrame, written: list[Path], started: float) -> None:
+    """Print a study's rows as the results journal renders them and, with --record, record them as `artefact`."""
+    print(journal.RENDERERS[artefact](rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
+    if args.record:
+        journal.record(artefact, rows, "doco " + shlex.join(map(str, args.argv)), started)
+        print(f"artefact docs/results/{artefact}.csv recorded; `doco results` updates docs/results.md")
+
+
+def _write_rows(rows: pd.DataFrame, path: Path) -> list[Path]:
+    atomic_write_text(rows.to_csv(index=False), path)
+    return [path]
+
+
 def _cmd_toy_lora_export(args) -> None:
     params = load_params(args.params, parse_overrides(args.set))
     started = time.time()
     rows = lora_export_study(params, args.seeds, args.samples, args.energy)
-    path = run_dir(params) / "lora_export.csv"
-    atomic_write_text(rows.to_csv(index=False), path)
-    print(journal.lora_export_table(rows), f"\nwritten to {path}", sep="\n")
-    if args.record:
-        journal.record("lora_export", rows, "doco " + shlex.join(map(str, args.argv)), started)
-        print("artefact docs/results/lora_export.csv recorded; `doco results` updates docs/results.md")
+    _report_study(args, "lora_export", rows, _write_rows(rows, run_dir(params) / "lora_export.csv"), started)
 
 
 def _cmd_toy_quality(args) -> None:
@@ -81,12 +89,7 @@ def _cmd_toy_quality(args) -> None:
     started = time.time()
     rows = quality_rows(args.models, args.seeds, args.samples, params["num_inference_steps"],
                         params["guidance_scale"], params["device"])
-    path = run_dir(params) / "toy_world_quality.csv"
-    atomic_write_text(rows.to_csv(index=False), path)
-    print(journal.toy_world_table(rows), f"\nwritten to {path}", sep="\n")
-    if args.record:
-        journal.record("toy_world", rows, "doco " + shlex.join(map(str, args.argv)), started)
-        print("artefact docs/results/toy_world.csv recorded; `doco results` updates docs/results.md")
+    _report_study(args, "toy_world", rows, _write_rows(rows, run_dir(params) / "toy_world_quality.csv"), started)
 
 
 def _cmd_toy_attacks(args) -> None:
@@ -98,23 +101,14 @@ def _cmd_toy_attacks(args) -> None:
     study = attack_study.attack_study(params, models)
     out = run_dir(params) / "attacks"
     write_resolved(params, out)
-    paths = attack_study.write_study(study, out)
-    print(journal.attacks_table(study.rows), f"\nwritten to {', '.join(map(str, paths.values()))}", sep="\n")
-    if args.record:
-        journal.record("attacks", study.rows, "doco " + shlex.join(map(str, args.argv)), started)
-        print("artefact docs/results/attacks.csv recorded; `doco results` updates docs/results.md")
+    _report_study(args, "attacks", study.rows, list(attack_study.write_study(study, out).values()), started)
 
 
 def _cmd_toy_sepme(args) -> None:
     params = load_params(args.params, parse_overrides(args.set))
     started = time.time()
     rows = sepme_study.subset_rates_over_seeds(params, args.seeds, args.samples or params["eval_samples"])
-    path = run_dir(params) / "sepme_subset_rates.csv"
-    atomic_write_text(rows.to_csv(index=False), path)
-    print(journal.sepme_table(rows), f"\nwritten to {path}", sep="\n")
-    if args.record:
-        journal.record("sepme", rows, "doco " + shlex.join(map(str, args.argv)), started)
-        print("artefact docs/results/sepme.csv recorded; `doco results` updates docs/results.md")
+    _report_study(args, "sepme", rows, _write_rows(rows, run_dir(params) / "sepme_subset_rates.csv"), started)
 
 
 def _cmd_results(args) -> None:

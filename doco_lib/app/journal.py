@@ -55,15 +55,21 @@ def _cell(values: pd.Series) -> str:
     return f"{mean:.1f} ± {half:.1f}"
 
 
-def retain_modes_table(rows: pd.DataFrame) -> str:
-    """Judged rate (%) per prompt set (rows) and model (columns): mean ± 95% Student-t half-width over seeds."""
+def _rate_table(rows: pd.DataFrame, row_key: str, column_key: str, corner: str) -> str:
+    """Judged rate (%) per value of `row_key` (rows) and `column_key` (columns): mean ± 95% Student-t half-width
+    over seeds; `corner` heads the first column."""
     rows = rows.assign(percent=100 * rows["rate"])
-    models = list(dict.fromkeys(rows["model"]))
-    lines = ["| prompt set | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-    for prompt_set, group in rows.groupby("prompt set", sort=False):
-        cells = [_cell(group[group.model == model]["percent"]) for model in models]
-        lines.append(f"| {prompt_set} | " + " | ".join(cells) + " |")
+    columns = list(dict.fromkeys(rows[column_key]))
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, group in rows.groupby(row_key, sort=False):
+        cells = [_cell(group[group[column_key] == column]["percent"]) for column in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def retain_modes_table(rows: pd.DataFrame) -> str:
+    """Judged rate (%) per prompt set (rows) and model (columns)."""
+    return _rate_table(rows, "prompt set", "model", "prompt set")
 
 
 def lora_export_table(rows: pd.DataFrame) -> str:
@@ -80,19 +86,13 @@ def lora_export_table(rows: pd.DataFrame) -> str:
 
 def sepme_table(rows: pd.DataFrame) -> str:
     """Judged rate (%) of each prompt set (columns) under each erased subset of SepME's increments (rows)."""
-    rows = rows.assign(percent=100 * rows["rate"])
-    sets = list(dict.fromkeys(rows["prompt set"]))
-    lines = ["| erased | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
-    for model, group in rows.groupby("model", sort=False):
-        cells = [_cell(group[group["prompt set"] == prompt_set]["percent"]) for prompt_set in sets]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _rate_table(rows, "model", "prompt set", "erased")
 
 
 def toy_world_table(rows: pd.DataFrame) -> str:
     """How often the judge names the prompted shape, colour or style (rows) of each toy model's samples (columns)."""
-    named = rows.assign(**{"prompt set": rows["attribute"] + ": " + rows["value"]})
-    return retain_modes_table(named).replace("| prompt set |", "| prompted value |", 1)
+    named = rows.assign(value=rows["attribute"] + ": " + rows["value"])
+    return _rate_table(named, "value", "model", "prompted value")
 
 
 def attacks_table(rows: pd.DataFrame) -> str:
