@@ -686,6 +686,11 @@ def validate(values: dict[str, Any], source: str = "params") -> dict[str, Any]:
     return resolved
 
 
+def seeded_run(params: dict[str, Any], seed: int, source: str = "params") -> dict[str, Any]:
+    """The params as one seed's run of a study over seeds: `seed` set, run `<run_name>_seed<S>`, validated."""
+    return validate({**params, "seed": seed, "run_name": f"{params['run_name']}_seed{seed}"}, source)
+
+
 def read_params_file(path: str | Path, _base_chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Parse a params YAML file (safe loader) into a dict, with clear errors for missing or malformed files; a
     file may build on another with `base:`, holding only what differs."""

@@ -49,8 +49,7 @@ def _cmd_toy_erasure(args) -> None:
                           f"{', '.join(journal.RENDERERS)}.")
     started, parts = time.time(), []
     for seed in args.seeds or [params["seed"]]:
-        run = params if not args.seeds else config.validate({**params, "seed": seed,
-                                                             "run_name": f"{params['run_name']}_seed{seed}"})
+        run = config.seeded_run(params, seed) if args.seeds else params
         table, _ = retain_mode_study(run, args.retain_modes, args.samples)
         parts.append(table.assign(seed=seed))
         print(f"seed {seed}:\n{table.round(3).to_string(index=False)}")

@@ -290,8 +290,7 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 def subset_rates_over_seeds(params: dict, seeds: list[int], samples: int, progress: bool = False) -> pd.DataFrame:
     """`rate_subsets` with the increments trained once per seed (runs `<run_name>_seed<S>`): one row per seed,
     model (the erased subset, or the original) and prompt set (the results journal's `sepme` artefact)."""
-    runs = [config.validate({**params, "seed": seed, "run_name": f"{params['run_name']}_seed{seed}"},
-                            source=f"SepME seed {seed}") for seed in seeds]  # all refused before any training
+    runs = [config.seeded_run(params, seed, f"SepME seed {seed}") for seed in seeds]  # all refused before any training
     pipe = load_pipeline(params["sepme_model"], params["device"], dtype=torch.float32)
     parts = []
     for run in runs:
