@@ -299,6 +299,17 @@ SCHEMA: dict[str, Param] = {
     "esd_eta": Param(1.0, (int, float), "ESD: strength η of the negative guidance target", TRAINING, minimum=0.0),
     "esd_steps": Param(25, int, "ESD: DDIM steps of the partial denoising (ESD: 50)", TRAINING, minimum=2),
     "esd_start_guidance": Param(3.0, (int, float), "ESD: guidance of the partial denoising", TRAINING, minimum=0.0),
+    "adv_prompt_every": Param(0, int, "DoCo and ESD, robust erasure (AdvUnlearn-style, doco_lib/methods/"
+                              "adversarial_prompts.py): an inner attack on soft prefix tokens of the target prompts "
+                              "every this many iterations from warmup_iterations on, its prompts trained on beside "
+                              "the targets (AdvUnlearn: 20; 0: off)", TRAINING, minimum=0),
+    "adv_prompt_tokens": Param(3, int, "soft prefix tokens per target prompt (AdvUnlearn: 3)", TRAINING, minimum=1),
+    "adv_prompt_steps": Param(30, int, "Adam steps of each inner attack (AdvUnlearn: 30)", TRAINING, minimum=1),
+    "adv_prompt_lr": Param(0.01, (int, float), "Adam learning rate of the inner attack (AdvUnlearn: 0.01)", TRAINING,
+                           check=_positive),
+    "adv_prompt_fraction": Param(0.5, (int, float), "share of the target batch conditioned on the adversarial "
+                                 "prompts instead of the target prompts (AdvUnlearn: 1)", TRAINING, minimum=0.0,
+                                 maximum=1.0),
     "conabl_variant": Param("model", str, "ConAbl: match the frozen model's anchor prediction (model) or the noise",
                             TRAINING, choices=registry.CONABL_VARIANTS),
     "conabl_retain": Param(True, bool, "ConAbl: add the diffusion loss on anchor images", TRAINING),
@@ -585,6 +596,9 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
     if resolved["method"] == "doco" and resolved["retain_mode"] != "none" and resolved["retain_weight"] == 0:
         raise ParamsError(f"retain_weight: 0 with retain_mode {resolved['retain_mode']!r} leaves no retaining term "
                           "(L_r is multiplied by 0); set retain_mode: none, or a retain_weight above 0.")
+    if resolved["adv_prompt_every"] and resolved["method"] not in registry.ADV_PROMPT_METHODS:
+        raise ParamsError(f"adv_prompt_every: {resolved['adv_prompt_every']} with method {resolved['method']!r}; "
+                          f"adversarial prompts train with {' and '.join(registry.ADV_PROMPT_METHODS)} only (0: off).")
     if resolved["method"] == "uce" and resolved["trainable"] != "cross_attention_kv":
         raise ParamsError(f"trainable: {resolved['trainable']!r} with method uce; UCE edits the cross-attention keys "
                           "and values only (trainable: cross_attention_kv).")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from doco_lib import config
+from doco_lib import config, prompt_tokens
 from doco_lib.app.cli import main
 from doco_lib.studies import attacks, robustness
 from doco_lib.studies.attacks import common, completion, noise_probe, relearning, tokens, unlearndiff
@@ -32,7 +32,7 @@ def settings(**overrides) -> common.AttackSettings:
 
 def test_token_search_finds_the_target_on_the_base_model(toy):
     pipe, judge = toy
-    vocabulary = torch.tensor([common.word_ids(pipe.tokenizer, w)[0] for w in ("circle", "square", "heart", "star")])
+    vocabulary = torch.tensor([prompt_tokens.word_ids(pipe.tokenizer, w)[0] for w in ("circle", "square", "heart", "star")])
     result = tokens.token_search(pipe, judge, "a photo of a", "star", vocabulary, 0,
                                  settings(attack_candidates=4, attack_images=3), torch.Generator().manual_seed(0))
     assert result.search_scores[0] < 0.5 < result.search_scores[-1]  # the random start token was not the target
@@ -41,9 +41,9 @@ def test_token_search_finds_the_target_on_the_base_model(toy):
 
 def test_soft_prompt_lowers_the_diffusion_loss_and_only_inside_its_context(toy):
     pipe, judge = toy
-    ids = common.padded_ids(pipe.tokenizer, common.word_ids(pipe.tokenizer, "a photo of a star"))[None]
+    ids = prompt_tokens.padded_ids(pipe.tokenizer, prompt_tokens.word_ids(pipe.tokenizer, "a photo of a star"))[None]
     plain = common.encode(pipe, ids)
-    with common.soft_tokens(pipe.text_encoder, [2], torch.zeros(1, plain.shape[-1])):
+    with prompt_tokens.soft_tokens(pipe.text_encoder, [2], torch.zeros(1, plain.shape[-1])):
         replaced = common.encode(pipe, ids)
     assert torch.equal(replaced[:, :2], plain[:, :2]) and not torch.allclose(replaced[:, 2:], plain[:, 2:])
     assert torch.equal(common.encode(pipe, ids), plain)  # the hook is gone
@@ -84,12 +84,12 @@ def test_success_rule_asr_table_and_vocabulary(toy):
 
     tokenizer = toy[0].tokenizer
     vocabulary = set(common.vocabulary_ids(tokenizer, "captions", ["star"]).tolist())
-    assert common.word_ids(tokenizer, "star")[0] not in vocabulary
-    assert common.word_ids(tokenizer, "pentagon")[0] in vocabulary
+    assert prompt_tokens.word_ids(tokenizer, "star")[0] not in vocabulary
+    assert prompt_tokens.word_ids(tokenizer, "pentagon")[0] in vocabulary
     prompts = robustness.start_prompts(config.validate({}), 3)
     assert len(prompts) == 3 and all("star" in p for p in prompts)
 
-    prompt = common.word_ids(tokenizer, "a red star")
+    prompt = prompt_tokens.word_ids(tokenizer, "a red star")
     ids, slots = tokens.adversarial_slots(tokenizer, prompt, "star", torch.tensor(sorted(vocabulary)),
                                           settings(attack_positions="substitute", attack_tokens=5),
                                           torch.Generator().manual_seed(0))

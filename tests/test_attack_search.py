@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_attack import weakly_erased  # noqa: F401 (a fixture)
 
-from doco_lib import config
+from doco_lib import config, prompt_tokens
 from doco_lib.studies import attacks
 from doco_lib.studies.attacks import common, gcg, ring_a_bell
 
@@ -68,14 +68,14 @@ def test_gcg_lowers_its_loss_below_random_prompts_and_never_emits_the_targets_wo
     tokenizer = pipe.tokenizer
     forbidden = gcg.forbidden_tokens(tokenizer, "star")
     assert {tokenizer.convert_tokens_to_ids(t) for t in ("star</w>", "stars</w>", "superstar</w>")} <= forbidden
-    assert common.word_ids(tokenizer, "pentagon")[0] not in forbidden
-    assert set(common.word_ids(tokenizer, "pentagram")) <= gcg.forbidden_tokens(tokenizer, "pentagram")  # its pieces
+    assert prompt_tokens.word_ids(tokenizer, "pentagon")[0] not in forbidden
+    assert set(prompt_tokens.word_ids(tokenizer, "pentagram")) <= gcg.forbidden_tokens(tokenizer, "pentagram")  # its pieces
     everything = common.vocabulary_ids(tokenizer, "captions", [])  # "star" among them
-    target = gcg.pooled(pipe, common.padded_ids(tokenizer, common.word_ids(tokenizer, "a photo of a star"))[None])
+    target = gcg.pooled(pipe, prompt_tokens.padded_ids(tokenizer, prompt_tokens.word_ids(tokenizer, "a photo of a star"))[None])
     unfiltered, _ = gcg.coordinate_search(pipe, target.detach(), everything, run, torch.Generator().manual_seed(0))
     assert forbidden & set(unfiltered)  # the filter below has something to do
     result = gcg.gcg(pipe, toy[1], "a photo of a star", "star", everything, 0, run, torch.Generator().manual_seed(0))
-    ids = common.word_ids(tokenizer, result.prompt)
+    ids = prompt_tokens.word_ids(tokenizer, result.prompt)
     assert len(ids) == 4 and not forbidden & set(ids)
     scores = result.search_scores
     assert len(scores) == 11 and all(b <= a for a, b in zip(scores, scores[1:])) and scores[-1] < scores[0]
@@ -104,7 +104,7 @@ def test_the_found_prompt_brings_the_target_back_past_a_word_filter_but_not_past
     assert "star" not in found.prompt.split() and found.loss_after < found.loss_before
     assert filtered.judged_target <= 0.125 and found.judged_target >= 0.75 and found.success
     length = run.ring_a_bell_tokens if name == "ring_a_bell" else run.gcg_tokens
-    chance = [common.judged_embedding(pipe, judge, common.encode(pipe, common.padded_ids(pipe.tokenizer, ids)[None]),
+    chance = [common.judged_embedding(pipe, judge, common.encode(pipe, prompt_tokens.padded_ids(pipe.tokenizer, ids)[None]),
                                       0, run)[1] for ids in random_prompts(vocabulary, 16, length).tolist()]
     assert sum(chance) / len(chance) <= found.judged_target - 0.25
     erased = attacks.run(name, weakly_erased, judge, common.Target("a photo of a star", "star", vocabulary), 0, run)

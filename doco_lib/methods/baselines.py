@@ -100,8 +100,10 @@ class EsdTrainer(ErasureTrainer):
 
     def train_step(self) -> dict:
         cfg = self.config
+        logs = self.refresh_adversarial_prompts()
         index = self._sample_index()
-        c_star = self.target_embeddings[self.prompt_index[index]]
+        prompts = self.prompt_index[index]
+        c_star = self.target_embeddings[prompts]
         x_t, t = self._partial_denoise(c_star)
         empty = self.empty_embedding.expand_as(c_star)
         with torch.no_grad(), self.accelerator.autocast():
@@ -110,9 +112,16 @@ class EsdTrainer(ErasureTrainer):
                                                 torch.cat([empty, c_star]).to(frozen.dtype)).float().chunk(2)
             target = eps_empty - cfg.esd_eta * (eps_prompt - eps_empty)
         with self.accelerator.autocast():
-            prediction = denoiser_output(self.unet, x_t, t, c_star).float()
+            # The trained UNet reads P, or with adversarial prompts on, δ ⊕ P for a share of the batch.
+            prediction = denoiser_output(self.unet, x_t, t, self._target_conditioning(prompts)).float()
         loss = F.mse_loss(prediction, target)
-        return self.descend(loss, {"g_loss": loss.item()}, "esd")
+        return self.descend(loss, {"g_loss": loss.item(), **logs}, "esd")
+
+    def _adversarial_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of the inner attack: ESD's own x_t, partially denoised with the target prompts."""
+        index = self._sample_index()
+        prompts = self.prompt_index[index]
+        return (*self._partial_denoise(self.target_embeddings[prompts]), prompts)
 
 
 class RgdTrainer(ErasureTrainer):

@@ -53,6 +53,7 @@ from doco_lib.io import (
     atomic_write_text,
     load_torch_checkpoint,
 )
+from doco_lib.methods.adversarial_prompts import AdversarialPrompts
 from doco_lib.methods.discriminator import GANLoss, NLayerDiscriminator
 from doco_lib.methods.prediction import Parameterization
 from doco_lib.methods.registry import (
@@ -118,6 +119,11 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _schema_default("gradient_accumulation_steps")
     gradient_checkpointing: bool | str = _schema_default("gradient_checkpointing")  # true | false | "auto"
     heldout_fraction: float = 0.1
+    adv_prompt_every: int = _schema_default("adv_prompt_every")  # adversarial prompts (adversarial_prompts.py)
+    adv_prompt_tokens: int = _schema_default("adv_prompt_tokens")
+    adv_prompt_steps: int = _schema_default("adv_prompt_steps")
+    adv_prompt_lr: float = _schema_default("adv_prompt_lr")
+    adv_prompt_fraction: float = _schema_default("adv_prompt_fraction")
     esd_eta: float = _schema_default("esd_eta")
     esd_steps: int = _schema_default("esd_steps")
     esd_start_guidance: float = _schema_default("esd_start_guidance")
@@ -334,7 +340,7 @@ class ErasureTrainer:
         # The starting weights, for the exported delta only: on the CPU, the GPU's memory is for training.
         self.original = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
         self.frozen_unet = None
-        if self.needs_frozen_unet():
+        if self.needs_frozen_unet() or config.adv_prompt_every:  # the inner attack's reference is the original
             self.frozen_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
             dtype = frozen_dtype(config.frozen_dtype, self.device)
             if dtype != self.frozen_unet.dtype:
@@ -362,8 +368,11 @@ class ErasureTrainer:
                 captions = sorted(set(images.prompts))
                 self.retained_sets.append((images, torch.tensor([captions.index(p) for p in images.prompts]),
                                            self._encode(pipe, captions)))
-        if self.device.type != "cpu":  # the embeddings are cached: training needs neither encoder on the GPU
-            for encoder in text_encoders(pipe):
+        # The inner attack of adversarial prompts runs the text encoder; it stays on the training device then.
+        self.adv_prompts = AdversarialPrompts(pipe, [t for _, t in self.prompt_pairs], config.adv_prompt_tokens,
+                                              config.seed, self.device) if config.adv_prompt_every else None
+        if self.device.type != "cpu":  # the embeddings are cached: training needs no encoder on the GPU otherwise
+            for encoder in text_encoders(pipe) if self.adv_prompts is None else []:
                 encoder.to("cpu")
             pipe.vae.to("cpu")
 
@@ -429,7 +438,32 @@ class ErasureTrainer:
     def _batch(self, index: torch.Tensor, generator: torch.Generator):
         x_t, t, target = self._noised(self.anchors.sample(index, generator).to(self.device), generator)
         prompts = self.prompt_index[index]
-        return x_t, t, target, self.anchor_embeddings[prompts], self.target_embeddings[prompts]
+        return x_t, t, target, self.anchor_embeddings[prompts], self._target_conditioning(prompts)
+
+    def _target_conditioning(self, prompts: torch.Tensor) -> torch.Tensor:
+        """The target prompts' conditionings of a batch (`prompts`: each sample's prompt pair), a share of them
+        adversarial once an inner attack has run (`adv_prompt_fraction`)."""
+        plain = self.target_embeddings[prompts]
+        if self.adv_prompts is None:
+            return plain
+        return self.adv_prompts.mixed(plain, prompts, self.config.adv_prompt_fraction, self.generator)
+
+    def refresh_adversarial_prompts(self) -> dict:
+        """The inner attack, on the iterations it runs (every `adv_prompt_every` from `warmup_iterations` on), on
+        batches of `_adversarial_batch`. Returns its log entry."""
+        cfg = self.config
+        if (self.adv_prompts is None or self.step < cfg.warmup_iterations
+                or (self.step - cfg.warmup_iterations) % cfg.adv_prompt_every):
+            return {}
+        loss = self.adv_prompts.attack(self.unet, self.frozen_unet, self._adversarial_batch, self.target_embeddings,
+                                       cfg.adv_prompt_steps, cfg.adv_prompt_lr, self.reduce, self.accelerator.autocast)
+        return {"adv_prompt_loss": loss}
+
+    def _adversarial_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of the inner attack: noised anchor latents (x_t, t) and each sample's prompt pair."""
+        index = self._sample_index()
+        x_t, t, _ = self._noised(self.anchors.sample(index, self.generator).to(self.device), self.generator)
+        return x_t, t, self.prompt_index[index]
 
     def _retain_batch(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, c: torch.Tensor):
         """The batch of the retaining loss: the anchor batch, plus as many preservation images when a
@@ -609,6 +643,8 @@ class ErasureTrainer:
                  "generator": generators, "history": json.dumps(self.history),
                  "identity": json.dumps(self.identity(), sort_keys=True), "loop_cost": self.loop_cost.to_json(),
                  **self.extra_state()}
+        if self.adv_prompts is not None and self.adv_prompts.embeddings is not None:
+            state["adv_prompt_delta"] = self.adv_prompts.delta.cpu()
         atomic_torch_save(state, self.checkpoint_path)
         self.write_history()
 
@@ -642,6 +678,8 @@ class ErasureTrainer:
                 p.copy_(state["trainable"][name].to(p.device))
         self.opt_g.load_state_dict(state["opt_g"])
         self.load_extra_state(state)
+        if "adv_prompt_delta" in state:
+            self.adv_prompts.load(state["adv_prompt_delta"])
         generators = state["generator"]
         if generators.dim() == 1:  # a checkpoint written before processes had a generator each
             generators = generators[None]
@@ -756,6 +794,7 @@ class DocoTrainer(ErasureTrainer):
         logs = {"d_loss": 0.0, "d_acc": 0.0}
         if adversarial:
             logs.update(g_loss=0.0, retain_loss=0.0)
+        logs.update(self.refresh_adversarial_prompts())
         self.opt_d.zero_grad(set_to_none=True)
         for _ in range(accumulate):
             index = self._sample_index()
@@ -807,7 +846,7 @@ class DocoTrainer(ErasureTrainer):
 
     def _real_prediction(self, x_t, t, c, retain_prediction) -> torch.Tensor:
         """D's "real" sample: the frozen original's prediction for the anchor prompt, or the trained UNet's."""
-        if self.frozen_unet is not None:
+        if self.config.disc_real_source == "frozen":
             with torch.no_grad(), self.accelerator.autocast():
                 return denoiser_output(self.frozen_unet, x_t.to(self.frozen_unet.dtype), t, c.to(self.frozen_unet.dtype))
         if retain_prediction is not None:
@@ -876,7 +915,7 @@ class DocoTrainer(ErasureTrainer):
         generator = torch.Generator().manual_seed(seed)
         prompts = self.prompt_index[self.heldout_index]
         c, c_star = self.anchor_embeddings[prompts], self.target_embeddings[prompts]
-        unet = self.frozen_unet if self.frozen_unet is not None else self.unet
+        unet = self.frozen_unet if self.config.disc_real_source == "frozen" else self.unet
         grid = self.parameterization.timesteps  # buckets of the training grid's steps (a flow's: falling σ)
         n_steps = len(grid)
         rows = []

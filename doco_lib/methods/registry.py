@@ -71,7 +71,12 @@ VARIANTS = {
     "RGD": {"method": "rgd", "trainable": "full"},
     "UCE": {"method": "uce", "trainable": "cross_attention_kv"},
     "SPM": {"method": "spm"},
+    # Robust erasures: adversarial prompts in the loop, an inner attack every 20 iterations (AdvUnlearn's rate).
+    "DoCo (cp) + adv prompts": {"method": "doco", "retain_mode": "cp", "adv_prompt_every": 20},
+    "ESD-x + adv prompts": {"method": "esd", "trainable": "cross_attention", "adv_prompt_every": 20},
 }
+# The methods that train with adversarial prompts (`adv_prompt_every`, doco_lib/methods/adversarial_prompts.py).
+ADV_PROMPT_METHODS = ("doco", "esd")
 # Not a harness method: the target's SepME increment (doco_lib/studies/sepme_study.py), on `sepme_model`.
 SEPME = "SepME"
 

@@ -9,7 +9,6 @@ verdict on them. Search, evaluation and target-image seeds never overlap (`SEARC
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from doco_lib import config
 from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.methods.prediction import Parameterization
 from doco_lib.models import is_toy, load_judge, pick_device
+from doco_lib.prompt_tokens import padded_ids, word_ids
 from doco_lib.sampling import initial_latents
 from doco_lib.studies.runs import concept
 from doco_lib.toy import render
@@ -172,20 +172,6 @@ def judge_final(judge: Judge, images: torch.Tensor, settings: AttackSettings) ->
 
 
 # ---------------------------------------------------------------- prompts as token ids
-def word_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def padded_ids(tokenizer, ids: list[int]) -> torch.Tensor:
-    """BOS + ids + EOS, padded to the encoder's length: what the pipeline's tokenizer call would produce."""
-    length = tokenizer.model_max_length
-    if len(ids) + 2 > length:
-        raise config.ParamsError(f"attack_tokens: the adversarial prompt has {len(ids)} tokens; the text encoder "
-                                 f"takes at most {length - 2}.")
-    return torch.tensor([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] +
-                        [tokenizer.pad_token_id] * (length - len(ids) - 2))
-
-
 def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
@@ -214,21 +200,6 @@ def encode(pipe, ids: torch.Tensor) -> torch.Tensor:
 def prompt_embedding(pipe, prompt: str) -> torch.Tensor:
     """(1, L, D): the `prompt_embeds` of a text prompt."""
     return encode(pipe, padded_ids(pipe.tokenizer, word_ids(pipe.tokenizer, prompt))[None])
-
-
-@contextlib.contextmanager
-def soft_tokens(text_encoder, positions: list[int], vectors: torch.Tensor):
-    """Inside the block, the input token embeddings at `positions` are `vectors` (n, D), for every prompt."""
-    def replace(module, inputs, output):
-        output = output.clone()
-        output[:, positions] = vectors.to(output.dtype)
-        return output
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 # ---------------------------------------------------------------- the diffusion loss on the original model's images
@@ -335,6 +306,7 @@ class Attempt:
                 "adversarial prompt": self.prompt, "judged target": self.judged_target, "success": self.success,
                 "search score start": self.search_scores[0] if self.search_scores else float("nan"),
                 "search score end": self.search_scores[-1] if self.search_scores else float("nan"),
+                "search scores": " ".join(f"{score:.6g}" for score in self.search_scores),
                 "loss before": self.loss_before, "loss after": self.loss_after}
 
 

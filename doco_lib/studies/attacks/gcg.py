@@ -29,18 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from doco_lib.studies.attacks.common import (
-    AttackSettings,
-    Attempt,
-    Judge,
-    Target,
-    decode,
-    encode,
-    judged_embedding,
-    padded_ids,
-    soft_tokens,
-    word_ids,
-)
+from doco_lib.prompt_tokens import padded_ids, soft_tokens, word_ids
+from doco_lib.studies.attacks.common import AttackSettings, Attempt, Judge, Target, decode, encode, judged_embedding
 
 
 def original_images(settings: AttackSettings) -> int:

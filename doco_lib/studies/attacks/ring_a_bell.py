@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from doco_lib.prompt_tokens import padded_ids, word_ids
 from doco_lib.studies.attacks.common import (
     AttackSettings,
     Attempt,
@@ -36,9 +37,7 @@ from doco_lib.studies.attacks.common import (
     decode,
     encode,
     judged_embedding,
-    padded_ids,
     prompt_embedding,
-    word_ids,
 )
 
 CROSSOVER_RATE = 0.5  # Ring-A-Bell's

@@ -9,7 +9,7 @@ model θ* (frozen) on images z0 of the target drawn by the *original* model (the
 
 v starts from the embedding of `attack_ti_initializer` (textual inversion's coarse initializer word; the
 mean of its tokens' embeddings when it has several) and takes `attack_ti_steps` Adam steps at `attack_ti_lr`.
-It is substituted at <x>'s position as the text encoder's input embedding (common.soft_tokens) rather than
+It is substituted at <x>'s position as the text encoder's input embedding (prompt_tokens.soft_tokens) rather than
 added to the tokenizer, so the pipeline is left as it was. "a photo of a <x>" is then judged on the
 evaluation seeds; `loss_before` and `loss_after` are the objective on a fixed batch (every image at 4
 stratified timesteps). The issue's manual trial on SD used 300 steps at learning rate 5e-3 on 256 images; the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from doco_lib.prompt_tokens import padded_ids, soft_tokens, word_ids
 from doco_lib.studies.attacks.common import (
     AttackSettings,
     Attempt,
@@ -29,9 +30,6 @@ from doco_lib.studies.attacks.common import (
     decode,
     judged_embedding,
     nearest_tokens,
-    padded_ids,
-    soft_tokens,
-    word_ids,
 )
 
 TEMPLATE = "a photo of a"  # the prompt is TEMPLATE + " <x>"

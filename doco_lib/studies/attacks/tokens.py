@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from doco_lib import config
+from doco_lib.prompt_tokens import padded_ids, word_ids
 from doco_lib.studies.attacks.common import (
     EVAL_SEEDS,
     SEARCH_SEEDS,
@@ -23,8 +24,6 @@ from doco_lib.studies.attacks.common import (
     encode,
     generate_embedded,
     judge_final,
-    padded_ids,
-    word_ids,
 )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from doco_lib.prompt_tokens import padded_ids, soft_tokens, word_ids
 from doco_lib.studies.attacks.common import (
     AttackSettings,
     Attempt,
@@ -26,9 +27,6 @@ from doco_lib.studies.attacks.common import (
     decode,
     judged_embedding,
     nearest_tokens,
-    padded_ids,
-    soft_tokens,
-    word_ids,
 )
 
 
