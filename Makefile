@@ -94,12 +94,17 @@ results-sepme: $(STAMP)
 	$(BIN)/doco toy sepme --params params/toy_sepme.yaml --seeds 0 1 2 --samples 64 --record
 	$(BIN)/doco results
 
-# The attack study, notebook 07's (docs/results/attacks.{csv,json}, docs/figures/attacks.png): every method of
-# notebook 05 × seeds 0-2 × every attack of params/toy_attacks.yaml, 20 attempts each, and the circle control.
-# About 6 h on a quiet 2-core machine, extrapolated from one erased model × one seed × every attack (28 s per
-# attempt; the original model 23 s): 5 h of attacks and about 1 h of training, which runs `make ablation` already
-# trained are spared. The figure is drawn from the recorded rows.
+# The attack study, notebook 07's (docs/results/attacks/, relearning/; docs/figures/attacks.png, relearning.png, drawn
+# from every recorded part):
+# every method of notebook 05 and the two robust variants × every attack of params/toy_attacks.yaml, 20 attempts
+# each, and the circle control. Two shards, a process per core, then a call that combines their chunks and records
+# the seeds' part of the artefacts. One seed takes about 1.5 h on 2 idle cores (each model 20 attempts × ~34 s on one
+# core, measured 2026-12-06, plus its training), so `make attacks ATTACK_SEEDS=1` records one seed per session;
+# every part must come from the same code and settings (`doco results` refuses parts that differ).
+ATTACK_SEEDS ?= 0 1 2
+ATTACKS := $(BIN)/doco toy attacks --params params/toy_attacks.yaml --seeds $(ATTACK_SEEDS)
 attacks: $(STAMP)
-	$(BIN)/doco toy attacks --params params/toy_attacks.yaml --seeds 0 1 2 --record
-	cp outputs/toy_world/attacks/attacks.png docs/figures/attacks.png
-	$(BIN)/doco results
+	$(ATTACKS) --shard 1/2 > outputs/attacks_shard1.log 2>&1 & $(ATTACKS) --shard 2/2; shard2=$$?; \
+		wait $$! && test $$shard2 -eq 0 || { tail -20 outputs/attacks_shard1.log; exit 1; }
+	$(ATTACKS) --record
+	$(BIN)/doco results --figures

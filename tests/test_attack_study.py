@@ -58,6 +58,70 @@ def test_study_rows_at_a_tiny_budget(weak_unet, tmp_path):
     assert all(caption.split(" · ")[0] in ("original", "UCE (weak)") for caption, _ in study.examples)
 
 
+def test_a_study_resumes_from_its_chunks_and_measures_again_what_changed(weak_unet, tmp_path, monkeypatch):
+    """Each (seed, model) is kept as it is measured: a second call measures nothing and returns the same attempts
+    and examples; a chunk measured under other settings is measured again."""
+    params = config.validate({**TINY, "output_root": str(tmp_path), "attacks": ["noise_probe"], "attack_controls": []})
+    models = pd.DataFrame([{"variant": "UCE (weak)", "seed": 3, "unet": weak_unet}])
+    first = attack_study.attack_study(params, models, progress=False, store=tmp_path / "chunks")
+    assert sorted(p.name for p in (tmp_path / "chunks" / "seed3").glob("*.csv")) == ["original.csv", "uce_weak.csv"]
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a finished chunk was measured again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(attack_study.robustness, "attacked", measured_again)
+        again = attack_study.attack_study(params, models, progress=False, store=tmp_path / "chunks")
+    pd.testing.assert_frame_equal(again.rows, first.rows)
+    pd.testing.assert_frame_equal(again.attempts, first.attempts, check_dtype=False)
+    assert [c for c, _ in again.examples] == [c for c, _ in first.examples]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again.examples, first.examples))
+
+    calls = []
+    monkeypatch.setattr(attack_study, "_measure", lambda *args: calls.append(args[5]) or ([], []))
+    attack_study.attack_study({**params, "attack_noise_scales": [1.5]}, models, progress=False,
+                              store=tmp_path / "chunks")
+    assert calls == ["original", "UCE (weak)"]  # another setting: both chunks measured again
+
+
+def test_shards_split_the_models_round_robin_and_cover_them_all():
+    variants = ["DoCo (cp)", "ESD-x", "UCE", "SepME"]
+    shards = [attack_study.shard_variants(variants, k, 2) for k in (1, 2)]
+    assert shards == [(["ESD-x", "SepME"], True), (["DoCo (cp)", "UCE"], False)]
+    assert sorted(shards[0][0] + shards[1][0]) == sorted(variants)
+    assert attack_study.shard_variants(variants, 1, 1) == (variants, True)
+    with pytest.raises(config.ParamsError, match="--shard 3/2"):
+        attack_study.shard_variants(variants, 3, 2)
+
+
+def test_a_shard_without_the_original_attacks_only_its_own_models(weak_unet, tmp_path):
+    params = config.validate({**TINY, "output_root": str(tmp_path), "attacks": ["noise_probe"], "attack_controls": [],
+                              "attack_attempts": 1})
+    models = pd.DataFrame([{"variant": "UCE (weak)", "seed": 3, "unet": weak_unet}])
+    study = attack_study.attack_study(params, models, progress=False, original=False)
+    assert set(study.rows.method) == {"UCE (weak)"}
+    alone = attack_study.attack_study(params, models.iloc[:0], progress=False, original=True, seeds=[3])
+    assert set(alone.rows.method) == {"original"} and set(alone.rows.seed) == {3}
+
+
+def test_the_relearning_curve_is_the_mean_rate_per_step_count_over_attempts():
+    attempts = pd.DataFrame([
+        {"method": method, "seed": 0, "prompts": prompts, "attack": attack, "search scores": scores}
+        for method, prompts, attack, scores in (
+            ("original", "target", "relearning", "1 1 1"), ("DoCo (cp)", "target", "relearning", "0 0.25 0.5"),
+            ("DoCo (cp)", "target", "relearning", "0 0.75 1"), ("DoCo (cp)", "target", "tokens", "0.5 0.9"),
+            ("DoCo (cp)", "control (circle)", "relearning", "0 0 0"))])
+    rows = attack_study.relearning_rows(attempts, (0, 10, 50))
+    assert list(rows.columns) == ["method", "seed", "steps", "attempts", "rate"]
+    by = rows.set_index(["method", "steps"])
+    assert by.loc[("DoCo (cp)", 10), "rate"] == 0.5 and by.loc[("DoCo (cp)", 50), "rate"] == 0.75
+    assert by.loc[("DoCo (cp)", 0), "attempts"] == 2 and by.loc[("original", 50), "rate"] == 1.0
+    assert len(rows) == 6  # the control's prompts and other attacks are not the curve
+    table = journal.relearning_table(rows.assign(seed=0)).splitlines()
+    assert table[0] == "| model | 0 steps | 10 steps | 50 steps |"
+    assert table[3] == "| DoCo (cp) | 0.0 ± 0.0 | 50.0 ± 0.0 | 75.0 ± 0.0 |"
+
+
 def test_the_journal_table_is_the_mean_asr_over_seeds_with_its_student_t_interval():
     rows = pd.DataFrame([
         {"method": method, "seed": seed, "prompts": prompts, "attack": attack, "attempts": 20, "successes": 0,
@@ -79,11 +143,12 @@ def test_the_journal_table_is_the_mean_asr_over_seeds_with_its_student_t_interva
 
 def test_the_params_file_runs_every_method_and_attack_with_enough_attempts(repo_root):
     """`make attacks`' budget: the registry's every attack (a new one joins here), the seven methods of notebook 05
-    (DoCo with three retain modes), 3 seeds, at most 5 points of ASR per attempt, the noise probe's control."""
+    (DoCo with three retain modes) and the two robust variants, 3 seeds, at most 5 points of ASR per attempt, the
+    noise probe's control."""
     params = config.load_params(repo_root / "params" / "toy_attacks.yaml")
     assert params["attacks"] == list(config.ATTACKS)
-    assert params["attack_variants"] == ["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "ESD-x", "ConAbl", "RGD", "UCE",
-                                         "SPM", "SepME"]
+    assert params["attack_variants"] == ["DoCo (none)", "DoCo (l2)", "DoCo (cp)", "DoCo (cp) + adv prompts", "ESD-x",
+                                         "ESD-x + adv prompts", "ConAbl", "RGD", "UCE", "SPM", "SepME"]
     assert len(params["attack_model_seeds"]) >= 3 and 100 / params["attack_attempts"] <= 5
     assert "noise_probe" in params["attack_controls"] and params["attack_control"] != params["target"]
     with pytest.raises(config.ParamsError, match="attack_control: 'star' is the target"):
@@ -92,8 +157,8 @@ def test_the_params_file_runs_every_method_and_attack_with_enough_attempts(repo_
 
 @pytest.mark.slow
 def test_record_writes_the_artefact_that_the_journal_renders(doco, tmp_path, monkeypatch):
-    """`doco toy attacks --record` trains UCE (tiny), attacks it and writes attacks.{csv,json}; a block naming the
-    artefact in a copy of results.md then renders its table."""
+    """`doco toy attacks --record` trains UCE (tiny), attacks it and writes the seeds' part of artefacts attacks and
+    relearning; a block naming the artefact in a copy of results.md then renders its table."""
     folder = tmp_path / "results"
     monkeypatch.setattr(journal, "record", functools.partial(journal.record, folder=folder))
     params = tmp_path / "tiny.yaml"
@@ -103,7 +168,9 @@ def test_record_writes_the_artefact_that_the_journal_renders(doco, tmp_path, mon
     assert result.returncode == 0, result.stderr[-3000:]
     rows, how = journal.load("attacks", folder)
     assert list(rows.columns) == attack_study.COLUMNS and set(rows.method) == {"original", "UCE"}
-    assert set(rows.seed) == {1} and how["command"].startswith("doco toy attacks") and how["wall_seconds"] > 0
+    (part,) = how["parts"]
+    assert set(rows.seed) == {1} and part["command"].startswith("doco toy attacks") and part["wall_seconds"] > 0
+    assert part["part"] == "seeds_1" and part["identity"] == attack_study.study_identity(config.load_params(params))
     out = tmp_path / "out" / "attacks" / "attacks"
     assert (out / "attacks.png").stat().st_size > 0 and len(pd.read_csv(out / "attempts.csv")) == 2 * len(rows)
     page = tmp_path / "results.md"

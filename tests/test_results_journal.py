@@ -2,9 +2,9 @@
 generated block equals what its artefact renders, a changed number is caught, and every table outside the
 sections recorded before the artefacts existed sits in such a block."""
 
-import json
 import re
 import shutil
+import time
 
 import pandas as pd
 import pytest
@@ -31,12 +31,13 @@ def test_every_block_of_results_md_is_what_its_artefact_renders(doco):
 def test_every_artefact_has_a_block_and_says_how_it_was_measured():
     text = journal.JOURNAL.read_text()
     blocks = {match["name"] for match in journal.BLOCK.finditer(text)}
-    artefacts = {path.stem for path in journal.ARTEFACTS.glob("*.csv")}
+    artefacts = journal.names()
     assert artefacts == blocks
     for name in artefacts:
-        how = json.loads((journal.ARTEFACTS / f"{name}.json").read_text())
-        assert re.fullmatch(r"[0-9a-f]{40}", how["commit"]) and how["command"].startswith(("doco ", "make "))
-        assert how["machine"]["torch"] and how["wall_seconds"] > 0 and how["uncommitted_changes"] == []
+        _, how = journal.load(name)
+        for part in how.get("parts", [how]):
+            assert re.fullmatch(r"[0-9a-f]{40}", part["commit"]) and part["command"].startswith(("doco ", "make "))
+            assert part["machine"]["torch"] and part["wall_seconds"] > 0 and part["uncommitted_changes"] == []
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -124,3 +125,36 @@ def test_the_sepme_table_has_one_row_per_erased_subset_and_one_column_per_prompt
     lines = journal.sepme_table(rows).splitlines()
     assert lines[0] == "| erased | star | heart |"
     assert lines[2:] == ["| original | 100.0 ± 0.0 | 100.0 ± 0.0 |", "| star | 10.0 ± 24.8 | 100.0 ± 0.0 |"]
+
+
+def _attack_rows(seed: int, asr: float) -> pd.DataFrame:
+    return pd.DataFrame([{"method": "UCE", "seed": seed, "prompts": "target", "attack": "tokens", "attempts": 20,
+                          "successes": int(20 * asr), "asr": asr, "asr_low": 0.0, "asr_high": 1.0,
+                          "judged_target": asr, "seconds": 1.0, "steps": 10}])
+
+
+def test_an_artefact_in_parts_joins_them_and_names_each_part_where_it_came_from(tmp_path):
+    for seed, asr in ((0, 0.5), (1, 0.7)):
+        journal.record("attacks", _attack_rows(seed, asr), f"doco toy attacks --seeds {seed} --record", time.time() - 60,
+                       folder=tmp_path, part=f"seeds_{seed}", identity="same settings and code")
+    rows, how = journal.load("attacks", tmp_path)
+    assert list(rows.seed) == [0, 1] and [part["part"] for part in how["parts"]] == ["seeds_0", "seeds_1"]
+    assert journal.names(tmp_path) == {"attacks"}
+    block = journal.render("attacks", tmp_path)
+    assert block.startswith("Artefact `attacks` in 2 parts: [`docs/results/attacks/seeds_0.csv`]")
+    assert "`doco toy attacks --seeds 1 --record`" in block and "| UCE | 60.0 ± " in block
+
+
+def test_parts_measured_under_other_code_or_holding_one_seed_twice_are_refused(tmp_path):
+    journal.record("attacks", _attack_rows(0, 0.5), "doco toy attacks", time.time(), folder=tmp_path,
+                   part="seeds_0", identity="before")
+    journal.record("attacks", _attack_rows(1, 0.5), "doco toy attacks", time.time(), folder=tmp_path,
+                   part="seeds_1", identity="after a change")
+    with pytest.raises(ValueError, match="measured under other settings or code"):
+        journal.load("attacks", tmp_path)
+    journal.record("attacks", _attack_rows(0, 0.5), "doco toy attacks", time.time(), folder=tmp_path,
+                   part="seeds_1", identity="before")
+    journal.record("attacks", _attack_rows(0, 0.6), "doco toy attacks", time.time(), folder=tmp_path,
+                   part="seeds_0_again", identity="before")
+    with pytest.raises(ValueError, match="both hold seed 0"):
+        journal.load("attacks", tmp_path)

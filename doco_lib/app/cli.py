@@ -92,15 +92,44 @@ def _cmd_toy_quality(args) -> None:
 
 
 def _cmd_toy_attacks(args) -> None:
-    """The attack study: `attack_variants` trained per seed as in notebook 05, every attack on each (notebook 07)."""
+    """The attack study: `attack_variants` trained per seed as in notebook 05, every attack on each (notebook 07).
+    Each (seed, model) is a chunk under <run>/attacks/chunks/, reused by the next call: `--shard K/N` runs one of N
+    shards (a process each, side by side), a last call without it combines them and writes the tables; --record
+    records them as the part of artefacts `attacks` and `relearning` named by the seeds."""
     params = load_params(args.params, parse_overrides(args.set))
+    seeds = args.seeds or params["attack_model_seeds"]
+    if args.shard and args.record:
+        raise ParamsError("--record with --shard: a shard measures some models only; record with a last call "
+                          "without --shard, which reuses every chunk the shards measured.")
+    shard, shards = args.shard or (1, 1)
+    variants, original = attack_study.shard_variants(params["attack_variants"], shard, shards)
     started = time.time()
-    models = attack_study.train_models(params, params["attack_variants"], args.seeds or params["attack_model_seeds"],
-                                       params["attack_unets"])
-    study = attack_study.attack_study(params, models)
+    models = attack_study.train_models(params, variants, seeds, params["attack_unets"] if original else [])
     out = run_dir(params) / "attacks"
     write_resolved(params, out)
-    _report_study(args, "attacks", study.rows, list(attack_study.write_study(study, out).values()), started)
+    study = attack_study.attack_study(params, models, store=out / "chunks", original=original, seeds=seeds)
+    if args.shard:
+        print(f"shard {shard}/{shards}: {len(study.attempts)} attempts under {out / 'chunks'}; a call without "
+              "--shard combines the shards")
+        return
+    written = list(attack_study.write_study(study, out).values())
+    print(journal.RENDERERS["attacks"](study.rows), journal.RENDERERS["relearning"](study.relearning),
+          f"written to {', '.join(map(str, written))}", sep="\n\n")
+    if args.record:
+        part, identity = "seeds_" + "_".join(map(str, sorted(seeds))), attack_study.study_identity(params)
+        command = "doco " + shlex.join(map(str, args.argv))
+        for name, rows in (("attacks", study.rows), ("relearning", study.relearning)):
+            journal.record(name, rows, command, started, part=part, identity=identity)
+        print(f"artefacts docs/results/attacks/{part}.csv and relearning/{part}.csv recorded; `doco results` "
+              "updates docs/results.md")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        shard, shards = (int(n) for n in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K/N, e.g. 1/2") from None
+    return shard, shards
 
 
 def _cmd_toy_sepme(args) -> None:
@@ -117,6 +146,8 @@ def _cmd_results(args) -> None:
                         "docs/results/; run `doco results` to regenerate them.")
     print("docs/results.md " + ("matches its artefacts" if args.check else
                                 f"regenerated ({', '.join(differing) or 'nothing changed'})"))
+    if args.figures:
+        print("drawn: " + ", ".join(map(str, journal.draw_figures())))
 
 
 def _cmd_sample(args) -> None:
@@ -304,7 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--params", default="params/toy_attacks.yaml")
     attack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
     attack.add_argument("--seeds", type=int, nargs="+", help="training and attack seeds (default: attack_model_seeds)")
-    attack.add_argument("--record", action="store_true", help="write the rows as artefact attacks of docs/results")
+    attack.add_argument("--shard", type=_shard, metavar="K/N", help="train and attack shard K of N of the models only "
+                        "(round robin; run the N side by side, then once without --shard to combine)")
+    attack.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefacts attacks "
+                        "and relearning of docs/results")
     attack.set_defaults(func=_cmd_toy_attacks)
 
     sepme_seeds = toy.add_parser("sepme", help="SepME's increments trained per seed, every subset of them judged "
@@ -319,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     results = commands.add_parser("results", help="regenerate docs/results.md's tables from their artefacts in "
                                   "docs/results/")
     results.add_argument("--check", action="store_true", help="change nothing; fail when a table differs")
+    results.add_argument("--figures", action="store_true", help="also draw the figures drawn from artefacts (the "
+                         "attack study's) into docs/figures/")
     results.set_defaults(func=_cmd_results)
 
     sample = commands.add_parser("sample", help="write N images for a prompt from a diffusers SD pipeline")

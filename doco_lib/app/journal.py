@@ -24,7 +24,8 @@ import pandas as pd
 from doco_lib import costs
 from doco_lib.app.batch import environment  # the batch manifest's record of the code and packages
 from doco_lib.evaluation.rating import mean_ci
-from doco_lib.io import atomic_write_text
+from doco_lib.io import atomic_write_bytes, atomic_write_text
+from doco_lib.studies import attack_study
 
 REPO = Path(__file__).resolve().parents[2]
 ARTEFACTS = REPO / "docs" / "results"
@@ -32,9 +33,11 @@ JOURNAL = REPO / "docs" / "results.md"
 BLOCK = re.compile(r"(<!-- artefact: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /artefact -->)", re.S)
 
 
-def record(name: str, rows: pd.DataFrame, command: str, started: float, folder: Path = ARTEFACTS) -> None:
-    """Write artefact `name`: `rows` as CSV and how they were measured (`started`: the study's time.time())."""
-    folder.mkdir(parents=True, exist_ok=True)
+def record(name: str, rows: pd.DataFrame, command: str, started: float, folder: Path = ARTEFACTS,
+           part: str | None = None, identity: str | None = None) -> None:
+    """Write artefact `name`: `rows` as CSV and how they were measured (`started`: the study's time.time()). With
+    `part`, one part of it (`<name>/<part>.csv`, say one seed of a study too long for one session): `load` joins
+    the parts, which must share `identity` (what the rows depend on: settings and code) and no seed."""
     run = environment()
     changed = subprocess.run(["git", "status", "--porcelain", "--", "doco_lib", "params", "notebooks"], cwd=REPO,
                              capture_output=True, text=True).stdout.strip()
@@ -42,12 +45,42 @@ def record(name: str, rows: pd.DataFrame, command: str, started: float, folder: 
                   "uncommitted_changes": changed.splitlines(), "command": command,
                   "machine": costs.machine(), "wall_seconds": round(time.time() - started, 1),
                   "python": run["python"], "packages": run["packages"]}
-    atomic_write_text(rows.to_csv(index=False), folder / f"{name}.csv")
-    atomic_write_text(json.dumps(provenance, indent=2) + "\n", folder / f"{name}.json")
+    stem = Path(folder) / name
+    if part is not None:
+        provenance.update(part=part, identity=identity)
+        stem = stem / part
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(rows.to_csv(index=False), stem.with_suffix(".csv"))
+    atomic_write_text(json.dumps(provenance, indent=2) + "\n", stem.with_suffix(".json"))
+
+
+def names(folder: Path = ARTEFACTS) -> set[str]:
+    """The artefacts of `folder`: a `<name>.csv`, or a folder `<name>/` of parts."""
+    return {path.stem for path in Path(folder).glob("*.csv")} | {path.name for path in Path(folder).iterdir()
+                                                                 if path.is_dir()}
 
 
 def load(name: str, folder: Path = ARTEFACTS) -> tuple[pd.DataFrame, dict]:
-    return pd.read_csv(folder / f"{name}.csv"), json.loads((folder / f"{name}.json").read_text())
+    """An artefact's rows and provenance; for one in parts, the parts' rows joined and `{"parts": [provenance of
+    each part]}`, refused when the parts differ in identity or share a seed."""
+    if (Path(folder) / f"{name}.csv").is_file():
+        return pd.read_csv(Path(folder) / f"{name}.csv"), json.loads((Path(folder) / f"{name}.json").read_text())
+    paths = sorted((Path(folder) / name).glob("*.csv"))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no artefact {name!r} ({name}.csv or parts under {name}/)")
+    parts = [(pd.read_csv(path), json.loads(path.with_suffix(".json").read_text())) for path in paths]
+    identities = {how["identity"] for _, how in parts}
+    if len(identities) > 1:
+        raise ValueError(f"{folder / name}: its parts were measured under other settings or code "
+                         f"({', '.join(how['part'] + ': ' + how['identity'][:12] for _, how in parts)}); "
+                         "measure them again at one commit.")
+    seen: dict[int, str] = {}
+    for rows, how in parts:
+        for seed in sorted(rows["seed"].unique()):
+            if seed in seen:
+                raise ValueError(f"{folder / name}: parts {seen[seed]} and {how['part']} both hold seed {seed}.")
+            seen[seed] = how["part"]
+    return pd.concat([rows for rows, _ in parts], ignore_index=True), {"parts": [how for _, how in parts]}
 
 
 def _cell(values: pd.Series) -> str:
@@ -114,10 +147,39 @@ def attacks_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def relearning_table(rows: pd.DataFrame) -> str:
+    """The relearning curve: judged-target rate (%) of each model's start prompts (rows) after each number of
+    fine-tuning steps (columns), the mean over attempts per seed, then over seeds."""
+    return _rate_table(rows.assign(steps=[f"{steps} steps" for steps in rows["steps"]]), "method", "steps", "model")
+
+
 RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {"retain_modes": retain_modes_table,
                                                        "lora_export": lora_export_table,
                                                        "toy_world": toy_world_table, "sepme": sepme_table,
-                                                       "attacks": attacks_table}
+                                                       "attacks": attacks_table, "relearning": relearning_table}
+
+
+# Artefact → (figure file in docs/figures/, the study's function that draws it from the artefact's rows).
+FIGURES: dict[str, tuple[str, Callable]] = {"attacks": ("attacks.png", attack_study.asr_figure),
+                                            "relearning": ("relearning.png", attack_study.relearning_figure)}
+
+
+def draw_figures(folder: Path = ARTEFACTS, figures: Path = REPO / "docs" / "figures") -> list[Path]:
+    """Draw every figure made from an artefact of `folder` (its rows, all parts joined) into `figures`."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    for name, (file, draw) in FIGURES.items():
+        if name not in names(folder):
+            continue
+        figure, buffer = draw(load(name, folder)[0]), io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        atomic_write_bytes(buffer.getvalue(), Path(figures) / file)
+        drawn.append(Path(figures) / file)
+    return drawn
 
 
 def render(name: str, folder: Path = ARTEFACTS) -> str:
@@ -129,10 +191,19 @@ def render(name: str, folder: Path = ARTEFACTS) -> str:
     counts = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if seeds else "") + \
         (f", {', '.join(map(str, samples))} judged images per prompt set and seed" if samples else "") + \
         (f", {', '.join(map(str, attempts))} attempts per model, attack and seed" if attempts else "")
-    return (f"Artefact [`docs/results/{name}.csv`](results/{name}.csv) ({how['date']}, git "
-            f"`{(how['commit'] or 'unknown')[:7]}`, {costs.machine_label(how['machine'])}, "
-            f"{how['wall_seconds'] / 60:.0f} min): `{how['command']}`. {counts}; mean ± 95% Student-t interval "
-            f"over seeds.\n\n{RENDERERS[name](rows)}\n")
+    return f"{_provenance(name, how)} {counts}; mean ± 95% Student-t interval over seeds.\n\n{RENDERERS[name](rows)}\n"
+
+
+def _provenance(name: str, how: dict) -> str:
+    """Where an artefact comes from: its file, date, commit, machine, wall time and command (per part)."""
+    def measured(how: dict, path: str) -> str:
+        return (f"[`docs/results/{path}`](results/{path}) ({how['date']}, git `{(how['commit'] or 'unknown')[:7]}`, "
+                f"{costs.machine_label(how['machine'])}, {how['wall_seconds'] / 60:.0f} min): `{how['command']}`")
+
+    if "parts" not in how:
+        return f"Artefact {measured(how, f'{name}.csv')}."
+    return f"Artefact `{name}` in {len(how['parts'])} parts: " + "; ".join(
+        measured(part, f"{name}/{part['part']}.csv") for part in how["parts"]) + "."
 
 
 def sync(journal: Path = JOURNAL, folder: Path = ARTEFACTS, check: bool = False) -> list[str]:
@@ -143,7 +214,7 @@ def sync(journal: Path = JOURNAL, folder: Path = ARTEFACTS, check: bool = False)
 
     def block(match: re.Match) -> str:
         name = match["name"]
-        if name not in RENDERERS or not (folder / f"{name}.csv").is_file():
+        if name not in RENDERERS or name not in names(folder):
             raise FileNotFoundError(f"{journal}: a block names artefact {name!r}, which {folder} does not hold "
                                     f"(known: {', '.join(RENDERERS)}).")
         body = render(name, folder)

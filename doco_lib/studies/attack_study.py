@@ -15,22 +15,32 @@ judge misreads, raises it too. The toy judge calls the original model's circles 
 
 A row per (method, seed, prompts, attack): attempts, successes, ASR with its 95% Wilson interval, the mean fraction
 of evaluation images judged as the target, and the attack's cost over all its attempts: wall seconds and UNet steps
-(images through the UNet, sampling and optimisation alike; `robustness.measured`).
+(images through the UNet, sampling and optimisation alike; `robustness.measured`). The relearning attack's curve
+(the rate after each number of fine-tuning steps, the original model's beside every erasure's) is a second table.
+
+The study takes hours on a CPU, so it keeps each (seed, model)'s attempts as a chunk the moment they are measured
+(`store`): a killed study loses at most the model it was attacking, shards of the models (`shard_variants`) run
+side by side, and a study too long for one session is recorded seed by seed as parts of its artefacts, joined only
+when their settings and code (`study_identity`) are the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from scipy import stats
 
 from doco_lib import config
 from doco_lib.evaluation.rating import model_label, record_model, student_t_interval
-from doco_lib.io import atomic_write_bytes, atomic_write_text
+from doco_lib.io import atomic_write_bytes, atomic_write_text, slug
 from doco_lib.models import load_pipeline
 from doco_lib.studies import ablation, robustness
 from doco_lib.studies.attacks.common import AttackSettings, make_judge
@@ -63,48 +73,153 @@ class Study:
 
     attempts: pd.DataFrame
     examples: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    relearn_steps: tuple[int, ...] = ()
 
     @property
     def rows(self) -> pd.DataFrame:
         return asr_rows(self.attempts)
 
+    @property
+    def relearning(self) -> pd.DataFrame:
+        return relearning_rows(self.attempts, self.relearn_steps)
 
-def attack_study(params: dict, models: pd.DataFrame, progress: bool = True) -> Study:
-    """Every attack of `attacks` (and `none`, and the control's) on the original model and every model of `models`
-    (`train_models`' rows), replicate by replicate: the seed of a row's training is the attacks' seed."""
+
+def shard_variants(variants: list[str], shard: int, shards: int) -> tuple[list[str], bool]:
+    """Shard `shard` of `shards` (1-based) of the study: the variants it trains and attacks, and whether it attacks
+    the params' original model. Round robin over [original, *variants], so shards run side by side (a process per
+    core) on disjoint runs and chunks; SepME's own original model goes with SepME."""
+    if not 1 <= shard <= shards:
+        raise config.ParamsError(f"--shard {shard}/{shards}: expected K/N with 1 <= K <= N.")
+    units = ["original", *variants]
+    mine = [unit for i, unit in enumerate(units) if i % shards == shard - 1]
+    return [unit for unit in mine if unit != "original"], "original" in mine
+
+
+# The code an attack study's numbers depend on: training, the models, sampling, the judge and the attacks.
+CODE = ("doco_lib/methods", "doco_lib/toy", "doco_lib/studies/attacks", "doco_lib/studies/attack_study.py",
+        "doco_lib/studies/robustness.py", "doco_lib/studies/ablation.py", "doco_lib/studies/runs.py",
+        "doco_lib/studies/sepme_study.py", "doco_lib/models.py", "doco_lib/sampling.py", "doco_lib/anchors.py",
+        "doco_lib/prompt_tokens.py", "doco_lib/evaluation/rating.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def study_identity(params: dict) -> str:
+    """What a recorded part of the study depends on: its settings but the seeds and where outputs go, and the
+    contents of the `CODE` files. Parts recorded in different sessions join only when it is equal."""
+    kept = {k: v for k, v in params.items() if k not in ("attack_model_seeds", "output_root", "run_name", "seed")}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
+    for path in CODE:
+        root = REPO / path
+        for file in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            digest.update(file.relative_to(REPO).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def chunk_identity(params: dict, label: str, unet: str | None) -> str:
+    """What a chunk's attempts depend on besides the code: every setting but the seeds' list and where outputs go,
+    the model's label and its UNet folder's weights' modification time (a retrained run is another model)."""
+    kept = {k: v for k, v in params.items() if k not in ("attack_model_seeds", "output_root", "run_name")}
+    weights = sorted(Path(unet).glob("*.safetensors")) if unet else []
+    stamp = [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]
+    return hashlib.sha256(json.dumps([kept, label, stamp], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _chunk_paths(store: Path, seed: int, label: str) -> tuple[Path, Path, Path]:
+    stem = Path(store) / f"seed{seed}" / slug(label)
+    return stem.with_suffix(".csv"), stem.with_suffix(".json"), stem.with_suffix(".examples.safetensors")
+
+
+def _read_chunk(store: Path, seed: int, label: str, identity: str):
+    """A finished chunk's attempts and examples, or None when it is missing or was measured under other settings."""
+    rows_path, meta_path, examples_path = _chunk_paths(store, seed, label)
+    if not (rows_path.is_file() and meta_path.is_file()):
+        return None
+    if json.loads(meta_path.read_text())["identity"] != identity:
+        print(f"{rows_path}: measured under other settings or weights; measuring it again", flush=True)
+        return None
+    examples = []
+    if examples_path.is_file():
+        with safe_open(str(examples_path), "pt") as tensors:
+            captions = json.loads(tensors.metadata()["captions"])
+            examples = [(caption, tensors.get_tensor(str(i))) for i, caption in enumerate(captions)]
+    rows = pd.read_csv(rows_path, keep_default_na=False, na_values=[""], dtype={"search scores": str})
+    return rows.fillna({"search scores": ""}), examples
+
+
+def _write_chunk(store: Path, seed: int, label: str, identity: str, records: list[dict],
+                 examples: list[tuple[str, torch.Tensor]]) -> None:
+    """A chunk's attempts (its CSV last, the mark of a finished chunk), each file atomically."""
+    rows_path, meta_path, examples_path = _chunk_paths(store, seed, label)
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    if examples:
+        tensors = {str(i): images.contiguous() for i, (_, images) in enumerate(examples)}
+        atomic_write_bytes(save(tensors, metadata={"captions": json.dumps([c for c, _ in examples])}), examples_path)
+    atomic_write_text(json.dumps({"identity": identity, "seed": seed, "model": label}) + "\n", meta_path)
+    atomic_write_text(pd.DataFrame(records).to_csv(index=False), rows_path)
+
+
+def attack_study(params: dict, models: pd.DataFrame, progress: bool = True, store: Path | None = None,
+                 original: bool = True, seeds: list[int] | None = None) -> Study:
+    """Every attack of `attacks` (and `none`, and the control's) on the original model (unless `original` is
+    False: another shard attacks it) and every model of `models` (`train_models`' rows), replicate by replicate:
+    the seed of a row's training is the attacks' seed. With `store`, each (seed, model)'s attempts are a chunk
+    written there as soon as it is measured and reused when it is there already, so a killed study resumes and
+    shards (`shard_variants`) combine: a last run without shards measures nothing new. `seeds`: the replicates
+    (default: the seeds of `models`)."""
     check_study(params)
     judge = make_judge(params)
     controls = params["attack_controls"]
     prompt_sets = {"target": (params["target"], params["attacks"]),
                    **({f"control ({params['attack_control']})": (params["attack_control"], controls)} if controls
                       else {})}
-    records, examples = [], {}
-    for seed in sorted(set(models["seed"])):
+    attempts, examples = [], []
+    for seed in sorted(seeds if seeds is not None else set(models["seed"])):
         replicate = models[models.seed == seed].to_dict("records")
-        for model in dict.fromkeys(record_model(params, r) for r in replicate):
+        bases = list(dict.fromkeys(([params["model"]] if original else []) + [record_model(params, r) for r in replicate]))
+        for model in bases:
             run = {**params, "seed": int(seed), "model": model}
             settings = AttackSettings.from_params(run)
-            base = load_pipeline(model, params["device"])
-            targets = {prompts: (names, robustness.attack_targets(run, base, settings, names, concept))
-                       for prompts, (concept, names) in prompt_sets.items()}
-            attacked = {model_label(params, model, "original"): None} | {
+            attacked = ({model_label(params, model, "original"): None} if original or model != params["model"] else {}) | {
                 model_label(params, model, r["variant"]): r["unet"] for r in replicate if record_model(params, r) == model}
+            base, targets = None, None
             for label, unet in attacked.items():
-                pipe = base if unet is None else load_pipeline(model, params["device"], unet=unet)
-                for prompts, (names, chosen) in targets.items():
-                    for attempt, seconds, steps in robustness.attacked(pipe, judge, chosen, names, settings):
-                        records.append({"method": label, "seed": int(seed), "prompts": prompts, **attempt.row(),
-                                        "seconds": seconds, "steps": steps})
-                        key = (label, prompts, attempt.attack)
-                        if attempt.attack != "none" and attempt.success and key not in examples:
-                            examples[key] = (f"{label} · {prompts} · {attempt.attack}, seed {seed}: {attempt.prompt!r} "
-                                             f"({100 * attempt.judged_target:.0f}%)", attempt.images)
+                identity = chunk_identity(run, label, unet)
+                done = _read_chunk(store, int(seed), label, identity) if store else None
+                if done is None:
+                    if base is None:  # the original model's images of the targets, once per base model and seed
+                        base = load_pipeline(model, params["device"])
+                        targets = {prompts: (names, robustness.attack_targets(run, base, settings, names, concept))
+                                   for prompts, (concept, names) in prompt_sets.items()}
+                    done = _measure(params, base if unet is None else load_pipeline(model, params["device"], unet=unet),
+                                    judge, targets, settings, label, int(seed))
+                    if store:
+                        _write_chunk(store, int(seed), label, identity, *done)
+                    done = (pd.DataFrame(done[0]), done[1])
+                attempts.append(done[0])
+                examples += done[1]
                 if progress:
-                    done = asr_rows(pd.DataFrame(records)).query("method == @label and seed == @seed")
+                    rows = asr_rows(done[0])
                     print(f"seed {seed} · {label}: " + "; ".join(
                         f"{prompts}: " + ", ".join(f"{r.attack} {100 * r.asr:.0f}%" for r in group.itertuples())
-                        for prompts, group in done.groupby("prompts", sort=False)), flush=True)
-    return Study(pd.DataFrame(records), list(examples.values()))
+                        for prompts, group in rows.groupby("prompts", sort=False)), flush=True)
+    return Study(pd.concat(attempts, ignore_index=True) if attempts else pd.DataFrame(), examples,
+                 tuple(sorted(params["attack_relearn_steps"])))
+
+
+def _measure(params: dict, pipe, judge, targets: dict, settings: AttackSettings, label: str, seed: int
+             ) -> tuple[list[dict], list[tuple[str, torch.Tensor]]]:
+    """One model's attempts under every attack of every prompt set, and its examples: the evaluation images of each
+    (prompts, attack)'s first successful attempt, with a caption."""
+    records, examples = [], {}
+    for prompts, (names, chosen) in targets.items():
+        for attempt, seconds, steps in robustness.attacked(pipe, judge, chosen, names, settings):
+            records.append({"method": label, "seed": seed, "prompts": prompts, **attempt.row(),
+                            "seconds": seconds, "steps": steps})
+            key = (prompts, attempt.attack)
+            if attempt.attack != "none" and attempt.success and key not in examples:
+                examples[key] = (f"{label} · {prompts} · {attempt.attack}, seed {seed}: {attempt.prompt!r} "
+                                 f"({100 * attempt.judged_target:.0f}%)", attempt.images)
+    return records, list(examples.values())
 
 
 def asr_rows(attempts: pd.DataFrame) -> pd.DataFrame:
@@ -118,6 +233,20 @@ def asr_rows(attempts: pd.DataFrame) -> pd.DataFrame:
                  for k, n in zip(rows.successes, rows.attempts)]
     return rows.assign(asr=rows.successes / rows.attempts, asr_low=[i.low for i in intervals],
                        asr_high=[i.high for i in intervals], seconds=rows.seconds.round(2))[COLUMNS]
+
+
+def relearning_rows(attempts: pd.DataFrame, steps: tuple[int, ...]) -> pd.DataFrame:
+    """The relearning curve (`relearning` attempts' `search scores`: the judged-target rate after each of `steps`
+    fine-tuning steps): a row per (method, seed, steps) with the mean rate over the attempts, as a fraction."""
+    relearnt = attempts[(attempts.attack == "relearning") & (attempts.prompts == "target")]
+    rows = [{"method": method, "seed": seed, "steps": count, "rate": float(score)}
+            for method, seed, scores in relearnt[["method", "seed", "search scores"]].itertuples(index=False)
+            for count, score in zip(steps, str(scores).split())]
+    columns = ["method", "seed", "steps", "attempts", "rate"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    grouped = pd.DataFrame(rows).groupby(["method", "seed", "steps"], sort=False)["rate"]
+    return grouped.agg(attempts="size", rate="mean").reset_index()[columns]
 
 
 def asr_figure(rows: pd.DataFrame):
@@ -146,15 +275,40 @@ def asr_figure(rows: pd.DataFrame):
     return figure
 
 
+def relearning_figure(rows: pd.DataFrame):
+    """The relearning curve (`relearning_rows`): judged-target rate (%) of the start prompts after each number of
+    fine-tuning steps, a line per model, mean over seeds ± 95% Student-t interval; the originals dashed."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    figure, ax = plt.subplots(figsize=(7, 4.2))
+    methods = list(dict.fromkeys(rows["method"]))
+    sns.lineplot(data=rows.assign(percent=100 * rows["rate"]), x="steps", y="percent", hue="method", hue_order=methods,
+                 style="method", dashes={m: (4, 2) if m.startswith("original") else "" for m in methods},
+                 errorbar=student_t_interval, marker="o", ax=ax)
+    ax.set(ylim=(-3, 103), xlabel="fine-tuning steps on the original model's images of the target",
+           ylabel="judged target (%)", title="relearning: how fast the erased concept comes back")
+    ax.legend(title="model", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def write_study(study: Study, out_dir: Path) -> dict[str, Path]:
-    """attacks.csv (the rows), attempts.csv and attacks.png in `out_dir`, each written atomically."""
+    """attacks.csv (the rows), attempts.csv, relearning.csv, attacks.png and relearning.png in `out_dir`, each
+    written atomically."""
     import matplotlib.pyplot as plt
 
-    paths = {name: Path(out_dir) / name for name in ("attacks.csv", "attempts.csv", "attacks.png")}
+    names = ("attacks.csv", "attempts.csv", "relearning.csv", "attacks.png", "relearning.png")
+    paths = {name: Path(out_dir) / name for name in names}
     atomic_write_text(study.rows.to_csv(index=False), paths["attacks.csv"])
     atomic_write_text(study.attempts.to_csv(index=False), paths["attempts.csv"])
-    figure, buffer = asr_figure(study.rows), io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(buffer.getvalue(), paths["attacks.png"])
-    return paths
+    atomic_write_text(study.relearning.to_csv(index=False), paths["relearning.csv"])
+    figures = {"attacks.png": asr_figure(study.rows)}
+    if not study.relearning.empty:
+        figures["relearning.png"] = relearning_figure(study.relearning)
+    for name, figure in figures.items():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        atomic_write_bytes(buffer.getvalue(), paths[name])
+    return {name: path for name, path in paths.items() if path.suffix == ".csv" or name in figures}
