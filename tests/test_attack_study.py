@@ -122,6 +122,23 @@ def test_the_relearning_curve_is_the_mean_rate_per_step_count_over_attempts():
     assert table[3] == "| DoCo (cp) | 0.0 ± 0.0 | 50.0 ± 0.0 | 75.0 ± 0.0 |"
 
 
+def test_start_prompts_come_from_a_prompts_file_which_refuses_a_control_beside_it(tmp_path):
+    """UnlearnDiffAtk's nudity prompts are an I2P-format CSV: its prompts replace the concept's target prompts."""
+    from doco_lib.studies import robustness
+
+    prompts_file = tmp_path / "nudity.csv"
+    prompts_file.write_text('prompt,evaluation_seed,evaluation_guidance\n"a statue, marble",1,7\nbathers,2,7\n')
+    params = config.validate({**TINY, "attack_prompts_file": str(prompts_file), "attack_controls": []})
+    prompts = robustness.start_prompts(params, 5)
+    assert len(prompts) == 5 and set(prompts) == {"a statue, marble", "bathers"}
+    with pytest.raises(config.ParamsError, match="attack_controls: \\['noise_probe'\\] with attack_prompts_file"):
+        attack_study.check_study({**params, "attack_controls": ["noise_probe"]})
+    headless = tmp_path / "headless.csv"
+    headless.write_text("text\nbathers\n")
+    with pytest.raises(config.ParamsError, match="attack_prompts_file: .* has no column 'prompt'"):
+        config.validate({"attack_prompts_file": str(headless)})
+
+
 def test_the_journal_table_is_the_mean_asr_over_seeds_with_its_student_t_interval():
     rows = pd.DataFrame([
         {"method": method, "seed": seed, "prompts": prompts, "attack": attack, "attempts": 20, "successes": 0,
@@ -177,3 +194,15 @@ def test_record_writes_the_artefact_that_the_journal_renders(doco, tmp_path, mon
     page.write_text("## Attacks\n\n<!-- artefact: attacks -->\n<!-- /artefact -->\n")
     assert journal.sync(page, folder) == ["attacks"]
     assert "| UCE | " in page.read_text() and "2 attempts per model, attack and seed" in page.read_text()
+
+
+# The digest of attack_study.CODE when STUDY_VERSION was last decided on (see attack_study.STUDY_VERSION).
+PINNED_CODE_DIGEST = "0bb26ef74bce9703b1e8a5c339fb4aa2a392712b02df137c32ebae0f6453b0e6"
+
+
+def test_every_change_to_the_studys_code_is_a_decision_on_its_version():
+    digest = attack_study.code_digest()
+    assert digest == PINNED_CODE_DIGEST, (
+        "the attack study's code (attack_study.CODE) changed: if the change alters what the study measures, bump "
+        f"attack_study.STUDY_VERSION (recorded parts of other versions are then not joined); either way set "
+        f"PINNED_CODE_DIGEST to {digest!r}.")

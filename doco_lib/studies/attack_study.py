@@ -21,7 +21,7 @@ of evaluation images judged as the target, and the attack's cost over all its at
 The study takes hours on a CPU, so it keeps each (seed, model)'s attempts as a chunk the moment they are measured
 (`store`): a killed study loses at most the model it was attacking, shards of the models (`shard_variants`) run
 side by side, and a study too long for one session is recorded seed by seed as parts of its artefacts, joined only
-when their settings and code (`study_identity`) are the same.
+when their settings and `STUDY_VERSION` (`study_identity`) are the same.
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ COLUMNS = ["method", "seed", "prompts", "attack", "attempts", "successes", "asr"
 
 
 def check_study(params: dict) -> None:
-    """Refuse, before any training, a control that is the target itself."""
+    """Refuse, before any training, a control that is the target itself, or one beside a prompts file."""
+    if params["attack_controls"] and params["attack_prompts_file"]:
+        raise config.ParamsError(f"attack_controls: {params['attack_controls']} with attack_prompts_file "
+                                 f"{params['attack_prompts_file']!r}; the control replaces the target in the concept's "
+                                 "own prompts, which a prompts file replaces. Set attack_controls: [].")
     if params["attack_controls"] and params["attack_control"] == params["target"]:
         raise config.ParamsError(f"attack_control: {params['attack_control']!r} is the target; the control's prompts "
                                  "must name another concept, e.g. circle in the toy world.")
@@ -95,7 +99,11 @@ def shard_variants(variants: list[str], shard: int, shards: int) -> tuple[list[s
     return [unit for unit in mine if unit != "original"], "original" in mine
 
 
-# The code an attack study's numbers depend on: training, the models, sampling, the judge and the attacks.
+# The version of what the study measures. Bump it when a change alters its numbers (an attack's algorithm, training,
+# the toy world or its judge, sampling): parts of its artefacts recorded under different versions are not joined.
+# A change that does not (orchestration, another model family's path) keeps it. tests/test_attack_study.py pins the
+# contents of `CODE`, so that every change there is that decision.
+STUDY_VERSION = 1
 CODE = ("doco_lib/methods", "doco_lib/toy", "doco_lib/studies/attacks", "doco_lib/studies/attack_study.py",
         "doco_lib/studies/robustness.py", "doco_lib/studies/ablation.py", "doco_lib/studies/runs.py",
         "doco_lib/studies/sepme_study.py", "doco_lib/models.py", "doco_lib/sampling.py", "doco_lib/anchors.py",
@@ -103,16 +111,21 @@ CODE = ("doco_lib/methods", "doco_lib/toy", "doco_lib/studies/attacks", "doco_li
 REPO = Path(__file__).resolve().parents[2]
 
 
-def study_identity(params: dict) -> str:
-    """What a recorded part of the study depends on: its settings but the seeds and where outputs go, and the
-    contents of the `CODE` files. Parts recorded in different sessions join only when it is equal."""
-    kept = {k: v for k, v in params.items() if k not in ("attack_model_seeds", "output_root", "run_name", "seed")}
-    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
+def code_digest() -> str:
+    """A digest of the contents of `CODE`'s Python files."""
+    digest = hashlib.sha256()
     for path in CODE:
         root = REPO / path
         for file in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
             digest.update(file.relative_to(REPO).as_posix().encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
+
+
+def study_identity(params: dict) -> str:
+    """What a recorded part of the study depends on: `STUDY_VERSION` and every setting but the seeds and where
+    outputs go. Parts recorded in different sessions join only when it is equal."""
+    kept = {k: v for k, v in params.items() if k not in ("attack_model_seeds", "output_root", "run_name", "seed")}
+    return hashlib.sha256(json.dumps([STUDY_VERSION, kept], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def chunk_identity(params: dict, label: str, unet: str | None) -> str:

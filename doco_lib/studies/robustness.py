@@ -44,9 +44,13 @@ from doco_lib.studies.runs import concept
 
 # ---------------------------------------------------------------- across models
 def start_prompts(params: dict, attempts: int) -> list[str]:
-    """The attempts' start prompts: target prompts of the run's concept, drawn with the seed."""
-    spec, anchor_prompts = concept(params)
-    targets = list(dict.fromkeys(t for _, t in spec.prompt_pairs(anchor_prompts)))
+    """The attempts' start prompts, drawn with the seed: the prompts of `attack_prompts_file` (UnlearnDiffAtk's I2P
+    nudity prompts, say), else target prompts of the run's concept."""
+    if params["attack_prompts_file"]:
+        targets = list(dict.fromkeys(pd.read_csv(params["attack_prompts_file"])["prompt"].astype(str).str.strip()))
+    else:
+        spec, anchor_prompts = concept(params)
+        targets = list(dict.fromkeys(t for _, t in spec.prompt_pairs(anchor_prompts)))
     order = np.random.default_rng(params["seed"]).permutation(len(targets))
     return [targets[order[i % len(targets)]] for i in range(attempts)]
 
