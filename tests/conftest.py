@@ -68,3 +68,15 @@ def sd_hub(tmp_path_factory):
     sd_shaped.install_in_hub_cache(sd_shaped.build_sd14_pipeline(tmp_path_factory.mktemp("sd") / "sd14"),
                                    sd_shaped.SD14_ID, hub)
     return hub
+
+
+@pytest.fixture(scope="module")
+def sd_clip_hub(tmp_path_factory):
+    """A Hugging Face cache holding CompVis/stable-diffusion-v1-4 and openai/clip-vit-large-patch14 (both tiny)."""
+    from doco_lib.toy import sd_shaped
+
+    build = tmp_path_factory.mktemp("build")
+    hub = tmp_path_factory.mktemp("hub")
+    sd_shaped.install_in_hub_cache(sd_shaped.build_sd14_pipeline(build / "sd14"), sd_shaped.SD14_ID, hub)
+    sd_shaped.install_in_hub_cache(sd_shaped.build_clip_model(build / "clip"), sd_shaped.CLIP_L_ID, hub)
+    return hub

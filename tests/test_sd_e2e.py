@@ -11,8 +11,6 @@ import sys
 import pandas as pd
 import pytest
 
-from doco_lib.toy import sd_shaped
-
 pytestmark = pytest.mark.slow
 
 # Counts only: anchor images, iterations, batch, templates, images per template, I2P rows, denoising steps, grids.
@@ -21,20 +19,10 @@ COUNTS = {"n_anchor_images": 2, "iterations": 3, "warmup_iterations": 1, "batch_
           "num_inference_steps": 2, "grid_columns": 2}
 
 
-@pytest.fixture(scope="module")
-def hub_cache(tmp_path_factory):
-    """A Hugging Face cache holding CompVis/stable-diffusion-v1-4 and openai/clip-vit-large-patch14 (both tiny)."""
-    build = tmp_path_factory.mktemp("build")
-    hub = tmp_path_factory.mktemp("hub")
-    sd_shaped.install_in_hub_cache(sd_shaped.build_sd14_pipeline(build / "sd14"), sd_shaped.SD14_ID, hub)
-    sd_shaped.install_in_hub_cache(sd_shaped.build_clip_model(build / "clip"), sd_shaped.CLIP_L_ID, hub)
-    return hub
-
-
-def test_doco_batch_runs_the_sd14_files_end_to_end(hub_cache, tmp_path, repo_root):
+def test_doco_batch_runs_the_sd14_files_end_to_end(sd_clip_hub, tmp_path, repo_root):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    env = {"OMP_NUM_THREADS": "2", **os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)}
+    env = {"OMP_NUM_THREADS": "2", **os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(sd_clip_hub)}
     files = [repo_root / "params" / "concepts" / f"sd14_{name}.yaml" for name in ("snoopy", "nudity")]
     overrides = [arg for key, value in COUNTS.items() for arg in ("--set", f"{key}={value}")]
     done = subprocess.run([sys.executable, "-m", "doco_lib", "batch", *map(str, files), "--run-id", "sd",
@@ -47,7 +35,7 @@ def test_doco_batch_runs_the_sd14_files_end_to_end(hub_cache, tmp_path, repo_roo
     for concept in ("sd14_snoopy", "sd14_nudity"):
         unet = UNet2DConditionModel.from_pretrained(run / concept / "doco" / "unet")
         pipe = StableDiffusionPipeline.from_pretrained(
-            hub_cache / "models--CompVis--stable-diffusion-v1-4" / "snapshots" / ("0" * 40), unet=unet,
+            sd_clip_hub / "models--CompVis--stable-diffusion-v1-4" / "snapshots" / ("0" * 40), unet=unet,
             safety_checker=None, requires_safety_checker=False)
         assert pipe.unet.config.sample_size == 64
         for phase in ("anchors", "warmup", "adversarial", "evaluation"):

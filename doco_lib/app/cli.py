@@ -246,8 +246,8 @@ def _cmd_train(args) -> None:
 
 def _cmd_attack(args) -> None:
     """Attacks (doco_lib/studies/attacks) on the base model and each erased UNet: attack success rates."""
-    overrides = {key: value for key, value in (("attack_attempts", args.attempts), ("attacks", args.attack))
-                 if value is not None}
+    overrides = parse_overrides(args.set) | {key: value for key, value in (("attack_attempts", args.attempts),
+                                                                          ("attacks", args.attack)) if value is not None}
     params = load_params(args.params, overrides)
     robustness.check_unets(args.unet)  # before any generation
     out = Path(args.out) if args.out else run_dir(params) / "attack"
@@ -407,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "attack success rate (ASR) table and plot")
     adversarial.add_argument("--params", required=True, help="the run's params file (model, target, attack_* budget)")
     adversarial.add_argument("--unet", action="append", default=[], help="an erased UNet folder (repeat for several)")
+    adversarial.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
     adversarial.add_argument("--attempts", type=int, help="attempts per model and attack (default: attack_attempts)")
     adversarial.add_argument("--attack", "--kinds", nargs="+", metavar="NAME",
                              help=f"attacks, any of {', '.join(config.ATTACKS)} (default: the params' attacks)")
