@@ -139,6 +139,20 @@ def test_start_prompts_come_from_a_prompts_file_which_refuses_a_control_beside_i
         config.validate({"attack_prompts_file": str(headless)})
 
 
+def test_a_parts_identity_ignores_the_seed_and_keys_added_later_at_their_default(monkeypatch):
+    """Seeds recorded in different sessions join when the study measures the same thing: not when a setting or the
+    version differs, but when the schema only gained a key at its default since."""
+    params = config.validate(TINY)
+    same = attack_study.study_identity(params)
+    assert attack_study.study_identity({**params, "seed": 7, "output_root": "elsewhere"}) == same
+    assert attack_study.study_identity({**params, "attack_attempts": 3}) != same
+    monkeypatch.setitem(config.SCHEMA, "added_later", config.Param(1, int, "a key of a later session", ()))
+    assert attack_study.study_identity({**params, "added_later": 1}) == same
+    assert attack_study.study_identity({**params, "added_later": 2}) != same
+    monkeypatch.setattr(attack_study, "STUDY_VERSION", attack_study.STUDY_VERSION + 1)
+    assert attack_study.study_identity(params) != same
+
+
 def test_the_journal_table_is_the_mean_asr_over_seeds_with_its_student_t_interval():
     rows = pd.DataFrame([
         {"method": method, "seed": seed, "prompts": prompts, "attack": attack, "attempts": 20, "successes": 0,
@@ -197,7 +211,7 @@ def test_record_writes_the_artefact_that_the_journal_renders(doco, tmp_path, mon
 
 
 # The digest of attack_study.CODE when STUDY_VERSION was last decided on (see attack_study.STUDY_VERSION).
-PINNED_CODE_DIGEST = "1ac9f10aa3eb50461e930de83525a19c78d08691a7429776f5391aaef405fbf2"
+PINNED_CODE_DIGEST = "c2c6f29817a23de6c5de2131b162e111dbe95b9d9cc088845269b0a33a75cc91"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

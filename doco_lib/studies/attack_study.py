@@ -42,7 +42,7 @@ from doco_lib import config
 from doco_lib.evaluation.rating import model_label, record_model, student_t_interval
 from doco_lib.io import atomic_write_bytes, atomic_write_text, slug
 from doco_lib.models import load_pipeline
-from doco_lib.studies import ablation, robustness
+from doco_lib.studies import ablation, robustness, versions
 from doco_lib.studies.attacks.common import AttackSettings, make_judge
 
 COLUMNS = ["method", "seed", "prompts", "attack", "attempts", "successes", "asr", "asr_low", "asr_high",
@@ -100,38 +100,33 @@ def shard_variants(variants: list[str], shard: int, shards: int) -> tuple[list[s
 
 
 # The version of what the study measures. Bump it when a change alters its numbers (an attack's algorithm, training,
-# the toy world or its judge, sampling): parts of its artefacts recorded under different versions are not joined.
-# A change that does not (orchestration, another model family's path) keeps it. tests/test_attack_study.py pins the
+# the toy world or its judge, sampling, a default setting): parts of its artefacts recorded under different versions
+# are not joined. A change that does not (orchestration, another model family's path, a new key at a default that
+# changes nothing) keeps it. tests/test_attack_study.py pins the
 # contents of `CODE`, so that every change there is that decision.
 STUDY_VERSION = 1
 CODE = ("doco_lib/methods", "doco_lib/toy", "doco_lib/studies/attacks", "doco_lib/studies/attack_study.py",
         "doco_lib/studies/robustness.py", "doco_lib/studies/ablation.py", "doco_lib/studies/runs.py",
         "doco_lib/studies/sepme_study.py", "doco_lib/models.py", "doco_lib/sampling.py", "doco_lib/anchors.py",
-        "doco_lib/prompt_tokens.py", "doco_lib/evaluation/rating.py")
-REPO = Path(__file__).resolve().parents[2]
+        "doco_lib/prompt_tokens.py", "doco_lib/evaluation/rating.py", "doco_lib/config.py",
+        "doco_lib/studies/versions.py")
 
 
 def code_digest() -> str:
     """A digest of the contents of `CODE`'s Python files."""
-    digest = hashlib.sha256()
-    for path in CODE:
-        root = REPO / path
-        for file in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
-            digest.update(file.relative_to(REPO).as_posix().encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
+    return versions.code_digest(CODE)
 
 
 def study_identity(params: dict) -> str:
     """What a recorded part of the study depends on: `STUDY_VERSION` and every setting but the seeds and where
     outputs go. Parts recorded in different sessions join only when it is equal."""
-    kept = {k: v for k, v in params.items() if k not in ("attack_model_seeds", "output_root", "run_name", "seed")}
-    return hashlib.sha256(json.dumps([STUDY_VERSION, kept], sort_keys=True, default=str).encode()).hexdigest()
+    return versions.identity(STUDY_VERSION, params)
 
 
 def chunk_identity(params: dict, label: str, unet: str | None) -> str:
-    """What a chunk's attempts depend on besides the code: every setting but the seeds' list and where outputs go,
+    """What a chunk's attempts depend on besides the code: its settings (`versions.settings`, the seed included),
     the model's label and its UNet folder's weights' modification time (a retrained run is another model)."""
-    kept = {k: v for k, v in params.items() if k not in ("attack_model_seeds", "output_root", "run_name")}
+    kept = versions.settings(params)
     weights = sorted(Path(unet).glob("*.safetensors")) if unet else []
     stamp = [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]
     return hashlib.sha256(json.dumps([kept, label, stamp], sort_keys=True, default=str).encode()).hexdigest()
