@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world results-sepme attacks
+.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world results-sepme results-methods attacks
 
 install: $(STAMP)
 
@@ -92,6 +92,14 @@ results-toy-world: $(STAMP)
 # SepME's increments per seed, every subset judged (docs/results/sepme.csv): 3 seeds, 64 images per set.
 results-sepme: $(STAMP)
 	$(BIN)/doco toy sepme --params params/toy_sepme.yaml --seeds 0 1 2 --samples 64 --record
+	$(BIN)/doco results
+
+# Notebook 05's method comparison (docs/results/methods/): every method and the two robust variants, each shape's
+# judged rate and UA / IRA / CRA at 64 judged images per prompt set. Recorded seed by seed like the attack study,
+# whose trained runs it reuses: `make results-methods METHOD_SEEDS=0` after `make attacks ATTACK_SEEDS=0`.
+METHOD_SEEDS ?= 0 1 2
+results-methods: $(STAMP)
+	$(BIN)/doco toy methods --params params/toy_methods.yaml --seeds $(METHOD_SEEDS) --record
 	$(BIN)/doco results
 
 # The attack study, notebook 07's (docs/results/attacks/, relearning/; docs/figures/attacks.png, relearning.png, drawn

@@ -25,7 +25,7 @@ from doco_lib.methods.harness import is_main_process, process_device, wait_for_e
 from doco_lib.methods.sepme import compose_to_folder
 from doco_lib.models import is_toy, load_judge, load_pipeline
 from doco_lib.sampling import generate
-from doco_lib.studies import attack_study, robustness, runs, sepme_study
+from doco_lib.studies import attack_study, method_comparison, robustness, runs, sepme_study
 from doco_lib.studies.lora_export import lora_export_study
 from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
 from doco_lib.studies.toy_world_quality import quality_rows
@@ -130,6 +130,22 @@ def _shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected K/N, e.g. 1/2") from None
     return shard, shards
+
+
+def _cmd_toy_methods(args) -> None:
+    """Notebook 05's method comparison, per seed: `ablation_variants` trained (or reused) and judged; --record records
+    the seeds' part of artefact `methods`."""
+    params = load_params(args.params, parse_overrides(args.set))
+    seeds = args.seeds or params["ablation_seeds"]
+    started = time.time()
+    rows = method_comparison.method_rows(params, params["ablation_variants"], seeds, args.samples or params["eval_samples"])
+    written = _write_rows(rows, run_dir(params) / "method_comparison.csv")
+    print(journal.RENDERERS["methods"](rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
+    if args.record:
+        part = "seeds_" + "_".join(map(str, sorted(seeds)))
+        journal.record("methods", rows, "doco " + shlex.join(map(str, args.argv)), started, part=part,
+                       identity=method_comparison.study_identity(params))
+        print(f"artefact docs/results/methods/{part}.csv recorded; `doco results` updates docs/results.md")
 
 
 def _cmd_toy_sepme(args) -> None:
@@ -340,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefacts attacks "
                         "and relearning of docs/results")
     attack.set_defaults(func=_cmd_toy_attacks)
+
+    methods = toy.add_parser("methods", help="notebook 05's method comparison per seed: ablation_variants trained (or "
+                             "reused) and judged, each shape's rate and UA / IRA / CRA")
+    methods.add_argument("--params", default="params/toy_methods.yaml")
+    methods.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
+    methods.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: ablation_seeds)")
+    methods.add_argument("--samples", type=int, help="judged images per prompt set and seed (default: eval_samples)")
+    methods.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefact methods "
+                         "of docs/results")
+    methods.set_defaults(func=_cmd_toy_methods)
 
     sepme_seeds = toy.add_parser("sepme", help="SepME's increments trained per seed, every subset of them judged "
                                  "(notebook 08's table over seeds)")

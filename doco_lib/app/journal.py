@@ -23,6 +23,7 @@ import pandas as pd
 
 from doco_lib import costs
 from doco_lib.app.batch import environment  # the batch manifest's record of the code and packages
+from doco_lib.evaluation import unlearn_canvas
 from doco_lib.evaluation.rating import mean_ci
 from doco_lib.io import atomic_write_bytes, atomic_write_text
 from doco_lib.studies import attack_study
@@ -147,6 +148,19 @@ def attacks_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def methods_table(rows: pd.DataFrame) -> str:
+    """Notebook 05's comparison: each prompt set's judged rate (%) per model (rows), then UnlearnCanvas's UA, IRA and
+    CRA (`unlearn_canvas.table`), mean ± 95% Student-t half-width over seeds."""
+    rates = _rate_table(rows, "model", "prompt set", "model").splitlines()
+    target = rows.loc[rows.role == "target", "prompt set"].iloc[0]
+    accuracy = unlearn_canvas.table(rows, target, erased=list(rows.loc[rows.role == "erased", "prompt set"].unique()),
+                                    cross_domain=list(rows.loc[rows.role == "cross-domain", "prompt set"].unique()))
+    lines = [rates[0] + " " + " | ".join(accuracy.columns) + " |", rates[1] + "---|" * len(accuracy.columns)]
+    for line, (_, metrics) in zip(rates[2:], accuracy.iterrows()):
+        lines.append(line + " " + " | ".join(metrics) + " |")
+    return "\n".join(lines)
+
+
 def relearning_table(rows: pd.DataFrame) -> str:
     """The relearning curve: judged-target rate (%) of each model's start prompts (rows) after each number of
     fine-tuning steps (columns), the mean over attempts per seed, then over seeds."""
@@ -156,7 +170,8 @@ def relearning_table(rows: pd.DataFrame) -> str:
 RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {"retain_modes": retain_modes_table,
                                                        "lora_export": lora_export_table,
                                                        "toy_world": toy_world_table, "sepme": sepme_table,
-                                                       "attacks": attacks_table, "relearning": relearning_table}
+                                                       "attacks": attacks_table, "relearning": relearning_table,
+                                                       "methods": methods_table}
 
 
 # Artefact → (figure file in docs/figures/, the study's function that draws it from the artefact's rows).

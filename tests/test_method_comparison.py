@@ -1,0 +1,57 @@
+"""Notebook 05's method comparison recorded seed by seed (doco_lib/studies/method_comparison.py, `doco toy
+methods`): its rows at a tiny budget, the journal's table of them, and the pin of the code its numbers come from."""
+
+import pandas as pd
+import pytest
+
+from doco_lib import config
+from doco_lib.app import journal
+from doco_lib.studies import method_comparison
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_rows_at_a_tiny_budget_name_each_sets_role(tmp_path):
+    """UCE (closed form, no training loop) and the original, 2 images per set at 4 steps."""
+    params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 4,
+                              "related_concepts": ["pentagon", "circle"], "n_anchor_images": 4,
+                              "anchor_shard_size": 4})
+    rows = method_comparison.method_rows(params, ["UCE"], [1], samples=2)
+    assert list(rows.columns) == method_comparison.COLUMNS
+    assert list(dict.fromkeys(rows.model)) == ["original", "UCE"] and set(rows.seed) == {1}
+    roles = rows.drop_duplicates("prompt set").set_index("prompt set")["role"].to_dict()
+    assert roles == {"star": "target", "pentagram": "erased", "pentagon": "retained", "circle": "retained"}
+    assert rows.rate.between(0, 1).all() and (rows.samples == 2).all()
+
+
+def test_the_journal_table_has_each_sets_rate_then_ua_ira_cra():
+    rows = pd.DataFrame([
+        {"model": model, "seed": seed, "prompt set": prompt_set, "role": role, "rate": rate, "colour rate": 1.0,
+         "style rate": 1.0, "samples": 64}
+        for seed in (0, 1)
+        for model, star, circle in (("original", 1.0, 1.0), ("DoCo (cp)", 0.1 * seed, 0.9))
+        for prompt_set, role, rate in (("star", "target", star), ("pentagram", "erased", star),
+                                       ("circle", "retained", circle))])
+    lines = journal.methods_table(rows).splitlines()
+    assert lines[0] == "| model | star | pentagram | circle | UA ↑ | IRA ↑ | CRA ↑ |"
+    assert lines[1] == "|---|---|---|---|---|---|---|"
+    # DoCo's star: 0 and 10 % → 5 ± t(0.975, 1) · 5 = 63.5; UA = 100 − star per seed: 95 ± 63.5; IRA = circle 90
+    assert lines[3] == "| DoCo (cp) | 5.0 ± 63.5 | 5.0 ± 63.5 | 90.0 ± 0.0 | 95.0 ± 63.5 | 90.0 ± 0.0 | 100.0 ± 0.0 |"
+
+
+def test_the_params_file_compares_every_method_and_the_robust_variants(repo_root):
+    params = config.load_params(repo_root / "params" / "toy_methods.yaml")
+    attacks = config.load_params(repo_root / "params" / "toy_attacks.yaml")
+    assert params["ablation_variants"] == attacks["attack_variants"] and params["eval_samples"] >= 64
+
+
+# The digest of method_comparison.CODE when STUDY_VERSION was last decided on.
+PINNED_CODE_DIGEST = "b5dfa5875e5c66660cd385f1d6c84f9c138bf20b5e69b97bc47e6e2750fdb031"
+
+
+def test_every_change_to_the_studys_code_is_a_decision_on_its_version():
+    digest = method_comparison.code_digest()
+    assert digest == PINNED_CODE_DIGEST, (
+        "the method comparison's code (method_comparison.CODE) changed: if the change alters what it measures, bump "
+        "method_comparison.STUDY_VERSION (recorded parts of other versions are then not joined); either way set "
+        f"PINNED_CODE_DIGEST to {digest!r}.")
