@@ -158,3 +158,14 @@ def test_parts_measured_under_other_code_or_holding_one_seed_twice_are_refused(t
                    part="seeds_0_again", identity="before")
     with pytest.raises(ValueError, match="both hold seed 0"):
         journal.load("attacks", tmp_path)
+
+
+def test_one_seed_shows_no_interval_over_seeds_but_an_attacks_wilson_interval(tmp_path):
+    rows = _attack_rows(0, 0.35).assign(asr_low=0.18, asr_high=0.57)
+    lines = journal.attacks_table(rows).splitlines()
+    assert lines[2] == "| UCE | 35 [18–57] |"
+    journal.record("attacks", rows, "doco toy attacks --seeds 0", time.time() - 60, folder=tmp_path, part="seeds_0",
+                   identity="one")
+    assert "1 seed (0), 20 attempts per model, attack and seed; one seed, so no interval over seeds" in \
+        journal.render("attacks", tmp_path)
+    assert journal._cell(pd.Series([12.5])) == "12.5" and journal._cell(pd.Series([10.0, 20.0])).startswith("15.0 ± ")

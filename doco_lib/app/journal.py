@@ -85,8 +85,9 @@ def load(name: str, folder: Path = ARTEFACTS) -> tuple[pd.DataFrame, dict]:
 
 
 def _cell(values: pd.Series) -> str:
+    """Mean ± 95% Student-t half-width over seeds; the value alone for a single seed (no interval to give)."""
     mean, half = mean_ci(values)
-    return f"{mean:.1f} ± {half:.1f}"
+    return f"{mean:.1f} ± {half:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def _rate_table(rows: pd.DataFrame, row_key: str, column_key: str, corner: str) -> str:
@@ -131,15 +132,21 @@ def toy_world_table(rows: pd.DataFrame) -> str:
 
 def attacks_table(rows: pd.DataFrame) -> str:
     """Attack success rate (%) per model (rows; the control's prompts on rows of their own) and attack (columns,
-    `none` first: before any attack): mean ± 95% Student-t half-width over seeds. Then each attack's cost per attempt,
+    `none` first: before any attack): mean ± 95% Student-t half-width over seeds; with one seed, its rate and the
+    95% Wilson interval of its attempts in brackets. Then each attack's cost per attempt,
     over every model and seed: wall seconds and UNet steps."""
     rows = rows.assign(percent=100 * rows["asr"],
                        label=[m if p == "target" else f"{m}, {p}" for m, p in zip(rows["method"], rows["prompts"])])
     attacks = list(dict.fromkeys(rows["attack"]))
     lines = ["| model | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+    def cell(chosen: pd.DataFrame) -> str:
+        if len(chosen) == 1:  # one seed: its attempts' Wilson interval
+            row = chosen.iloc[0]
+            return f"{row.percent:.0f} [{100 * row.asr_low:.0f}–{100 * row.asr_high:.0f}]"
+        return _cell(chosen["percent"]) if len(chosen) else "–"
+
     for label, group in rows.groupby("label", sort=False):
-        cells = [_cell(group[group.attack == attack]["percent"]) if (group.attack == attack).any() else "–"
-                 for attack in attacks]
+        cells = [cell(group[group.attack == attack]) for attack in attacks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| attack | seconds per attempt | UNet steps per attempt |", "|---|---|---|"]
     for attack, group in rows.groupby("attack", sort=False):
@@ -203,10 +210,12 @@ def render(name: str, folder: Path = ARTEFACTS) -> str:
     seeds = sorted(rows["seed"].unique()) if "seed" in rows else []
     samples = sorted(rows["samples"].unique()) if "samples" in rows else []
     attempts = sorted(rows["attempts"].unique()) if "attempts" in rows else []
-    counts = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if seeds else "") + \
+    counts = (f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))})" if seeds else "") + \
         (f", {', '.join(map(str, samples))} judged images per prompt set and seed" if samples else "") + \
         (f", {', '.join(map(str, attempts))} attempts per model, attack and seed" if attempts else "")
-    return f"{_provenance(name, how)} {counts}; mean ± 95% Student-t interval over seeds.\n\n{RENDERERS[name](rows)}\n"
+    spread = "mean ± 95% Student-t interval over seeds" if len(seeds) != 1 else \
+        "one seed, so no interval over seeds (an attack's cell: its rate [the 95% Wilson interval of its attempts])"
+    return f"{_provenance(name, how)} {counts}; {spread}.\n\n{RENDERERS[name](rows)}\n"
 
 
 def _provenance(name: str, how: dict) -> str:
