@@ -28,13 +28,17 @@ reported with their share of the change's energy.
   ComfyUI keeps a map of; for SDXL the original LDM paths (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`,
   `…_output_blocks_2_2_conv`, `…_label_emb_0_0`; `ldm_module_name`), which A1111 and ComfyUI look up directly.
   diffusers' `load_lora_weights` converts both back (`lora_conversion_utils`).
+- SD 3.x and FLUX.1: the erased denoiser is the MMDiT transformer, so the diffusers file's keys and metadata fields
+  take its prefix (`transformer.<module path>.lora_A.weight`, as `save_lora_weights(transformer_lora_adapter_metadata
+  =…)` writes them); kohya's names are UNet modules', so no kohya file is written for them.
 
 **Model card.** `write_model_card(erasure_dir)` writes README.md beside the exported UNet (the Hugging Face
 Hub's format: YAML front matter with license, base_model when it is a hub id, tags, library_name), from the
 export's `erasure.json`, the files the method wrote (a delta, SPM's adapter, DoCo's discriminator, a LoRA
 folder: each listed only where it exists), the run's cost records and the evaluation table once measured; a LoRA
 folder gets its own card from its report. Their loading snippets use `DiffusionPipeline`, which builds the
-pipeline class the base model names (SD v1/v2 or SDXL).
+pipeline class the base model names (SD v1/v2, SDXL, SD 3.x or FLUX.1), and load an erased transformer by
+`AutoModel`.
 """
 
 from __future__ import annotations
@@ -52,7 +56,16 @@ import torch
 from doco_lib import costs
 from doco_lib.errors import ModelLoadError, ParamsError
 from doco_lib.io import atomic_directory, atomic_save_json, atomic_write_bytes, atomic_write_text
-from doco_lib.models import HUB_ID, check_model_reference, is_toy, load_judge, load_pipeline, resolve_model
+from doco_lib.models import (
+    HUB_ID,
+    check_model_reference,
+    denoiser_class,
+    denoiser_family,
+    is_toy,
+    load_judge,
+    load_pipeline,
+    resolve_model,
+)
 from doco_lib.toy import render
 from doco_lib.toy.erasure import judged_rates, prompt_sets
 
@@ -127,7 +140,8 @@ class LoraDecomposition:
     left_out: dict[str, float]
     energy: float
     total_energy: float  # Σ over every changed tensor of ‖Δ‖²_F
-    unet_config: Mapping  # the UNet's config: SDXL's kohya file names its modules by the LDM layout
+    unet_config: Mapping  # the denoiser's config: SDXL's kohya file names its modules by the LDM layout
+    component: str = "unet"  # the pipeline component the LoRA applies to: unet, or transformer (SD 3.x, FLUX.1)
 
     def report(self) -> dict:
         ranks = [layer.rank for layer in self.layers]
@@ -144,9 +158,9 @@ class LoraDecomposition:
 
 
 def decompose(unet, delta: dict[str, torch.Tensor], energy: float = 0.99) -> LoraDecomposition:
-    """The LoRA of a weight change `delta` (UNet parameter name → W − W0) of `unet`: Linear and Conv2d
-    weights factorised (`factorise`), tensors that are exactly unchanged skipped, any other changed tensor
-    left out and reported."""
+    """The LoRA of a weight change `delta` (parameter name → W − W0) of the denoiser `unet` (a UNet, or the MMDiT
+    transformer of SD 3.x or FLUX.1): Linear and Conv2d weights factorised (`factorise`), tensors that are exactly
+    unchanged skipped, any other changed tensor left out and reported."""
     layers, left_out, energies = [], {}, {}
     for name, change in sorted(delta.items()):
         energy_of_change = float(change.double().pow(2).sum())
@@ -169,16 +183,18 @@ def decompose(unet, delta: dict[str, torch.Tensor], energy: float = 0.99) -> Lor
     if not layers:
         raise ParamsError("the erased UNet's change has no Linear or Conv2d weight to express as a LoRA "
                           f"({len(left_out)} changed tensors, none of them such a weight): was it trained at all?")
+    component = "unet" if denoiser_family(unet) == "unet" else "transformer"
     return LoraDecomposition(layers, {name: e / total for name, e in left_out.items()}, energy, total,
-                             dict(unet.config))
+                             dict(unet.config), component)
 
 
-def diffusers_state_dict(layers: list[LoraLayer]) -> dict[str, torch.Tensor]:
-    """PEFT keys under the pipeline's `unet.` prefix, as `StableDiffusionLoraLoaderMixin` reads them."""
+def diffusers_state_dict(layers: list[LoraLayer], component: str = "unet") -> dict[str, torch.Tensor]:
+    """PEFT keys under the pipeline's component prefix (`unet.`, or `transformer.` for SD 3.x and FLUX.1), as
+    diffusers' LoRA loaders read them."""
     state = {}
     for layer in layers:
-        state[f"unet.{layer.module}.lora_A.weight"] = layer.down
-        state[f"unet.{layer.module}.lora_B.weight"] = layer.up
+        state[f"{component}.{layer.module}.lora_A.weight"] = layer.down
+        state[f"{component}.{layer.module}.lora_B.weight"] = layer.up
     return state
 
 
@@ -194,10 +210,10 @@ def peft_config(layers: list[LoraLayer]) -> dict:
             "target_modules": sorted(layer.module for layer in layers)}
 
 
-def peft_metadata(layers: list[LoraLayer]) -> dict[str, str]:
-    """`peft_config` in the safetensors metadata as diffusers' `save_lora_weights(unet_lora_adapter_metadata=…)`
-    writes it: one JSON object under PEFT_METADATA_KEY, each field prefixed with "unet."."""
-    fields = {f"unet.{key}": value for key, value in peft_config(layers).items()}
+def peft_metadata(layers: list[LoraLayer], component: str = "unet") -> dict[str, str]:
+    """`peft_config` in the safetensors metadata as diffusers' `save_lora_weights(<component>_lora_adapter_metadata=…)`
+    writes it: one JSON object under PEFT_METADATA_KEY, each field prefixed with the component ("unet.")."""
+    fields = {f"{component}.{key}": value for key, value in peft_config(layers).items()}
     return {PEFT_METADATA_KEY: json.dumps(fields, indent=2, sort_keys=True)}
 
 
@@ -299,15 +315,19 @@ def write_lora(decomposition: LoraDecomposition, out_dir: Path, formats: str = "
 
     if formats not in FORMATS:
         raise ParamsError(f"--format: {formats!r} is not one of {FORMATS}.")
+    component = decomposition.component
+    if component != "unet" and formats == "kohya":
+        raise ParamsError(f"--format: kohya names UNet modules; an SD 3.x or FLUX.1 {component}'s LoRA is written in "
+                          "the diffusers format (--format diffusers).")
     metadata = {k: str(v) for k, v in (metadata or {}).items()} | {"lora_energy": str(decomposition.energy)}
     files, naming = {}, {}
     if formats in ("diffusers", "both"):
-        files[DIFFUSERS_FILE] = save(diffusers_state_dict(decomposition.layers),
-                                     metadata=metadata | peft_metadata(decomposition.layers))
-    if formats in ("kohya", "both"):
+        files[DIFFUSERS_FILE] = save(diffusers_state_dict(decomposition.layers, component),
+                                     metadata=metadata | peft_metadata(decomposition.layers, component))
+    if formats in ("kohya", "both") and component == "unet":
         files[KOHYA_FILE] = save(kohya_state_dict(decomposition.layers, decomposition.unet_config), metadata=metadata)
         naming = {"kohya_names": "ldm" if uses_ldm_names(decomposition.unet_config) else "diffusers"}
-    report = {**metadata, **decomposition.report(), **naming,
+    report = {**metadata, **decomposition.report(), **naming, "component": component,
               "files": {name: len(data) for name, data in files.items()}}
     with atomic_directory(Path(out_dir)) as tmp:
         for name, data in files.items():
@@ -317,16 +337,15 @@ def write_lora(decomposition: LoraDecomposition, out_dir: Path, formats: str = "
     return report
 
 
-def load_unet(folder: str, what: str, subfolder: str | None = None):
-    """A diffusers UNet from safetensors, in float32 on the CPU, with a one-line error naming `what`."""
-    from diffusers import UNet2DConditionModel
-
+def load_denoiser(folder: str, what: str, model_class: type, subfolder: str | None = None):
+    """A diffusers denoiser of `model_class` (a UNet, or an SD 3.x or FLUX.1 transformer) from safetensors, in
+    float32 on the CPU, with a one-line error naming `what`."""
     try:
-        return UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True,
-                                                    dtype=torch.float32)
+        return model_class.from_pretrained(folder, subfolder=subfolder, use_safetensors=True, dtype=torch.float32)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{what}: no diffusers UNet could be loaded from {folder!r} ({str(error).splitlines()[0]}"
-                             "); offline, a hub id only works if it is already in the Hugging Face cache.") from None
+        raise ModelLoadError(f"{what}: no diffusers {model_class.__name__} could be loaded from {folder!r} "
+                             f"({str(error).splitlines()[0]}); offline, a hub id only works if it is already in the "
+                             "Hugging Face cache.") from None
 
 
 def export_from_folders(unet_dir: str | Path, model: str, out_dir: str | Path, energy: float = 0.99,
@@ -344,8 +363,12 @@ def export_from_folders(unet_dir: str | Path, model: str, out_dir: str | Path, e
     if info.get("base_model") not in (None, model):
         raise ParamsError(f"--model: {model!r}, but {unet_dir.parent / 'erasure.json'} says the UNet was erased "
                           f"from {info['base_model']!r}; pass --model {info['base_model']}.")
-    base = load_unet(resolve_model(model), "--model", subfolder="unet")
-    erased = load_unet(str(unet_dir), "--unet")
+    component, model_class = denoiser_class(str(unet_dir))
+    if component != "unet" and formats == "kohya":  # before loading anything
+        raise ParamsError(f"--format: kohya names UNet modules; an SD 3.x or FLUX.1 {component}'s LoRA is written in "
+                          "the diffusers format (--format diffusers).")
+    base = load_denoiser(resolve_model(model), "--model", model_class, subfolder=component)
+    erased = load_denoiser(str(unet_dir), "--unet", model_class)
     decomposition = decompose(erased, unet_delta(base, erased), energy)
     keep = ("method", "target", "anchor", "kind", "trainable")
     return write_lora(decomposition, Path(out_dir), formats,
@@ -427,17 +450,19 @@ def _costs_section(erasure_dir: Path) -> str:
 
 
 def _loading(base_model: str, unet: str | None = None, lora: str | None = None,
-             weight_name: str = DIFFUSERS_FILE) -> str:
-    """Python that loads the base model with an erased UNet folder or a LoRA file; `DiffusionPipeline` builds
-    the class the base model's model_index.json names (SD v1/v2 and SDXL alike)."""
+             weight_name: str = DIFFUSERS_FILE, component: str = "unet") -> str:
+    """Python that loads the base model with an erased denoiser folder (`component`: unet, or transformer for SD 3.x
+    and FLUX.1) or a LoRA file; `DiffusionPipeline` builds the class the base model's model_index.json names."""
     if is_toy(base_model):
         lines = ["from doco_lib.models import load_pipeline\n",
                  f"pipe = load_pipeline({base_model!r}" + (f", unet={unet!r})" if unet else ")")]
     else:
-        lines = ["from diffusers import DiffusionPipeline" + (", UNet2DConditionModel\n" if unet else "\n")]
+        model_class = "UNet2DConditionModel" if component == "unet" else "AutoModel"
+        lines = ["from diffusers import DiffusionPipeline" + (f", {model_class}\n" if unet else "\n")]
         if unet:
-            lines.append(f"unet = UNet2DConditionModel.from_pretrained({unet!r})")
-        lines.append(f"pipe = DiffusionPipeline.from_pretrained({base_model!r}" + (", unet=unet)" if unet else ")"))
+            lines.append(f"{component} = {model_class}.from_pretrained({unet!r})")
+        lines.append(f"pipe = DiffusionPipeline.from_pretrained({base_model!r}"
+                     + (f", {component}={component})" if unet else ")"))
     if lora:
         lines.append(f"pipe.load_lora_weights({lora!r}, weight_name={weight_name!r})")
     return "```python\n" + "\n".join(lines) + "\n```\n"
@@ -475,6 +500,9 @@ def model_card(erasure_dir: Path) -> str:
     settings = json.loads(info["config"]) if "config" in info else {}
     tags = ["stable-diffusion", "text-to-image", "concept-erasure", "diffusers", f"erasure-{method}"]
     evaluation = erasure_dir / EVALUATION_FILE
+    # The exported denoiser's pipeline component: a UNet, or an SD 3.x or FLUX.1 transformer.
+    component = denoiser_class(str(erasure_dir / "unet"))[0] if (erasure_dir / "unet" / "config.json").is_file() \
+        else "unet"
     as_lora = ("" if (erasure_dir / "lora" / REPORT_FILE).is_file() else
                f"`doco export-lora --unet <this folder>/unet --model {base_model} --out <folder>` writes the UNet's "
                "change as a LoRA.\n")
@@ -484,7 +512,7 @@ def model_card(erasure_dir: Path) -> str:
              f"run's anchor concept: **{info.get('anchor', '?')}**; trained: `{info.get('trainable', '?')}`). "
              "Written by DoCo lab at export.\n",
              "## Files\n", _export_files(erasure_dir, info),
-             "## Use\n", _loading(base_model, unet="<this folder>/unet") + as_lora,
+             "## Use\n", _loading(base_model, unet="<this folder>/unet", component=component) + as_lora,
              "## Evaluation\n",
              evaluation.read_text() if evaluation.is_file() else
              "Not evaluated yet: notebook 04 (or `doco eval`) writes the measured table here.\n",
@@ -522,6 +550,9 @@ def lora_card(report: dict) -> str:
                 "Every changed tensor is a Linear or Conv2d weight: nothing was left out.\n")
     loaded = DIFFUSERS_FILE if DIFFUSERS_FILE in report["files"] else KOHYA_FILE  # diffusers reads either
     use = [_loading(base_model, lora="<this folder>", weight_name=loaded)]
+    if "component" in report and report["component"] != "unet":
+        use.append(f"The LoRA applies to the pipeline's `{report['component']}` (kohya's format names UNet modules, so "
+                   "only the diffusers file is written).\n")
     if KOHYA_FILE in report["files"] and not is_toy(base_model):
         use.append(f"A1111 and ComfyUI: copy `{KOHYA_FILE}` into their LoRA folder (strength 1).\n")
     judged = report.get("judged")

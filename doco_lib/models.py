@@ -111,7 +111,7 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
     kwargs = dict(dtype=dtype, use_safetensors=safetensors)
     if unet is not None:
         try:
-            component, model_class = _denoiser_class(unet)
+            component, model_class = denoiser_class(unet)
             kwargs[component] = model_class.from_pretrained(unet, dtype=dtype, use_safetensors=safetensors)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"the UNet folder {unet!r} could not be loaded ({str(error).splitlines()[0]}); it "
@@ -182,7 +182,7 @@ def latent_shape(model) -> tuple[int, int]:
     return model.config.in_channels, model.config.sample_size
 
 
-def _denoiser_class(folder: str) -> tuple[str, type]:
+def denoiser_class(folder: str) -> tuple[str, type]:
     """(pipeline component, model class) of a saved denoiser folder, by the class its config.json names."""
     import json
 

@@ -119,7 +119,7 @@ def test_the_relearning_curve_is_the_mean_rate_per_step_count_over_attempts():
     assert len(rows) == 6  # the control's prompts and other attacks are not the curve
     table = journal.relearning_table(rows.assign(seed=0)).splitlines()
     assert table[0] == "| model | 0 steps | 10 steps | 50 steps |"
-    assert table[3] == "| DoCo (cp) | 0.0 ± 0.0 | 50.0 ± 0.0 | 75.0 ± 0.0 |"
+    assert table[3] == "| DoCo (cp) | 0.0 | 50.0 | 75.0 |"  # one seed: no interval over seeds
 
 
 def test_start_prompts_come_from_a_prompts_file_which_refuses_a_control_beside_it(tmp_path):
@@ -211,7 +211,7 @@ def test_record_writes_the_artefact_that_the_journal_renders(doco, tmp_path, mon
 
 
 # The digest of attack_study.CODE when STUDY_VERSION was last decided on (see attack_study.STUDY_VERSION).
-PINNED_CODE_DIGEST = "c2c6f29817a23de6c5de2131b162e111dbe95b9d9cc088845269b0a33a75cc91"
+PINNED_CODE_DIGEST = "433b48bc36a1b9c0914b077338b760143f75420975fddbf93100706b6dbbfe96"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

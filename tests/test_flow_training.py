@@ -195,6 +195,42 @@ def test_doco_trains_flux_dev_through_doco_train(flux_hub, offline, repo_root, t
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", [flow_shaped.SD35_ID, flow_shaped.FLUX_DEV_ID])
+def test_an_mmdit_erasure_exports_a_lora_that_diffusers_loads_onto_the_transformer(model, flux_hub, offline, repo_root,
+                                                                                  tmp_path, monkeypatch,
+                                                                                  one_torch_thread):
+    """`export_lora` on SD 3.5 and FLUX.1: PEFT keys under `transformer.` with their config in the metadata, no kohya
+    file (its names are UNet modules'); `load_lora_weights` then `fuse_lora` on the base pipeline gives the erased
+    transformer's weights (energy 1: every layer at its full rank); the card loads the transformer by AutoModel."""
+    from safetensors import safe_open
+
+    from doco_lib import export
+
+    code, params = _doco_train(repo_root, tmp_path, monkeypatch, model=model, run_name="lora", export_lora=True,
+                               lora_energy=1.0)
+    assert code == 0
+    run = runs.training_dir(params)
+    assert sorted(p.name for p in (run / "lora").iterdir()) == sorted([export.DIFFUSERS_FILE, export.REPORT_FILE,
+                                                                       export.CARD_FILE])
+    with safe_open(str(run / "lora" / export.DIFFUSERS_FILE), "pt") as lora:
+        assert lora.keys() and all(k.startswith("transformer.") for k in lora.keys())
+        assert '"transformer.rank_pattern"' in lora.metadata()[export.PEFT_METADATA_KEY]
+    erased = load_pipeline(model, "cpu", unet=str(run / "unet")).transformer.state_dict()
+    pipe = load_pipeline(model, "cpu")
+    original = {n: w.clone() for n, w in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(str(run / "lora"))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.transformer.state_dict()
+    changed = [n for n in erased if not torch.equal(erased[n], original[n])]
+    assert changed and all(torch.allclose(fused[n], erased[n], atol=1e-5) for n in changed)
+    card = (run / "README.md").read_text()
+    assert "transformer = AutoModel.from_pretrained('<this folder>/unet')" in card and "transformer=transformer" in card
+    with pytest.raises(config.ParamsError, match="kohya names UNet modules"):
+        export.export_from_folders(run / "unet", model, tmp_path / "kohya", 1.0, "kohya")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["conabl", "rgd", "uce", "spm"])
 def test_methods_not_ported_are_refused_on_sd35_before_any_image(method, offline, repo_root, tmp_path, monkeypatch,
                                                                  capsys, one_torch_thread):

@@ -196,18 +196,15 @@ def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
     return selected
 
 
-def check_method_supported(method: str, model, export_lora: bool = False) -> None:
+def check_method_supported(method: str, model) -> None:
     """Refuse a method that does not train the denoiser `model`'s family yet (the flow-matching transformers
-    train with `registry.FLOW_METHODS` only), and the LoRA export there (its files name UNet modules)."""
+    train with `registry.FLOW_METHODS` only)."""
     family = denoiser_family(model)
     if family == "unet":
         return
     name = {"sd3": "SD3", "flux": "Flux"}[family]
     if method not in FLOW_METHODS:
         raise ParamsError(f"method {method} does not support {name} yet; supported: {', '.join(FLOW_METHODS)}.")
-    if export_lora:
-        raise ParamsError(f"export_lora does not support {name} yet (its LoRA files name UNet modules); set "
-                          "export_lora: false.")
 
 
 FROZEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -320,7 +317,7 @@ class ErasureTrainer:
         self.loss_scale = FP16_LOSS_SCALE if self.accelerator.scaler is not None else 1.0
         # The denoiser trained: a UNet, or the MMDiT transformer of SD 3.x or FLUX.1 (`models.denoiser`).
         self.unet = denoiser(pipe).to(self.device)
-        check_method_supported(self.method, self.unet, config.export_lora)
+        check_method_supported(self.method, self.unet)
         self.unet.requires_grad_(False)
         # "auto": off, until a GPU's memory check finds the largest iteration does not fit without it (`fit_memory`).
         self.gradient_checkpointing = config.gradient_checkpointing is True

@@ -34,7 +34,7 @@ def starting_pipeline(params: dict):
     pipe = load_pipeline(params["model"], str(process_device(params["device"])), dtype=torch.float32,  # trained
                          unet=params.get("base_unet") or None)
     # Before any image is generated.
-    check_method_supported(params.get("method", "doco"), denoiser(pipe), params.get("export_lora", False))
+    check_method_supported(params.get("method", "doco"), denoiser(pipe))
     return pipe
 
 
