@@ -146,16 +146,15 @@ def test_an_artefact_in_parts_joins_them_and_names_each_part_where_it_came_from(
 
 
 def test_parts_measured_under_other_code_or_holding_one_seed_twice_are_refused(tmp_path):
-    journal.record("attacks", _attack_rows(0, 0.5), "doco toy attacks", time.time(), folder=tmp_path,
-                   part="seeds_0", identity="before")
-    journal.record("attacks", _attack_rows(1, 0.5), "doco toy attacks", time.time(), folder=tmp_path,
-                   part="seeds_1", identity="after a change")
+    def parts(*recorded):
+        for seed, part, identity in recorded:
+            journal.record("attacks", _attack_rows(seed, 0.5), "doco toy attacks", time.time(), folder=tmp_path,
+                           part=part, identity=identity)
+
+    parts((0, "seeds_0", "before"), (1, "seeds_1", "after a change"))
     with pytest.raises(ValueError, match="measured under other settings or code"):
         journal.load("attacks", tmp_path)
-    journal.record("attacks", _attack_rows(0, 0.5), "doco toy attacks", time.time(), folder=tmp_path,
-                   part="seeds_1", identity="before")
-    journal.record("attacks", _attack_rows(0, 0.6), "doco toy attacks", time.time(), folder=tmp_path,
-                   part="seeds_0_again", identity="before")
+    parts((0, "seeds_1", "before"), (0, "seeds_0_again", "before"))
     with pytest.raises(ValueError, match="both hold seed 0"):
         journal.load("attacks", tmp_path)
 
