@@ -151,14 +151,14 @@ COUNTS = {"n_anchor_images": 2, "anchor_shard_size": 2, "num_inference_steps": 1
           "warmup_iterations": 1, "batch_size": 1, "checkpoint_every": 2, "esd_steps": 2, "device": "cpu"}
 
 
-def _doco_train(repo_root, outputs, monkeypatch, **overrides):
+def _doco_train(repo_root, outputs, monkeypatch, params_file="sd35_snoopy.yaml", **overrides):
     from doco_lib.app import cli
 
     monkeypatch.chdir(repo_root)
     values = {**COUNTS, "output_root": str(outputs), **overrides}
     sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
-    code = cli.main(["train", "--params", "params/concepts/sd35_snoopy.yaml", "--quiet", *sets])
-    return code, config.load_params(repo_root / "params" / "concepts" / "sd35_snoopy.yaml", values)
+    code = cli.main(["train", "--params", f"params/concepts/{params_file}", "--quiet", *sets])
+    return code, config.load_params(repo_root / "params" / "concepts" / params_file, values)
 
 
 @pytest.mark.slow
@@ -182,9 +182,10 @@ def test_doco_and_esd_train_sd35_through_doco_train(method, trainable, offline, 
 @pytest.mark.slow
 def test_doco_trains_flux_dev_through_doco_train(flux_hub, offline, repo_root, tmp_path, monkeypatch,
                                                  one_torch_thread):
-    """DoCo on FLUX.1-dev (sd35_snoopy.yaml's settings, the model swapped): anchors drawn from packed noise, trained on
-    unpacked 16-channel latents, the double-stream blocks' text K/V changed, nothing else."""
-    code, params = _doco_train(repo_root, tmp_path, monkeypatch, model=flow_shaped.FLUX_DEV_ID, run_name="flux_doco")
+    """DoCo on FLUX.1-dev (params/concepts/flux_snoopy.yaml): anchors drawn from packed noise, trained on unpacked
+    16-channel latents, the double-stream blocks' text K/V changed, nothing else."""
+    code, params = _doco_train(repo_root, tmp_path, monkeypatch, "flux_snoopy.yaml", run_name="flux_doco")
+    assert params["model"] == flow_shaped.FLUX_DEV_ID
     assert code == 0
     erased = load_pipeline(params["model"], "cpu", unet=str(runs.training_dir(params) / "unet"))
     original = load_pipeline(params["model"], "cpu").transformer
