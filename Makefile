@@ -106,9 +106,11 @@ results-methods: $(STAMP)
 # from every recorded part):
 # every method of notebook 05 and the two robust variants × every attack of params/toy_attacks.yaml, 20 attempts
 # each, and the circle control. Two shards, a process per core, then a call that combines their chunks and records
-# the seeds' part of the artefacts. One seed takes about 1.5 h on 2 idle cores (each model 20 attempts × ~34 s on one
-# core, measured 2026-12-06, plus its training), so `make attacks ATTACK_SEEDS=1` records one seed per session;
-# every part must come from the same code and settings (`doco results` refuses parts that differ).
+# the seeds' part of the artefacts. A seed is 13 models (11 erasures, the toy and toy-wide originals) × 20 attempts ×
+# 9 attacks and the control's 3: measured 2026-12-06 on a loaded 2-core machine (both shards and the test suite),
+# 18 min (the original, DoCo none) to 28 min (DoCo cp) per model on its share of a core, after 20-25 min of
+# training; on two idle cores expect about half, 1.5-2 h per seed. So `make attacks ATTACK_SEEDS=0` records one
+# seed per session; every part must come from the same settings and STUDY_VERSION (`doco results` refuses others).
 ATTACK_SEEDS ?= 0 1 2
 ATTACKS := $(BIN)/doco toy attacks --params params/toy_attacks.yaml --seeds $(ATTACK_SEEDS)
 attacks: $(STAMP)
