@@ -8,8 +8,8 @@ import yaml
 
 from doco_lib import config, prompt_tokens
 from doco_lib.app.cli import main
-from doco_lib.studies import attacks, robustness
-from doco_lib.studies.attacks import common, completion, noise_probe, relearning, tokens, unlearndiff
+from doco_lib.studies import attack_study, attacks, robustness
+from doco_lib.studies.attacks import common, completion, noise_probe, tokens, unlearndiff
 
 TINY = {"device": "cpu", "num_inference_steps": 8, "attack_attempts": 1, "attack_tokens": 1, "attack_images": 2,
         "attack_search_steps": 1, "attack_candidates": 2, "attack_unlearndiff_tokens": 1, "attack_unlearndiff_steps": 2,
@@ -246,9 +246,9 @@ def test_relearning_brings_the_target_back_on_a_copy_and_zero_steps_is_plain_sam
     assert relearnt.search_scores[0] == plain.judged_target <= 0.125  # the curve, in increasing step counts
     assert relearnt.judged_target == relearnt.search_scores[-1] >= plain.judged_target + 0.5
     assert relearnt.prompt == "a photo of a star [relearnt 5 steps]"
-    table = relearning.curve([("weak", relearnt), ("weak", plain)], run)
-    assert table.steps.tolist() == [0, 5] and table["judged target (%)"].tolist() == pytest.approx(
-        [100 * s for s in relearnt.search_scores])
+    attempts = pd.DataFrame([{"method": "weak", "seed": 0, "prompts": "target", **a.row()} for a in (relearnt, plain)])
+    table = attack_study.relearning_rows(attempts, tuple(sorted(run.relearn_steps)))
+    assert table.steps.tolist() == [0, 5] and table["rate"].tolist() == pytest.approx(relearnt.search_scores)
     untrained = attacks.run("relearning", pipe, judge, target, 0, settings(attack_images=8, attack_relearn_steps=[0]))
     assert torch.equal(untrained.images, plain.images) and untrained.judged_target == plain.judged_target
     assert same_state(pipe.unet, unet)

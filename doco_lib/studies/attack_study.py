@@ -102,8 +102,8 @@ def shard_variants(variants: list[str], shard: int, shards: int) -> tuple[list[s
 # The version of what the study measures. Bump it when a change alters its numbers (an attack's algorithm, training,
 # the toy world or its judge, sampling, a default setting): parts of its artefacts recorded under different versions
 # are not joined. A change that does not (orchestration, another model family's path, a new key at a default that
-# changes nothing) keeps it. tests/test_attack_study.py pins the
-# contents of `CODE`, so that every change there is that decision.
+# changes nothing) keeps it. tests/test_attack_study.py pins the contents of `CODE`, so that every change there is
+# that decision.
 STUDY_VERSION = 1
 CODE = ("doco_lib/methods", "doco_lib/toy", "doco_lib/studies/attacks", "doco_lib/studies/attack_study.py",
         "doco_lib/studies/robustness.py", "doco_lib/studies/ablation.py", "doco_lib/studies/runs.py",

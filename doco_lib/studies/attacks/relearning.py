@@ -10,7 +10,7 @@ P, with the plain denoising loss
 
 After each step count S of `attack_relearn_steps` (cumulative, in increasing order), P is sampled on the
 evaluation seeds and judged: `search_scores` holds those rates, the curve of how fast the concept comes back
-(`curve` tabulates it per model); the attempt's verdict is the rate at the largest S. S = 0 is plain
+(`attack_study.relearning_rows` tabulates it per model and seed); the attempt's verdict is the rate at the largest S. S = 0 is plain
 sampling (the row `none`). The study runs it on the original model too: the original model's curve is the
 reference of how fast fine-tuning teaches a model the concept it already knew. `loss_before` and
 `loss_after` are the objective on a fixed batch (every image at 4 stratified timesteps) before and after.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 
-import pandas as pd
 import torch
 
 from doco_lib.studies.attacks.common import (
@@ -94,12 +93,3 @@ def run(pipe, judge: Judge, target: Target, attempt: int, settings: AttackSettin
     return relearn(pipe, judge, target.prompt, target.latents[:settings.relearn_images], attempt, settings,
                    settings.generator(attempt))
 
-
-def curve(results: list[tuple[str, Attempt]], settings: AttackSettings) -> pd.DataFrame:
-    """The relearning curve: per model and step count, the mean judged-target rate (%) over its attempts."""
-    rows = [{"model": label, "steps": steps, "judged target (%)": 100 * rate}
-            for label, attempt in results if attempt.attack == "relearning"
-            for steps, rate in zip(sorted(settings.relearn_steps), attempt.search_scores)]
-    if not rows:
-        return pd.DataFrame(columns=["model", "steps", "judged target (%)"])
-    return pd.DataFrame(rows).groupby(["model", "steps"], sort=False, as_index=False)["judged target (%)"].mean()
