@@ -116,12 +116,17 @@ def _cmd_toy_attacks(args) -> None:
     print(journal.RENDERERS["attacks"](study.rows), journal.RENDERERS["relearning"](study.relearning),
           f"written to {', '.join(map(str, written))}", sep="\n\n")
     if args.record:
-        part, identity = "seeds_" + "_".join(map(str, sorted(seeds))), attack_study.study_identity(params)
-        command = "doco " + shlex.join(map(str, args.argv))
-        for name, rows in (("attacks", study.rows), ("relearning", study.relearning)):
-            journal.record(name, rows, command, started, part=part, identity=identity)
-        print(f"artefacts docs/results/attacks/{part}.csv and relearning/{part}.csv recorded; `doco results` "
-              "updates docs/results.md")
+        _record_parts(args, {"attacks": study.rows, "relearning": study.relearning}, seeds,
+                      attack_study.study_identity(params), started)
+
+
+def _record_parts(args, artefacts: dict[str, pd.DataFrame], seeds: list[int], identity: str, started: float) -> None:
+    """Record each artefact's rows as its part named by `seeds` (a study recorded seed by seed)."""
+    part = "seeds_" + "_".join(map(str, sorted(seeds)))
+    for name, rows in artefacts.items():
+        journal.record(name, rows, "doco " + shlex.join(map(str, args.argv)), started, part=part, identity=identity)
+    print(", ".join(f"docs/results/{name}/{part}.csv" for name in artefacts) + " recorded; `doco results` updates "
+          "docs/results.md")
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -142,10 +147,7 @@ def _cmd_toy_methods(args) -> None:
     written = _write_rows(rows, run_dir(params) / "method_comparison.csv")
     print(journal.RENDERERS["methods"](rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
     if args.record:
-        part = "seeds_" + "_".join(map(str, sorted(seeds)))
-        journal.record("methods", rows, "doco " + shlex.join(map(str, args.argv)), started, part=part,
-                       identity=method_comparison.study_identity(params))
-        print(f"artefact docs/results/methods/{part}.csv recorded; `doco results` updates docs/results.md")
+        _record_parts(args, {"methods": rows}, seeds, method_comparison.study_identity(params), started)
 
 
 def _cmd_toy_sepme(args) -> None:
