@@ -303,6 +303,14 @@ def unet_inputs(unet, conditioning: torch.Tensor) -> dict:
             "added_cond_kwargs": {"text_embeds": extra[:, :pooled], "time_ids": extra[:, pooled:pooled + TIME_IDS]}}
 
 
+def transformer_inputs(transformer, conditioning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SD 3.x or FLUX.1 transformer's text inputs of an `encode_prompts` tensor: the states (B, L, d) and the
+    pooled embedding (B, `pooled_projection_dim`), unpacked from its zero-padded last rows."""
+    pooled_width = transformer.config.pooled_projection_dim
+    rows = -(-pooled_width // conditioning.shape[-1])
+    return conditioning[:, :-rows], conditioning[:, -rows:].flatten(1)[:, :pooled_width]
+
+
 def denoiser_output(model, x_t: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
     """The denoiser's output (ε or v, as its scheduler's `prediction_type` says) for latents x_t (B, C, H, W), a
     timestep per sample (or one for all) and an `encode_prompts` conditioning, called as its pipeline calls it:
@@ -312,9 +320,7 @@ def denoiser_output(model, x_t: torch.Tensor, t: torch.Tensor, conditioning: tor
     family = denoiser_family(model)
     if family == "unet":
         return model(x_t, t, **unet_inputs(model, conditioning)).sample
-    pooled_width = model.config.pooled_projection_dim
-    rows = -(-pooled_width // conditioning.shape[-1])
-    hidden, pooled = conditioning[:, :-rows], conditioning[:, -rows:].flatten(1)[:, :pooled_width]
+    hidden, pooled = transformer_inputs(model, conditioning)
     t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
     if family == "sd3":
         return model(hidden_states=x_t, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled).sample

@@ -331,7 +331,7 @@ class ErasureTrainer:
             from diffusers.models.attention_processor import AttnProcessor
 
             self.unet.set_attn_processor(AttnProcessor())
-        self.params = select_trainable(self.unet, config.trainable)
+        self.params = self.trained_parameters()
         for p in self.params.values():
             p.requires_grad_(True)
         # The starting weights, for the exported delta only: on the CPU, the GPU's memory is for training.
@@ -393,6 +393,10 @@ class ErasureTrainer:
         if self.checkpoint_path.exists():
             self._load_checkpoint()
         self.tracking = tracking.RunTracking(self, pipe)
+
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters the method changes, by name: those `trainable` selects (`select_trainable`)."""
+        return select_trainable(self.unet, self.config.trainable)
 
     def needs_frozen_unet(self) -> bool:
         return False

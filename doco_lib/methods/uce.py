@@ -25,6 +25,14 @@ Which text rows, following the code (`uce_code_version`):
     preserved but `uce_preserve`, and s_p defaults to 1.
 The 2023 code's 'tensor' technique (removing the W₀c_e component instead of mapping to an anchor) and its
 optional prompt templates are not reproduced: the harness always has an anchor.
+
+On an MMDiT (SD 3.x, FLUX.1) no layer but the first reads the text alone: each block's text-stream K/V read the
+stream after the blocks before it, normalised and modulated by the timestep. UCE's own code for these models
+(`trainscripts/uce_flux_edit.py`, of the 2025 code) edits the two linear maps that take the text encoders' outputs
+into the transformer instead: `context_embedder` (the per-token states) and the pooled projection's first layer
+(`time_text_embed.text_embedder.linear_1`), with the 2025 rules above whatever `uce_code_version` says (it
+chooses between the UNet codes): the states' row of each concept's last word token (T5's on FLUX.1; on SD 3.x the
+CLIP encoders' and T5's, one row each), its pooled embedding, nothing preserved but `uce_preserve`, s_p = 1.
 """
 
 from __future__ import annotations
@@ -33,13 +41,40 @@ import torch
 
 from doco_lib.config import ParamsError
 from doco_lib.methods.harness import ErasureTrainer
-from doco_lib.models import encode_prompts, unet_inputs
+from doco_lib.models import denoiser_family, encode_prompts, transformer_inputs, unet_inputs
+
+# The linear maps UCE edits on an MMDiT, by module name, and which of the text's inputs each reads.
+MMDIT_MODULES = {"context_embedder": "states", "time_text_embed.text_embedder.linear_1": "pooled"}
 
 
 def kv_modules(unet) -> dict[str, torch.nn.Linear]:
     """Every cross-attention key and value projection by module name (SD v1.4: 32), as the 2025 code selects them."""
     return {name: module for name, module in unet.named_modules()
             if name.endswith(("attn2.to_k", "attn2.to_v")) and isinstance(module, torch.nn.Linear)}
+
+
+def edited_modules(denoiser) -> dict[str, torch.nn.Linear]:
+    """The linear maps the closed form edits: a UNet's `kv_modules`, an MMDiT's `MMDIT_MODULES`."""
+    if denoiser_family(denoiser) == "unet":
+        return kv_modules(denoiser)
+    modules = dict(denoiser.named_modules())
+    return {name: modules[name] for name in MMDIT_MODULES}
+
+
+def mmdit_rows(pipe, texts: list[str]) -> dict[str, torch.Tensor]:
+    """What an MMDiT's edited maps read of each text, (n, rows, d) in float64 on the CPU: "states", the row of each
+    text encoder's last word token in the transformer's context (FLUX.1: T5's; SD 3.x: the CLIP encoders' rows, then
+    T5's), and "pooled", the pooled embedding (one row)."""
+    transformer = pipe.transformer
+    states, pooled = transformer_inputs(transformer, encode_prompts(pipe, texts))
+    segments = ([(0, pipe.tokenizer), (pipe.tokenizer.model_max_length, pipe.tokenizer_3)]
+                if denoiser_family(transformer) == "sd3" else [(0, pipe.tokenizer_2)])
+    rows = []
+    for offset, tokenizer in segments:
+        lengths = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").attention_mask.sum(dim=1)
+        rows.append(states[torch.arange(len(texts)), offset + (lengths - 2).clamp(min=0)])  # "": its end token
+    return {"states": torch.stack(rows, dim=1).double().cpu(), "pooled": pooled[:, None].double().cpu()}
 
 
 def encode(pipe, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
@@ -84,6 +119,14 @@ def closed_form(w0: torch.Tensor, c_erase: torch.Tensor, c_anchor: torch.Tensor,
                           "span the text embedding); set uce_lambda above 0.") from None
 
 
+def mmdit_edit_rows(pipe, erase: list[str], anchors: list[str],
+                    preserve: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`edit_rows` on an MMDiT, for each input its edited maps read (`mmdit_rows`)."""
+    erased, anchored = mmdit_rows(pipe, erase), mmdit_rows(pipe, [anchor or " " for anchor in anchors])
+    kept = mmdit_rows(pipe, preserve) if preserve else {k: v[:0] for k, v in erased.items()}
+    return {key: (erased[key].flatten(0, 1), anchored[key].flatten(0, 1), kept[key].flatten(0, 1)) for key in erased}
+
+
 def edit_rows(pipe, erase: list[str], anchors: list[str], preserve: list[str],
               version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(c_erase, c_anchor, c_preserve) row matrices for concepts `erase` mapped to `anchors`, keeping `preserve`."""
@@ -101,29 +144,40 @@ def edit_rows(pipe, erase: list[str], anchors: list[str], preserve: list[str],
 
 
 class UceTrainer(ErasureTrainer):
-    """UCE in the harness: `run` applies the closed form to every cross-attention K/V once (`iterations` does not
-    apply); `export` writes the edited UNet and its K/V delta like every other method. Erases `spec.target`,
-    mapped to `spec.anchor`; preserves the concepts of `uce_preserve` (and "" with the 2023 code)."""
+    """UCE in the harness: `run` applies the closed form to every edited map once (`iterations` does not apply);
+    `export` writes the edited denoiser and its delta like every other method. Erases `spec.target`, mapped to
+    `spec.anchor`; preserves the concepts of `uce_preserve` (and "" with the 2023 code)."""
 
     method = "uce"
 
     def __init__(self, pipe, *args, **kwargs):
         super().__init__(pipe, *args, **kwargs)
         cfg = self.config
-        self.preserved = ([""] if cfg.uce_code_version == 2023 else []) + list(cfg.uce_preserve)
+        version = cfg.uce_code_version if denoiser_family(self.unet) == "unet" else 2025
+        self.preserved = ([""] if version == 2023 else []) + list(cfg.uce_preserve)
         self.preserve_scale = cfg.uce_preserve_scale
         if self.preserve_scale is None:  # the code's defaults
-            self.preserve_scale = max(0.1, 1 / len(self.preserved)) if cfg.uce_code_version == 2023 else 1.0
-        self.rows = edit_rows(pipe, [self.spec.target], [self.spec.anchor], self.preserved, cfg.uce_code_version)
+            self.preserve_scale = max(0.1, 1 / len(self.preserved)) if version == 2023 else 1.0
+        erase, anchor = [self.spec.target], [self.spec.anchor]
+        if denoiser_family(self.unet) == "unet":  # every K/V reads the states
+            self.rows = {"states": edit_rows(pipe, erase, anchor, self.preserved, version)}
+            self.reads = dict.fromkeys(kv_modules(self.unet), "states")
+        else:
+            self.rows = mmdit_edit_rows(pipe, erase, anchor, self.preserved)
+            self.reads = MMDIT_MODULES
+
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The edited maps' weights (on a UNet the same as `trainable: cross_attention_kv`'s)."""
+        return {f"{name}.weight": module.weight for name, module in edited_modules(self.unet).items()}
 
     @torch.no_grad()
     def train_step(self) -> dict:
-        """The edit of every K/V matrix; logs the two data terms of the objective after it, relative:
+        """The edit of every edited map; logs the two data terms of the objective after it, relative:
         g_loss = Σ‖W'c_e − v*‖² / Σ‖v*‖² (erasure residual), retain_loss = Σ‖(W' − W₀)c_p‖² / Σ‖W₀c_p‖²."""
         cfg = self.config
-        c_erase, c_anchor, c_preserve = self.rows
         residual = target = drift = kept = 0.0
-        for module in kv_modules(self.unet).values():
+        for name, module in edited_modules(self.unet).items():
+            c_erase, c_anchor, c_preserve = self.rows[self.reads[name]]
             w0 = module.weight.detach().double().cpu()
             w = closed_form(w0, c_erase, c_anchor, c_preserve, cfg.uce_lambda, cfg.uce_erase_scale,
                             self.preserve_scale)
