@@ -6,8 +6,8 @@ the MMDiT parameters each `trainable` mode selects on the full configs (meta dev
 pipeline, installed under its hub id, DoCo, ESD, ConAbl and RGD train through `doco train` and change only their
 registered parameters, and each update moves its own objective the right way on a held batch (ESD's and ConAbl's
 fall, RGD's forget loss rises and its retain loss falls; an update of the wrong sign fails); UCE edits the two maps
-that take the text into SD 3.5's and FLUX.1's transformers, as UCE's Flux script does; SPM, not ported yet, is
-refused before any image is drawn."""
+that take the text into SD 3.5's and FLUX.1's transformers, as UCE's Flux script does; SPM adapts FLUX.1-dev's block
+Linears."""
 
 import copy
 
@@ -21,7 +21,6 @@ from doco_lib.concepts import ConceptSpec
 from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.harness import TrainingConfig, select_trainable
 from doco_lib.methods.prediction import Parameterization
-from doco_lib.methods.registry import FLOW_METHODS
 from doco_lib.models import denoiser_output, encode_prompts, load_pipeline
 from doco_lib.studies import runs
 from doco_lib.toy import flow_shaped, shaped
@@ -176,9 +175,9 @@ def _doco_train(repo_root, outputs, monkeypatch, params_file="sd35_snoopy.yaml",
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method, trainable, extra", [
-    ("doco", "cross_attention_kv", {}), ("esd", "cross_attention", {}), ("conabl", "cross_attention_kv", {}),
+    ("esd", "cross_attention", {}), ("conabl", "cross_attention_kv", {}),
     ("rgd", "cross_attention", {"rgd_slots_file": "params/prompts/rgd_nudity_slots.yaml"})])
-def test_gradient_methods_train_sd35_through_doco_train(method, trainable, extra, offline, repo_root,
+def test_baselines_train_sd35_through_doco_train(method, trainable, extra, offline, repo_root,
                                                         tmp_path_factory, monkeypatch, one_torch_thread):
     outputs = tmp_path_factory.getbasetemp() / "flow_outputs"  # one anchor cache for every method
     code, params = _doco_train(repo_root, outputs, monkeypatch, method=method, trainable=trainable,
@@ -195,37 +194,23 @@ def test_gradient_methods_train_sd35_through_doco_train(method, trainable, extra
 
 
 @pytest.mark.slow
-def test_doco_trains_flux_dev_through_doco_train(flux_hub, offline, repo_root, tmp_path, monkeypatch,
-                                                 one_torch_thread):
-    """DoCo on FLUX.1-dev (params/concepts/flux_snoopy.yaml): anchors drawn from packed noise, trained on unpacked
-    16-channel latents, the double-stream blocks' text K/V changed, nothing else."""
-    code, params = _doco_train(repo_root, tmp_path, monkeypatch, "flux_snoopy.yaml", run_name="flux_doco")
-    assert params["model"] == flow_shaped.FLUX_DEV_ID
-    assert code == 0
-    erased = load_pipeline(params["model"], "cpu", unet=str(runs.training_dir(params) / "unet"))
-    original = load_pipeline(params["model"], "cpu").transformer
-    assert type(erased).__name__ == "FluxPipeline"
-    changed = {n for n, w in erased.transformer.state_dict().items() if not torch.equal(w, original.state_dict()[n])}
-    assert changed and changed <= set(select_trainable(original, "cross_attention_kv"))
-    assert all(n.startswith("transformer_blocks.") for n in changed)  # double-stream blocks only
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model", [flow_shaped.SD35_ID, flow_shaped.FLUX_DEV_ID])
-def test_an_mmdit_erasure_exports_a_lora_that_diffusers_loads_onto_the_transformer(model, flux_hub, offline, repo_root,
-                                                                                  tmp_path, monkeypatch,
-                                                                                  one_torch_thread):
-    """`export_lora` on SD 3.5 and FLUX.1: PEFT keys under `transformer.` with their config in the metadata, no kohya
-    file (its names are UNet modules'); `load_lora_weights` then `fuse_lora` on the base pipeline gives the erased
+@pytest.mark.parametrize("params_file", ["sd35_snoopy.yaml", "flux_snoopy.yaml"])
+def test_doco_trains_an_mmdit_and_exports_a_lora_that_diffusers_loads_onto_it(params_file, flux_hub, offline,
+                                                                              repo_root, tmp_path, monkeypatch,
+                                                                              one_torch_thread):
+    """DoCo through `doco train` on SD 3.5 and FLUX.1-dev (FLUX.1: anchors drawn from packed noise, trained on
+    unpacked 16-channel latents) changes the text stream's K/V of the joint or double-stream blocks and nothing
+    else; `export_lora` writes PEFT keys under `transformer.` with their config in the metadata, no kohya file (its
+    names are UNet modules'); `load_lora_weights` then `fuse_lora` on the base pipeline gives the erased
     transformer's weights (energy 1: every layer at its full rank); the card loads the transformer by AutoModel."""
     from safetensors import safe_open
 
     from doco_lib import export
 
-    code, params = _doco_train(repo_root, tmp_path, monkeypatch, model=model, run_name="lora", export_lora=True,
+    code, params = _doco_train(repo_root, tmp_path, monkeypatch, params_file, run_name="lora", export_lora=True,
                                lora_energy=1.0)
     assert code == 0
-    run = runs.training_dir(params)
+    model, run = params["model"], runs.training_dir(params)
     assert sorted(p.name for p in (run / "lora").iterdir()) == sorted([export.DIFFUSERS_FILE, export.REPORT_FILE,
                                                                        export.CARD_FILE])
     with safe_open(str(run / "lora" / export.DIFFUSERS_FILE), "pt") as lora:
@@ -239,7 +224,9 @@ def test_an_mmdit_erasure_exports_a_lora_that_diffusers_loads_onto_the_transform
     pipe.unload_lora_weights()
     fused = pipe.transformer.state_dict()
     changed = [n for n in erased if not torch.equal(erased[n], original[n])]
-    assert changed and all(torch.allclose(fused[n], erased[n], atol=1e-5) for n in changed)
+    assert changed and set(changed) <= set(select_trainable(pipe.transformer, "cross_attention_kv"))
+    assert all(n.startswith("transformer_blocks.") for n in changed)  # joint or double-stream blocks only
+    assert all(torch.allclose(fused[n], erased[n], atol=1e-5) for n in changed)
     card = (run / "README.md").read_text()
     assert "transformer = AutoModel.from_pretrained('<this folder>/unet')" in card and "transformer=transformer" in card
     with pytest.raises(config.ParamsError, match="kohya names UNet modules"):
@@ -247,14 +234,27 @@ def test_an_mmdit_erasure_exports_a_lora_that_diffusers_loads_onto_the_transform
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["spm"])
-def test_methods_not_ported_are_refused_on_sd35_before_any_image(method, offline, repo_root, tmp_path, monkeypatch,
-                                                                 capsys, one_torch_thread):
-    code, _ = _doco_train(repo_root, tmp_path, monkeypatch, method=method, run_name=f"sd35_{method}",
-                          rgd_slots_file="params/prompts/rgd_nudity_slots.yaml", uce_preserve=[])
-    assert code == 2
-    assert f"method {method} does not support SD3 yet; supported: {', '.join(FLOW_METHODS)}" in capsys.readouterr().err
-    assert not list(tmp_path.rglob("*.safetensors")), "no anchor image may be drawn"
+def test_spm_adapts_the_block_linears_of_flux_dev_through_doco_train(flux_hub, offline, repo_root, tmp_path,
+                                                                   monkeypatch, one_torch_thread):
+    """SPM on FLUX.1-dev: rank-1 adapters on every block's attention and feed-forward Linears, both streams (not the
+    AdaLN modulations); the exported transformer differs from the base in those weights only, and the adapter file,
+    under kohya's `lora_transformer_` names, loads back onto the base transformer."""
+    from doco_lib.methods import spm
+
+    code, params = _doco_train(repo_root, tmp_path, monkeypatch, "flux_snoopy.yaml", method="spm", run_name="spm",
+                               spm_denoising_steps=3)
+    assert code == 0
+    run = runs.training_dir(params)
+    base = load_pipeline(params["model"], "cpu").transformer
+    erased = load_pipeline(params["model"], "cpu", unet=str(run / "unet")).transformer
+    adapted = spm.adapted_modules(base)
+    assert any(p.startswith("single_transformer_blocks.") for p in adapted)
+    assert not any(".norm" in p for p in adapted)
+    original = base.state_dict()
+    changed = {n for n, w in erased.state_dict().items() if not torch.equal(w, original[n])}
+    assert changed and changed <= {f"{path}.weight" for path in adapted}
+    network = spm.SpmNetwork.from_file(run / spm.ADAPTER_FILE, base)
+    assert all(key.startswith("lora_transformer_") for key in network.layers())
 
 
 # ---------------------------------------------------------------------------------------------- ESD's sign

@@ -11,7 +11,7 @@ discriminator warm-up, then alternating discriminator and UNet (generator) updat
      by `retain_mode` (none | l2 | cp, eq. 9) and applied by Adam.
   3. D is updated to tell real from fake (BCE with logits, eq. 8), on detached predictions.
 The denoiser trained is the pipeline's UNet (SD v1, 2.x, SDXL) or its MMDiT transformer (SD 3.x, FLUX.1:
-`models.denoiser`, for the methods of `registry.FLOW_METHODS`); `self.unet` names either, and every call goes
+`models.denoiser`, every method); `self.unet` names either, and every call goes
 through `models.denoiser_output`, so no method needs to know which family it trains.
 All randomness comes from one generator saved in the checkpoint, so a resumed run equals an
 uninterrupted one.
@@ -56,14 +56,7 @@ from doco_lib.io import (
 from doco_lib.methods.adversarial_prompts import AdversarialPrompts
 from doco_lib.methods.discriminator import GANLoss, NLayerDiscriminator
 from doco_lib.methods.prediction import Parameterization
-from doco_lib.methods.registry import (
-    FIDELITY_PRESETS,
-    FLOW_METHODS,
-    METHODS,
-    OPTIMIZERS,
-    TRAINABLE,
-    TRAINABLE_PARAMETERS,
-)
+from doco_lib.methods.registry import FIDELITY_PRESETS, METHODS, OPTIMIZERS, TRAINABLE, TRAINABLE_PARAMETERS
 from doco_lib.methods.split_gradients import SplitLinearGradients, bias_free_linears
 from doco_lib.methods.surgery import concept_preserving_gradient, restricted_gradient
 from doco_lib.models import (
@@ -196,17 +189,6 @@ def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
     return selected
 
 
-def check_method_supported(method: str, model) -> None:
-    """Refuse a method that does not train the denoiser `model`'s family yet (the flow-matching transformers
-    train with `registry.FLOW_METHODS` only)."""
-    family = denoiser_family(model)
-    if family == "unet":
-        return
-    name = {"sd3": "SD3", "flux": "Flux"}[family]
-    if method not in FLOW_METHODS:
-        raise ParamsError(f"method {method} does not support {name} yet; supported: {', '.join(FLOW_METHODS)}.")
-
-
 FROZEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -317,7 +299,6 @@ class ErasureTrainer:
         self.loss_scale = FP16_LOSS_SCALE if self.accelerator.scaler is not None else 1.0
         # The denoiser trained: a UNet, or the MMDiT transformer of SD 3.x or FLUX.1 (`models.denoiser`).
         self.unet = denoiser(pipe).to(self.device)
-        check_method_supported(self.method, self.unet)
         self.unet.requires_grad_(False)
         # "auto": off, until a GPU's memory check finds the largest iteration does not fit without it (`fit_memory`).
         self.gradient_checkpointing = config.gradient_checkpointing is True

@@ -40,12 +40,11 @@ TRAINABLE_PARAMETERS = {
               "cross_attention": (r"attn\.add_[qkv]_proj\.", None),
               "non_cross_attention": ("", r"attn\.add_[qkv]_proj\.|^time_text_embed|^proj_out"), "full": ("", None)},
 }
-# The methods that train the flow-matching transformers (SD 3.x, FLUX.1) so far; SPM is UNet-only. DoCo, ESD,
-# ConAbl and RGD train what `trainable` selects above; UCE, which needs maps that read the text alone, edits
-# the two that take it into the transformer (`doco_lib.methods.uce.MMDIT_MODULES`, as UCE's Flux script): the context
-# embedder and the pooled projection's first layer, SD 3.5 medium 6,291,456 + 3,145,728 weights, FLUX.1-dev
-# 12,582,912 + 2,359,296 (tests/test_flow_training.py).
-FLOW_METHODS = ("doco", "esd", "conabl", "rgd", "uce")
+# Every method trains the flow-matching transformers (SD 3.x, FLUX.1) too. DoCo, ESD, ConAbl and RGD train what
+# `trainable` selects above; UCE, which needs maps that read the text alone, edits the two that take it into the
+# transformer (`doco_lib.methods.uce.MMDIT_MODULES`, as UCE's Flux script): the context embedder and the pooled
+# projection's first layer, SD 3.5 medium 6,291,456 + 3,145,728 weights, FLUX.1-dev 12,582,912 + 2,359,296; SPM
+# adapts the attention and feed-forward Linears of every block (`doco_lib.methods.spm.adapted_modules`).
 OPTIMIZERS = ("adam", "adam_fused", "adam_8bit")
 CONABL_VARIANTS = ("model", "noise")
 

@@ -255,6 +255,9 @@ class SepMETrainer:
         if clash:
             raise ParamsError(f"SepME: {clash} is both a prompt of the concept's images and a prompt to decouple "
                               "against; its token rows would be in the null space, so it could not be erased.")
+        if getattr(pipe, "unet", None) is None:
+            raise ParamsError(f"SepME edits a UNet's cross-attention; this {type(pipe).__name__} has an MMDiT "
+                              "transformer (SD 3.x, FLUX.1), which SepME does not train yet.")
         for encoder in text_encoders(pipe):
             encoder.to(self.device)
         self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)

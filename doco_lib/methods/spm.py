@@ -13,7 +13,9 @@ q/k/v/out projections of attn1 and attn2, ff.net.0.proj, ff.net.2, proj_out; 16 
 
 with r = `spm_rank` = 1 ("one-dimensional"), α = `spm_alpha` = 1, U = 0 at the start (D Kaiming-uniform), so
 the adapted UNet starts as the original. The UNet stays frozen; only U and D train. The adapters are forward
-hooks: attaching or removing them never touches the UNet's weights.
+hooks: attaching or removing them never touches the UNet's weights. SPM's code has no MMDiT (SD 3.x, FLUX.1); on
+one the adapters go on every block's attention and feed-forward Linears (`adapted_modules`), x_t comes from the
+flow's Euler steps and the anchors draw the context and the pooled embedding apart, as for SDXL.
 
 Training, one iteration, c the erased concept's embedding (its bare word, e.g. "star", as in the code; with
 `spm_prompts: target_prompts`, for each latent one of the harness's target prompts, "a red star on …"), ∅ that of "":
@@ -41,8 +43,8 @@ without BOS/EOS/padding; no threshold. The code multiplies *both* factors U and 
 the default); "linear" scales it by s.
 
 Storage. The adapter is its own safetensors file (`spm.safetensors`, kilobytes to 1.7 MB on SD) in the code's
-format: `lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`, with metadata
-prompts, rank, alpha (plus ours: base model, target, settings). `SpmTrainer.export` also writes the UNet with
+format: `lora_unet_<module path with _>.lora_down.weight` (an MMDiT's: `lora_transformer_…`), `.lora_up.weight`,
+`.alpha`, with metadata prompts, rank, alpha (plus ours: base model, target, settings). `SpmTrainer.export` also writes the UNet with
 the adapter merged at full strength (W + (α/r) U D): what notebooks 04/05 evaluate is SPM *without*
 facilitated transport; `generate_with_transport` samples with it.
 """
@@ -62,19 +64,43 @@ from doco_lib import costs, export
 from doco_lib.errors import CorruptFileError
 from doco_lib.io import atomic_directory, atomic_save_json, atomic_write_bytes
 from doco_lib.methods.harness import ErasureTrainer
-from doco_lib.models import denoiser_output, encode_prompts, pack_conditioning, text_encoders, unet_inputs
+from doco_lib.methods.prediction import denoising_scheduler
+from doco_lib.models import (
+    append_rows,
+    denoiser_family,
+    denoiser_output,
+    encode_prompts,
+    latent_shape,
+    pack_conditioning,
+    text_encoders,
+    transformer_inputs,
+    unet_inputs,
+)
 from doco_lib.sampling import generate
 
 ADAPTER_FILE = "spm.safetensors"
-PREFIX = "lora_unet"
+PREFIXES = {"unet": "lora_unet", "mmdit": "lora_transformer"}  # kohya's names for a UNet's and an MMDiT's modules
 TRANSPORT_SCALINGS = ("squared", "linear")
 
 
-def adapted_modules(unet) -> dict[str, torch.nn.Module]:
+def _kind(denoiser) -> str:
+    return "unet" if denoiser_family(denoiser) == "unet" else "mmdit"
+
+
+def adapted_modules(denoiser) -> dict[str, torch.nn.Module]:
     """Every Linear and Conv2d inside a Transformer2DModel, by module path (SD v1.4: 192). The code matches the
-    class names exactly; subclasses count here (a diffusers version with LoRACompatibleLinear matched none)."""
+    class names exactly; subclasses count here (a diffusers version with LoRACompatibleLinear matched none).
+    An MMDiT (SD 3.x, FLUX.1; SPM's code has none): the attention and feed-forward Linears of every block, both
+    streams (`transformer_blocks`, FLUX.1's `single_transformer_blocks`), the analogue of a UNet's transformer
+    blocks; the blocks' AdaLN modulations, which read the timestep and not the text, are left as they are."""
     found = {}
-    for name, block in unet.named_modules():
+    if _kind(denoiser) == "mmdit":
+        for name, module in denoiser.named_modules():
+            if (name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and ".norm" not in name
+                    and isinstance(module, torch.nn.Linear)):
+                found[name] = module
+        return found
+    for name, block in denoiser.named_modules():
         if type(block).__name__ == "Transformer2DModel":
             for child, module in block.named_modules():
                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -82,9 +108,10 @@ def adapted_modules(unet) -> dict[str, torch.nn.Module]:
     return found
 
 
-def adapter_key(module_path: str) -> str:
-    """The code's (and kohya's) name of a module's adapter: 'lora_unet_' + the path with '_' for '.'."""
-    return f"{PREFIX}_{module_path.replace('.', '_')}"
+def adapter_key(module_path: str, prefix: str = PREFIXES["unet"]) -> str:
+    """The code's (and kohya's) name of a module's adapter: 'lora_unet_' (an MMDiT's: 'lora_transformer_') + the
+    path with '_' for '.'."""
+    return f"{prefix}_{module_path.replace('.', '_')}"
 
 
 class SpmLayer(torch.nn.Module):
@@ -125,7 +152,7 @@ class SpmNetwork(torch.nn.Module):
         self.rank, self.alpha, self.multiplier = rank, alpha, 1.0
         self.targets = {}  # adapter key → adapted module (not registered: the UNet owns it)
         for path, module in adapted_modules(unet).items():
-            key = adapter_key(path)
+            key = adapter_key(path, PREFIXES[_kind(unet)])
             self.targets[key] = module
             self.add_module(key, SpmLayer(module, rank, alpha).to(module.weight.device, module.weight.dtype))
         self._hooks = []
@@ -220,8 +247,12 @@ def transport_strength(pipe, prompt: str, erased: list[str]) -> float:
     tokenizer = pipe.tokenizer
     ids = tokenizer([prompt, *erased], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    # The hidden states the UNet cross-attends to (SDXL: both encoders'; its pooled embedding and time ids left out).
-    hidden = unet_inputs(pipe.unet, encode_prompts(pipe, [prompt, *erased]))["encoder_hidden_states"].flatten(1)
+    # The hidden states the UNet cross-attends to (SDXL: both encoders'; its pooled embedding and time ids left out),
+    # or an MMDiT's context (its pooled embedding left out).
+    conditioning = encode_prompts(pipe, [prompt, *erased])
+    transformer = getattr(pipe, "transformer", None)
+    hidden = (unet_inputs(pipe.unet, conditioning)["encoder_hidden_states"] if transformer is None
+              else transformer_inputs(transformer, conditioning)[0]).flatten(1)
     cosine = F.cosine_similarity(hidden[:1], hidden[1:], dim=-1).cpu()
     special = set(tokenizer.convert_tokens_to_ids(list(tokenizer.special_tokens_map.values())))
     words = set(ids[0].tolist()) - special
@@ -280,30 +311,28 @@ class SpmTrainer(ErasureTrainer):
                 encoder.to("cpu")
 
     def build_extra(self) -> None:
-        from diffusers import DDIMScheduler
-
         cfg = self.config
         for p in self.params.values():  # the UNet stays as it is: SPM trains its adapters only
             p.requires_grad_(False)
         self.network = SpmNetwork(self.unet, cfg.spm_rank, cfg.spm_alpha).to(self.device).attach()
         self.params = dict(self.network.named_parameters())
         self.original = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
-        full = DDIMScheduler.from_config(self.scheduler_config)
-        full.set_timesteps(full.config.num_train_timesteps)
-        self.loss_timesteps = full.timesteps
+        self.loss_timesteps = self._scheduler(self.scheduler_config["num_train_timesteps"]).timesteps
+
+    def _scheduler(self, steps: int):
+        """The sampling scheduler of `steps` steps: DDIM, or a flow's Euler scheduler (shifted as its pipeline)."""
+        return denoising_scheduler(self.scheduler_config, steps, (latent_shape(self.unet)[1] // 2) ** 2)
 
     @torch.no_grad()
     def _noised_by_sampling(self, c: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t: noise denoised for k of K DDIM steps by the adapted UNet, guided towards c; t as the code indexes."""
-        from diffusers import DDIMScheduler
-
+        """x_t: noise denoised for k of K DDIM steps (a flow's Euler steps) by the adapted UNet, guided towards c; t
+        as the code indexes."""
         cfg = self.config
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(cfg.spm_denoising_steps)
+        scheduler = self._scheduler(cfg.spm_denoising_steps)
         k = int(torch.randint(1, cfg.spm_denoising_steps, (1,), generator=self.generator))
-        size = self.unet.config.sample_size
-        latents = torch.randn((len(c), self.unet.config.in_channels, size, size), generator=self.generator)
-        latents = latents.to(self.device) * scheduler.init_noise_sigma
+        channels, size = latent_shape(self.unet)
+        latents = torch.randn((len(c), channels, size, size), generator=self.generator)
+        latents = latents.to(self.device) * getattr(scheduler, "init_noise_sigma", 1.0)  # a flow's: unit noise
         for timestep in scheduler.timesteps[:k]:
             with self.accelerator.autocast():
                 eps_empty, eps_c = denoiser_output(self.unet, torch.cat([latents, latents]), timestep,
@@ -326,10 +355,14 @@ class SpmTrainer(ErasureTrainer):
     def _anchors(self) -> torch.Tensor:
         """The anchor embeddings that reach the loss (module docstring, step 3), on the CPU. SDXL, as the code's
         train_spm_xl.py (sample_xl): the hidden states and the pooled embedding are drawn each against the
-        concept's own, the time ids are the concept's."""
+        concept's own, the time ids are the concept's; an MMDiT's context and pooled embedding likewise."""
         cfg = self.config
         c = self.concept[:1].cpu()
-        if self.unet.config.addition_embed_type is None:
+        if _kind(self.unet) == "mmdit":
+            hidden, pooled = transformer_inputs(self.unet, c)
+            drawn = [append_rows(self._random_anchor(hidden), self._random_anchor(pooled))[0]
+                     for _ in range(cfg.spm_anchors)]
+        elif self.unet.config.addition_embed_type is None:
             drawn = [self._random_anchor(c[0]) for _ in range(cfg.spm_anchors)]
         else:
             inputs = unet_inputs(self.unet, c)

@@ -22,7 +22,7 @@ from doco_lib.evaluation.runner import EvaluatedModel, evaluate
 from doco_lib.io import atomic_directory
 from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.discriminator import check_discriminator_fits
-from doco_lib.methods.harness import DocoTrainer, ErasureTrainer, TrainingConfig, check_method_supported, process_device
+from doco_lib.methods.harness import DocoTrainer, ErasureTrainer, TrainingConfig, process_device
 from doco_lib.methods.rgd_prompts import load_slots, prompt_pairs
 from doco_lib.models import denoiser, latent_shape, load_pipeline, toy_weights_dir
 from doco_lib.sampling import sampling_settings
@@ -31,11 +31,8 @@ from doco_lib.sampling import sampling_settings
 def starting_pipeline(params: dict):
     """The model a run starts from: the base model, or an erased UNet on it (`base_unet`, sequential erasure), on
     this process's device (under torchrun or `accelerate launch`, each process its own)."""
-    pipe = load_pipeline(params["model"], str(process_device(params["device"])), dtype=torch.float32,  # trained
+    return load_pipeline(params["model"], str(process_device(params["device"])), dtype=torch.float32,  # trained
                          unet=params.get("base_unet") or None)
-    # Before any image is generated.
-    check_method_supported(params.get("method", "doco"), denoiser(pipe))
-    return pipe
 
 
 def concept(params: dict) -> tuple[ConceptSpec, list[str]]:
