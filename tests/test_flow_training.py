@@ -385,3 +385,13 @@ def test_uce_edits_the_text_input_maps_of_an_mmdit_through_doco_train(params_fil
         c_e, c_a = target[reads][0], anchor[reads][0]
         before, after = (c_e @ w0.T - c_a @ w0.T).norm(), (c_e @ w.T - c_a @ w0.T).norm()
         assert after < 0.5 * before, (name, before, after)
+
+
+@pytest.mark.slow
+def test_sepme_refuses_an_mmdit_pipeline_before_training(offline, one_torch_thread):
+    from doco_lib.methods.sepme import SepMETrainer
+
+    pipe = load_pipeline(flow_shaped.SD35_ID, "cpu", dtype=torch.float32)
+    latents = AnchorLatents(torch.zeros(1, 16, 16, 16), torch.ones(1, 16, 16, 16), ["Snoopy"], [0], 1.5305, 0.0609)
+    with pytest.raises(config.ParamsError, match="SepME edits a UNet's cross-attention; this StableDiffusion3Pipeline"):
+        SepMETrainer(pipe, latents, ["a cat"])
