@@ -395,3 +395,22 @@ def test_sepme_refuses_an_mmdit_pipeline_before_training(offline, one_torch_thre
     latents = AnchorLatents(torch.zeros(1, 16, 16, 16), torch.ones(1, 16, 16, 16), ["Snoopy"], [0], 1.5305, 0.0609)
     with pytest.raises(config.ParamsError, match="SepME edits a UNet's cross-attention; this StableDiffusion3Pipeline"):
         SepMETrainer(pipe, latents, ["a cat"])
+
+
+@pytest.mark.slow
+def test_notebooks_01_to_03_run_on_sd35(offline, flow_hub, tmp_path, repo_root, doco, monkeypatch):
+    """The notebooks' path (papermill, `doco batch`) on the SD-3.5-shaped pipeline: anchors drawn at 1024 px, D's
+    warm-up on 16-channel latents, DoCo's training and its comparison grid (notebook 04's evaluation ran on it by
+    hand, 2026-12-06)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(flow_hub))  # the kernels are processes of their own
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(repo_root)
+    sets = [arg for key, value in COUNTS.items() for arg in ("--set", f"{key}={value}")]
+    result = doco("batch", "params/concepts/sd35_snoopy.yaml", "--run-id", "nb", "--output-root", tmp_path,
+                  "--device", "cpu", "--notebooks", "01_data_preparation", "02_discriminator_warmup",
+                  "03_adversarial_training", *sets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "nb" / "sd35_snoopy"
+    assert type(load_pipeline(flow_shaped.SD35_ID, "cpu", unet=str(run / "doco" / "unet"))).__name__ == \
+        "StableDiffusion3Pipeline"
+    assert (run / "03_adversarial_training" / "original_vs_erased.png").is_file()

@@ -18,7 +18,7 @@ LEGACY_SECTIONS = {
     "Ablations: retain modes and methods (notebook 05)",
     "The collateral-damage matrix (notebook 09)", "Styles and an implicit attribute (notebook 10)",
     "Multi-concept erasure (notebook 05)",
-    "Robustness against adversarial prompts (notebook 07, `doco attack`)", "Reliability", "The README figure",
+    "Reliability", "The README figure",
 }
 
 
