@@ -174,6 +174,11 @@ def denoiser_family(model) -> str:
     return "unet"
 
 
+def denoiser_kind(model) -> str:
+    """'unet', or 'mmdit' for either transformer family: the key of the tables that treat SD 3.x and FLUX.1 alike."""
+    return "unet" if denoiser_family(model) == "unet" else "mmdit"
+
+
 def latent_shape(model) -> tuple[int, int]:
     """(channels, side) of the square latents the denoiser `model` draws at its native size, unpacked: SD v1's
     (4, 64), SDXL's (4, 128), SD 3.5's (16, 128), FLUX.1's (16, 128) (its 64 input channels are 2×2 patches of 16)."""

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_training import run_training_notebooks
 
 from doco_lib import config
 from doco_lib.anchors import AnchorLatents
@@ -398,19 +399,11 @@ def test_sepme_refuses_an_mmdit_pipeline_before_training(offline, one_torch_thre
 
 
 @pytest.mark.slow
-def test_notebooks_01_to_03_run_on_sd35(offline, flow_hub, tmp_path, repo_root, doco, monkeypatch):
+def test_notebooks_01_to_03_run_on_sd35(flow_hub, tmp_path, doco, monkeypatch):
     """The notebooks' path (papermill, `doco batch`) on the SD-3.5-shaped pipeline: anchors drawn at 1024 px, D's
     warm-up on 16-channel latents, DoCo's training and its comparison grid (notebook 04's evaluation ran on it by
     hand, 2026-12-06)."""
-    monkeypatch.setenv("HF_HUB_CACHE", str(flow_hub))  # the kernels are processes of their own
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(repo_root)
-    sets = [arg for key, value in COUNTS.items() for arg in ("--set", f"{key}={value}")]
-    result = doco("batch", "params/concepts/sd35_snoopy.yaml", "--run-id", "nb", "--output-root", tmp_path,
-                  "--device", "cpu", "--notebooks", "01_data_preparation", "02_discriminator_warmup",
-                  "03_adversarial_training", *sets)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "nb" / "sd35_snoopy"
+    run = run_training_notebooks(doco, "sd35_snoopy.yaml", flow_hub, tmp_path, COUNTS, monkeypatch)
     assert type(load_pipeline(flow_shaped.SD35_ID, "cpu", unet=str(run / "doco" / "unet"))).__name__ == \
         "StableDiffusion3Pipeline"
     assert (run / "03_adversarial_training" / "original_vs_erased.png").is_file()

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_training import run_training_notebooks
 
 from doco_lib import config
 from doco_lib.anchors import AnchorLatents
@@ -521,7 +522,7 @@ def test_the_uce_edit_lowers_its_ridge_objective_on_sd21(sd21_folder, tmp_path):
     cfg = TrainingConfig(method="uce", uce_preserve=("a photo of a cat",), seed=1)
     trainer = TRAINERS["uce"](pipe, _sign_anchors(pipe, "a photo of a dog"), ConceptSpec("instance", "dog", "Snoopy"),
                               cfg, tmp_path, device="cpu")
-    c_e, c_a, c_p = trainer.rows
+    c_e, c_a, c_p = trainer.rows["states"]  # the rows every K/V reads
     w0 = {name: m.weight.detach().double().clone() for name, m in uce.kv_modules(trainer.unet).items()}
     trainer.run(progress=False)
     for name, module in uce.kv_modules(trainer.unet).items():
@@ -577,20 +578,10 @@ def test_sepme_trains_an_increment_on_the_sdxl_shaped_pipeline(sdxl_folder, one_
 
 
 @pytest.mark.slow
-def test_notebooks_01_to_03_run_on_sdxl(hub_cache, tmp_path, repo_root, doco, monkeypatch):
+def test_notebooks_01_to_03_run_on_sdxl(hub_cache, tmp_path, doco, monkeypatch):
     """The notebooks' path (papermill, `doco batch`) on the SDXL-shaped pipeline, whose conditioning differs most
     from SD v1's (SD 2.x's v-prediction goes through the same harness calls as `doco train` above)."""
-    import huggingface_hub.constants
-
-    for name, value in (("HF_HUB_CACHE", str(hub_cache)), ("HF_HUB_OFFLINE", True)):
-        monkeypatch.setattr(huggingface_hub.constants, name, value)  # this process's loads
-        monkeypatch.setenv(name, "1" if value is True else value)  # the kernels', processes of their own
-    monkeypatch.chdir(repo_root)
-    sets = [arg for key, value in COUNTS.items() for arg in ("--set", f"{key}={value}")]
-    result = doco("batch", "params/concepts/sdxl_snoopy.yaml", "--run-id", "nb", "--output-root", tmp_path,
-                  "--device", "cpu", "--notebooks", "01_data_preparation", "02_discriminator_warmup",
-                  "03_adversarial_training", *sets)
-    assert result.returncode == 0, result.stderr[-3000:]
-    unet = tmp_path / "nb" / "sdxl_snoopy" / "doco" / "unet"
+    run = run_training_notebooks(doco, "sdxl_snoopy.yaml", hub_cache, tmp_path, COUNTS, monkeypatch)
+    unet = run / "doco" / "unet"
     assert type(load_pipeline(sd_shaped.SDXL_ID, "cpu", unet=str(unet))).__name__ == "StableDiffusionXLPipeline"
-    assert (tmp_path / "nb" / "sdxl_snoopy" / "03_adversarial_training" / "original_vs_erased.png").is_file()
+    assert (run / "03_adversarial_training" / "original_vs_erased.png").is_file()

@@ -160,3 +160,23 @@ if __name__ == "__main__":
 
     arm(sys.argv[1], sys.argv[2], int(sys.argv[3]))
     sys.exit(cli.main(sys.argv[4:]))
+
+
+TRAINING_NOTEBOOKS = ("01_data_preparation", "02_discriminator_warmup", "03_adversarial_training")
+
+
+def run_training_notebooks(doco, params_file: str, hub_cache, output_root, counts: dict, monkeypatch) -> Path:
+    """`doco batch` of notebooks 01-03 (papermill) for params/concepts/`params_file`, offline against `hub_cache` in
+    this process and in the kernels (processes of their own), the counts cut by `counts`; returns the concept's
+    run folder, once the batch has succeeded."""
+    import huggingface_hub.constants
+
+    for name, value in (("HF_HUB_CACHE", str(hub_cache)), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setattr(huggingface_hub.constants, name, value)
+        monkeypatch.setenv(name, "1" if value is True else value)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    sets = [arg for key, value in counts.items() for arg in ("--set", f"{key}={value}")]
+    result = doco("batch", f"params/concepts/{params_file}", "--run-id", "nb", "--output-root", output_root,
+                  "--device", "cpu", "--notebooks", *TRAINING_NOTEBOOKS, *sets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Path(output_root) / "nb" / Path(params_file).stem

@@ -62,6 +62,7 @@ from doco_lib.methods.surgery import concept_preserving_gradient, restricted_gra
 from doco_lib.models import (
     denoiser,
     denoiser_family,
+    denoiser_kind,
     denoiser_output,
     encode_prompts,
     latent_shape,
@@ -180,8 +181,7 @@ def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
 
     if mode not in TRAINABLE:
         raise ValueError(f"trainable {mode!r} is not one of {TRAINABLE}")
-    kind = "unet" if denoiser_family(unet) == "unet" else "mmdit"
-    include, exclude = TRAINABLE_PARAMETERS[kind][mode]
+    include, exclude = TRAINABLE_PARAMETERS[denoiser_kind(unet)][mode]
     selected = {name: p for name, p in unet.named_parameters()
                 if re.search(include, name) and not (exclude and re.search(exclude, name))}
     if not selected:

@@ -67,7 +67,7 @@ from doco_lib.methods.harness import ErasureTrainer
 from doco_lib.methods.prediction import denoising_scheduler
 from doco_lib.models import (
     append_rows,
-    denoiser_family,
+    denoiser_kind,
     denoiser_output,
     encode_prompts,
     latent_shape,
@@ -83,10 +83,6 @@ PREFIXES = {"unet": "lora_unet", "mmdit": "lora_transformer"}  # kohya's names f
 TRANSPORT_SCALINGS = ("squared", "linear")
 
 
-def _kind(denoiser) -> str:
-    return "unet" if denoiser_family(denoiser) == "unet" else "mmdit"
-
-
 def adapted_modules(denoiser) -> dict[str, torch.nn.Module]:
     """Every Linear and Conv2d inside a Transformer2DModel, by module path (SD v1.4: 192). The code matches the
     class names exactly; subclasses count here (a diffusers version with LoRACompatibleLinear matched none).
@@ -94,7 +90,7 @@ def adapted_modules(denoiser) -> dict[str, torch.nn.Module]:
     streams (`transformer_blocks`, FLUX.1's `single_transformer_blocks`), the analogue of a UNet's transformer
     blocks; the blocks' AdaLN modulations, which read the timestep and not the text, are left as they are."""
     found = {}
-    if _kind(denoiser) == "mmdit":
+    if denoiser_kind(denoiser) == "mmdit":
         for name, module in denoiser.named_modules():
             if (name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and ".norm" not in name
                     and isinstance(module, torch.nn.Linear)):
@@ -152,7 +148,7 @@ class SpmNetwork(torch.nn.Module):
         self.rank, self.alpha, self.multiplier = rank, alpha, 1.0
         self.targets = {}  # adapter key → adapted module (not registered: the UNet owns it)
         for path, module in adapted_modules(unet).items():
-            key = adapter_key(path, PREFIXES[_kind(unet)])
+            key = adapter_key(path, PREFIXES[denoiser_kind(unet)])
             self.targets[key] = module
             self.add_module(key, SpmLayer(module, rank, alpha).to(module.weight.device, module.weight.dtype))
         self._hooks = []
@@ -358,7 +354,7 @@ class SpmTrainer(ErasureTrainer):
         concept's own, the time ids are the concept's; an MMDiT's context and pooled embedding likewise."""
         cfg = self.config
         c = self.concept[:1].cpu()
-        if _kind(self.unet) == "mmdit":
+        if denoiser_kind(self.unet) == "mmdit":
             hidden, pooled = transformer_inputs(self.unet, c)
             drawn = [append_rows(self._random_anchor(hidden), self._random_anchor(pooled))[0]
                      for _ in range(cfg.spm_anchors)]

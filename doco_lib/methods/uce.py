@@ -159,12 +159,9 @@ class UceTrainer(ErasureTrainer):
         if self.preserve_scale is None:  # the code's defaults
             self.preserve_scale = max(0.1, 1 / len(self.preserved)) if version == 2023 else 1.0
         erase, anchor = [self.spec.target], [self.spec.anchor]
-        if denoiser_family(self.unet) == "unet":  # every K/V reads the states
-            self.rows = {"states": edit_rows(pipe, erase, anchor, self.preserved, version)}
-            self.reads = dict.fromkeys(kv_modules(self.unet), "states")
-        else:
-            self.rows = mmdit_edit_rows(pipe, erase, anchor, self.preserved)
-            self.reads = MMDIT_MODULES
+        # The rows of each input the edited maps read: a UNet's K/V all read the states.
+        self.rows = ({"states": edit_rows(pipe, erase, anchor, self.preserved, version)}
+                     if denoiser_family(self.unet) == "unet" else mmdit_edit_rows(pipe, erase, anchor, self.preserved))
 
     def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The edited maps' weights (on a UNet the same as `trainable: cross_attention_kv`'s)."""
@@ -177,7 +174,7 @@ class UceTrainer(ErasureTrainer):
         cfg = self.config
         residual = target = drift = kept = 0.0
         for name, module in edited_modules(self.unet).items():
-            c_erase, c_anchor, c_preserve = self.rows[self.reads[name]]
+            c_erase, c_anchor, c_preserve = self.rows[MMDIT_MODULES.get(name, "states")]
             w0 = module.weight.detach().double().cpu()
             w = closed_form(w0, c_erase, c_anchor, c_preserve, cfg.uce_lambda, cfg.uce_erase_scale,
                             self.preserve_scale)
