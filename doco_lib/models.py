@@ -9,28 +9,27 @@ import pandas as pd
 import torch
 
 from doco_lib.errors import ModelLoadError, ParamsError
-from doco_lib.toy import toy_weights_dir
+from doco_lib.toy import TOY_BUILD_FLAGS, TOY_PIPELINES, toy_weights_dir
 from doco_lib.toy.models import ToyJudge
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 TOY = "toy"
-# The toy worlds by name: the shipped pipeline, and the SepME one (a text encoder wider than its token rows).
-TOY_PIPELINES = {TOY: "pipeline", "toy-wide": "pipeline_wide"}
 
 
 def is_toy(model: str) -> bool:
-    """Whether `model` names a toy world (judged by the toy judge, sampled with DDIM)."""
+    """Whether `model` names a toy world (judged by the toy judge)."""
     return model in TOY_PIPELINES
 
 
 def resolve_model(model: str) -> str:
-    """'toy' / 'toy-wide' → the shipped toy pipeline folder; a local folder stays a path; anything else is a
-    hub id."""
+    """'toy' / 'toy-wide' / 'toy-mmdit' → the shipped toy pipeline folder; a local folder stays a path; anything
+    else is a hub id."""
     if is_toy(model):
         folder = toy_weights_dir() / TOY_PIPELINES[model]
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(f"The toy pipeline {model!r} is missing from {folder}. It ships with the "
-                                    "repository; rebuild it with `doco toy build --wide` if you removed it.")
+                                    f"repository; rebuild it with `doco toy build{TOY_BUILD_FLAGS[model]}` if you "
+                                    "removed it.")
         return str(folder)
     return model
 
@@ -77,10 +76,39 @@ def check_safetensors_only(folder: str | Path, trust_pickle: bool = False) -> No
                              "session and save_pretrained(..., safe_serialization=True)), or pass --trust-pickle.")
 
 
-def sampling_dtype(device: torch.device) -> torch.dtype:
-    """Pipelines that only sample run in float16 on GPUs (half the memory, 2–4× the speed of float32), float32
-    elsewhere. What trains keeps float32 master weights and runs under autocast instead."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+def half_dtype(kind: str = "unet") -> torch.dtype:
+    """The half precision a GPU runs a denoiser `kind` ('unet' or 'mmdit') in: float16 for the UNets, as SD's own
+    releases sample; bfloat16 for the MMDiTs, whose transformers and T5 encoders overflow float16 (SD 3.5's and
+    FLUX.1's model cards load them in bfloat16), on GPUs with native bfloat16 (float16 on older ones)."""
+    if kind == "mmdit" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16
+
+
+def sampling_dtype(device: torch.device, kind: str = "unet") -> torch.dtype:
+    """Pipelines that only sample run in half precision on GPUs (`half_dtype` of their denoiser `kind`: half the
+    memory, 2–4× the speed of float32), float32 elsewhere. What trains keeps float32 master weights and runs
+    under autocast instead."""
+    return half_dtype(kind) if device.type == "cuda" else torch.float32
+
+
+def _model_index(model: str, source: str) -> dict:
+    """The model_index.json of the pipeline `model` (resolved to `source`), or a clear error offline."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(source)
+    except OSError as error:
+        raise ModelLoadError(
+            f"Could not load the pipeline {model!r}: {error}. Without internet access, a hub id only works if it "
+            "is already in the Hugging Face cache; otherwise pass a local folder saved with save_pretrained.") from None
+
+
+def pipeline_kind(model: str) -> str:
+    """'unet' or 'mmdit': the denoiser kind of the pipeline `model` names ('toy', a folder or a hub id), from its
+    model_index.json alone."""
+    index = _model_index(model, resolve_model(model))
+    return "mmdit" if (index.get("transformer") or [None])[0] is not None else "unet"
 
 
 def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | str = "auto", unet: str | None = None,
@@ -88,9 +116,9 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
     """The pipeline class its model_index.json names (`StableDiffusionPipeline` for SD v1 and 2.x,
     `StableDiffusionXLPipeline` for SDXL, `StableDiffusion3Pipeline`, `FluxPipeline`), without safety checker;
     `unet` swaps in an erased denoiser folder (a UNet, or the transformer of an SD 3.x or FLUX.1 pipeline). `dtype`
-    "auto": `sampling_dtype` of the device; pass torch.float32 for a pipeline whose UNet will be trained. A
-    float16 pipeline on a GPU (one that only samples) keeps its UNet and VAE in channels-last layout, which the
-    GPU's convolution kernels read fastest; `compile_unet` also compiles its UNet (torch.compile: the first
+    "auto": `sampling_dtype` of the device and the model's kind; pass torch.float32 for a pipeline whose denoiser
+    will be trained. A half-precision pipeline on a GPU (one that only samples) keeps its denoiser and VAE in
+    channels-last layout, which the GPU's convolution kernels read fastest; `compile_unet` also compiles its UNet (torch.compile: the first
     batch waits for the compilation, the later ones run faster).
 
     Weights are read from safetensors only, unless `trust_pickle`."""
@@ -98,12 +126,13 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
 
     check_model_reference(model)
     target_device = pick_device(device)  # fail on a missing GPU before loading gigabytes
+    source = resolve_model(model)
+    index = _model_index(model, source)
     if dtype == "auto":
-        dtype = sampling_dtype(target_device)
+        dtype = sampling_dtype(target_device, "mmdit" if (index.get("transformer") or [None])[0] else "unet")
     if target_device.type == "cuda":  # TF32 matmuls and convolutions for whatever still runs in float32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    source = resolve_model(model)
     for folder in (source, unet):
         if folder is not None:
             check_safetensors_only(folder, trust_pickle)
@@ -116,21 +145,23 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"the UNet folder {unet!r} could not be loaded ({str(error).splitlines()[0]}); it "
                                  "is damaged or not a diffusers UNet: export it again or delete it.") from None
+    if "safety_checker" in index:  # SD v1 and 2.x have one; SDXL has none
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    # components saved as absent (SD 3 without T5: text_encoder_3 [null, null]) must be passed as None
+    kwargs.update({name: None for name, value in index.items() if value == [None, None]})
     try:
-        if "safety_checker" in DiffusionPipeline.load_config(source):  # SD v1 and 2.x have one; SDXL has none
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:
         raise ModelLoadError(
             f"Could not load the pipeline {model!r}: {error}. Without internet access, a hub id only works if it "
             "is already in the Hugging Face cache; otherwise pass a local folder saved with save_pretrained.") from None
-    if is_toy(model):
+    if is_toy(model) and getattr(pipe, "unet", None) is not None:  # the UNet toys sample with DDIM
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     else:  # decode one image at a time: a batch of 512-px decodes at once takes gigabytes
         pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     pipe.to(target_device)
-    if target_device.type == "cuda" and dtype == torch.float16:
+    if target_device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         denoiser(pipe).to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if compile_unet:
@@ -252,6 +283,16 @@ def encode_prompts(pipe, prompts: list[str], batch_size: int = 64) -> torch.Tens
     return torch.cat(chunks)
 
 
+def text_call_kwargs(pipe) -> dict:
+    """What every prompt-encoding call of `pipe` passes besides the prompts: for an SD 3.x pipeline saved without
+    T5 ('toy-mmdit'), `max_sequence_length` equal to its CLIP rows. Its T5 slot holds zeros, 256 rows of them by
+    default (the rows a T5 prompt would have), and the transformer attends to every row: toy-mmdit reads 16 CLIP
+    and 16 zero rows instead of 272. Every other pipeline: its defaults ({})."""
+    if denoiser_family(denoiser(pipe)) == "sd3" and getattr(pipe, "text_encoder_3", None) is None:
+        return {"max_sequence_length": pipe.tokenizer_max_length}
+    return {}
+
+
 def _encode_with_pipeline(pipe, prompts: list[str], batch_size: int) -> torch.Tensor:
     """`encode_prompts` of an SD 3.x or FLUX.1 pipeline: its `encode_prompt`'s states, the pooled embedding appended."""
     device = pipe.text_encoder.device
@@ -260,7 +301,7 @@ def _encode_with_pipeline(pipe, prompts: list[str], batch_size: int) -> torch.Te
         chunk = list(prompts[start:start + batch_size])
         if denoiser_family(pipe.transformer) == "sd3":
             hidden, _, pooled, _ = pipe.encode_prompt(chunk, None, None, device=device,
-                                                      do_classifier_free_guidance=False)
+                                                      do_classifier_free_guidance=False, **text_call_kwargs(pipe))
         else:  # the text ids it returns are zeros, rebuilt by `denoiser_output`
             hidden, pooled, _ = pipe.encode_prompt(chunk, None, device=device)
         chunks.append(append_rows(hidden.float(), pooled.float().to(hidden.device)))

@@ -20,7 +20,17 @@ from typing import Iterator
 
 import torch
 
-from doco_lib.models import denoiser, denoiser_component, denoiser_family, latent_shape, pick_device, sampling_dtype
+from doco_lib.models import (
+    denoiser,
+    denoiser_component,
+    denoiser_family,
+    denoiser_kind,
+    half_dtype,
+    latent_shape,
+    pick_device,
+    sampling_dtype,
+    text_call_kwargs,
+)
 
 # "pipeline": the model's own scheduler. "dpmsolver++": DPM-Solver++ (2nd-order multistep), what the DoCo
 # authors' code draws its anchor images with (25 steps): faster, a named deviation from the paper's sampler.
@@ -82,8 +92,8 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def sampling_components(pipe, sampler: str = "pipeline"):
     """`pipe` set up for sampling for the duration of the block, and put back after it: the scheduler `sampler`
-    names; on a GPU, where the UNet holds float32 weights, float16 copies of the UNet, text encoders and VAE (in
-    channels-last layout), so the weights being trained are never cast. Yields the autocast context a pipeline
+    names; on a GPU, where the UNet holds float32 weights, half-precision copies (`models.half_dtype`) of the
+    denoiser, text encoders and VAE (in channels-last layout), so the weights being trained are never cast. Yields the autocast context a pipeline
     whose float32 UNet could not be copied (it carries hooks) samples under; a no-op otherwise."""
     swaps = {}
     if sampler != "pipeline":
@@ -92,14 +102,16 @@ def sampling_components(pipe, sampler: str = "pipeline"):
     unet = getattr(pipe, name)
     autocast = contextlib.nullcontext()
     if unet.device.type == "cuda" and unet.dtype == torch.float32:
-        if _has_hooks(unet):  # bfloat16 where the VAE overflows float16 (`force_upcast`, SDXL's)
-            bf16 = pipe.vae.config.get("force_upcast", False) and torch.cuda.is_bf16_supported(including_emulation=False)
-            autocast = torch.autocast("cuda", torch.bfloat16 if bf16 else torch.float16)
+        half = half_dtype(denoiser_kind(unet))
+        if _has_hooks(unet):
+            if pipe.vae.config.get("force_upcast", False) and torch.cuda.is_bf16_supported(including_emulation=False):
+                half = torch.bfloat16  # the VAE overflows float16 (SDXL's `force_upcast`)
+            autocast = torch.autocast("cuda", half)
         else:
             for component in (name, "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
                 module = getattr(pipe, component, None)
                 if module is not None:
-                    swaps[component] = half_precision_copy(module)
+                    swaps[component] = half_precision_copy(module, half)
             for component in (name, "vae"):
                 swaps[component].to(memory_format=torch.channels_last)
     originals = {name: getattr(pipe, name) for name in swaps}
@@ -113,14 +125,15 @@ def sampling_components(pipe, sampler: str = "pipeline"):
 
 
 def sampling_settings(device: str, batch_size: int | None = None, sampler: str = "pipeline",
-                      compiled: bool = False) -> dict:
+                      compiled: bool = False, kind: str = "unet") -> dict:
     """What changes a sampled image besides the model, prompt, seed, steps and guidance: the kind of device and
-    the dtype sampling runs in (`models.sampling_dtype`) and the sampler; on a GPU also its name, the batch size
+    the dtype sampling runs in (`models.sampling_dtype` of the model's denoiser `kind`) and the sampler; on a GPU also its name, the batch size
     and compilation, since float16 kernels chosen per GPU, shape and fusion round differently. On a CPU a batch
     size changes no image at float32 precision, so the runs of one output root share their images whatever
     batch size each uses."""
     target = pick_device(device)
-    settings = {"device": target.type, "dtype": str(sampling_dtype(target)).removeprefix("torch."), "sampler": sampler}
+    settings = {"device": target.type, "dtype": str(sampling_dtype(target, kind)).removeprefix("torch."),
+                "sampler": sampler}
     if target.type == "cuda":
         settings.update(gpu=torch.cuda.get_device_name(target), batch_size=batch_size or "by free memory",
                         compiled=compiled)
@@ -164,7 +177,7 @@ def _peak_of_one_step(pipe, n_images: int) -> int:
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    pipe([""] * n_images, num_inference_steps=1, guidance_scale=2.0, output_type="pt",
+    pipe([""] * n_images, num_inference_steps=1, guidance_scale=2.0, output_type="pt", **text_call_kwargs(pipe),
          latents=initial_latents(pipe, list(range(n_images))).to(device, denoiser(pipe).dtype))
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
@@ -187,7 +200,7 @@ def generate_batches(pipe, prompts: list[str], seeds: list[int], steps: int, gui
             try:
                 with autocast:
                     images = pipe(prompts[start:end], num_inference_steps=steps, guidance_scale=guidance,
-                                  latents=latents, output_type="pt").images
+                                  latents=latents, output_type="pt", **text_call_kwargs(pipe)).images
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise

@@ -91,6 +91,24 @@ def _cpu_and_gpu_settings(monkeypatch, gpu_name="NVIDIA H100 80GB HBM3"):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu_name)
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_mmdits_sample_and_stay_frozen_in_bfloat16_where_the_gpu_has_it(monkeypatch, native_bf16):
+    """SD 3.5's and FLUX.1's transformers and T5 overflow float16: on a GPU with native bfloat16 they sample, and
+    their frozen original runs, in bfloat16; UNets keep float16; CPUs float32."""
+    from doco_lib.methods.harness import frozen_dtype
+    from doco_lib.models import half_dtype, sampling_dtype
+
+    _cpu_and_gpu_settings(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    mmdit = torch.bfloat16 if native_bf16 else torch.float16
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert half_dtype("mmdit") == sampling_dtype(cuda, "mmdit") == frozen_dtype("auto", cuda, "mmdit") == mmdit
+    assert half_dtype("unet") == sampling_dtype(cuda, "unet") == frozen_dtype("auto", cuda, "unet") == torch.float16
+    assert sampling_dtype(cpu, "mmdit") == frozen_dtype("auto", cpu, "mmdit") == torch.float32
+    assert sampling.sampling_settings("cuda", 8, kind="mmdit")["dtype"] == str(mmdit).removeprefix("torch.")
+
+
 def test_every_setting_that_changes_an_image_changes_its_cache_key(monkeypatch):
     _cpu_and_gpu_settings(monkeypatch)
     base = sampling.sampling_settings("cuda", 8)

@@ -29,16 +29,23 @@ from doco_lib.studies import attack_study, method_comparison, robustness, runs, 
 from doco_lib.studies.lora_export import lora_export_study
 from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
 from doco_lib.studies.toy_world_quality import quality_rows
-from doco_lib.toy import TOY_WEIGHTS
+from doco_lib.toy import TOY_PIPELINES, TOY_WEIGHTS
 from doco_lib.toy.build import build_toy_world
+from doco_lib.toy.mmdit import build_toy_mmdit
 
 
 def _cmd_toy_build(args) -> None:
-    name = f"toy_build{'_wide' if args.wide else ''}_seed{args.seed}"
-    cache = args.cache or Path.home() / ".cache" / "doco_lab" / name
-    out = args.out or (TOY_WEIGHTS / "pipeline_wide" if args.wide else TOY_WEIGHTS)
-    report = build_toy_world(out, cache, seed=args.seed, quick=args.quick, device=args.device,
-                             wide_from=TOY_WEIGHTS if args.wide else None)
+    if args.wide and args.mmdit:
+        raise config.ParamsError("--wide and --mmdit build different worlds; pass one of them.")
+    world = "_wide" if args.wide else "_mmdit" if args.mmdit else ""
+    cache = args.cache or Path.home() / ".cache" / "doco_lab" / f"toy_build{world}_seed{args.seed}"
+    if args.mmdit:
+        report = build_toy_mmdit(args.out or TOY_WEIGHTS / "pipeline_mmdit", cache, TOY_WEIGHTS, seed=args.seed,
+                                 quick=args.quick, device=args.device)
+    else:
+        out = args.out or (TOY_WEIGHTS / "pipeline_wide" if args.wide else TOY_WEIGHTS)
+        report = build_toy_world(out, cache, seed=args.seed, quick=args.quick, device=args.device,
+                                 wide_from=TOY_WEIGHTS if args.wide else None)
     print({k: round(v["mean"], 3) for k, v in report["final_quality"].items()})
 
 
@@ -316,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--device", default="cpu")
     build.add_argument("--wide", action="store_true", help="the SepME toy world's pipeline ('toy-wide'): a text "
                        "encoder 96 wide for 16 token rows, on the shipped world's judge, VAE and tokenizer")
+    build.add_argument("--mmdit", action="store_true", help="the toy MMDiT world's pipeline ('toy-mmdit'): an SD 3-style "
+                       "transformer trained by flow matching, on the shipped world's judge, VAE and text encoder")
     build.set_defaults(func=_cmd_toy_build)
     study = toy.add_parser("erasure", help="train DoCo per retain mode and judge the erasure (toy Table 3)")
     study.add_argument("--params", default="params/toy_world.yaml")
@@ -341,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "toy model's samples")
     quality.add_argument("--params", default="params/toy_world.yaml", help="sampling steps, guidance and device")
     quality.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
-    quality.add_argument("--models", nargs="+", default=["toy", "toy-wide"], choices=["toy", "toy-wide"])
+    quality.add_argument("--models", nargs="+", default=["toy", "toy-wide", "toy-mmdit"], choices=list(TOY_PIPELINES))
     quality.add_argument("--seeds", type=int, nargs="+", default=[0, 1000, 2000],
                          help="base seeds, at least --samples apart (image i uses seed + i)")
     quality.add_argument("--samples", type=int, default=64, help="judged images per prompted value, model and seed")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from doco_lib.figures import write_pngs
 from doco_lib.io import CorruptFileError
-from doco_lib.models import load_pipeline
+from doco_lib.models import load_pipeline, pipeline_kind
 from doco_lib.sampling import generate_batches, sampling_settings
 
 
@@ -106,7 +106,7 @@ def model_caches(directory: Path, base_model: str, models: list, device: str, ba
     """An `ImageCache` per evaluated model (label → cache) under `directory`, keyed by `model_key` with the
     `sampling_settings`, each loading its pipeline (the base model with the model's UNet) only when it must
     generate."""
-    settings = sampling_settings(device, batch_size, sampler, compiled)
+    settings = sampling_settings(device, batch_size, sampler, compiled, pipeline_kind(base_model))
     return {m.label: ImageCache(directory, model_key(base_model, m.unet, settings),
                                 lambda m=m: load_pipeline(base_model, device, unet=m.unet, compile_unet=compiled),
                                 batch_size, sampler)

@@ -65,6 +65,7 @@ from doco_lib.models import (
     denoiser_kind,
     denoiser_output,
     encode_prompts,
+    half_dtype,
     latent_shape,
     pick_device,
     text_encoders,
@@ -207,10 +208,11 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, fused=True if name == "adam_fused" else None)
 
 
-def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
-    """dtype of the frozen original UNet (inference only): half precision on GPUs unless told otherwise."""
+def frozen_dtype(name: str, device: torch.device, kind: str = "unet") -> torch.dtype:
+    """dtype of the frozen original denoiser of `kind` (inference only): half precision on GPUs (`half_dtype`)
+    unless told otherwise."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return half_dtype(kind) if device.type == "cuda" else torch.float32
     return FROZEN_DTYPES[name]
 
 
@@ -320,7 +322,7 @@ class ErasureTrainer:
         self.frozen_unet = None
         if self.needs_frozen_unet() or config.adv_prompt_every:  # the inner attack's reference is the original
             self.frozen_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
-            dtype = frozen_dtype(config.frozen_dtype, self.device)
+            dtype = frozen_dtype(config.frozen_dtype, self.device, denoiser_kind(self.unet))
             if dtype != self.frozen_unet.dtype:
                 self.frozen_unet.to(dtype)
         if config.compile_unet:  # in place: parameter names, state dicts and save_pretrained are unchanged

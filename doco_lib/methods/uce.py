@@ -64,11 +64,14 @@ def edited_modules(denoiser) -> dict[str, torch.nn.Linear]:
 def mmdit_rows(pipe, texts: list[str]) -> dict[str, torch.Tensor]:
     """What an MMDiT's edited maps read of each text, (n, rows, d) in float64 on the CPU: "states", the row of each
     text encoder's last word token in the transformer's context (FLUX.1: T5's; SD 3.x: the CLIP encoders' rows, then
-    T5's), and "pooled", the pooled embedding (one row)."""
+    T5's, unless the pipeline has no T5: its slot holds zeros), and "pooled", the pooled embedding (one row)."""
     transformer = pipe.transformer
     states, pooled = transformer_inputs(transformer, encode_prompts(pipe, texts))
-    segments = ([(0, pipe.tokenizer), (pipe.tokenizer.model_max_length, pipe.tokenizer_3)]
-                if denoiser_family(transformer) == "sd3" else [(0, pipe.tokenizer_2)])
+    if denoiser_family(transformer) == "flux":
+        segments = [(0, pipe.tokenizer_2)]
+    else:
+        segments = [(0, pipe.tokenizer)] + ([(pipe.tokenizer.model_max_length, pipe.tokenizer_3)]
+                                           if pipe.tokenizer_3 is not None else [])
     rows = []
     for offset, tokenizer in segments:
         lengths = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from doco_lib.io import atomic_write_text
-from doco_lib.sampling import generate
+from doco_lib.sampling import denoiser, generate
 from doco_lib.toy import render
 from doco_lib.toy.quality import images_to_judge_input
 
@@ -120,7 +120,7 @@ def cached_judged_heads(pipe, judge, sets: dict[str, tuple[list[str], str]], ste
     that determines it, the UNet's weights included; only sets not measured before are generated."""
     cache_file = Path(cache_file)
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in pipe.unet.parameters())).hexdigest()
+    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in denoiser(pipe).parameters())).hexdigest()
     keys = {name: hashlib.sha256(json.dumps([weights, prompts, shape, steps, guidance, seed, KINDS]).encode()).hexdigest()
             for name, (prompts, shape) in sets.items()}
     missing = {name: sets[name] for name, key in keys.items() if key not in cache}

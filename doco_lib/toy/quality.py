@@ -56,10 +56,12 @@ def quality_table(report: dict):
 
 
 def build_curve(build_report: dict):
-    """The UNet's judged prompt accuracy against build minutes, as a long pandas table."""
+    """The denoiser's judged prompt accuracy against build minutes (the UNet's, or toy-mmdit's transformer's), as
+    a long pandas table."""
     import pandas as pd
 
     rows = [{"minutes": point["minutes"], "step": point["step"], "attribute": attribute, "accuracy": point[attribute]}
-            for point in build_report.get("unet_curve", []) for attribute in PROMPT_FORMATS if attribute in point]
+            for point in build_report.get("unet_curve") or build_report.get("transformer_curve", [])
+            for attribute in PROMPT_FORMATS if attribute in point]
     return pd.DataFrame(rows)
 
