@@ -384,6 +384,35 @@ class ToyWorldBuilder:
         atomic_torch_save(encoded, path)
         return encoded
 
+    def training_batch(self, gen: torch.Generator, encoded: dict, labels: render.ToyLabels, position: dict,
+                       scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A denoiser's training batch: caption indices (`caption_dropout` of them the empty prompt's, the last
+        index), scaled latents drawn from the images' posteriors, and noise like them."""
+        cfg = self.config
+        index = torch.randint(0, len(encoded["latent_mean"]), (cfg.batch_size,), generator=gen)
+        templates = torch.randint(0, len(render.CAPTION_TEMPLATES), (len(index),), generator=gen)
+        caption = self.caption_indices(labels, index, templates, position)
+        drop = torch.rand(len(index), generator=gen) < cfg.caption_dropout
+        caption = torch.where(drop, torch.full_like(caption, len(position)), caption)
+        mean, std = encoded["latent_mean"][index], encoded["latent_std"][index]
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)).to(self.device) * scaling
+        return caption, latents, torch.randn(latents.shape, generator=gen).to(self.device)
+
+    def update(self, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+               step: int) -> dict:
+        """One step of a denoiser's training: the warmed-up learning rate, the clipped gradient, AdamW, the EMA."""
+        cfg = self.config
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.unet_warmup)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        return {"loss": loss.item()}
+
     def unet(self, data, vae, text_encoder, tokenizer, judge):
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -394,43 +423,23 @@ class ToyWorldBuilder:
         encoded = self.encoded(data, vae, text_encoder, tokenizer)
         labels = self.labels(data, "train")
         _, _, position = self.caption_table(tokenizer)
-        empty_index = len(position)
         scaling = vae.config.scaling_factor
         noise_scheduler = DDPMScheduler(**make_scheduler_config())
         torch.manual_seed(cfg.seed + 4)
         unet = make_unet(cfg.text_width).to(self.device)
         ema = copy.deepcopy(unet).requires_grad_(False)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-        n = len(encoded["latent_mean"])
         alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)
 
         def step(gen: torch.Generator) -> dict:
             unet.train()
-            index = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-            templates = torch.randint(0, len(render.CAPTION_TEMPLATES), (len(index),), generator=gen)
-            caption = self.caption_indices(labels, index, templates, position)
-            drop = torch.rand(len(index), generator=gen) < cfg.caption_dropout
-            caption = torch.where(drop, torch.full_like(caption, empty_index), caption)
-            latents = encoded["latent_mean"][index] + encoded["latent_std"][index] * torch.randn(
-                encoded["latent_mean"][index].shape, generator=gen)
-            latents = latents.to(self.device) * scaling
-            noise = torch.randn(latents.shape, generator=gen).to(self.device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),),
+            caption, latents, noise = self.training_batch(gen, encoded, labels, position, scaling)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(caption),),
                                       generator=gen).to(self.device)
             a = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
             prediction = unet(noisy, timesteps, encoder_hidden_states=encoded["text"][caption].to(self.device)).sample
-            loss = F.mse_loss(prediction, noise)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.unet_lr * min(1.0, (training.step + 1) / cfg.unet_warmup)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            optimizer.step()
-            with torch.no_grad():
-                decay = min(cfg.ema_decay, (1 + training.step) / (10 + training.step))
-                torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
-            return {"loss": loss.item()}
+            return self.update(unet, ema, optimizer, F.mse_loss(prediction, noise), training.step)
 
         def evaluate() -> dict:
             pipe = assemble_pipeline(ema, vae, text_encoder, tokenizer)

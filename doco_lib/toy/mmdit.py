@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from doco_lib.io import atomic_save_json, atomic_torch_save, load_torch_checkpoint
 from doco_lib.sampling import text_call_kwargs
-from doco_lib.toy import render
 from doco_lib.toy.build import QUICK, BuildConfig, ResumableTraining, ToyWorldBuilder, _batch_images, _log
 from doco_lib.toy.models import LATENT_CHANNELS, LATENT_SIZE, TEXT_HIDDEN
 from doco_lib.toy.quality import pipeline_quality
@@ -155,37 +154,18 @@ class MMDiTBuilder(ToyWorldBuilder):
         encoded = self.mmdit_encoded(data, assemble_mmdit_pipeline(ema, vae, text_encoder, tokenizer))
         labels = self.labels(data, "train")
         _, _, position = self.caption_table(tokenizer)
-        empty_index = len(position)
         scaling = vae.config.scaling_factor
         optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-        n = len(encoded["latent_mean"])
 
         def step(gen: torch.Generator) -> dict:
             transformer.train()
-            index = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-            templates = torch.randint(0, len(render.CAPTION_TEMPLATES), (len(index),), generator=gen)
-            caption = self.caption_indices(labels, index, templates, position)
-            drop = torch.rand(len(index), generator=gen) < cfg.caption_dropout
-            caption = torch.where(drop, torch.full_like(caption, empty_index), caption)
-            mean, std = encoded["latent_mean"][index], encoded["latent_std"][index]
-            latents = (mean + std * torch.randn(mean.shape, generator=gen)).to(self.device) * scaling
-            noise = torch.randn(latents.shape, generator=gen).to(self.device)
-            sigma = torch.sigmoid(torch.randn(len(index), generator=gen)).to(self.device)  # logit-normal(0, 1)
+            caption, latents, noise = self.training_batch(gen, encoded, labels, position, scaling)
+            sigma = torch.sigmoid(torch.randn(len(caption), generator=gen)).to(self.device)  # logit-normal(0, 1)
             noisy = (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
             prediction = transformer(hidden_states=noisy, timestep=sigma * 1000,
                                      encoder_hidden_states=encoded["states"][caption].to(self.device),
                                      pooled_projections=encoded["pooled"][caption].to(self.device)).sample
-            loss = F.mse_loss(prediction, noise - latents)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.unet_lr * min(1.0, (training.step + 1) / cfg.unet_warmup)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-            optimizer.step()
-            with torch.no_grad():
-                decay = min(cfg.ema_decay, (1 + training.step) / (10 + training.step))
-                torch._foreach_lerp_(list(ema.parameters()), list(transformer.parameters()), 1 - decay)
-            return {"loss": loss.item()}
+            return self.update(transformer, ema, optimizer, F.mse_loss(prediction, noise - latents), training.step)
 
         def evaluate() -> dict:
             pipe = assemble_mmdit_pipeline(ema, vae, text_encoder, tokenizer)
