@@ -24,7 +24,7 @@ from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.discriminator import check_discriminator_fits
 from doco_lib.methods.harness import DocoTrainer, ErasureTrainer, TrainingConfig, process_device
 from doco_lib.methods.rgd_prompts import load_slots, prompt_pairs
-from doco_lib.models import denoiser, is_toy, latent_shape, load_pipeline, pipeline_kind, toy_weights_dir
+from doco_lib.models import denoiser, denoiser_kind, is_toy, latent_shape, load_pipeline, toy_weights_dir
 from doco_lib.sampling import sampling_settings
 
 
@@ -72,7 +72,7 @@ def _generate(params: dict, pipe, prompts: list[str], directory: Path, n_images:
     n_images = n_images or params["n_anchor_images"]
     steps = params["anchor_steps"] or params["num_inference_steps"]
     sampling = sampling_settings(params["device"], params["anchor_shard_size"], params["anchor_sampler"],
-                                 kind=pipeline_kind(params["model"]))
+                                 kind=denoiser_kind(denoiser(pipe)))
     determined_by = [params["model"], "", prompts, n_images, params["seed"],  # "": no base UNet, as before
                      steps, params["guidance_scale"], params["anchor_shard_size"], sampling]
     key = hashlib.sha256(json.dumps(determined_by).encode()).hexdigest()[:20]

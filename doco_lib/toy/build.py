@@ -455,6 +455,16 @@ class ToyWorldBuilder:
         return UNet2DConditionModel.from_pretrained(done).to(self.device).eval()
 
     # ---------------------------------------------------------------- all
+    def record_final_quality(self, pipe, judge) -> None:
+        """The built pipeline's judged prompt accuracy (`final_eval_samples` a prompt) and sampling settings, in the
+        report."""
+        cfg = self.config
+        quality = pipeline_quality(pipe, judge, cfg.final_eval_samples, cfg.sample_steps, cfg.guidance, seed=0)
+        self.report["final_quality"] = quality
+        self.report["sampling_defaults"] = {"steps": cfg.sample_steps, "guidance": cfg.guidance}
+        _log("final quality: " + json.dumps({k: round(v["mean"], 3) for k, v in quality.items()}))
+        self._save_report()
+
     def run(self, out_dir: Path) -> dict:
         from transformers import CLIPImageProcessor
 
@@ -470,15 +480,10 @@ class ToyWorldBuilder:
         unet = self.unet(data, vae, text_encoder_model, tokenizer, judge)
 
         pipe = assemble_pipeline(unet, vae, text_encoder_model, tokenizer)
-        cfg = self.config
-        quality = pipeline_quality(pipe, judge, cfg.final_eval_samples, cfg.sample_steps, cfg.guidance, seed=0)
-        self.report["final_quality"] = quality
-        self.report["sampling_defaults"] = {"steps": cfg.sample_steps, "guidance": cfg.guidance}
-        _log("final quality: " + json.dumps({k: round(v["mean"], 3) for k, v in quality.items()}))
+        self.record_final_quality(pipe, judge)
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._save_report()
         if self.config.reuse_from:  # only the new pipeline; judge and evaluation CLIP stay the reused world's
             pipe.save_pretrained(out_dir, safe_serialization=True)
             atomic_save_json(self.report, out_dir / "build_report.json")

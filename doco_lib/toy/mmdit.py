@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import replace
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from doco_lib.io import atomic_save_json, atomic_torch_save, load_torch_checkpoint
 from doco_lib.sampling import text_call_kwargs
-from doco_lib.toy.build import QUICK, BuildConfig, ResumableTraining, ToyWorldBuilder, _batch_images, _log
+from doco_lib.toy.build import QUICK, BuildConfig, ResumableTraining, ToyWorldBuilder, _batch_images
 from doco_lib.toy.models import LATENT_CHANNELS, LATENT_SIZE, TEXT_HIDDEN
 from doco_lib.toy.quality import pipeline_quality
 
@@ -190,12 +189,7 @@ class MMDiTBuilder(ToyWorldBuilder):
         text_encoder = self.text_encoder()
         transformer = self.transformer(data, vae, text_encoder, tokenizer, judge)
         pipe = assemble_mmdit_pipeline(transformer, vae, text_encoder, tokenizer)
-        cfg = self.config
-        quality = pipeline_quality(pipe, judge, cfg.final_eval_samples, cfg.sample_steps, cfg.guidance, seed=0)
-        self.report["final_quality"] = quality
-        self.report["sampling_defaults"] = {"steps": cfg.sample_steps, "guidance": cfg.guidance}
-        _log("final quality: " + json.dumps({k: round(v["mean"], 3) for k, v in quality.items()}))
-        self._save_report()
+        self.record_final_quality(pipe, judge)
         pipe.transformer.to(SHIPPED_DTYPE)
         pipe.text_encoder.to(SHIPPED_DTYPE)  # both encoders: rounded already, so this loses nothing
         # Written beside `out_dir` and moved there whole: saving over the links of an earlier build would write
@@ -204,7 +198,7 @@ class MMDiTBuilder(ToyWorldBuilder):
         staging = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         pipe.save_pretrained(staging, safe_serialization=True)
-        toy = Path(cfg.reuse_from) / "pipeline"
+        toy = Path(self.config.reuse_from) / "pipeline"
         for name in ("tokenizer", "tokenizer_2"):  # the toy world's vocabulary file: the padding and truncation
             shutil.copyfile(toy / "tokenizer" / "tokenizer.json", staging / name / "tokenizer.json")  # it stores
             # are reset by every call, and tokenizer_config.json holds the 16 rows
