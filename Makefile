@@ -86,7 +86,7 @@ results-lora-export: $(STAMP)
 
 # How often the judge names the prompted shape, colour and style of toy and toy-wide (docs/results/toy_world.csv).
 results-toy-world: $(STAMP)
-	$(BIN)/doco toy quality --models toy toy-wide --seeds 0 1000 2000 --samples 64 --record
+	$(BIN)/doco toy quality --models toy toy-wide toy-mmdit --seeds 0 1000 2000 --samples 64 --record
 	$(BIN)/doco results
 
 # SepME's increments per seed, every subset judged (docs/results/sepme.csv): 3 seeds, 64 images per set.
