@@ -92,6 +92,12 @@ def sampling_dtype(device: torch.device, kind: str = "unet") -> torch.dtype:
     return half_dtype(kind) if device.type == "cuda" else torch.float32
 
 
+def _load_error(model: str, error: OSError) -> ModelLoadError:
+    return ModelLoadError(
+        f"Could not load the pipeline {model!r}: {error}. Without internet access, a hub id only works if it "
+        "is already in the Hugging Face cache; otherwise pass a local folder saved with save_pretrained.")
+
+
 def _model_index(model: str, source: str) -> dict:
     """The model_index.json of the pipeline `model` (resolved to `source`), or a clear error offline."""
     from diffusers import DiffusionPipeline
@@ -99,16 +105,18 @@ def _model_index(model: str, source: str) -> dict:
     try:
         return DiffusionPipeline.load_config(source)
     except OSError as error:
-        raise ModelLoadError(
-            f"Could not load the pipeline {model!r}: {error}. Without internet access, a hub id only works if it "
-            "is already in the Hugging Face cache; otherwise pass a local folder saved with save_pretrained.") from None
+        raise _load_error(model, error) from None
+
+
+def _index_kind(index: dict) -> str:
+    """'unet' or 'mmdit': the denoiser kind a model_index.json names (a transformer component: an MMDiT)."""
+    return "mmdit" if (index.get("transformer") or [None])[0] is not None else "unet"
 
 
 def pipeline_kind(model: str) -> str:
     """'unet' or 'mmdit': the denoiser kind of the pipeline `model` names ('toy', a folder or a hub id), from its
     model_index.json alone."""
-    index = _model_index(model, resolve_model(model))
-    return "mmdit" if (index.get("transformer") or [None])[0] is not None else "unet"
+    return _index_kind(_model_index(model, resolve_model(model)))
 
 
 def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | str = "auto", unet: str | None = None,
@@ -118,8 +126,8 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
     `unet` swaps in an erased denoiser folder (a UNet, or the transformer of an SD 3.x or FLUX.1 pipeline). `dtype`
     "auto": `sampling_dtype` of the device and the model's kind; pass torch.float32 for a pipeline whose denoiser
     will be trained. A half-precision pipeline on a GPU (one that only samples) keeps its denoiser and VAE in
-    channels-last layout, which the GPU's convolution kernels read fastest; `compile_unet` also compiles its UNet (torch.compile: the first
-    batch waits for the compilation, the later ones run faster).
+    channels-last layout, which the GPU's convolution kernels read fastest; `compile_unet` also compiles its UNet
+    (torch.compile: the first batch waits for the compilation, the later ones run faster).
 
     Weights are read from safetensors only, unless `trust_pickle`."""
     from diffusers import DDIMScheduler, DiffusionPipeline
@@ -129,7 +137,7 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
     source = resolve_model(model)
     index = _model_index(model, source)
     if dtype == "auto":
-        dtype = sampling_dtype(target_device, "mmdit" if (index.get("transformer") or [None])[0] else "unet")
+        dtype = sampling_dtype(target_device, _index_kind(index))
     if target_device.type == "cuda":  # TF32 matmuls and convolutions for whatever still runs in float32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -152,9 +160,7 @@ def load_pipeline(model: str = TOY, device: str = "auto", dtype: torch.dtype | s
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:
-        raise ModelLoadError(
-            f"Could not load the pipeline {model!r}: {error}. Without internet access, a hub id only works if it "
-            "is already in the Hugging Face cache; otherwise pass a local folder saved with save_pretrained.") from None
+        raise _load_error(model, error) from None
     if is_toy(model) and getattr(pipe, "unet", None) is not None:  # the UNet toys sample with DDIM
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     else:  # decode one image at a time: a batch of 512-px decodes at once takes gigabytes

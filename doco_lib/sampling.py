@@ -93,8 +93,9 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def sampling_components(pipe, sampler: str = "pipeline"):
     """`pipe` set up for sampling for the duration of the block, and put back after it: the scheduler `sampler`
     names; on a GPU, where the UNet holds float32 weights, half-precision copies (`models.half_dtype`) of the
-    denoiser, text encoders and VAE (in channels-last layout), so the weights being trained are never cast. Yields the autocast context a pipeline
-    whose float32 UNet could not be copied (it carries hooks) samples under; a no-op otherwise."""
+    denoiser, text encoders and VAE (in channels-last layout), so the weights being trained are never cast. Yields
+    the autocast context a pipeline whose float32 UNet could not be copied (it carries hooks) samples under; a no-op
+    otherwise."""
     swaps = {}
     if sampler != "pipeline":
         swaps["scheduler"] = scheduler_for(pipe, sampler)
@@ -126,11 +127,11 @@ def sampling_components(pipe, sampler: str = "pipeline"):
 
 def sampling_settings(device: str, batch_size: int | None = None, sampler: str = "pipeline",
                       compiled: bool = False, kind: str = "unet") -> dict:
-    """What changes a sampled image besides the model, prompt, seed, steps and guidance: the kind of device and
-    the dtype sampling runs in (`models.sampling_dtype` of the model's denoiser `kind`) and the sampler; on a GPU also its name, the batch size
-    and compilation, since float16 kernels chosen per GPU, shape and fusion round differently. On a CPU a batch
-    size changes no image at float32 precision, so the runs of one output root share their images whatever
-    batch size each uses."""
+    """What changes a sampled image besides the model, prompt, seed, steps and guidance: the kind of device and the
+    dtype sampling runs in (`models.sampling_dtype` of the model's denoiser `kind`) and the sampler; on a GPU also its
+    name, the batch size and compilation, since float16 kernels chosen per GPU, shape and fusion round differently.
+    On a CPU a batch size changes no image at float32 precision, so the runs of one output root share their images
+    whatever batch size each uses."""
     target = pick_device(device)
     settings = {"device": target.type, "dtype": str(sampling_dtype(target, kind)).removeprefix("torch."),
                 "sampler": sampler}

@@ -12,8 +12,8 @@ from doco_lib.toy.quality import pipeline_quality, quality_table
 
 def quality_rows(models: list[str], seeds: list[int], n_per_prompt: int, steps: int, guidance: float,
                  device: str = "cpu") -> pd.DataFrame:
-    """One row per model ('toy', 'toy-wide', 'toy-mmdit'), seed, attribute and value: the share of `n_per_prompt` samples the
-    judge names as prompted. Seeds closer than `n_per_prompt` share images, so they are refused."""
+    """One row per model ('toy', 'toy-wide', 'toy-mmdit'), seed, attribute and value: the share of `n_per_prompt`
+    samples the judge names as prompted. Seeds closer than `n_per_prompt` share images, so they are refused."""
     ordered = sorted(seeds)
     if any(b - a < n_per_prompt for a, b in zip(ordered, ordered[1:])):
         raise ParamsError(f"--seeds: {seeds}; image i of a seed uses seed + i, so seeds must lie at least --samples "

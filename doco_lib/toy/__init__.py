@@ -25,5 +25,5 @@ def build_report(world: str) -> dict:
     """How the toy world `world` (a key of `TOY_PIPELINES`) was built: the build_report.json in its pipeline
     folder, or the whole world's beside it ('toy')."""
     folder = toy_weights_dir() / TOY_PIPELINES[world]
-    path = folder / "build_report.json" if (folder / "build_report.json").is_file() else TOY_WEIGHTS / "build_report.json"
-    return json.loads(path.read_text())
+    own = folder / "build_report.json"
+    return json.loads((own if own.is_file() else TOY_WEIGHTS / "build_report.json").read_text())

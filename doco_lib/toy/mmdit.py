@@ -199,9 +199,10 @@ class MMDiTBuilder(ToyWorldBuilder):
         shutil.rmtree(staging, ignore_errors=True)
         pipe.save_pretrained(staging, safe_serialization=True)
         toy = Path(self.config.reuse_from) / "pipeline"
-        for name in ("tokenizer", "tokenizer_2"):  # the toy world's vocabulary file: the padding and truncation
-            shutil.copyfile(toy / "tokenizer" / "tokenizer.json", staging / name / "tokenizer.json")  # it stores
-            # are reset by every call, and tokenizer_config.json holds the 16 rows
+        # The toy world's vocabulary file as it ships (the padding and truncation saved in it are reset by every
+        # call; tokenizer_config.json holds the 16 rows), so that it links to it.
+        for name in ("tokenizer", "tokenizer_2"):
+            shutil.copyfile(toy / "tokenizer" / "tokenizer.json", staging / name / "tokenizer.json")
         link_duplicates(staging, toy)
         atomic_save_json(self.report, staging / "build_report.json")
         shutil.rmtree(out_dir, ignore_errors=True)
