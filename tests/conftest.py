@@ -15,6 +15,17 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1)))
 
+# The slow tier's longest files, longest first (`make test-all --durations`). `make test-all` keeps this order
+# (--no-loadscope-reorder) so that they start first and the two workers end together; xdist's own order, by tests
+# per file, started the one-test SD run last, alone on one thread for over 15 minutes in CI.
+LONGEST_FILES_FIRST = ("test_sd_e2e.py", "test_attack_sd.py", "test_model_families.py", "test_flow_training.py",
+                       "test_spm.py", "test_notebooks_run.py", "test_batch.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

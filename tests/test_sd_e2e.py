@@ -1,8 +1,8 @@
 """The Stable Diffusion path end to end, as a researcher runs it: `doco batch` over the shipped SD v1.4 params
 files, with the model and CLIP ids resolved offline from a Hugging Face cache that holds SD-v1.4-shaped random
 pipelines. Only counts are cut (`--set`): 512-px images, 64×64 latents, PNDM sampling, CLIP score and accuracy,
-FID Inception at 299 px and NudeNet all run as on a GPU node. Its budget is 5 minutes on 2 cores (CI prints its
-duration: `make test-all` runs pytest with --durations)."""
+FID Inception at 299 px and NudeNet all run as on a GPU node. It takes about 6 minutes on 2 idle cores and
+over 15 in CI, on one thread beside another worker (`make test-all` prints durations); the timeout only catches a hang."""
 
 import os
 import subprocess
@@ -27,7 +27,7 @@ def test_doco_batch_runs_the_sd14_files_end_to_end(sd_clip_hub, tmp_path, repo_r
     overrides = [arg for key, value in COUNTS.items() for arg in ("--set", f"{key}={value}")]
     done = subprocess.run([sys.executable, "-m", "doco_lib", "batch", *map(str, files), "--run-id", "sd",
                            "--output-root", str(tmp_path), "--device", "cpu", *overrides],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = tmp_path / "sd"
 
