@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world results-sepme results-methods attacks
+.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world results-sepme results-methods results-methods-mmdit attacks
 
 install: $(STAMP)
 
@@ -101,6 +101,11 @@ results-sepme: $(STAMP)
 METHOD_SEEDS ?= 0 1 2
 results-methods: $(STAMP)
 	$(BIN)/doco toy methods --params params/toy_methods.yaml --seeds $(METHOD_SEEDS) --record
+	$(BIN)/doco results
+
+# The same comparison on toy-mmdit (docs/results/methods_toy_mmdit/): the eight methods that train its transformer.
+results-methods-mmdit: $(STAMP)
+	$(BIN)/doco toy methods --params params/toy_mmdit_methods.yaml --seeds $(METHOD_SEEDS) --record
 	$(BIN)/doco results
 
 # The attack study, notebook 07's (docs/results/attacks/, relearning/; docs/figures/attacks.png, relearning.png, drawn

@@ -45,8 +45,24 @@ def test_the_params_file_compares_every_method_and_the_robust_variants(repo_root
     assert params["ablation_variants"] == attacks["attack_variants"] and params["eval_samples"] >= 64
 
 
+def test_toy_mmdit_compares_every_method_that_trains_its_transformer_as_its_own_artefact(repo_root):
+    unet = config.load_params(repo_root / "params" / "toy_methods.yaml")
+    mmdit = config.load_params(repo_root / "params" / "toy_mmdit_methods.yaml")
+    assert mmdit["model"] == "toy-mmdit" and mmdit["eval_samples"] >= 64
+    left_out = [v for v in unet["ablation_variants"] if v not in mmdit["ablation_variants"]]
+    assert left_out == ["DoCo (cp) + adv prompts", "ESD-x + adv prompts", "SepME"]
+    names = [method_comparison.artefact_name(p) for p in (unet, mmdit)]
+    assert names == ["methods", "methods_toy_mmdit"] and all(journal.RENDERERS[n] is journal.methods_table for n in names)
+
+
+def test_recording_a_world_without_an_artefact_is_refused_before_any_run(doco, tmp_path):
+    done = doco("toy", "methods", "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
+    assert done.returncode != 0 and "'toy-wide' has no method-comparison artefact" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
 # The digest of method_comparison.CODE when STUDY_VERSION was last decided on.
-PINNED_CODE_DIGEST = "cfa279901c221c3c56374c413b9bf5fb3718b014e7f6e734a7bf038b4d6e8f11"
+PINNED_CODE_DIGEST = "82e7883c84521ab628724a0cbcac2ec777ff28b72933b89b01980e3330df679d"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

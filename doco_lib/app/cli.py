@@ -146,15 +146,20 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _cmd_toy_methods(args) -> None:
     """Notebook 05's method comparison, per seed: `ablation_variants` trained (or reused) and judged; --record records
-    the seeds' part of artefact `methods`."""
+    the seeds' part of the world's artefact (`method_comparison.artefact_name`: `methods`, `methods_toy_mmdit`)."""
     params = load_params(args.params, parse_overrides(args.set))
     seeds = args.seeds or params["ablation_seeds"]
+    artefact = method_comparison.artefact_name(params)
+    if args.record and artefact not in journal.RENDERERS:
+        raise ParamsError(f"model: {params['model']!r} has no method-comparison artefact in docs/results.md "
+                          f"(known: {', '.join(n for n in journal.RENDERERS if n.startswith('methods'))}); run "
+                          "without --record.")
     started = time.time()
     rows = method_comparison.method_rows(params, params["ablation_variants"], seeds, args.samples or params["eval_samples"])
     written = _write_rows(rows, run_dir(params) / "method_comparison.csv")
-    print(journal.RENDERERS["methods"](rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
+    print(journal.methods_table(rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
     if args.record:
-        _record_parts(args, {"methods": rows}, seeds, method_comparison.study_identity(params), started)
+        _record_parts(args, {artefact: rows}, seeds, method_comparison.study_identity(params), started)
 
 
 def _cmd_toy_sepme(args) -> None:
@@ -374,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
     methods.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: ablation_seeds)")
     methods.add_argument("--samples", type=int, help="judged images per prompt set and seed (default: eval_samples)")
-    methods.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefact methods "
-                         "of docs/results")
+    methods.add_argument("--record", action="store_true", help="write the rows as the seeds' part of the world's "
+                         "artefact in docs/results (methods, methods_toy_mmdit)")
     methods.set_defaults(func=_cmd_toy_methods)
 
     sepme_seeds = toy.add_parser("sepme", help="SepME's increments trained per seed, every subset of them judged "

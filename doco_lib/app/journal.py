@@ -178,7 +178,7 @@ RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {"retain_modes": retain_mo
                                                        "lora_export": lora_export_table,
                                                        "toy_world": toy_world_table, "sepme": sepme_table,
                                                        "attacks": attacks_table, "relearning": relearning_table,
-                                                       "methods": methods_table}
+                                                       "methods": methods_table, "methods_toy_mmdit": methods_table}
 
 
 # Artefact → (figure file in docs/figures/, the study's function that draws it from the artefact's rows).
