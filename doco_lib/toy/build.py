@@ -367,20 +367,35 @@ class ToyWorldBuilder:
 
     # ---------------------------------------------------------------- UNet
     @torch.no_grad()
+    def latent_posteriors(self, data, vae) -> dict[str, torch.Tensor]:
+        """The VAE's posterior (mean, std) of every training image, from which `training_batch` draws latents."""
+        images = _batch_images(data["train_images"], torch.arange(len(data["train_images"])), self.device)
+        posteriors = [vae.encode(c).latent_dist for c in images.split(512)]
+        return {"latent_mean": torch.cat([p.mean for p in posteriors]).cpu(),
+                "latent_std": torch.cat([p.std for p in posteriors]).cpu()}
+
+    def judged_while_training(self, ema_pipeline: Callable[[], object], judge) -> Callable[[], dict]:
+        """What `ResumableTraining` runs every `eval_every` steps: the pipeline of the EMA weights, judged."""
+        cfg = self.config
+
+        def evaluate() -> dict:
+            quality = pipeline_quality(ema_pipeline(), judge, cfg.eval_samples, cfg.sample_steps, cfg.guidance,
+                                       seed=10_000)
+            return {attribute: round(q["mean"], 4) for attribute, q in quality.items()}
+        return evaluate
+
+    @torch.no_grad()
     def encoded(self, data, vae, text_encoder, tokenizer):
         path = self.cache / "encoded.pt"
         if path.exists():
             return load_torch_checkpoint(path)
-        images = _batch_images(data["train_images"], torch.arange(len(data["train_images"])), self.device)
-        posteriors = [vae.encode(c).latent_dist for c in images.split(512)]
+        posteriors = self.latent_posteriors(data, vae)
         captions, ids, _ = self.caption_table(tokenizer)
         empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                           return_tensors="pt").input_ids
         all_ids = torch.cat([ids, empty]).to(self.device)
         text = torch.cat([text_encoder(c).last_hidden_state for c in all_ids.split(256)])
-        encoded = {"latent_mean": torch.cat([p.mean for p in posteriors]).cpu(),
-                   "latent_std": torch.cat([p.std for p in posteriors]).cpu(),
-                   "text": text.cpu()}
+        encoded = {**posteriors, "text": text.cpu()}
         atomic_torch_save(encoded, path)
         return encoded
 
@@ -441,11 +456,7 @@ class ToyWorldBuilder:
             prediction = unet(noisy, timesteps, encoder_hidden_states=encoded["text"][caption].to(self.device)).sample
             return self.update(unet, ema, optimizer, F.mse_loss(prediction, noise), training.step)
 
-        def evaluate() -> dict:
-            pipe = assemble_pipeline(ema, vae, text_encoder, tokenizer)
-            quality = pipeline_quality(pipe, judge, cfg.eval_samples, cfg.sample_steps, cfg.guidance, seed=10_000)
-            return {attribute: round(q["mean"], 4) for attribute, q in quality.items()}
-
+        evaluate = self.judged_while_training(lambda: assemble_pipeline(ema, vae, text_encoder, tokenizer), judge)
         training = ResumableTraining(self.cache / "unet.ckpt.pt", {"unet": unet, "ema": ema}, optimizer, cfg.seed + 4)
         training.run(cfg.unet_steps, step, cfg.checkpoint_every, evaluate, cfg.eval_every)
         self.report["unet_curve"] = training.curve

@@ -30,9 +30,8 @@ import torch.nn.functional as F
 
 from doco_lib.io import atomic_save_json, atomic_torch_save, load_torch_checkpoint
 from doco_lib.sampling import text_call_kwargs
-from doco_lib.toy.build import QUICK, BuildConfig, ResumableTraining, ToyWorldBuilder, _batch_images
+from doco_lib.toy.build import QUICK, BuildConfig, ResumableTraining, ToyWorldBuilder
 from doco_lib.toy.models import LATENT_CHANNELS, LATENT_SIZE, TEXT_HIDDEN
-from doco_lib.toy.quality import pipeline_quality
 
 MMDIT = dict(sample_size=LATENT_SIZE, patch_size=1, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
              num_layers=4, attention_head_dim=16, num_attention_heads=6, joint_attention_dim=2 * TEXT_HIDDEN,
@@ -122,8 +121,7 @@ class MMDiTBuilder(ToyWorldBuilder):
         path = self.cache / "mmdit_encoded.pt"
         if path.exists():
             return load_torch_checkpoint(path)
-        images = _batch_images(data["train_images"], torch.arange(len(data["train_images"])), self.device)
-        posteriors = [pipe.vae.encode(c).latent_dist for c in images.split(512)]
+        posteriors = self.latent_posteriors(data, pipe.vae)
         tokenizer = pipe.tokenizer
         captions = [*self.caption_table(tokenizer)[0], ""]
         states, pooled = [], []
@@ -134,9 +132,7 @@ class MMDiTBuilder(ToyWorldBuilder):
                                                              **text_call_kwargs(pipe))
             states.append(embeds.cpu())
             pooled.append(pooled_embeds.cpu())
-        encoded = {"latent_mean": torch.cat([p.mean for p in posteriors]).cpu(),
-                   "latent_std": torch.cat([p.std for p in posteriors]).cpu(),
-                   "states": torch.cat(states), "pooled": torch.cat(pooled)}
+        encoded = {**posteriors, "states": torch.cat(states), "pooled": torch.cat(pooled)}
         atomic_torch_save(encoded, path)
         return encoded
 
@@ -166,11 +162,8 @@ class MMDiTBuilder(ToyWorldBuilder):
                                      pooled_projections=encoded["pooled"][caption].to(self.device)).sample
             return self.update(transformer, ema, optimizer, F.mse_loss(prediction, noise - latents), training.step)
 
-        def evaluate() -> dict:
-            pipe = assemble_mmdit_pipeline(ema, vae, text_encoder, tokenizer)
-            quality = pipeline_quality(pipe, judge, cfg.eval_samples, cfg.sample_steps, cfg.guidance, seed=10_000)
-            return {attribute: round(q["mean"], 4) for attribute, q in quality.items()}
-
+        evaluate = self.judged_while_training(lambda: assemble_mmdit_pipeline(ema, vae, text_encoder, tokenizer),
+                                              judge)
         training = ResumableTraining(self.cache / "transformer.ckpt.pt", {"transformer": transformer, "ema": ema},
                                      optimizer, cfg.seed + 5)
         training.run(cfg.unet_steps, step, cfg.checkpoint_every, evaluate, cfg.eval_every)
