@@ -26,7 +26,7 @@ import pandas as pd
 
 from doco_lib import config
 from doco_lib.io import atomic_write_bytes, atomic_write_text
-from doco_lib.models import load_pipeline
+from doco_lib.models import denoiser, load_pipeline
 from doco_lib.studies import attacks
 from doco_lib.studies.attacks.common import (
     TARGET_IMAGE_SEEDS,
@@ -34,6 +34,7 @@ from doco_lib.studies.attacks.common import (
     Attempt,
     Judge,
     Target,
+    check_pipeline,
     make_judge,
     no_attack,
     target_latents,
@@ -73,7 +74,8 @@ def attack_targets(params: dict, base, settings: AttackSettings, names: list[str
                    ) -> list[Target]:
     """The attempts' targets: start prompts of `concept` (default: the target; another concept's are the study's
     control), the candidate tokens (never the target's), and the original model `base`'s images of each start
-    prompt where an attack of `names` reads them."""
+    prompt where an attack of `names` reads them. A pipeline the attacks cannot read is refused first."""
+    check_pipeline(base, names)
     concept = concept or params["target"]
     prompts = start_prompts({**params, "target": concept}, settings.attempts)
     vocabulary = vocabulary_ids(base.tokenizer, settings.vocabulary, [params["target"]])
@@ -87,14 +89,14 @@ def attack_targets(params: dict, base, settings: AttackSettings, names: list[str
 def measured(name: str, pipe, judge: Judge, target: Target, attempt: int, settings: AttackSettings
              ) -> tuple[Attempt, float, int]:
     """Attack `name` (`none`: the start prompt itself) for one attempt, with its cost: wall seconds and UNet steps,
-    the images that went through the UNet (one per image and call: sampling, search and optimisation alike; a copy
-    of the UNet made inside, e.g. relearning's, counts too, as its hooks are copied with it)."""
+    the images that went through the denoiser (one per image and call: sampling, search and optimisation alike; a
+    copy of it made inside, e.g. relearning's, counts too, as its hooks are copied with it)."""
     steps = [0]
 
-    def count(module, args, kwargs):
-        steps[0] += len(args[0] if args else kwargs["sample"])
+    def count(module, args, kwargs):  # a UNet's latents come first, a transformer's as `hidden_states`
+        steps[0] += len(args[0] if args else kwargs["hidden_states" if "hidden_states" in kwargs else "sample"])
 
-    handle = pipe.unet.register_forward_pre_hook(count, with_kwargs=True)
+    handle = denoiser(pipe).register_forward_pre_hook(count, with_kwargs=True)
     started = time.perf_counter()
     try:
         result = no_attack(pipe, judge, target, attempt, settings) if name == "none" else \

@@ -22,6 +22,14 @@ and `original_images(settings) -> int`, how many images of the original model pe
   text embedding is the start prompt's; the text encoder only.
 
 `none` (common.no_attack) is the start prompt itself, the erasure's own result; the study always runs it.
+
+Model families (common.py's docstring says what each reads): SD v1 and 2.x (a UNet, one CLIP encoder) and SD 3.x
+(`StableDiffusion3Pipeline`: an MMDiT transformer, two CLIP encoders, T5 or none, a rectified flow), e.g.
+toy-mmdit. On SD 3 the white-box objectives are the flow-matching loss, completion noises along the flow and
+integrates with the pipeline's Euler scheduler, relearning fine-tunes a copy of the transformer, and the
+text-encoder searches compare the conditioning (ring_a_bell) or pooled embedding (gcg) the transformer reads.
+Refused before any work (`common.check_pipeline`): SDXL, FLUX.1, and the soft-token attacks (unlearndiff,
+textual_inversion) on an SD 3 pipeline with T5.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from doco_lib.studies.attacks import (
     tokens,
     unlearndiff,
 )
-from doco_lib.studies.attacks.common import AttackSettings, Attempt, Judge, Target
+from doco_lib.studies.attacks.common import AttackSettings, Attempt, Judge, Target, check_pipeline
 
 ATTACKS = {"tokens": tokens, "unlearndiff": unlearndiff, "noise_probe": noise_probe, "completion": completion,
            "textual_inversion": textual_inversion, "relearning": relearning, "ring_a_bell": ring_a_bell, "gcg": gcg}
@@ -47,6 +55,7 @@ def run(name: str, pipe, judge: Judge, target: Target, attempt: int, settings: A
     """Attack `name` of `ATTACKS` on `pipe` (the erased model) for one attempt."""
     if name not in ATTACKS:
         raise config.ParamsError(f"attacks: unknown attack {name!r}; choose from {list(ATTACKS)}.")
+    check_pipeline(pipe, [name])
     return ATTACKS[name].run(pipe, judge, target, attempt, settings)
 
 

@@ -5,10 +5,26 @@ word, candidate tokens, the original model's images of the target) and returns a
 its final prompt or probe on the attempt's *evaluation* seeds, never used by its search, and the judge's
 verdict on them. Search, evaluation and target-image seeds never overlap (`SEARCH_SEEDS`, `EVAL_SEEDS`,
 `TARGET_IMAGE_SEEDS`).
+
+Prompts are (B, L) token ids of the pipeline's (first) CLIP tokenizer; `conditioning` turns them into what the
+denoiser reads, in `models.encode_prompts`' packed form, one tensor per prompt:
+
+* SD v1 and 2.x (a UNet, one CLIP encoder): the encoder's last hidden states, `pipe.text_encoder(ids)[0]`.
+* SD 3.x (`SD3Transformer2DModel`): both CLIP encoders' penultimate hidden states joined, zero-padded to the
+  joint width, beside the T5 rows (the T5 encoder's states of the ids' decoded text, or zeros for a pipeline saved
+  without T5, as toy-mmdit), and the two pooled projections joined, appended as zero-padded rows; the same tensor
+  `encode_prompts(pipe, [prompt])` gives. Soft tokens (`conditioning`'s `vectors`) enter every CLIP encoder's
+  input embeddings, one vector set per encoder (their widths differ); T5 reads text and never sees them.
+
+Generation passes a conditioning to the pipeline as its `prompt_embeds` (SD 3: with the pooled and the negative
+embeddings unpacked), the denoising loss (`DenoisingObjective`) noises and regresses in the denoiser's own
+parameterization (ε, v, or the flow's velocity) through `models.denoiser_output`. SDXL (two encoders feeding a
+UNet) and FLUX.1 (T5-only prompt states) are refused by `check_pipeline` before any work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -19,8 +35,20 @@ from doco_lib import config
 from doco_lib.evaluation.clip_metrics import ClipScorer
 from doco_lib.evaluation.nudity import NudityDetector
 from doco_lib.methods.prediction import Parameterization
-from doco_lib.models import is_toy, load_judge, pick_device
-from doco_lib.prompt_tokens import padded_ids, word_ids
+from doco_lib.models import (
+    append_rows,
+    denoiser,
+    denoiser_family,
+    denoiser_output,
+    is_toy,
+    load_judge,
+    pick_device,
+    text_call_kwargs,
+    text_encoders,
+    transformer_inputs,
+    unconditional_conditioning,
+)
+from doco_lib.prompt_tokens import padded_ids, soft_tokens, word_ids
 from doco_lib.sampling import initial_latents
 from doco_lib.studies.runs import concept
 from doco_lib.toy import render
@@ -213,69 +241,159 @@ def vocabulary_ids(tokenizer, vocabulary: str, banned_words: list[str]) -> torch
     return torch.tensor(sorted(ids - banned))
 
 
+# The attacks that splice soft tokens into the CLIP encoders' input embeddings: T5 would read their text only.
+SOFT_TOKEN_ATTACKS = ("unlearndiff", "textual_inversion")
+
+
+def check_pipeline(pipe, names: list[str]) -> None:
+    """Refuse, before any work, a pipeline the attacks `names` cannot read: SDXL (a UNet fed by two encoders and
+    `added_cond_kwargs`) and FLUX.1 (its prompt states are T5's alone, which token ids of a CLIP vocabulary do
+    not reach); on an SD 3.x pipeline with a T5 encoder, the soft-token attacks (their tokens would reach the
+    CLIP rows but not the T5 rows, which T5 computes from text)."""
+    family = denoiser_family(denoiser(pipe))
+    if family == "flux":
+        raise config.ParamsError(f"attacks: {names} cannot attack a FLUX.1 pipeline (family 'flux'): its prompt "
+                                 "states are T5's alone, and the attacks search and embed CLIP token ids.")
+    if family == "unet" and len(text_encoders(pipe)) != 1:
+        raise config.ParamsError(f"attacks: {names} cannot attack an SDXL pipeline (family 'unet' with "
+                                 f"{len(text_encoders(pipe))} text encoders); SD v1, 2.x and SD 3.x are supported.")
+    soft = [name for name in names if name in SOFT_TOKEN_ATTACKS]
+    if family == "sd3" and pipe.text_encoder_3 is not None and soft:
+        raise config.ParamsError(f"attacks: {soft} cannot attack an SD 3 pipeline with a T5 encoder (family 'sd3'): "
+                                 "their soft tokens reach the CLIP encoders only, while T5 reads the prompt's text; "
+                                 "drop them, or attack a pipeline without T5 (e.g. toy-mmdit).")
+
+
+def clip_encoders(pipe) -> list:
+    """The CLIP encoders a prompt's token ids go through: SD v1 and 2.x's one, SD 3's two."""
+    if denoiser_family(denoiser(pipe)) == "sd3":
+        return [pipe.text_encoder, pipe.text_encoder_2]
+    return [pipe.text_encoder]
+
+
+def _own_ids(pipe, encoder_index: int, ids: torch.Tensor) -> torch.Tensor:
+    """`ids` (of `pipe.tokenizer`) as encoder `encoder_index`'s tokenizer pads them: SD 3's second tokenizer pads
+    with "!" (OpenCLIP's padding) where the first repeats the end token; the tokens themselves are shared."""
+    tokenizer = pipe.tokenizer if encoder_index == 0 else pipe.tokenizer_2
+    if tokenizer.pad_token_id == pipe.tokenizer.pad_token_id:
+        return ids
+    after_end = (ids == pipe.tokenizer.eos_token_id).long().cumsum(1) - (ids == pipe.tokenizer.eos_token_id).long() > 0
+    return ids.masked_fill(after_end, tokenizer.pad_token_id)
+
+
+def _clip_outputs(pipe, ids: torch.Tensor, slots: list[int], vectors: list[torch.Tensor] | None) -> list:
+    """Each CLIP encoder's output for (B, L) token ids, with `vectors[i]` put at the input positions `slots` of
+    encoder i (`prompt_tokens.soft_tokens`); each encoder's hook lives for its own call only, so two pipeline slots
+    holding one module still read their own vectors."""
+    encoders, outputs = clip_encoders(pipe), []
+    for i, encoder in enumerate(encoders):
+        spliced = soft_tokens(encoder, slots, vectors[i]) if vectors is not None else contextlib.nullcontext()
+        with spliced:
+            own = _own_ids(pipe, i, ids).to(encoder.device)
+            # SD 3 reads the penultimate hidden states; SD v1 and 2.x the last, the encoder's plain output
+            outputs.append(encoder(own, output_hidden_states=True) if len(encoders) > 1 else encoder(own))
+    return outputs
+
+
+def _t5_rows(pipe, ids: torch.Tensor) -> torch.Tensor:
+    """SD 3's T5 rows of (B, L) token ids: T5's states of their decoded text (not differentiable), or the zeros the
+    pipeline puts there without a T5 encoder."""
+    texts = [decode(pipe.tokenizer, row.tolist()) for row in ids]
+    return pipe._get_t5_prompt_embeds(texts, device=pipe.text_encoder.device, **text_call_kwargs(pipe))
+
+
+def conditioning(pipe, ids: torch.Tensor, slots: list[int] = (), vectors: list[torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+    """What the denoiser reads for (B, L) token ids, in `models.encode_prompts`' form (see the module docstring),
+    differentiable in `vectors` (one (n, D_i) or (B, n, D_i) tensor per CLIP encoder, `clip_encoders`) put at the
+    input positions `slots`."""
+    outputs = _clip_outputs(pipe, ids, list(slots), vectors)
+    if len(outputs) == 1:
+        return outputs[0][0]
+    clip = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+    t5 = _t5_rows(pipe, ids).to(clip.device)
+    hidden = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])).to(t5.dtype), t5], dim=-2)
+    pooled = torch.cat([out[0] for out in outputs], dim=-1)
+    return append_rows(hidden.float(), pooled.float().to(hidden.device))
+
+
+def pooled_embedding(pipe, ids: torch.Tensor, slots: list[int] = (), vectors: list[torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+    """(B, D) float32 pooled text embeddings of (B, L) token ids, `vectors` spliced as in `conditioning`: SD v1 and
+    2.x's CLIP pooled output (the final hidden state at the end token), SD 3's two pooled projections joined (the
+    pooled conditioning its transformer reads)."""
+    outputs = _clip_outputs(pipe, ids, list(slots), vectors)
+    if len(outputs) == 1:
+        return outputs[0][1].float()
+    return torch.cat([out[0].float() for out in outputs], dim=-1)
+
+
 @torch.no_grad()
 def encode(pipe, ids: torch.Tensor) -> torch.Tensor:
-    """Text-encoder hidden states of (B, L) token ids: the `prompt_embeds` the pipeline would compute."""
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    """The conditioning of (B, L) token ids (`conditioning`): the `prompt_embeds` the pipeline would compute, for
+    SD 3 packed with the pooled embedding."""
+    return conditioning(pipe, ids)
 
 
 def prompt_embedding(pipe, prompt: str) -> torch.Tensor:
-    """(1, L, D): the `prompt_embeds` of a text prompt."""
+    """(1, rows, width): the conditioning of a text prompt."""
     return encode(pipe, padded_ids(pipe.tokenizer, word_ids(pipe.tokenizer, prompt))[None])
 
 
 # ---------------------------------------------------------------- the diffusion loss on the original model's images
 class DenoisingObjective:
-    """E_{z0, t, ε} ‖y − f(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, c)‖² on scaled latents z0 (the original model's images of
-    the target), with y = ε, or v for a v-prediction scheduler: the loss the white-box attacks minimise.
-    `fixed` is a fixed batch (every latent at `repeats` stratified timesteps) for a before/after comparison;
-    `sample()` draws a fresh batch (every latent, random timesteps) from `generator`."""
+    """E_{z0, t, ε} ‖y − f(x_t, t, c)‖² on scaled latents z0 (the original model's images of the target) noised
+    in the denoiser's own parameterization (`prediction.Parameterization`: x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε with y = ε,
+    or v for a v-prediction scheduler; the flow's x_t = (1−σ) z0 + σ ε with y = ε − z0, t = σ·1000): the loss the
+    white-box attacks minimise. `fixed` is a fixed batch (every latent at `repeats` stratified timesteps of the
+    training grid) for a before/after comparison; `sample()` draws a fresh batch (every latent, random timesteps
+    of the grid) from `generator`."""
 
     def __init__(self, pipe, latents: torch.Tensor, generator: torch.Generator, repeats: int = 4):
-        self.device, self.latents, self.generator = pipe.unet.device, latents, generator
+        self.device, self.latents, self.generator = denoiser(pipe).device, latents, generator
         self.parameterization = Parameterization.of_scheduler(pipe.scheduler.config, self.device)
-        self.alphas = self.parameterization.alphas_cumprod
+        grid = self.parameterization.timesteps
         count = repeats * len(latents)
         strata = torch.arange(count) % repeats + torch.rand(count, generator=generator)
-        self.fixed = self.batch(latents.repeat_interleave(repeats, 0), (strata * len(self.alphas) / repeats).long())
+        self.fixed = self.batch(latents.repeat_interleave(repeats, 0), grid[(strata * len(grid) / repeats).long()])
 
     def batch(self, z0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z0, t = z0.to(self.device), t.to(self.device)
         noise = torch.randn(z0.shape, generator=self.generator).to(self.device)
-        a = self.alphas[t].view(-1, 1, 1, 1)
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, self.parameterization.target(z0, noise, t)
+        return self.parameterization.add_noise(z0, noise, t), t, self.parameterization.target(z0, noise, t)
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.batch(self.latents, torch.randint(0, len(self.alphas), (len(self.latents),),
-                                                      generator=self.generator))
+        return self.batch(self.latents, self.parameterization.draw_timesteps(len(self.latents), self.generator))
 
     @staticmethod
-    def loss(unet, batch, condition: torch.Tensor) -> torch.Tensor:
-        """The loss of `unet` on `batch` with the prompt embedding `condition` (1 or len(batch), L, D)."""
+    def loss(model, batch, condition: torch.Tensor) -> torch.Tensor:
+        """The loss of the denoiser `model` on `batch` with the conditioning `condition` (1 or len(batch), rows,
+        width), called as its pipeline calls it (`models.denoiser_output`)."""
         x_t, t, target = batch
-        dtype = next(unet.parameters()).dtype
+        dtype = next(model.parameters()).dtype
         condition = condition.expand(len(x_t), -1, -1).to(dtype)
-        prediction = unet(x_t.to(dtype), t, encoder_hidden_states=condition).sample
+        prediction = denoiser_output(model, x_t.to(dtype), t, condition)
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
-
-    def optimise(self, unet, encoder, condition, parameter: torch.Tensor, lr: float, steps: int) -> tuple[float, float]:
-        """Adam on `parameter` (a prompt embedding's soft tokens) for `steps` fresh batches, `unet` and `encoder`
-        frozen (their `requires_grad` flags as before afterwards); `condition()` embeds the prompt with it.
-        Returns the loss on the fixed batch before and after."""
-        optimizer = torch.optim.Adam([parameter], lr=lr)
-        flags = [(p, p.requires_grad) for module in (unet, encoder) for p in module.parameters()]
-        unet.requires_grad_(False)
-        encoder.requires_grad_(False)
+    def optimise(self, model, encoders: list, condition, parameters: list[torch.Tensor], lr: float, steps: int
+                 ) -> tuple[float, float]:
+        """Adam on `parameters` (soft tokens, one tensor per CLIP encoder) for `steps` fresh batches, the denoiser
+        `model` and the text `encoders` frozen (their `requires_grad` flags as before afterwards); `condition()`
+        embeds the prompt with them. Returns the loss on the fixed batch before and after."""
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        modules = [model, *encoders]
+        flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
+        for module in modules:
+            module.requires_grad_(False)
         try:
             with torch.no_grad():
-                before = self.loss(unet, self.fixed, condition()).item()
+                before = self.loss(model, self.fixed, condition()).item()
             for _ in range(steps):
                 optimizer.zero_grad()
-                self.loss(unet, self.sample(), condition()).backward()
+                self.loss(model, self.sample(), condition()).backward()
                 optimizer.step()
             with torch.no_grad():
-                after = self.loss(unet, self.fixed, condition()).item()
+                after = self.loss(model, self.fixed, condition()).item()
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -283,17 +401,32 @@ class DenoisingObjective:
 
 
 # ---------------------------------------------------------------- generation
+def embedding_kwargs(pipe, embeddings: torch.Tensor) -> dict:
+    """The pipeline call's text arguments for conditionings (N, rows, width) in the denoiser's device and dtype: a
+    UNet pipeline's `prompt_embeds` (it encodes the negative prompt itself); an SD 3 pipeline's states and pooled
+    embeddings, unpacked (`models.transformer_inputs`), with the unconditional ones as the negative, and
+    `models.text_call_kwargs`."""
+    model = denoiser(pipe)
+    embeddings = embeddings.to(model.device, model.dtype)
+    if denoiser_family(model) == "unet":
+        return {"prompt_embeds": embeddings}
+    hidden, pooled = transformer_inputs(model, embeddings)
+    negative, negative_pooled = transformer_inputs(model, unconditional_conditioning(pipe).to(model.device, model.dtype))
+    return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative.expand(len(hidden), -1, -1),
+            "negative_pooled_prompt_embeds": negative_pooled.expand(len(hidden), -1), **text_call_kwargs(pipe)}
+
+
 @torch.no_grad()
 def generate_embedded(pipe, embeddings: torch.Tensor, seeds: list[int], steps: int, guidance: float,
                       batch_size: int = 64, noise_scale: float = 1.0) -> torch.Tensor:
-    """Images in [0, 1] for prompt embeddings (N, L, D), image i from the noise of seeds[i] (times
+    """Images in [0, 1] for conditionings (N, rows, width), image i from the noise of seeds[i] (times
     `noise_scale`: the noise probe's; 1 is the pipeline's own sampling)."""
-    out = []
+    model, out = denoiser(pipe), []
     for start in range(0, len(seeds), batch_size):
         latents = noise_scale * initial_latents(pipe, seeds[start:start + batch_size])
-        result = pipe(prompt_embeds=embeddings[start:start + batch_size].to(pipe.unet.device, pipe.unet.dtype),
-                      num_inference_steps=steps, guidance_scale=guidance,
-                      latents=latents.to(pipe.unet.device, pipe.unet.dtype), output_type="pt")
+        result = pipe(**embedding_kwargs(pipe, embeddings[start:start + batch_size]), num_inference_steps=steps,
+                      guidance_scale=guidance, latents=latents.to(model.device, model.dtype), output_type="pt")
         out.append(result.images.float().cpu())
     return torch.cat(out)
 
@@ -301,9 +434,10 @@ def generate_embedded(pipe, embeddings: torch.Tensor, seeds: list[int], steps: i
 @torch.no_grad()
 def target_latents(pipe, prompt: str, seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
     """Scaled latents z0 of the (original) model's images for `prompt`: the attacks' target images."""
-    latents = initial_latents(pipe, seeds).to(pipe.unet.device, pipe.unet.dtype)
+    model = denoiser(pipe)
+    latents = initial_latents(pipe, seeds).to(model.device, model.dtype)
     return pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, latents=latents,
-                output_type="latent").images.float()
+                output_type="latent", **text_call_kwargs(pipe)).images.float()
 
 
 # ---------------------------------------------------------------- the record of an attempt
@@ -334,7 +468,8 @@ class Attempt:
 
 def judged_embedding(pipe, judge: Judge, embedding: torch.Tensor, attempt: int, settings: AttackSettings
                      ) -> tuple[torch.Tensor, float, bool]:
-    """A prompt embedding (1, L, D) sampled on the attempt's evaluation seeds and judged: (images, rate, success)."""
+    """A conditioning (1, rows, width) sampled on the attempt's evaluation seeds and judged: (images, rate,
+    success)."""
     seeds = settings.seeds(attempt, EVAL_SEEDS)
     images = generate_embedded(pipe, embedding.expand(len(seeds), -1, -1), seeds, settings.num_inference_steps,
                                settings.guidance_scale)

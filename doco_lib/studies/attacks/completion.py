@@ -9,12 +9,18 @@ that only hides it behind the prompt completes it. Each s of `attack_completion_
 judge's mean probability of the target on `attack_images` original images (their noise from the search
 seeds); the best s is judged on `attack_images` further original images (the evaluation seeds' noise).
 At small s the original image survives any model: read the rate beside the strength that reached it.
+
+On a flow model (SD 3) the image is noised as SD 3's img2img noises it, x_σ = (1−σ) z0 + σ ε with σ the
+pipeline scheduler's at the first of those steps (`Parameterization.add_noise`), and integrated from there with
+that scheduler (Euler on the flow) and the pipeline's classifier-free guidance; s = 1 starts at σ = 1, the noise.
 """
 
 from __future__ import annotations
 
 import torch
 
+from doco_lib.methods.prediction import Parameterization, denoising_scheduler, is_flow_matching
+from doco_lib.models import denoiser, denoiser_output, unconditional_conditioning
 from doco_lib.sampling import initial_latents
 from doco_lib.studies.attacks.common import (
     EVAL_SEEDS,
@@ -35,40 +41,63 @@ def original_images(settings: AttackSettings) -> int:
 
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents → images in [0, 1], as the pipeline's `output_type="pt"`."""
+    """Scaled latents → images in [0, 1], as the pipeline's `output_type="pt"` (SD 3's VAE also shifts them)."""
     vae = pipe.vae
-    images = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    if vae.config.get("shift_factor"):
+        latents = latents + vae.config.shift_factor
+    images = vae.decode(latents).sample
     return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def _scheduler(pipe, steps: int, device: torch.device):
+    """A fresh copy of the pipeline's scheduler set to `steps` steps: for a flow model, shifted as its pipeline
+    shifts it (`prediction.denoising_scheduler`, by image tokens where the config asks)."""
+    config = pipe.scheduler.config
+    if is_flow_matching(config):
+        model = denoiser(pipe)
+        tokens = (model.config.sample_size // model.config.patch_size) ** 2
+        return denoising_scheduler(config, steps, tokens)
+    scheduler = type(pipe.scheduler).from_config(config)  # its own state
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler
 
 
 @torch.no_grad()
 def complete(pipe, embedding: torch.Tensor, z0: torch.Tensor, seeds: list[int], strength: float, steps: int,
              guidance: float) -> torch.Tensor:
     """Images in [0, 1]: z0 (N scaled latents) noised to `strength` with the noise of `seeds` and denoised by
-    the pipeline's UNet on `embedding` (1, L, D), with the pipeline's scheduler and classifier-free guidance."""
-    unet, device = pipe.unet, pipe.unet.device
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its own state
-    scheduler.set_timesteps(steps, device=device)
+    the pipeline's denoiser on `embedding` (1, rows, width), with the pipeline's scheduler and classifier-free
+    guidance."""
+    model = denoiser(pipe)
+    device, dtype = model.device, model.dtype
+    flow = is_flow_matching(pipe.scheduler.config)
+    scheduler = _scheduler(pipe, steps, device)
     count = min(int(steps * strength), steps)  # the last `count` steps run, as img2img counts them
     start = (steps - count) * scheduler.order
-    timesteps = scheduler.timesteps[start:]
+    timesteps = scheduler.timesteps[start:].to(device)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
-    noise = initial_latents(pipe, seeds).to(device, unet.dtype)
-    z0 = z0.to(device, unet.dtype)
-    if count == steps:  # the image is dropped: plain sampling from the same noise
-        latents = noise * scheduler.init_noise_sigma
-    elif count == 0:
+    noise = initial_latents(pipe, seeds).to(device, dtype)
+    z0 = z0.to(device, dtype)
+    if count == 0:
         latents = z0
+    elif flow:  # σ of the first step run; at strength 1 it is 1: the noise itself
+        latents = Parameterization.of_scheduler(pipe.scheduler.config).add_noise(z0, noise,
+                                                                                  timesteps[:1].repeat(len(z0)))
+    elif count == steps:  # the image is dropped: plain sampling from the same noise
+        latents = noise * scheduler.init_noise_sigma
     else:
         latents = scheduler.add_noise(z0, noise, timesteps[:1].repeat(len(z0)))
-    guided = guidance > 1  # the pipeline skips the unconditional pass at guidance ≤ 1
-    text = embedding.to(device, unet.dtype).expand(len(z0), -1, -1)
-    conditions = torch.cat([prompt_embedding(pipe, "").to(device, unet.dtype).expand(len(z0), -1, -1), text]) \
+    guided = guidance > 1  # the pipelines skip the unconditional pass at guidance ≤ 1
+    text = embedding.to(device, dtype).expand(len(z0), -1, -1)
+    conditions = torch.cat([unconditional_conditioning(pipe).to(device, dtype).expand(len(z0), -1, -1), text]) \
         if guided else text
     for t in timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents] * (2 if guided else 1)), t)
-        prediction = unet(model_input, t, encoder_hidden_states=conditions).sample
+        model_input = torch.cat([latents] * (2 if guided else 1))
+        if not flow:  # the flow's Euler scheduler scales nothing
+            model_input = scheduler.scale_model_input(model_input, t)
+        prediction = denoiser_output(model, model_input, t, conditions)
         if guided:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance * (conditional - unconditional)

@@ -14,6 +14,10 @@ their position's top k), and moves x to the best of them; the best x seen is the
 reads the text encoder alone, which the erasures leave as it was; only the judgement of its prompt sees the
 erased model.
 
+On SD 3, τ is the pooled conditioning its transformer reads: the two CLIP encoders' pooled projections joined
+(common.pooled_embedding), the one-hot matrix entering both encoders' input embeddings; the found prompt is judged
+with its full conditioning (and T5's states of its text, where the pipeline has T5).
+
 Sensitive-word filter: MMA-Diffusion removes from the vocabulary every token that contains a word of its NSFW
 list; here the candidate tokens lose the tokens of the target's words (their sub-word pieces too) and every
 token whose text contains one of those words ("stars", "starry" for "star").
@@ -29,8 +33,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from doco_lib.prompt_tokens import padded_ids, soft_tokens, word_ids
-from doco_lib.studies.attacks.common import AttackSettings, Attempt, Judge, Target, decode, encode, judged_embedding
+from doco_lib.prompt_tokens import padded_ids, word_ids
+from doco_lib.studies.attacks.common import (
+    AttackSettings,
+    Attempt,
+    Judge,
+    Target,
+    clip_encoders,
+    decode,
+    encode,
+    judged_embedding,
+    pooled_embedding,
+)
 
 
 def original_images(settings: AttackSettings) -> int:
@@ -46,26 +60,24 @@ def forbidden_tokens(tokenizer, target: str) -> set[int]:
                      if any(word in token.removesuffix("</w>") for word in words)}
 
 
-def pooled(pipe, ids: torch.Tensor) -> torch.Tensor:
-    """(N, D) pooled text embeddings (the final hidden state at EOS) of (N, L) token ids."""
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[1].float()
-
-
 def losses(pipe, prompts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(N,) 1 − cos(τ(prompt), target) of token-id prompts (N, n)."""
     with torch.no_grad():
-        embedded = pooled(pipe, torch.stack([padded_ids(pipe.tokenizer, p) for p in prompts.tolist()]))
+        embedded = pooled_embedding(pipe, torch.stack([padded_ids(pipe.tokenizer, p) for p in prompts.tolist()]))
     return (1 - F.cosine_similarity(embedded, target.to(embedded.device))).cpu()
 
 
 def token_gradient(pipe, prompt: torch.Tensor, vocabulary: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(n, V): the gradient of the loss with respect to the one-hot matrix of `prompt` over `vocabulary`."""
-    encoder = pipe.text_encoder
-    table = encoder.get_input_embeddings().weight[vocabulary.to(encoder.device)].detach().float()
-    one_hot = (vocabulary[None] == prompt[:, None]).float().to(encoder.device).requires_grad_()
+    encoders = clip_encoders(pipe)
+    device = encoders[0].device
+    tables = [encoder.get_input_embeddings().weight[vocabulary.to(encoder.device)].detach().float()
+              for encoder in encoders]
+    one_hot = (vocabulary[None] == prompt[:, None]).float().to(device).requires_grad_()
     ids = padded_ids(pipe.tokenizer, prompt.tolist())[None]
-    with soft_tokens(encoder, list(range(1, 1 + len(prompt))), one_hot @ table):  # after BOS
-        loss = (1 - F.cosine_similarity(pooled(pipe, ids), target.to(encoder.device))).sum()
+    embedded = pooled_embedding(pipe, ids, range(1, 1 + len(prompt)),  # after BOS
+                                [one_hot.to(table.device) @ table for table in tables])
+    loss = (1 - F.cosine_similarity(embedded, target.to(embedded.device))).sum()
     return torch.autograd.grad(loss, one_hot)[0].cpu()
 
 
@@ -97,7 +109,7 @@ def gcg(pipe, judge: Judge, start_prompt: str, word: str, vocabulary: torch.Tens
     tokenizer = pipe.tokenizer
     allowed = vocabulary[~torch.isin(vocabulary, torch.tensor(sorted(forbidden_tokens(tokenizer, word))))]
     with torch.no_grad():
-        target = pooled(pipe, padded_ids(tokenizer, word_ids(tokenizer, start_prompt))[None])
+        target = pooled_embedding(pipe, padded_ids(tokenizer, word_ids(tokenizer, start_prompt))[None])
     ids, scores = coordinate_search(pipe, target, allowed, settings, generator)
     final, rate, success = judged_embedding(pipe, judge, encode(pipe, padded_ids(tokenizer, ids)[None]), attempt,
                                             settings)

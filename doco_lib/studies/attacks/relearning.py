@@ -2,11 +2,12 @@
 
 Relearning attacks (e.g. Lynch et al., "Eight Methods to Evaluate Robust Unlearning in LLMs"; for diffusion,
 the relearning evaluations of Fan et al.'s SalUn and of Suriyakumar et al.'s "Unstable Unlearning"): a
-*copy* of the erased UNet θ* (never the caller's) is fine-tuned with Adam at `attack_relearn_lr` on
+*copy* of the erased denoiser θ* (never the caller's; a UNet, or SD 3's transformer) is fine-tuned with Adam at `attack_relearn_lr` on
 `attack_relearn_images` images z0 of the target drawn by the *original* model, conditioned on the start prompt
 P, with the plain denoising loss
 
-    min_θ E_{z0, t, ε} ‖ε − ε_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, c(P))‖²   (θ from θ*; the v target for v-prediction).
+    min_θ E_{z0, t, ε} ‖ε − ε_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, c(P))‖²   (θ from θ*; the v target for v-prediction,
+                                                                   the flow's ε − z0 at x_σ for SD 3).
 
 After each step count S of `attack_relearn_steps` (cumulative, in increasing order), P is sampled on the
 evaluation seeds and judged: `search_scores` holds those rates, the curve of how fast the concept comes back
@@ -23,6 +24,7 @@ import copy
 
 import torch
 
+from doco_lib.models import denoiser, denoiser_component
 from doco_lib.studies.attacks.common import (
     EVAL_SEEDS,
     AttackSettings,
@@ -42,22 +44,24 @@ def original_images(settings: AttackSettings) -> int:
 
 
 @contextlib.contextmanager
-def swapped_unet(pipe, unet):
-    """Inside the block, `pipe` samples with `unet`; the pipeline's own UNet is back afterwards."""
-    own = pipe.unet
-    pipe.unet = unet
+def swapped_denoiser(pipe, model):
+    """Inside the block, `pipe` samples with the denoiser `model`; the pipeline's own is back afterwards."""
+    name = denoiser_component(pipe)
+    own = getattr(pipe, name)
+    setattr(pipe, name, model)
     try:
         yield pipe
     finally:
-        pipe.unet = own
+        setattr(pipe, name, own)
 
 
 def relearn(pipe, judge: Judge, start_prompt: str, latents: torch.Tensor, attempt: int, settings: AttackSettings,
             generator: torch.Generator) -> Attempt:
-    """Fine-tune a float32 copy of `pipe.unet` on `latents` (the original model's images of `start_prompt`),
-    judging `start_prompt` after each step count of `settings.relearn_steps`."""
-    unet, dtype = pipe.unet, pipe.unet.dtype
-    student = copy.deepcopy(unet).float().train().requires_grad_(True)
+    """Fine-tune a float32 copy of the pipeline's denoiser on `latents` (the original model's images of
+    `start_prompt`), judging `start_prompt` after each step count of `settings.relearn_steps`."""
+    own = denoiser(pipe)
+    dtype = own.dtype
+    student = copy.deepcopy(own).float().train().requires_grad_(True)
     optimizer = torch.optim.Adam(student.parameters(), lr=settings.relearn_lr)
     objective = DenoisingObjective(pipe, latents, generator)
     condition = prompt_embedding(pipe, start_prompt).float()
@@ -67,7 +71,7 @@ def relearn(pipe, judge: Judge, start_prompt: str, latents: torch.Tensor, attemp
     def judged() -> tuple[float, bool, torch.Tensor]:
         student.eval()
         sampler = student if dtype == torch.float32 else copy.deepcopy(student).to(dtype)
-        with swapped_unet(pipe, sampler):
+        with swapped_denoiser(pipe, sampler):
             images = generate_embedded(pipe, embeddings, seeds, settings.num_inference_steps, settings.guidance_scale)
         student.train()
         return (*judge_final(judge, images, settings), images)

@@ -18,6 +18,10 @@ only the judgement of its prompt sees the erased model.
    (The authors' code also mutates the kept prompts, which can lose the best one; here the best distance never
    rises.)
 
+On SD 3, f is the conditioning its transformer reads (common.encode): both CLIP encoders' penultimate states
+joined beside the T5 rows (zeros without T5; T5's states of the prompt's text with it) and the pooled projections
+as the last rows; the distance is the mean over all of them, so rows that never change (zeros) only scale it.
+
 The authors' budget is 200 prompts, 3000 generations, K = 16 (or 77); the toy defaults (see
 doco_lib/config.py) are smaller so that an attempt takes seconds on a CPU. The best prompt is judged on the
 evaluation seeds; `search_scores` is the best distance after each generation, from `loss_before` (the random
@@ -49,18 +53,18 @@ def original_images(settings: AttackSettings) -> int:
 
 
 def embed(pipe, prompts: list[str]) -> torch.Tensor:
-    """(N, L, D) text-encoder hidden states of text prompts."""
+    """(N, rows, width) conditionings (`common.encode`) of text prompts."""
     return encode(pipe, torch.stack([padded_ids(pipe.tokenizer, word_ids(pipe.tokenizer, p)) for p in prompts]))
 
 
 def concept_vector(pipe, pairs: tuple[tuple[str, str], ...]) -> torch.Tensor:
-    """(1, L, D): the mean of f(target prompt) − f(anchor prompt) over the concept's prompt pairs."""
+    """(1, rows, width): the mean of f(target prompt) − f(anchor prompt) over the concept's prompt pairs."""
     anchors, targets = zip(*pairs)
     return (embed(pipe, list(targets)) - embed(pipe, list(anchors))).mean(0, keepdim=True)
 
 
 def distances(pipe, prompts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(N,) mean squared distance of the hidden states of token-id prompts (N, K) to `target` (1, L, D)."""
+    """(N,) mean squared distance of the conditionings of token-id prompts (N, K) to `target` (1, rows, width)."""
     states = encode(pipe, torch.stack([padded_ids(pipe.tokenizer, p) for p in prompts.tolist()]))
     return (states - target.to(states.device)).pow(2).mean((1, 2)).cpu()
 

@@ -10,7 +10,9 @@ model θ* (frozen) on images z0 of the target drawn by the *original* model (the
 v starts from the embedding of `attack_ti_initializer` (textual inversion's coarse initializer word; the
 mean of its tokens' embeddings when it has several) and takes `attack_ti_steps` Adam steps at `attack_ti_lr`.
 It is substituted at <x>'s position as the text encoder's input embedding (prompt_tokens.soft_tokens) rather than
-added to the tokenizer, so the pipeline is left as it was. "a photo of a <x>" is then judged on the
+added to the tokenizer, so the pipeline is left as it was. On SD 3 (the flow-matching loss, target ε − z0) each CLIP
+encoder learns its own v, of its own width, from the initializer's embedding in that encoder; a pipeline with T5 is
+refused (common.check_pipeline). "a photo of a <x>" is then judged on the
 evaluation seeds; `loss_before` and `loss_after` are the objective on a fixed batch (every image at 4
 stratified timesteps). The issue's manual trial on SD used 300 steps at learning rate 5e-3 on 256 images; the
 toy defaults (see doco_lib/config.py) are smaller so that an attempt takes seconds on a CPU.
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import torch
 
-from doco_lib.prompt_tokens import padded_ids, soft_tokens, word_ids
+from doco_lib.models import denoiser
+from doco_lib.prompt_tokens import padded_ids, word_ids
 from doco_lib.studies.attacks.common import (
     AttackSettings,
     Attempt,
     DenoisingObjective,
     Judge,
     Target,
+    clip_encoders,
+    conditioning,
     decode,
     judged_embedding,
     nearest_tokens,
@@ -44,25 +49,25 @@ def textual_inversion(pipe, judge: Judge, start_prompt: str, latents: torch.Tens
                       attempt: int, settings: AttackSettings, generator: torch.Generator) -> Attempt:
     """Learn <x>'s embedding against the erased model's diffusion loss on the original model's images
     `latents`, then generate "a photo of a <x>" and judge."""
-    tokenizer, unet, encoder = pipe.tokenizer, pipe.unet, pipe.text_encoder
+    tokenizer, model, encoders = pipe.tokenizer, denoiser(pipe), clip_encoders(pipe)
     template = word_ids(tokenizer, TEMPLATE)
     placeholder = word_ids(tokenizer, settings.ti_initializer)[:1]  # any one token: its embedding is replaced
-    ids = padded_ids(tokenizer, template + placeholder)[None].to(encoder.device)
+    ids = padded_ids(tokenizer, template + placeholder)[None].to(encoders[0].device)
     slot = [1 + len(template)]  # after BOS and the template
-    table = encoder.get_input_embeddings().weight
+    tables = [encoder.get_input_embeddings().weight for encoder in encoders]
     initial = word_ids(tokenizer, settings.ti_initializer)
-    word = torch.nn.Parameter(table[initial].detach().float().mean(0, keepdim=True))
+    words = [torch.nn.Parameter(table[initial].detach().float().mean(0, keepdim=True)) for table in tables]
     objective = DenoisingObjective(pipe, latents, generator)
 
     def condition() -> torch.Tensor:
-        with soft_tokens(encoder, slot, word):
-            return encoder(ids)[0]
+        return conditioning(pipe, ids, slot, words)
 
-    loss_before, loss_after = objective.optimise(unet, encoder, condition, word, settings.ti_lr, settings.ti_steps)
+    loss_before, loss_after = objective.optimise(model, encoders, condition, words, settings.ti_lr,
+                                                 settings.ti_steps)
     with torch.no_grad():
         embedding = condition()
-        candidates = vocabulary.long() if len(vocabulary) else torch.arange(len(table))
-        nearest = nearest_tokens(table, word, candidates)
+        candidates = vocabulary.long() if len(vocabulary) else torch.arange(len(tables[0]))
+        nearest = nearest_tokens(tables[0], words[0], candidates)
     final, rate, success = judged_embedding(pipe, judge, embedding, attempt, settings)
     shown = f"{TEMPLATE} <x> (<x> ≈ {decode(tokenizer, nearest.tolist())})"
     return Attempt("textual_inversion", attempt, start_prompt, shown, rate, success, final, loss_before=loss_before,

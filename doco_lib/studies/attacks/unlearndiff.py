@@ -9,7 +9,9 @@ denoises images z0 of the target drawn by the *original* model:
 
 Defaults are the paper's budget: 5 prefix tokens, 40 iterations, learning rate 0.01, for the toy world and SD
 alike. Unlike the paper, δ stays continuous (no projection onto the vocabulary); the attempt shows its
-nearest vocabulary tokens. The final prompt δ ⊕ P is judged on the evaluation seeds; `loss_before` and
+nearest vocabulary tokens (of the first CLIP encoder's). On SD 3 (a flow model: the objective is the flow-matching
+loss ‖(ε − z0) − v_θ*(x_σ, σ, c)‖², common.DenoisingObjective) each CLIP encoder gets its own δ, of its own width,
+from the same start tokens; a pipeline with T5 is refused (common.check_pipeline). The final prompt δ ⊕ P is judged on the evaluation seeds; `loss_before` and
 `loss_after` are the objective on a fixed batch (every target image at 4 stratified timesteps).
 """
 
@@ -17,13 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from doco_lib.prompt_tokens import padded_ids, soft_tokens, word_ids
+from doco_lib.models import denoiser
+from doco_lib.prompt_tokens import padded_ids, word_ids
 from doco_lib.studies.attacks.common import (
     AttackSettings,
     Attempt,
     DenoisingObjective,
     Judge,
     Target,
+    clip_encoders,
+    conditioning,
     decode,
     judged_embedding,
     nearest_tokens,
@@ -39,24 +44,23 @@ def soft_prompt_attack(pipe, judge: Judge, start_prompt: str, latents: torch.Ten
                        attempt: int, settings: AttackSettings, generator: torch.Generator) -> Attempt:
     """Optimise prefix token embeddings δ against the erased model's diffusion loss on the original model's
     target latents `latents`, then generate with δ ⊕ P and judge."""
-    tokenizer, unet, encoder = pipe.tokenizer, pipe.unet, pipe.text_encoder
-    device, n = unet.device, settings.unlearndiff_tokens
+    tokenizer, model, encoders = pipe.tokenizer, denoiser(pipe), clip_encoders(pipe)
+    device, n = model.device, settings.unlearndiff_tokens
     slots = list(range(1, 1 + n))  # after BOS, before the prompt
     start = vocabulary[torch.randint(len(vocabulary), (n,), generator=generator)]
     ids = padded_ids(tokenizer, start.tolist() + word_ids(tokenizer, start_prompt))[None].to(device)
-    table = encoder.get_input_embeddings().weight
-    delta = torch.nn.Parameter(table[start.to(table.device)].detach().clone().float())
+    tables = [encoder.get_input_embeddings().weight for encoder in encoders]
+    deltas = [torch.nn.Parameter(table[start.to(table.device)].detach().clone().float()) for table in tables]
 
     def condition() -> torch.Tensor:
-        with soft_tokens(encoder, slots, delta):
-            return encoder(ids)[0]
+        return conditioning(pipe, ids, slots, deltas)
 
     objective = DenoisingObjective(pipe, latents, generator)
-    loss_before, loss_after = objective.optimise(unet, encoder, condition, delta, settings.unlearndiff_lr,
+    loss_before, loss_after = objective.optimise(model, encoders, condition, deltas, settings.unlearndiff_lr,
                                                  settings.unlearndiff_steps)
     with torch.no_grad():
         embedding = condition()
-        nearest = nearest_tokens(table, delta, vocabulary)
+        nearest = nearest_tokens(tables[0], deltas[0], vocabulary)
     final, rate, success = judged_embedding(pipe, judge, embedding, attempt, settings)
     shown = f"soft[{decode(tokenizer, nearest.tolist())}] ⊕ {start_prompt}"
     return Attempt("unlearndiff", attempt, start_prompt, shown, rate, success, final, loss_before=loss_before,
