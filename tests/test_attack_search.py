@@ -71,7 +71,8 @@ def test_gcg_lowers_its_loss_below_random_prompts_and_never_emits_the_targets_wo
     assert prompt_tokens.word_ids(tokenizer, "pentagon")[0] not in forbidden
     assert set(prompt_tokens.word_ids(tokenizer, "pentagram")) <= gcg.forbidden_tokens(tokenizer, "pentagram")  # its pieces
     everything = common.vocabulary_ids(tokenizer, "captions", [])  # "star" among them
-    target = gcg.pooled(pipe, prompt_tokens.padded_ids(tokenizer, prompt_tokens.word_ids(tokenizer, "a photo of a star"))[None])
+    target = common.pooled_embedding(pipe, prompt_tokens.padded_ids(tokenizer, prompt_tokens.word_ids(tokenizer,
+                                                                                        "a photo of a star"))[None])
     unfiltered, _ = gcg.coordinate_search(pipe, target.detach(), everything, run, torch.Generator().manual_seed(0))
     assert forbidden & set(unfiltered)  # the filter below has something to do
     result = gcg.gcg(pipe, toy[1], "a photo of a star", "star", everything, 0, run, torch.Generator().manual_seed(0))

@@ -295,23 +295,24 @@ def _clip_outputs(pipe, ids: torch.Tensor, slots: list[int], vectors: list[torch
     return outputs
 
 
-def _t5_rows(pipe, ids: torch.Tensor) -> torch.Tensor:
-    """SD 3's T5 rows of (B, L) token ids: T5's states of their decoded text (not differentiable), or the zeros the
-    pipeline puts there without a T5 encoder."""
-    texts = [decode(pipe.tokenizer, row.tolist()) for row in ids]
+def _t5_rows(pipe, ids: torch.Tensor, texts: list[str] | None) -> torch.Tensor:
+    """SD 3's T5 rows of (B, L) token ids: T5's states of `texts` (default: the ids' decoded text; not
+    differentiable), or the zeros the pipeline puts there without a T5 encoder."""
+    texts = texts if texts is not None else [decode(pipe.tokenizer, row.tolist()) for row in ids]
     return pipe._get_t5_prompt_embeds(texts, device=pipe.text_encoder.device, **text_call_kwargs(pipe))
 
 
-def conditioning(pipe, ids: torch.Tensor, slots: list[int] = (), vectors: list[torch.Tensor] | None = None
-                 ) -> torch.Tensor:
+def conditioning(pipe, ids: torch.Tensor, slots: list[int] = (), vectors: list[torch.Tensor] | None = None,
+                 texts: list[str] | None = None) -> torch.Tensor:
     """What the denoiser reads for (B, L) token ids, in `models.encode_prompts`' form (see the module docstring),
     differentiable in `vectors` (one (n, D_i) or (B, n, D_i) tensor per CLIP encoder, `clip_encoders`) put at the
-    input positions `slots`."""
+    input positions `slots`. `texts`: the prompts the ids spell, for a T5 encoder (CLIP's decoding loses their case
+    and spacing)."""
     outputs = _clip_outputs(pipe, ids, list(slots), vectors)
     if len(outputs) == 1:
         return outputs[0][0]
     clip = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
-    t5 = _t5_rows(pipe, ids).to(clip.device)
+    t5 = _t5_rows(pipe, ids, texts).to(clip.device)
     hidden = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])).to(t5.dtype), t5], dim=-2)
     pooled = torch.cat([out[0] for out in outputs], dim=-1)
     return append_rows(hidden.float(), pooled.float().to(hidden.device))
@@ -329,15 +330,15 @@ def pooled_embedding(pipe, ids: torch.Tensor, slots: list[int] = (), vectors: li
 
 
 @torch.no_grad()
-def encode(pipe, ids: torch.Tensor) -> torch.Tensor:
+def encode(pipe, ids: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
     """The conditioning of (B, L) token ids (`conditioning`): the `prompt_embeds` the pipeline would compute, for
     SD 3 packed with the pooled embedding."""
-    return conditioning(pipe, ids)
+    return conditioning(pipe, ids, texts=texts)
 
 
 def prompt_embedding(pipe, prompt: str) -> torch.Tensor:
-    """(1, rows, width): the conditioning of a text prompt."""
-    return encode(pipe, padded_ids(pipe.tokenizer, word_ids(pipe.tokenizer, prompt))[None])
+    """(1, rows, width): the conditioning of a text prompt, `models.encode_prompts(pipe, [prompt])`'s."""
+    return encode(pipe, padded_ids(pipe.tokenizer, word_ids(pipe.tokenizer, prompt))[None], [prompt])
 
 
 # ---------------------------------------------------------------- the diffusion loss on the original model's images

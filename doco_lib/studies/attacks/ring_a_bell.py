@@ -54,7 +54,8 @@ def original_images(settings: AttackSettings) -> int:
 
 def embed(pipe, prompts: list[str]) -> torch.Tensor:
     """(N, rows, width) conditionings (`common.encode`) of text prompts."""
-    return encode(pipe, torch.stack([padded_ids(pipe.tokenizer, word_ids(pipe.tokenizer, p)) for p in prompts]))
+    return encode(pipe, torch.stack([padded_ids(pipe.tokenizer, word_ids(pipe.tokenizer, p)) for p in prompts]),
+                  prompts)
 
 
 def concept_vector(pipe, pairs: tuple[tuple[str, str], ...]) -> torch.Tensor:
