@@ -11,10 +11,11 @@ denoiser reads, in `models.encode_prompts`' packed form, one tensor per prompt:
 
 * SD v1 and 2.x (a UNet, one CLIP encoder): the encoder's last hidden states, `pipe.text_encoder(ids)[0]`.
 * SD 3.x (`SD3Transformer2DModel`): both CLIP encoders' penultimate hidden states joined, zero-padded to the
-  joint width, beside the T5 rows (the T5 encoder's states of the ids' decoded text, or zeros for a pipeline saved
-  without T5, as toy-mmdit), and the two pooled projections joined, appended as zero-padded rows; the same tensor
-  `encode_prompts(pipe, [prompt])` gives. Soft tokens (`conditioning`'s `vectors`) enter every CLIP encoder's
-  input embeddings, one vector set per encoder (their widths differ); T5 reads text and never sees them.
+  joint width, beside the T5 rows (the T5 encoder's states of the prompt's text, or of the ids' decoded text for a
+  searched prompt; zeros for a pipeline saved without T5, as toy-mmdit), and the two pooled projections joined,
+  appended as zero-padded rows; the same tensor `encode_prompts(pipe, [prompt])` gives. Soft tokens
+  (`conditioning`'s `vectors`) enter every CLIP encoder's input embeddings, one vector set per encoder (their
+  widths differ); T5 reads text and never sees them.
 
 Generation passes a conditioning to the pipeline as its `prompt_embeds` (SD 3: with the pooled and the negative
 embeddings unpacked), the denoising loss (`DenoisingObjective`) noises and regresses in the denoiser's own
@@ -299,6 +300,7 @@ def _t5_rows(pipe, ids: torch.Tensor, texts: list[str] | None) -> torch.Tensor:
     """SD 3's T5 rows of (B, L) token ids: T5's states of `texts` (default: the ids' decoded text; not
     differentiable), or the zeros the pipeline puts there without a T5 encoder."""
     texts = texts if texts is not None else [decode(pipe.tokenizer, row.tolist()) for row in ids]
+    # the pipeline's own T5 call, as its `encode_prompt` makes it (without recomputing the CLIP rows)
     return pipe._get_t5_prompt_embeds(texts, device=pipe.text_encoder.device, **text_call_kwargs(pipe))
 
 
@@ -412,7 +414,8 @@ def embedding_kwargs(pipe, embeddings: torch.Tensor) -> dict:
     if denoiser_family(model) == "unet":
         return {"prompt_embeds": embeddings}
     hidden, pooled = transformer_inputs(model, embeddings)
-    negative, negative_pooled = transformer_inputs(model, unconditional_conditioning(pipe).to(model.device, model.dtype))
+    unconditional = unconditional_conditioning(pipe).to(model.device, model.dtype)
+    negative, negative_pooled = transformer_inputs(model, unconditional)
     return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled,
             "negative_prompt_embeds": negative.expand(len(hidden), -1, -1),
             "negative_pooled_prompt_embeds": negative_pooled.expand(len(hidden), -1), **text_call_kwargs(pipe)}

@@ -2,9 +2,10 @@
 
 An erasure fine-tuned on the sampler's usual trajectories may not hold off them. The probe draws the start
 prompt P from initial latents s · σ_init · ε (σ_init: the scheduler's `init_noise_sigma`, 1 for SD 3's flow,
-whose pipeline starts from the noise itself; s = 1 is plain sampling) for each s of `attack_noise_scales`, scores each by the judge's mean probability of the target on
-the search seeds, and judges the best s on the evaluation seeds. No gradient, no prompt change: a cheap
-check that the erasure is not a property of the noise level the model usually sees.
+whose pipeline starts from the noise itself; s = 1 is plain sampling) for each s of `attack_noise_scales`, scores
+each by the judge's mean probability of the target on the search seeds, and judges the best s on the evaluation
+seeds. No gradient, no prompt change: a cheap check that the erasure is not a property of the noise level the
+model usually sees.
 """
 
 from __future__ import annotations

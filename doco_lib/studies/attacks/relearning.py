@@ -2,9 +2,9 @@
 
 Relearning attacks (e.g. Lynch et al., "Eight Methods to Evaluate Robust Unlearning in LLMs"; for diffusion,
 the relearning evaluations of Fan et al.'s SalUn and of Suriyakumar et al.'s "Unstable Unlearning"): a
-*copy* of the erased denoiser θ* (never the caller's; a UNet, or SD 3's transformer) is fine-tuned with Adam at `attack_relearn_lr` on
-`attack_relearn_images` images z0 of the target drawn by the *original* model, conditioned on the start prompt
-P, with the plain denoising loss
+*copy* of the erased denoiser θ* (never the caller's; a UNet, or SD 3's transformer) is fine-tuned with Adam
+at `attack_relearn_lr` on `attack_relearn_images` images z0 of the target drawn by the *original* model,
+conditioned on the start prompt P, with the plain denoising loss
 
     min_θ E_{z0, t, ε} ‖ε − ε_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, c(P))‖²   (θ from θ*; the v target for v-prediction,
                                                                    the flow's ε − z0 at x_σ for SD 3).

@@ -11,8 +11,9 @@ Defaults are the paper's budget: 5 prefix tokens, 40 iterations, learning rate 0
 alike. Unlike the paper, δ stays continuous (no projection onto the vocabulary); the attempt shows its
 nearest vocabulary tokens (of the first CLIP encoder's). On SD 3 (a flow model: the objective is the flow-matching
 loss ‖(ε − z0) − v_θ*(x_σ, σ, c)‖², common.DenoisingObjective) each CLIP encoder gets its own δ, of its own width,
-from the same start tokens; a pipeline with T5 is refused (common.check_pipeline). The final prompt δ ⊕ P is judged on the evaluation seeds; `loss_before` and
-`loss_after` are the objective on a fixed batch (every target image at 4 stratified timesteps).
+from the same start tokens; a pipeline with T5 is refused (common.check_pipeline). The final prompt δ ⊕ P is
+judged on the evaluation seeds; `loss_before` and `loss_after` are the objective on a fixed batch (every target
+image at 4 stratified timesteps).
 """
 
 from __future__ import annotations
