@@ -2,6 +2,8 @@
 matching, two toy CLIP encoders, no T5) with tiny budgets, and the SD3.5-shaped random pipeline (T5 present) where
 no sampling is needed; FLUX.1 is refused."""
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 import torch
@@ -174,6 +176,9 @@ def test_unsupported_pipelines_are_refused_before_any_work(sd35):
     for name in ("unlearndiff", "textual_inversion"):
         with pytest.raises(config.ParamsError, match=f"\\['{name}'\\] cannot attack an SD 3 pipeline with a T5"):
             attacks.run(name, sd35, None, None, 0, run)
+    sdxl = SimpleNamespace(unet=torch.nn.Linear(1, 1), text_encoder=object(), text_encoder_2=object())  # its shape
+    with pytest.raises(config.ParamsError, match="cannot attack an SDXL pipeline \\(family 'unet' with 2 text"):
+        attacks.run("tokens", sdxl, None, None, 0, run)
 
 
 def test_cli_attacks_toy_mmdit_and_an_erased_transformer_folder(mmdit, tmp_path):

@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     adversarial = commands.add_parser("attack", help="attacks on the base and erased models: "
                                       "attack success rate (ASR) table and plot")
     adversarial.add_argument("--params", required=True, help="the run's params file (model, target, attack_* budget)")
-    adversarial.add_argument("--unet", action="append", default=[], help="an erased UNet folder (repeat for several)")
+    adversarial.add_argument("--unet", action="append", default=[],
+                             help="an erased UNet folder, or an SD 3 transformer folder (repeat for several)")
     adversarial.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
     adversarial.add_argument("--attempts", type=int, help="attempts per model and attack (default: attack_attempts)")
     adversarial.add_argument("--attack", "--kinds", nargs="+", metavar="NAME",
