@@ -156,6 +156,16 @@ def test_relearning_tunes_a_copy_and_leaves_the_pipelines_transformer_alone(mmdi
     assert relearnt.prompt == "a photo of a star [relearnt 3 steps]"
 
 
+def test_sd35_samples_a_conditioning_as_its_pipeline_and_completes_from_the_noise(sd35):
+    """T5 present, 16 latent channels, the scheduler's shift 3.0, the VAE's shift factor: one 1024-px image at 2
+    steps (10-15 s a call on one thread)."""
+    embedding = common.prompt_embedding(sd35, "a photo of Snoopy")
+    images = common.generate_embedded(sd35, embedding, [0], 2, 5.0)
+    assert torch.allclose(images, generate(sd35, ["a photo of Snoopy"], [0], 2, 5.0), atol=1e-5)
+    z0 = torch.randn(1, 16, 128, 128, generator=torch.Generator().manual_seed(1))  # dropped at strength 1
+    assert torch.allclose(completion.complete(sd35, embedding, z0, [0], 1.0, 2, 5.0), images, atol=1e-5)
+
+
 def test_gcg_searches_sd35s_joined_pooled_projections(sd35):
     """Two CLIP encoders of different widths (32 and 64): the one-hot gradient goes through both."""
     tokenizer = sd35.tokenizer
