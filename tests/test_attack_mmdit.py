@@ -122,7 +122,7 @@ def test_completion_starts_from_the_image_and_ends_at_plain_sampling(mmdit, targ
     plain = common.generate_embedded(pipe, embedding.expand(2, -1, -1), seeds, 8, 5.0)
     assert torch.allclose(completion.complete(pipe, embedding, z0, seeds, 1.0, 8, 5.0), plain, atol=1e-5)
     image = completion.decode_latents(pipe, z0)
-    drawn = generate(pipe, ["a photo of a star"] * 2, [7, 8], 8, 5.0)  # the pipeline's decoding (SD 3's VAE shift)
+    drawn = generate(pipe, ["a photo of a star"] * 2, [7, 8], 8, 5.0)  # decoded by the pipeline itself
     assert torch.allclose(completion.decode_latents(pipe, common.target_latents(pipe, "a photo of a star", [7, 8], 8,
                                                                                 5.0)), drawn, atol=1e-5)
     assert torch.allclose(completion.complete(pipe, embedding, z0, seeds, 0.0, 8, 5.0), image, atol=1e-6)
