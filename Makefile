@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world results-sepme results-methods results-methods-mmdit attacks
+.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world results-sepme results-methods results-methods-mmdit attacks attacks-mmdit
 
 install: $(STAMP)
 
@@ -118,9 +118,14 @@ results-methods-mmdit: $(STAMP)
 # training; on two idle cores expect about half, 1.5-2 h per seed. So `make attacks ATTACK_SEEDS=0` records one
 # seed per session; every part must come from the same settings and STUDY_VERSION (`doco results` refuses others).
 ATTACK_SEEDS ?= 0 1 2
-ATTACKS := $(BIN)/doco toy attacks --params params/toy_attacks.yaml --seeds $(ATTACK_SEEDS)
+ATTACK_PARAMS ?= params/toy_attacks.yaml
+ATTACKS = $(BIN)/doco toy attacks --params $(ATTACK_PARAMS) --seeds $(ATTACK_SEEDS)
 attacks: $(STAMP)
 	$(ATTACKS) --shard 1/2 > outputs/attacks_shard1.log 2>&1 & $(ATTACKS) --shard 2/2; shard2=$$?; \
 		wait $$! && test $$shard2 -eq 0 || { tail -20 outputs/attacks_shard1.log; exit 1; }
 	$(ATTACKS) --record
 	$(BIN)/doco results --figures
+
+# The same study on toy-mmdit (docs/results/attacks_toy_mmdit/, relearning_toy_mmdit/): its eight methods.
+attacks-mmdit: $(STAMP)
+	$(MAKE) attacks ATTACK_PARAMS=params/toy_mmdit_attacks.yaml

@@ -210,8 +210,35 @@ def test_record_writes_the_artefact_that_the_journal_renders(doco, tmp_path, mon
     assert "| UCE | " in page.read_text() and "2 attempts per model, attack and seed" in page.read_text()
 
 
+def test_toy_mmdit_attacks_its_eight_methods_as_the_unet_world_is_attacked(repo_root):
+    unet, mmdit = (config.load_params(repo_root / "params" / f"{world}.yaml")
+                   for world in ("toy_attacks", "toy_mmdit_attacks"))
+    assert mmdit["model"] == "toy-mmdit"
+    assert mmdit["attack_variants"] == config.load_params(repo_root / "params" / "toy_mmdit_methods.yaml")[
+        "ablation_variants"]
+    same = ("attacks", "attack_attempts", "attack_model_seeds", "attack_control", "attack_controls")
+    assert {key: mmdit[key] for key in same} == {key: unet[key] for key in same}
+
+
+@pytest.mark.slow
+def test_record_on_toy_mmdit_writes_its_own_artefacts(doco, tmp_path, monkeypatch, repo_root):
+    """`doco toy attacks --record` on toy-mmdit (UCE, tiny) writes attacks_toy_mmdit and relearning_toy_mmdit, never
+    the UNet world's artefacts."""
+    folder = tmp_path / "results"
+    monkeypatch.setattr(journal, "record", functools.partial(journal.record, folder=folder))
+    params = tmp_path / "tiny.yaml"
+    params.write_text(yaml.safe_dump({"base": str(repo_root / "params" / "toy_mmdit.yaml"), "run_name": "attacks",
+                                      "output_root": str(tmp_path / "out"), **TINY, "attack_variants": ["UCE"],
+                                      "n_anchor_images": 4, "anchor_shard_size": 4}))
+    result = doco("toy", "attacks", "--params", params, "--seeds", "1", "--record")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert journal.names(folder) == {"attacks_toy_mmdit", "relearning_toy_mmdit"}
+    rows, _ = journal.load("attacks_toy_mmdit", folder)
+    assert set(rows.method) == {"original", "UCE"} and set(rows.attack) == {"none", "tokens", "noise_probe"}
+
+
 # The digest of attack_study.CODE when STUDY_VERSION was last decided on (see attack_study.STUDY_VERSION).
-PINNED_CODE_DIGEST = "9fb30f2788d92908f3b510940855f2b6d8352d842bf21e2de89b58d4ecf3d4ed"
+PINNED_CODE_DIGEST = "51ff7d5b9bb5f8d5c02a1e2281f4dbc24543b06617bb6796a223dd97f7524443"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

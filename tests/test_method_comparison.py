@@ -6,7 +6,7 @@ import pytest
 
 from doco_lib import config
 from doco_lib.app import journal
-from doco_lib.studies import method_comparison
+from doco_lib.studies import method_comparison, versions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,18 +51,18 @@ def test_toy_mmdit_compares_every_method_that_trains_its_transformer_as_its_own_
     assert mmdit["model"] == "toy-mmdit" and mmdit["eval_samples"] >= 64
     left_out = [v for v in unet["ablation_variants"] if v not in mmdit["ablation_variants"]]
     assert left_out == ["DoCo (cp) + adv prompts", "ESD-x + adv prompts", "SepME"]
-    names = [method_comparison.artefact_name(p) for p in (unet, mmdit)]
+    names = [versions.artefact_name("methods", p) for p in (unet, mmdit)]
     assert names == ["methods", "methods_toy_mmdit"] and all(journal.RENDERERS[n] is journal.methods_table for n in names)
 
 
 def test_recording_a_world_without_an_artefact_is_refused_before_any_run(doco, tmp_path):
     done = doco("toy", "methods", "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
-    assert done.returncode != 0 and "'toy-wide' has no method-comparison artefact" in done.stderr
+    assert done.returncode != 0 and "'toy-wide' has no methods artefact" in done.stderr
     assert not any(tmp_path.iterdir())
 
 
 # The digest of method_comparison.CODE when STUDY_VERSION was last decided on.
-PINNED_CODE_DIGEST = "8399cb19e04b68fb312249a168214f019f7ecbdeedd4cec99243146e6d3fd70c"
+PINNED_CODE_DIGEST = "136f398a1c7c658bf27ca6f9f83838c2661ebd9dbf267f814b90adabe158f2ce"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

@@ -25,7 +25,7 @@ from doco_lib.methods.harness import is_main_process, process_device, wait_for_e
 from doco_lib.methods.sepme import compose_to_folder
 from doco_lib.models import is_toy, load_judge, load_pipeline
 from doco_lib.sampling import generate
-from doco_lib.studies import attack_study, method_comparison, robustness, runs, sepme_study
+from doco_lib.studies import attack_study, method_comparison, robustness, runs, sepme_study, versions
 from doco_lib.studies.lora_export import lora_export_study
 from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
 from doco_lib.studies.toy_world_quality import quality_rows
@@ -102,12 +102,14 @@ def _cmd_toy_attacks(args) -> None:
     """The attack study: `attack_variants` trained per seed as in notebook 05, every attack on each (notebook 07).
     Each (seed, model) is a chunk under <run>/attacks/chunks/, reused by the next call: `--shard K/N` runs one of N
     shards (a process each, side by side), a last call without it combines them and writes the tables; --record
-    records them as the part of artefacts `attacks` and `relearning` named by the seeds."""
+    records them as the part named by the seeds of the world's artefacts (`attacks` and `relearning`; on toy-mmdit
+    `attacks_toy_mmdit` and `relearning_toy_mmdit`)."""
     params = load_params(args.params, parse_overrides(args.set))
     seeds = args.seeds or params["attack_model_seeds"]
     if args.shard and args.record:
         raise ParamsError("--record with --shard: a shard measures some models only; record with a last call "
                           "without --shard, which reuses every chunk the shards measured.")
+    artefacts = _world_artefacts(params, ["attacks", "relearning"]) if args.record else []
     shard, shards = args.shard or (1, 1)
     variants, original = attack_study.shard_variants(params["attack_variants"], shard, shards)
     started = time.time()
@@ -123,8 +125,18 @@ def _cmd_toy_attacks(args) -> None:
     print(journal.RENDERERS["attacks"](study.rows), journal.RENDERERS["relearning"](study.relearning),
           f"written to {', '.join(map(str, written))}", sep="\n\n")
     if args.record:
-        _record_parts(args, {"attacks": study.rows, "relearning": study.relearning}, seeds,
+        _record_parts(args, dict(zip(artefacts, (study.rows, study.relearning))), seeds,
                       attack_study.study_identity(params), started)
+
+
+def _world_artefacts(params: dict, studies: list[str]) -> list[str]:
+    """The artefacts `studies` are recorded as on the params' toy world (`versions.artefact_name`), refused before
+    any run for a world that has none in docs/results.md."""
+    names = [versions.artefact_name(study, params) for study in studies]
+    if any(name not in journal.RENDERERS for name in names):
+        raise ParamsError(f"model: {params['model']!r} has no {' or '.join(studies)} artefact in docs/results.md "
+                          f"(worlds with one: {', '.join(journal.WORLDS)}); run without --record.")
+    return names
 
 
 def _record_parts(args, artefacts: dict[str, pd.DataFrame], seeds: list[int], identity: str, started: float) -> None:
@@ -146,20 +158,16 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _cmd_toy_methods(args) -> None:
     """Notebook 05's method comparison, per seed: `ablation_variants` trained (or reused) and judged; --record records
-    the seeds' part of the world's artefact (`method_comparison.artefact_name`: `methods`, `methods_toy_mmdit`)."""
+    the seeds' part of the world's artefact (`methods`, `methods_toy_mmdit`: `versions.artefact_name`)."""
     params = load_params(args.params, parse_overrides(args.set))
     seeds = args.seeds or params["ablation_seeds"]
-    artefact = method_comparison.artefact_name(params)
-    if args.record and artefact not in journal.RENDERERS:
-        raise ParamsError(f"model: {params['model']!r} has no method-comparison artefact in docs/results.md "
-                          f"(known: {', '.join(n for n in journal.RENDERERS if n.startswith('methods'))}); run "
-                          "without --record.")
+    artefacts = _world_artefacts(params, ["methods"]) if args.record else []
     started = time.time()
     rows = method_comparison.method_rows(params, params["ablation_variants"], seeds, args.samples or params["eval_samples"])
     written = _write_rows(rows, run_dir(params) / "method_comparison.csv")
     print(journal.methods_table(rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
     if args.record:
-        _record_parts(args, {artefact: rows}, seeds, method_comparison.study_identity(params), started)
+        _record_parts(args, dict(zip(artefacts, [rows])), seeds, method_comparison.study_identity(params), started)
 
 
 def _cmd_toy_sepme(args) -> None:
@@ -369,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--seeds", type=int, nargs="+", help="training and attack seeds (default: attack_model_seeds)")
     attack.add_argument("--shard", type=_shard, metavar="K/N", help="train and attack shard K of N of the models only "
                         "(round robin; run the N side by side, then once without --shard to combine)")
-    attack.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefacts attacks "
-                        "and relearning of docs/results")
+    attack.add_argument("--record", action="store_true", help="write the rows as the seeds' part of the world's "
+                        "artefacts in docs/results (attacks and relearning; toy-mmdit: attacks_toy_mmdit and "
+                        "relearning_toy_mmdit)")
     attack.set_defaults(func=_cmd_toy_attacks)
 
     methods = toy.add_parser("methods", help="notebook 05's method comparison per seed: ablation_variants trained (or "

@@ -26,7 +26,7 @@ from doco_lib.app.batch import environment  # the batch manifest's record of the
 from doco_lib.evaluation import unlearn_canvas
 from doco_lib.evaluation.rating import mean_ci
 from doco_lib.io import atomic_write_bytes, atomic_write_text
-from doco_lib.studies import attack_study
+from doco_lib.studies import attack_study, versions
 
 REPO = Path(__file__).resolve().parents[2]
 ARTEFACTS = REPO / "docs" / "results"
@@ -174,16 +174,22 @@ def relearning_table(rows: pd.DataFrame) -> str:
     return _rate_table(rows.assign(steps=[f"{steps} steps" for steps in rows["steps"]]), "method", "steps", "model")
 
 
-RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {"retain_modes": retain_modes_table,
-                                                       "lora_export": lora_export_table,
-                                                       "toy_world": toy_world_table, "sepme": sepme_table,
-                                                       "attacks": attacks_table, "relearning": relearning_table,
-                                                       "methods": methods_table, "methods_toy_mmdit": methods_table}
+# The toy worlds whose studies of `WORLD_STUDIES` are recorded, each as artefacts of its own: `<study>` for the UNet
+# world, `<study>_toy_mmdit` for toy-mmdit (`versions.artefact_name`).
+WORLDS = ("toy", "toy-mmdit")
+WORLD_STUDIES: dict[str, Callable[[pd.DataFrame], str]] = {"attacks": attacks_table, "relearning": relearning_table,
+                                                           "methods": methods_table}
+RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {
+    "retain_modes": retain_modes_table, "lora_export": lora_export_table, "toy_world": toy_world_table,
+    "sepme": sepme_table, **{versions.artefact_name(study, {"model": world}): table
+                             for world in WORLDS for study, table in WORLD_STUDIES.items()}}
 
 
 # Artefact → (figure file in docs/figures/, the study's function that draws it from the artefact's rows).
-FIGURES: dict[str, tuple[str, Callable]] = {"attacks": ("attacks.png", attack_study.asr_figure),
-                                            "relearning": ("relearning.png", attack_study.relearning_figure)}
+FIGURES: dict[str, tuple[str, Callable]] = {
+    name: (f"{name}.png", draw) for world in WORLDS
+    for name, draw in ((versions.artefact_name("attacks", {"model": world}), attack_study.asr_figure),
+                       (versions.artefact_name("relearning", {"model": world}), attack_study.relearning_figure))}
 
 
 def draw_figures(folder: Path = ARTEFACTS, figures: Path = REPO / "docs" / "figures") -> list[Path]:

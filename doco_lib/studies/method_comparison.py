@@ -45,12 +45,6 @@ def method_rows(params: dict, variants: list[str], seeds: list[int], samples: in
     return judged[COLUMNS]
 
 
-def artefact_name(params: dict) -> str:
-    """The artefact a world's comparison is recorded as: `methods` for the toy UNet world, `methods_<model>` for
-    another world (`methods_toy_mmdit`), so that each world's table stands in docs/results.md beside the other."""
-    return "methods" if params["model"] == "toy" else "methods_" + params["model"].replace("-", "_")
-
-
 def code_digest() -> str:
     return versions.code_digest(CODE)
 

@@ -16,6 +16,12 @@ REPO = Path(__file__).resolve().parents[2]
 NOT_MEASURED = ("attack_model_seeds", "ablation_seeds", "output_root", "run_name")
 
 
+def artefact_name(study: str, params: dict) -> str:
+    """The artefact a toy study is recorded as: `study` on the toy UNet world, `<study>_<model>` on another world
+    (`methods_toy_mmdit`), so that each world's table stands in docs/results.md beside the other's."""
+    return study if params["model"] == "toy" else f"{study}_{params['model'].replace('-', '_')}"
+
+
 def settings(params: dict, also_measured: tuple[str, ...] = ()) -> dict:
     """The settings a measurement depends on: every key of `params` set away from its schema default, but
     `NOT_MEASURED` (`also_measured` of those kept). A key added to the schema later, at its default, leaves it as it
