@@ -113,6 +113,16 @@ def _index_kind(index: dict) -> str:
     return "mmdit" if (index.get("transformer") or [None])[0] is not None else "unet"
 
 
+def base_denoiser_class(model: str) -> tuple[str, type]:
+    """(pipeline component, model class) of the denoiser the pipeline `model` names in its model_index.json: ("unet",
+    UNet2DConditionModel) or ("transformer", SD3Transformer2DModel or FluxTransformer2DModel)."""
+    import diffusers
+
+    index = _model_index(model, resolve_model(model))
+    component = "transformer" if _index_kind(index) == "mmdit" else "unet"
+    return component, getattr(diffusers, index[component][1])
+
+
 def pipeline_kind(model: str) -> str:
     """'unet' or 'mmdit': the denoiser kind of the pipeline `model` names ('toy', a folder or a hub id), from its
     model_index.json alone."""

@@ -79,7 +79,7 @@ def concept_latents(pipe, tmp_path_factory):
 
 def random_increment(pipe, prompt: str, against: list[str], seed: int, concept: str | None = None):
     """A concept increment with random (non-zero) coefficients P, so that ΔW = P·B is comparable to W0."""
-    increment = sepme.SepMEIncrement.for_unet(pipe.unet, sepme.decoupling_basis(pipe, against), scale=1.0)
+    increment = sepme.SepMEIncrement.for_denoiser(pipe.unet, sepme.decoupling_basis(pipe, against), scale=1.0)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in increment.coefficients:
@@ -139,7 +139,7 @@ def test_too_many_prompts_for_the_text_encoder_is_a_clear_error(pipe):
 
 
 def test_increment_vanishes_on_decoupled_rows_and_only_there(pipe):
-    fresh = sepme.SepMEIncrement.for_unet(pipe.unet, sepme.decoupling_basis(pipe, OTHERS), scale=1e-4)
+    fresh = sepme.SepMEIncrement.for_denoiser(pipe.unet, sepme.decoupling_basis(pipe, OTHERS), scale=1e-4)
     assert all(torch.count_nonzero(d) == 0 for d in fresh.deltas().values())  # P starts at zero
     assert [p.shape[1] for p in fresh.coefficients] == [len(fresh.directions)] * len(fresh.names)
     assert set(fresh.names) == {n for n, _ in pipe.unet.named_parameters() if ".attn2.to_k" in n or ".attn2.to_v" in n}

@@ -45,6 +45,13 @@ TRAINABLE_PARAMETERS = {
 # transformer (`doco_lib.methods.uce.MMDIT_MODULES`, as UCE's Flux script): the context embedder and the pooled
 # projection's first layer, SD 3.5 medium 6,291,456 + 3,145,728 weights, FLUX.1-dev 12,582,912 + 2,359,296; SPM
 # adapts the attention and feed-forward Linears of every block (`doco_lib.methods.spm.adapted_modules`).
+# SepME's increments (`doco_lib.methods.sepme`) go on the weights that read the text embeddings themselves, per
+# denoiser kind, as (include, exclude) regular expressions like the table above: a UNet's cross-attention K/V matrices
+# (`cross_attention_kv`'s); on an MMDiT the context embedder's weight alone, the only map that reads the encoders'
+# token rows before any block has mixed them with the image (SD 3.5 medium: 1536 × 4096 = 6,291,456 weights, FLUX.1-dev:
+# 3072 × 4096 = 12,582,912); the pooled projection is left as it is.
+SEPME_PARAMETERS = {"unet": TRAINABLE_PARAMETERS["unet"]["cross_attention_kv"],
+                    "mmdit": (r"^context_embedder\.weight$", None)}
 OPTIMIZERS = ("adam", "adam_fused", "adam_8bit")
 CONABL_VARIANTS = ("model", "noise")
 

@@ -15,18 +15,35 @@ basis of its null space. The increment of every K/V layer is
 so ΔW_i·e = 0 (up to rounding) for each row e of E: with concept i's increment in place, the
 unconditional branch of classifier-free guidance and the other concepts' prompts produce the keys and
 values they had.
+
+On an MMDiT (SD 3.x, FLUX.1) no attention reads the text embeddings: each joint block's text-stream K/V
+(`attn.add_k_proj`, `attn.add_v_proj`) read the text stream as the blocks before it left it, so a null space of the
+embeddings says nothing there. The one linear map that reads them is the transformer's `context_embedder` (SD 3.x:
+the CLIP states zero-padded to T5's width and joined with T5's rows; FLUX.1: T5's rows), and the increment goes on
+its weight alone (`registry.SEPME_PARAMETERS`), with B_i the null space of every row it reads of "" and of the other
+concepts (SD 3.x: 77 CLIP rows and 256 T5 rows a prompt, or the zero rows of a pipeline without T5; FLUX.1: 512 T5
+rows) in its input width. ΔW_i·e = 0 then leaves the transformer's whole input, hence its whole output, for those
+prompts as it was. The pooled embedding's projection is not edited: it reads one pooled vector a prompt, whose null
+space would have to hold all of them, and the token rows alone carry a prompt's words into the blocks. Room: the
+null space is empty unless the rows are fewer than the width, so SD 3.5 (4096 wide) can decouple a concept against
+"" and at most 11 other prompts, FLUX.1 against "" and at most 6; the tiny test pipelines (128 wide) cannot even
+hold "" and are refused (`null_space_basis`), and so is a basis that the concept's own rows do not reach
+(`check_reach`), as on 'toy-mmdit' decoupled against "" and two concepts: its two CLIP encoders are one, so every
+row is [h, h] with h 32 wide, and 48 rows fill those 32 dimensions.
 Increments of several concepts add up, W = W0 + Σ_i ΔW_i, and a concept is restored by leaving its
 increment out.
 
 Concept-irrelevant unlearning. On images of the concept drawn by the original model (VAE latents), at a
-DDPM timestep drawn ESD-style (a DDIM index in [0, ddim_steps), then t uniformly inside that bin):
+DDPM timestep drawn ESD-style (a DDIM index in [0, ddim_steps), then t uniformly inside that bin; a flow model
+draws t uniformly from its training grid instead, as the harness's methods train flows, `Parameterization`, and
+`ddim_steps` does not apply):
 
     d_orig = ε_θ0(x_t, c) − ε_θ0(x_t, ∅)      (original model, no gradient)
     d_new  = ε_θ(x_t, c)  − ε_θ(x_t, ∅)       (with the increment)
 
-(ε: the noise the UNet's output stands for; a v-prediction model's output v gives ε = √ᾱ_t v + √(1−ᾱ_t) x_t, so
-its directions are √ᾱ_t (v(x_t, c) − v(x_t, ∅)); ∅ is the conditioning the pipeline guides against: the empty
-prompt's, zeros on SDXL)
+(ε: the noise the denoiser's output stands for; a v-prediction model's output v gives ε = √ᾱ_t v + √(1−ᾱ_t) x_t,
+so its directions are √ᾱ_t (v(x_t, c) − v(x_t, ∅)); a flow's velocity v gives ε = x_t + (1−σ) v, directions
+(1−σ)(v(x_t, c) − v(x_t, ∅)); ∅ is the conditioning the pipeline guides against: the empty prompt's, zeros on SDXL)
     L = mean(d_new ⊙ d_orig) + β · mean over layers of ‖ΔW‖₁
 
 drives the concept's direction to be uncorrelated with (or opposite to) the original one, with an L1
@@ -34,10 +51,10 @@ pull towards the original weights. Adam updates P only. Training stops early on 
 m ← 0.9·m + 0.1·corr (m₀ = the first correlation) once it falls below `threshold` after step 10, or at
 `max_steps`.
 
-Storage. Each concept's increment is saved on its own as safetensors: the folded ΔW of every K/V layer,
-keyed by the UNet parameter name (out×in), with metadata saying which base model, which concept, which
+Storage. Each concept's increment is saved on its own as safetensors: the folded ΔW of every edited weight,
+keyed by the denoiser's parameter name (out×in), with metadata saying which base model, which concept, which
 prompts it was decoupled against and how it was trained. `compose` and `SeparableEraser` build
-W0 + Σ ΔW_i for any subset of concepts; `doco compose` writes such a UNet as a diffusers folder.
+W0 + Σ ΔW_i for any subset of concepts; `doco compose` writes such a UNet or transformer as a diffusers folder.
 
 Differences from the authors' code, on purpose (the first two can be switched back, see `SepMEConfig`):
   - The increment is applied as a weight (W0 + ΔW through `torch.func.functional_call`), so it acts on
@@ -53,7 +70,7 @@ Differences from the authors' code, on purpose (the first two can be switched ba
   - Their loop checks the stopping rule from its 12th step (0-based `i > 10`) and stops at most at step
     iter_break + 1; ours from step 11 (after 10 steps) and at most at `max_steps`.
 
-The base UNet should be float32: an increment is tiny next to W0, and float16 rounds most of it away
+The base denoiser should be float32: an increment is tiny next to W0, and float16 rounds most of it away
 (together with the exactness of ΔW·e = 0).
 """
 
@@ -73,30 +90,53 @@ from torch.func import functional_call
 from doco_lib.anchors import AnchorLatents
 from doco_lib.config import ParamsError
 from doco_lib.io import CorruptFileError, atomic_directory, atomic_save_json, atomic_write_bytes
-from doco_lib.methods.harness import TrainingDiverged, select_trainable
+from doco_lib.methods.harness import TrainingDiverged
 from doco_lib.methods.prediction import Parameterization
+from doco_lib.methods.registry import SEPME_PARAMETERS
 from doco_lib.models import (
     ModelLoadError,
+    base_denoiser_class,
     check_model_reference,
     check_safetensors_only,
+    denoiser,
+    denoiser_kind,
+    denoiser_output,
     encode_prompts,
     is_toy,
     pick_device,
     resolve_model,
     text_encoders,
+    transformer_inputs,
     unconditional_conditioning,
     unet_inputs,
 )
 
 METHOD = "sepme"
-LAYERS = "cross_attention_kv"  # the K/V matrices of every cross-attention layer
+# The least share ‖B e‖ / ‖e‖ of one of the concept's own token rows e that the null space must reach: below it the
+# increment could not change what the denoiser reads of the concept (`check_reach`).
+MIN_REACH = 1e-4
+
+
+def edited_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The weights SepME's increments go on (`registry.SEPME_PARAMETERS`): a UNet's cross-attention K/V matrices, an
+    MMDiT's context embedder."""
+    import re
+
+    include, exclude = SEPME_PARAMETERS[denoiser_kind(model)]
+    return {name: p for name, p in model.named_parameters()
+            if re.search(include, name) and not (exclude and re.search(exclude, name))}
 
 
 # ------------------------------------------------------------------------------------------ null space
 def token_rows(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """All token rows of the prompts' embeddings stacked, (tokens·len(prompts), d): the rows K/V layers see (the
-    text encoder's hidden states; SDXL's pooled embedding and time ids do not reach K/V)."""
-    embeddings = unet_inputs(pipe.unet, encode_prompts(pipe, list(prompts)))["encoder_hidden_states"]
+    """All token rows of the prompts' embeddings stacked, (tokens·len(prompts), d): the rows the edited weights see (a
+    UNet's K/V: the text encoder's hidden states, SDXL's pooled embedding and time ids do not reach them; an MMDiT's
+    context embedder: the states the pipeline joins, without the pooled embedding)."""
+    model, conditioning = denoiser(pipe), encode_prompts(pipe, list(prompts))
+    if denoiser_kind(model) == "unet":
+        embeddings = unet_inputs(model, conditioning)["encoder_hidden_states"]
+    else:
+        embeddings = transformer_inputs(model, conditioning)[0]
     return embeddings.reshape(-1, embeddings.shape[-1])
 
 
@@ -118,7 +158,7 @@ def null_space_basis(embeddings: torch.Tensor, rtol: float = 1e-8, names: Sequen
         raise ParamsError(
             f"SepME: the {n_rows} stacked token rows{about} span all {width} dimensions of the text encoder "
             f"(rank {rank} at rtol={rtol:g}), so no weight increment can leave them all unchanged. The text "
-            f"encoder's width ({width}) must exceed the number of stacked token rows (one per token position of "
+            f"embeddings' width ({width}) must exceed the number of stacked token rows (one per token position of "
             "each prompt): decouple against fewer concepts or use a wider text encoder ('toy-wide' in the toy "
             "world).")
     return basis
@@ -130,10 +170,26 @@ def decoupling_basis(pipe, against: Sequence[str], rtol: float = 1e-8) -> torch.
     return null_space_basis(token_rows(pipe, prompts), rtol, names=prompts)
 
 
+def check_reach(pipe, prompts: Sequence[str], against: Sequence[str], basis: torch.Tensor) -> None:
+    """Refuse a basis that none of the concept's own token rows reaches (each row's share in it below `MIN_REACH`):
+    every row the concept's prompts give is then (numerically) in the span of the decoupled rows, and no increment
+    on it can change what the denoiser reads of the concept."""
+    rows = token_rows(pipe, prompts).detach().to("cpu", torch.float64)
+    rows = rows[rows.norm(dim=1) > 0]  # the zero rows of a pipeline without T5
+    reach = ((rows @ basis.T).norm(dim=1) / rows.norm(dim=1)).max().item() if len(rows) else 0.0
+    if reach < MIN_REACH:
+        stacked = token_rows(pipe, ["", *against])
+        raise ParamsError(
+            f"SepME: the null space of the {len(stacked)} token rows of {['', *against]} ({len(basis)} of "
+            f"{basis.shape[1]} dimensions) holds no direction the rows of {list(prompts)} reach (largest share "
+            f"{reach:.2g} < {MIN_REACH:g}): those rows lie in the span of the decoupled ones, so no increment could "
+            "erase the concept without changing them. Decouple against fewer concepts or use a wider text encoder.")
+
+
 # ------------------------------------------------------------------------------------------ increments
 class SepMEIncrement(torch.nn.Module):
-    """One concept's increment for every cross-attention K/V layer: ΔW = P · (scale·B); P is the only
-    trainable tensor, one per layer, zeros at the start."""
+    """One concept's increment for every edited weight (`edited_parameters`): ΔW = P · (scale·B); P is the only
+    trainable tensor, one per weight, zeros at the start."""
 
     def __init__(self, layers: Mapping[str, Sequence[int]], basis: torch.Tensor, scale: float):
         super().__init__()
@@ -144,28 +200,50 @@ class SepMEIncrement(torch.nn.Module):
             [torch.nn.Parameter(torch.zeros(shape[0], len(basis))) for shape in layers.values()])
 
     @classmethod
-    def for_unet(cls, unet, basis: torch.Tensor, scale: float) -> "SepMEIncrement":
-        layers = {name: tuple(p.shape) for name, p in select_trainable(unet, LAYERS).items()}
+    def for_denoiser(cls, model, basis: torch.Tensor, scale: float) -> "SepMEIncrement":
+        """The increment of a UNet or an MMDiT transformer `model`, in the span of `basis`."""
+        layers = {name: tuple(p.shape) for name, p in edited_parameters(model).items()}
         widths = {shape[1] for shape in layers.values()}
         if widths != {basis.shape[1]}:
-            raise ParamsError(f"SepME: the text embeddings are {basis.shape[1]}-dimensional but the UNet's "
-                              f"cross-attention K/V layers read {sorted(widths)}; text encoder and UNet do not fit.")
+            raise ParamsError(f"SepME: the text embeddings are {basis.shape[1]}-dimensional but the denoiser's "
+                              f"edited weights read {sorted(widths)}; text encoders and denoiser do not fit.")
         return cls(layers, basis, scale)
 
     def deltas(self) -> dict[str, torch.Tensor]:
-        """The folded ΔW (out×in) of every layer, keyed by the UNet parameter name."""
+        """The folded ΔW (out×in) of every edited weight, keyed by the denoiser's parameter name."""
         return {name: p @ self.directions for name, p in zip(self.names, self.coefficients)}
 
 
-def edited_forward(unet, deltas: Mapping[str, torch.Tensor], *args, **kwargs):
-    """`unet(*args, **kwargs)` with weights W0 + ΔW for the named parameters, W0 left untouched.
+def edited_forward(model, deltas: Mapping[str, torch.Tensor], *args, **kwargs):
+    """`model(*args, **kwargs)` (a UNet, a transformer) with weights W0 + ΔW for the named parameters, W0 left
+    untouched.
 
     The edited weights replace the parameters for this call only (`functional_call`), so every row of
     the batch (the cond and uncond halves of classifier-free guidance alike) sees the same weights, and
     gradients reach ΔW."""
-    params = dict(unet.named_parameters())
+    params = dict(model.named_parameters())
     weights = {name: params[name] + delta.to(params[name].dtype) for name, delta in deltas.items()}
-    return functional_call(unet, weights, args, kwargs)
+    return functional_call(model, weights, args, kwargs)
+
+
+class _Output(torch.nn.Module):
+    """`denoiser_output` of a denoiser as a module's forward, so that `edited_forward` can swap its weights."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t, t, conditioning):
+        return denoiser_output(self.model, x_t, t, conditioning)
+
+
+def edited_output(model, deltas: Mapping[str, torch.Tensor] | None, x_t: torch.Tensor, t: torch.Tensor,
+                  conditioning: torch.Tensor) -> torch.Tensor:
+    """`denoiser_output(model, x_t, t, conditioning)` with the increments `deltas` (None: the base weights)."""
+    if not deltas:
+        return denoiser_output(model, x_t, t, conditioning)
+    return edited_forward(_Output(model), {f"model.{name}": delta for name, delta in deltas.items()},
+                          x_t, t, conditioning)
 
 
 # ------------------------------------------------------------------------------------------ early stopping
@@ -243,8 +321,10 @@ def preset(name: str = "readme", **overrides) -> SepMEConfig:
 
 class SepMETrainer:
     """Trains one concept's increment on the original model's images of it (`AnchorLatents`, e.g. from
-    `prepare_anchor_latents` with the concept's prompts); the UNet's own weights are never changed, so the
-    same UNet serves as the original model (called without the increment)."""
+    `prepare_anchor_latents` with the concept's prompts); the denoiser's own weights (a UNet's, or an SD 3.x or
+    FLUX.1 transformer's) are never changed, so the same denoiser serves as the original model (called without the
+    increment). Everything that refuses (clashing prompts, no null space, one the concept does not reach) refuses
+    before the first step."""
 
     def __init__(self, pipe, latents: AnchorLatents, against: Sequence[str], config: SepMEConfig = SepMEConfig(),
                  device: torch.device | str = "cpu"):
@@ -255,12 +335,9 @@ class SepMETrainer:
         if clash:
             raise ParamsError(f"SepME: {clash} is both a prompt of the concept's images and a prompt to decouple "
                               "against; its token rows would be in the null space, so it could not be erased.")
-        if getattr(pipe, "unet", None) is None:
-            raise ParamsError(f"SepME edits a UNet's cross-attention; this {type(pipe).__name__} has an MMDiT "
-                              "transformer (SD 3.x, FLUX.1), which SepME does not train yet.")
         for encoder in text_encoders(pipe):
             encoder.to(self.device)
-        self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)
+        self.unet = denoiser(pipe).to(self.device).eval().requires_grad_(False)
         self.parameterization = Parameterization.of_scheduler(pipe.scheduler.config, self.device)
         self.alphas_cumprod = self.parameterization.alphas_cumprod
 
@@ -272,7 +349,8 @@ class SepMETrainer:
         self.null_space_dim = len(basis)
         if config.max_base is not None:
             basis = basis[:config.max_base]
-        self.increment = SepMEIncrement.for_unet(self.unet, basis, config.scale).to(self.device)
+        check_reach(pipe, self.prompts, self.against, basis)
+        self.increment = SepMEIncrement.for_denoiser(self.unet, basis, config.scale).to(self.device)
         self.optimizer = torch.optim.Adam(self.increment.parameters(), lr=config.lr)
         self.generator = torch.Generator().manual_seed(config.seed)
         self._queue: list[int] = []
@@ -290,29 +368,31 @@ class SepMETrainer:
         return torch.tensor(index)
 
     def _timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """ESD-style: a DDIM index i in [0, ddim_steps), then a DDPM t uniform in i's bin of the T steps."""
+        """ESD-style: a DDIM index i in [0, ddim_steps), then a DDPM t uniform in i's bin of the T steps. A flow has
+        no DDPM steps to bin: t uniform on its training grid, as the harness trains flows."""
+        if self.parameterization.flow:
+            return self.parameterization.draw_timesteps(n, generator)
         steps, total = self.config.ddim_steps, len(self.alphas_cumprod)
         i = torch.randint(0, steps, (n,), generator=generator)
         low, high = torch.round(i * total / steps).long(), torch.round((i + 1) * total / steps).long()
         return (low + (torch.rand(n, generator=generator) * (high - low)).long()).clamp(max=total - 1)
 
     def _noised_batch(self, index: torch.Tensor, generator: torch.Generator):
-        """(x_t, t, c): the images' latents noised by q_sample at ESD-style timesteps, with their prompts."""
+        """(x_t, t, c): the images' latents noised at `_timesteps` (DDPM's q_sample, a flow's (1−σ) z0 + σ ε), with
+        their prompts."""
         z0 = self.latents.sample(index, generator).to(self.device)
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
         t = self._timesteps(len(index), generator).to(self.device)
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         c = self.prompt_embeddings[self.prompt_index[index]]
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, c
+        return self.parameterization.add_noise(z0, noise, t), t, c
 
     def directions(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
                    deltas: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """ε(x_t, c) − ε(x_t, ∅), conditional and unconditional rows in one batch, with or without increments."""
         empty = self.empty_embedding.expand_as(c)
-        args = (torch.cat([x_t, x_t]), torch.cat([t, t]))
-        kwargs = unet_inputs(self.unet, torch.cat([c, empty]))
-        output = (edited_forward(self.unet, deltas, *args, **kwargs) if deltas else self.unet(*args, **kwargs)).sample
-        cond, uncond = self.parameterization.eps(output.float(), *args).chunk(2)
+        x, steps = torch.cat([x_t, x_t]), torch.cat([t, t])
+        output = edited_output(self.unet, deltas, x, steps, torch.cat([c, empty]))
+        cond, uncond = self.parameterization.eps(output.float(), x, steps).chunk(2)
         return cond - uncond
 
     def losses(self, x_t, t, c) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,7 +485,7 @@ _TYPED = {"prompts": list, "decoupled_against": list, "rtol": float, "scale": fl
 
 @dataclass
 class ConceptIncrement:
-    """One concept's folded increment: ΔW (out×in, float32) per K/V parameter name, plus its metadata."""
+    """One concept's folded increment: ΔW (out×in, float32) per edited parameter name, plus its metadata."""
 
     concept: str
     deltas: dict[str, torch.Tensor]
@@ -498,17 +578,20 @@ def check_base(stored: str, base_model: str, where: str, concept: str) -> None:
 
 
 def check_increment(increment: ConceptIncrement, unet, base_model: str | None) -> None:
-    """Refuse an increment made for another base model, or whose layers are not this UNet's K/V matrices."""
+    """Refuse an increment made for another base model, or whose layers are not the weights SepME edits on this
+    denoiser `unet` (a UNet's K/V matrices, an MMDiT's context embedder)."""
     where = increment.describe()
     if base_model is not None:
         check_base(increment.base_model, base_model, where, increment.concept)
-    layers = {name: p.shape for name, p in select_trainable(unet, LAYERS).items()}
+    layers = {name: p.shape for name, p in edited_parameters(unet).items()}
+    what = "a cross-attention K/V weight of this UNet" if denoiser_kind(unet) == "unet" else \
+        f"the context embedder's weight of this {type(unet).__name__}"
     for name, delta in increment.deltas.items():
         if name not in layers:
-            raise ParamsError(f"{where}: {name!r} is not a cross-attention K/V weight of this UNet; the increment "
-                              "was made for another architecture.")
+            raise ParamsError(f"{where}: {name!r} is not {what}; the increment was made for another architecture.")
         if delta.shape != layers[name]:
-            raise ParamsError(f"{where}: {name!r} has shape {tuple(delta.shape)}, the UNet's {tuple(layers[name])}; "
+            raise ParamsError(f"{where}: {name!r} has shape {tuple(delta.shape)}, the "
+                              f"{'UNet' if denoiser_kind(unet) == 'unet' else 'transformer'}'s {tuple(layers[name])}; "
                               "the increment was made for another architecture.")
 
 
@@ -523,9 +606,10 @@ def _warn_if_coupled(increments: Sequence[ConceptIncrement]) -> None:
 
 
 class SeparableEraser:
-    """A base UNet with per-concept increments: erase and restore concepts in any order, exactly.
+    """A base denoiser (UNet or MMDiT transformer) with per-concept increments: erase and restore concepts in any
+    order, exactly.
 
-    The K/V weights are always recomputed from the saved originals, W = W0 + Σ_{erased} ΔW_i, summed in
+    The edited weights are always recomputed from the saved originals, W = W0 + Σ_{erased} ΔW_i, summed in
     float64 in concept order, so erasing {a, b} and then restoring a gives bit for bit the weights of
     erasing {b} alone. `unet` must hold the base weights W0 when this is built; it is changed in place."""
 
@@ -544,7 +628,7 @@ class SeparableEraser:
         self.erased: tuple[str, ...] = ()
 
     def set_erased(self, concepts: Iterable[str]) -> torch.nn.Module:
-        """Erase exactly `concepts` (every other concept is restored); returns the UNet."""
+        """Erase exactly `concepts` (every other concept is restored); returns the denoiser."""
         concepts = tuple(sorted(set(concepts)))
         unknown = [c for c in concepts if c not in self.increments]
         if unknown:
@@ -570,7 +654,7 @@ class SeparableEraser:
 
 
 def compose(unet, increments: Iterable[ConceptIncrement | str | Path], base_model: str | None) -> torch.nn.Module:
-    """A copy of `unet` (which holds the base weights W0, and is left as it is) with W0 + Σ ΔW_i of the given
+    """A copy of the denoiser `unet` (which holds the base weights W0, and is left as it is) with W0 + Σ ΔW_i of the given
     increments (objects or saved files). `base_model` is checked against every increment's base; None skips
     that check."""
     loaded = [inc if isinstance(inc, ConceptIncrement) else load_increment(inc) for inc in increments]
@@ -579,19 +663,19 @@ def compose(unet, increments: Iterable[ConceptIncrement | str | Path], base_mode
     return eraser.set_erased(eraser.increments)
 
 
-def load_base_unet(model: str, device: str = "cpu"):
-    """The UNet of a base pipeline ('toy', a pipeline folder or a hub id), from safetensors only."""
-    from diffusers import UNet2DConditionModel
-
+def load_base_denoiser(model: str, device: str = "cpu"):
+    """The denoiser of a base pipeline ('toy', a pipeline folder or a hub id): its UNet or its SD 3.x or FLUX.1
+    transformer, in float32, from safetensors only."""
     check_model_reference(model, key="--base")
+    component, model_class = base_denoiser_class(model)
     source = resolve_model(model)
     check_safetensors_only(source)
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
+        loaded = model_class.from_pretrained(source, subfolder=component, use_safetensors=True)
     except OSError as error:
-        raise ModelLoadError(f"Could not load the UNet of {model!r}: {error}. Without internet access a hub id only "
-                             "works if it is already in the Hugging Face cache.") from None
-    return unet.to(pick_device(device)).eval()
+        raise ModelLoadError(f"Could not load the {component} of {model!r}: {error}. Without internet access a hub id "
+                             "only works if it is already in the Hugging Face cache.") from None
+    return loaded.to(pick_device(device)).eval()
 
 
 def parse_concepts(erase: str | Sequence[str], available: Iterable[str]) -> list[str]:
@@ -609,15 +693,16 @@ def parse_concepts(erase: str | Sequence[str], available: Iterable[str]) -> list
 
 def compose_to_folder(base: str, increments_dir: str | Path, erase: str | Sequence[str], out: str | Path,
                       device: str = "cpu") -> Path:
-    """`doco compose`: the base UNet with the chosen concepts' increments, written as a diffusers UNet folder.
+    """`doco compose`: the base denoiser with the chosen concepts' increments, written as a diffusers UNet or
+    transformer folder (`load_pipeline(base, unet=out)` and the model class's `from_pretrained` load it).
 
-    Every check that needs only file headers (folder, concept names, base ids) runs before the UNet loads."""
+    Every check that needs only file headers (folder, concept names, base ids) runs before the denoiser loads."""
     check_model_reference(base, key="--base")
     found = find_increments(increments_dir)
     concepts = parse_concepts(erase, found)
     for concept in concepts:
         check_base(read_increment_metadata(found[concept])["base_model"], base, str(found[concept]), concept)
-    unet = load_base_unet(base, device)  # ours alone, so the increments go in in place (no copy of the UNet)
+    unet = load_base_denoiser(base, device)  # ours alone, so the increments go in in place (no copy)
     SeparableEraser(unet, [load_increment(found[c]) for c in concepts], base).set_erased(concepts)
     out = Path(out)
     with atomic_directory(out) as tmp:
