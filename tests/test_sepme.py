@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from doco_lib.anchors import AnchorLatents
 from doco_lib.config import ParamsError
 from doco_lib.io import CorruptFileError
 from doco_lib.methods import sepme
+from doco_lib.models import denoiser
 from doco_lib.toy import TOY_WEIGHTS
 
 BASE = "dummy/sd-256"
@@ -77,15 +79,15 @@ def concept_latents(pipe, tmp_path_factory):
                                   guidance=3.0, shard_size=4, save_images=False, progress=False)
 
 
-def random_increment(pipe, prompt: str, against: list[str], seed: int, concept: str | None = None):
+def random_increment(pipe, prompt: str, against: list[str], seed: int, concept: str | None = None, base: str = BASE):
     """A concept increment with random (non-zero) coefficients P, so that ΔW = P·B is comparable to W0."""
-    increment = sepme.SepMEIncrement.for_denoiser(pipe.unet, sepme.decoupling_basis(pipe, against), scale=1.0)
+    increment = sepme.SepMEIncrement.for_denoiser(denoiser(pipe), sepme.decoupling_basis(pipe, against), scale=1.0)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in increment.coefficients:
             p.copy_(torch.randn(p.shape, generator=generator))
     deltas = {name: delta.detach() for name, delta in increment.deltas().items()}
-    metadata = {"base_model": BASE, "prompts": [prompt], "decoupled_against": against}
+    metadata = {"base_model": base, "prompts": [prompt], "decoupled_against": against}
     return sepme.ConceptIncrement(concept or prompt, deltas, metadata)
 
 
@@ -410,3 +412,110 @@ def test_the_authors_quirks_are_switches_defaulting_to_the_correct_version(pipe,
     for summed, fresh, old in zip(accumulating.increment.coefficients, zeroing.increment.coefficients, first):
         assert torch.allclose(summed.grad, fresh.grad + old, rtol=1e-5, atol=1e-12)
         assert not torch.allclose(summed.grad, fresh.grad)
+
+
+# ------------------------------------------------------------------------------------------ the toy MMDiT world
+STAR, HEART, CROSS = "a photo of a star", "a photo of a heart", "a photo of a cross"
+
+
+@pytest.fixture(scope="module")
+def mmdit_pipe():
+    from doco_lib.models import load_pipeline
+
+    return load_pipeline("toy-mmdit", "cpu", dtype=torch.float32)
+
+
+def flow_latents(prompt: str, n: int = 4) -> AnchorLatents:
+    """n stand-in images of `prompt` (4×8×8 latents, unit posteriors): the loss only needs x_t and its prompt."""
+    return AnchorLatents(torch.zeros(n, 4, 8, 8), torch.ones(n, 4, 8, 8), [prompt] * n, list(range(n)), 1.0)
+
+
+def test_toy_mmdit_has_room_against_one_other_concept_not_two(mmdit_pipe):
+    """toy-mmdit's context embedder reads 64-wide rows, but its two CLIP encoders are one toy CLIP, so each prompt is
+    16 rows [h, h] (h 32 wide) and 16 zero rows: "" and one concept (31 distinct rows) leave one null direction the
+    target's rows reach beside the 32 [u, −u] that no prompt reaches; "" and two concepts fill the 32 dimensions, and
+    SepME refuses before training."""
+    basis = sepme.decoupling_basis(mmdit_pipe, [HEART])
+    assert basis.shape == (33, 64)
+    sepme.check_reach(mmdit_pipe, [STAR], [HEART], basis)
+    assert sepme.decoupling_basis(mmdit_pipe, [HEART, CROSS]).shape == (32, 64)
+    with pytest.raises(ParamsError, match=r"null space of the 96 token rows of \['', 'a photo of a heart', 'a photo of "
+                                          r"a cross'\] \(32 of 64 dimensions\) holds no direction the rows of \['a "
+                                          r"photo of a star'\] reach"):
+        sepme.SepMETrainer(mmdit_pipe, flow_latents(STAR), [HEART, CROSS])
+
+
+def test_toy_mmdit_increment_erases_the_concept_alone_and_its_loss_falls(mmdit_pipe):
+    """Trained on the transformer's context embedder, the increment changes the output for the target and leaves "" and
+    the concept it was decoupled against as they were (a wrong null space fails here); repeated steps on one held
+    batch lower the concept-irrelevant correlation (an update of the wrong sign raises it)."""
+    from doco_lib.models import denoiser_output, encode_prompts
+
+    config = sepme.SepMEConfig(lr=1e-1, scale=1.0, threshold=float("-inf"), max_steps=3, batch_size=2, seed=0)
+    trainer = sepme.SepMETrainer(mmdit_pipe, flow_latents(STAR), [HEART], config)
+    assert trainer.parameterization.flow
+    start = trainer.generator.get_state()
+    held = trainer._noised_batch(trainer._next_images(2, trainer.generator), trainer.generator)
+    trainer._queue = []
+
+    def correlation():
+        with torch.no_grad():
+            return (trainer.directions(*held, trainer.increment.deltas()) * trainer.directions(*held)).mean().item()
+
+    before = correlation()
+    for _ in range(config.max_steps):
+        trainer.generator.set_state(start.clone())
+        trainer.train_step()
+    after = correlation()
+    assert after < before, f"the correlation on the held batch went from {before} to {after}"
+
+    deltas = trainer.result("star", "toy-mmdit").deltas
+    assert list(deltas) == ["context_embedder.weight"]
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([800.0, 500.0, 200.0])
+    conditioning = encode_prompts(mmdit_pipe, ["", STAR, HEART])
+    with torch.no_grad():
+        base = denoiser_output(mmdit_pipe.transformer, x, t, conditioning)
+        edited = sepme.edited_output(mmdit_pipe.transformer, deltas, x, t, conditioning)
+    change = (edited - base).flatten(1).norm(dim=1) / base.flatten(1).norm(dim=1)
+    assert change[1] > 1e-3, change
+    assert change[0] < 1e-6 and change[2] < 1e-6, change
+
+
+def test_compose_and_restore_on_the_toy_mmdit_transformer(mmdit_pipe, tmp_path):
+    """Star's and heart's increments (each decoupled against the other) on toy-mmdit's context embedder: `doco
+    compose` writes a transformer folder that `SD3Transformer2DModel.from_pretrained` and `load_pipeline(unet=…)`
+    load, holding W0 + ΔW there and W0 elsewhere; erasing both and restoring star gives heart's erasure bit for bit,
+    and the base again after restoring heart."""
+    from diffusers import SD3Transformer2DModel
+
+    from doco_lib.app import cli
+    from doco_lib.models import load_pipeline
+
+    transformer = mmdit_pipe.transformer
+    star = random_increment(mmdit_pipe, STAR, [HEART], seed=7, concept="star", base="toy-mmdit")
+    heart = random_increment(mmdit_pipe, HEART, [STAR], seed=8, concept="heart", base="toy-mmdit")
+    folder = tmp_path / "increments"
+    for increment in (star, heart):
+        sepme.save_increment(increment, folder / f"{increment.concept}.safetensors")
+    out = tmp_path / "transformer_without_star"
+    assert cli.main(["compose", "--base", "toy-mmdit", "--increments", str(folder), "--erase", "star",
+                     "--out", str(out)]) == 0
+    composed = SD3Transformer2DModel.from_pretrained(out, use_safetensors=True).state_dict()
+    for name, w0 in transformer.state_dict().items():
+        expected = (w0.double() + star.deltas[name].double()).float() if name in star.deltas else w0
+        assert torch.equal(composed[name], expected), name
+    assert type(load_pipeline("toy-mmdit", "cpu", unet=str(out))).__name__ == "StableDiffusion3Pipeline"
+
+    base_state = state(transformer)
+    only_heart = sepme.compose(transformer, [heart], "toy-mmdit")
+    eraser = sepme.SeparableEraser(copy.deepcopy(transformer), [star, heart], "toy-mmdit")
+    eraser.erase("star", "heart")
+    eraser.restore("star")
+    assert_same_state(state(eraser.unet), state(only_heart))
+    eraser.restore("heart")
+    assert_same_state(state(eraser.unet), base_state)
+    unet_increment = sepme.ConceptIncrement("x", {"transformer_blocks.0.attn.add_k_proj.weight": torch.zeros(96, 96)},
+                                            {"base_model": "toy-mmdit"})
+    with pytest.raises(ParamsError, match="is not the context embedder's weight of this SD3Transformer2DModel"):
+        sepme.compose(transformer, [unet_increment], "toy-mmdit")
