@@ -7,7 +7,8 @@ pipeline, installed under its hub id, DoCo, ESD, ConAbl and RGD train through `d
 registered parameters, and each update moves its own objective the right way on a held batch (ESD's and ConAbl's
 fall, RGD's forget loss rises and its retain loss falls; an update of the wrong sign fails); UCE edits the two maps
 that take the text into SD 3.5's and FLUX.1's transformers, as UCE's Flux script does; SPM adapts FLUX.1-dev's block
-Linears."""
+Linears; SepME trains its increment on the context embedder of SD 3.5, FLUX.1-dev and -schnell (T5 widened to leave
+a null space; the tiny pipelines' are refused), leaving the outputs for "" and the decoupled concept as they were."""
 
 import copy
 
@@ -22,7 +23,7 @@ from doco_lib.concepts import ConceptSpec
 from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.harness import TrainingConfig, select_trainable
 from doco_lib.methods.prediction import Parameterization
-from doco_lib.models import denoiser_output, encode_prompts, load_pipeline
+from doco_lib.models import denoiser_output, encode_prompts, load_pipeline, text_encoders
 from doco_lib.studies import runs
 from doco_lib.toy import flow_shaped, shaped
 
@@ -388,14 +389,91 @@ def test_uce_edits_the_text_input_maps_of_an_mmdit_through_doco_train(params_fil
         assert after < 0.5 * before, (name, before, after)
 
 
-@pytest.mark.slow
-def test_sepme_refuses_an_mmdit_pipeline_before_training(offline, one_torch_thread):
+# ---------------------------------------------------------------------------------------------- SepME
+SEPME_TARGET, SEPME_OTHER = "a photo of Snoopy", "a photo of a cat"
+# T5's width (and the context embedder's input) for SepME's shaped pipelines: above the rows of "" and one other
+# prompt, SD 3.5's 2·(77 + 256) = 666 and FLUX.1's 2·512 = 1024 (the tiny pipelines' 128 hold not even "").
+WIDE_T5 = 1152
+
+
+def _flow_latents(prompt: str, n: int = 4) -> AnchorLatents:
+    return AnchorLatents(torch.zeros(n, 16, 16, 16), torch.ones(n, 16, 16, 16), [prompt] * n, list(range(n)), 1.5305,
+                         0.0609)
+
+
+def test_sepme_refuses_the_tiny_sd35_whose_rows_fill_its_embedding_width(offline, one_torch_thread):
+    """The tiny SD-3.5-shaped pipeline reads 77 CLIP and 256 T5 rows a prompt, 128 wide: "" and another prompt leave
+    no null space, and SepME says so before training, with the numbers."""
     from doco_lib.methods.sepme import SepMETrainer
 
     pipe = load_pipeline(flow_shaped.SD35_ID, "cpu", dtype=torch.float32)
-    latents = AnchorLatents(torch.zeros(1, 16, 16, 16), torch.ones(1, 16, 16, 16), ["Snoopy"], [0], 1.5305, 0.0609)
-    with pytest.raises(config.ParamsError, match="SepME edits a UNet's cross-attention; this StableDiffusion3Pipeline"):
-        SepMETrainer(pipe, latents, ["a cat"])
+    with pytest.raises(config.ParamsError, match=r"the 666 stacked token rows of '', 'a cat' span all 128 dimensions"):
+        SepMETrainer(pipe, _flow_latents("Snoopy"), ["a cat"])
+
+
+def _wide_shaped_pipeline(family: str, monkeypatch):
+    """The tiny `family` pipeline ('sd35', 'flux-dev', 'flux-schnell') with T5 and the context embedder's input
+    `WIDE_T5` wide."""
+    tiny, t5 = (flow_shaped.SD35_TINY, "text_3") if family == "sd35" else (flow_shaped.FLUX_TINY, "text_2")
+    monkeypatch.setitem(tiny, t5, dict(tiny[t5], d_model=WIDE_T5))
+    monkeypatch.setitem(tiny, "transformer", dict(tiny["transformer"], joint_attention_dim=WIDE_T5))
+    pipe = (flow_shaped.make_sd35_pipeline() if family == "sd35"
+            else flow_shaped.make_flux_pipeline(variant=family.removeprefix("flux-")))
+    for encoder in text_encoders(pipe):  # no dropout in T5: load_pipeline's encoders are in eval mode too
+        encoder.eval()
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd35", "flux-dev", "flux-schnell"])
+def test_sepme_trains_the_context_embedder_of_sd35_and_flux(family, tmp_path, monkeypatch, one_torch_thread):
+    """SepME on SD-3.5- and FLUX.1-shaped transformers (T5 widened to leave room): its increment is on
+    `context_embedder.weight` alone; repeated steps on one held batch lower the concept-irrelevant correlation (an
+    update of the wrong sign raises it); the trained increment changes the output for the target prompt and leaves
+    the outputs for "" and for the concept it was decoupled against as they were (a wrong null space fails here); the
+    composed transformer saves and loads with its class's `from_pretrained`, and restoring gives the base back."""
+    from doco_lib.methods import sepme
+
+    pipe = _wide_shaped_pipeline(family, monkeypatch)
+    transformer = pipe.transformer
+    settings = sepme.SepMEConfig(lr=1e-1, scale=1.0, beta=0.0, threshold=float("-inf"), max_steps=SIGN_STEPS,
+                                 batch_size=SIGN_BATCH, seed=0)
+    trainer = sepme.SepMETrainer(pipe, _flow_latents(SEPME_TARGET), [SEPME_OTHER], settings)
+    start = trainer.generator.get_state()
+    held = trainer._noised_batch(trainer._next_images(SIGN_BATCH, trainer.generator), trainer.generator)
+    trainer._queue = []
+
+    def correlation():
+        with torch.no_grad():
+            return (trainer.directions(*held, trainer.increment.deltas()) * trainer.directions(*held)).mean().item()
+
+    before = correlation()
+    for _ in range(SIGN_STEPS):  # each step on the held batch: the same images, noise and timesteps
+        trainer.generator.set_state(start.clone())
+        trainer._queue = []
+        trainer.train_step()
+    after = correlation()
+    assert after < before, f"the correlation on the held batch went from {before} to {after}"
+
+    increment = trainer.result("snoopy", family)
+    assert list(increment.deltas) == ["context_embedder.weight"]
+    x = torch.randn(3, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = trainer.parameterization.timesteps[torch.tensor([900, 500, 100])]
+    conditioning = encode_prompts(pipe, ["", SEPME_TARGET, SEPME_OTHER])
+    with torch.no_grad():
+        base = denoiser_output(transformer, x, t, conditioning)
+        edited = sepme.edited_output(transformer, increment.deltas, x, t, conditioning)
+    change = (edited - base).flatten(1).norm(dim=1) / base.flatten(1).norm(dim=1)
+    assert change[1] > 1e-3, change
+    assert change[0] < 1e-5 and change[2] < 1e-5, change
+
+    original = {n: w.clone() for n, w in transformer.state_dict().items()}
+    eraser = sepme.SeparableEraser(copy.deepcopy(transformer), [increment], family)
+    eraser.erase("snoopy").save_pretrained(tmp_path / "composed", safe_serialization=True)
+    composed = type(transformer).from_pretrained(tmp_path / "composed", use_safetensors=True).state_dict()
+    changed = {n for n, w in composed.items() if not torch.equal(w, original[n])}
+    assert changed == {"context_embedder.weight"}
+    eraser.restore("snoopy")
+    assert all(torch.equal(w, original[n]) for n, w in eraser.unet.state_dict().items())
 
 
 @pytest.mark.slow
