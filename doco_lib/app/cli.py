@@ -297,9 +297,9 @@ def _cmd_attack(args) -> None:
 
 
 def _cmd_compose(args) -> None:
-    """SepME: the base UNet with the chosen concepts' increments added, the others left out (restored)."""
+    """SepME: the base UNet or transformer with the chosen concepts' increments added, the others left out (restored)."""
     out = compose_to_folder(args.base, Path(args.increments), args.erase, Path(args.out), device=args.device)
-    print(f"wrote the UNet with {args.erase} erased to {out} (use it with doco sample --unet {out})")
+    print(f"wrote the denoiser with {args.erase} erased to {out} (use it with doco sample --unet {out})")
 
 
 def _cmd_export_lora(args) -> None:
@@ -466,14 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     adversarial.add_argument("--out", help="folder for asr.csv, asr.md, asr.png, attempts.csv (default: <run>/attack)")
     adversarial.set_defaults(func=_cmd_attack)
 
-    composer = commands.add_parser("compose", help="SepME: a UNet with chosen concepts erased, from per-concept "
-                                   "increments (concepts left out stay restored)")
+    composer = commands.add_parser("compose", help="SepME: a UNet or SD 3.x / FLUX.1 transformer with chosen concepts "
+                                   "erased, from per-concept increments (concepts left out stay restored)")
     composer.add_argument("--base", required=True,
                           help="the increments' base model: 'toy', a pipeline folder or a hub id")
     composer.add_argument("--increments", required=True,
                           help="folder of SepME increments, one *.safetensors per concept")
     composer.add_argument("--erase", required=True, help="concepts to erase, comma-separated (e.g. 'van gogh,picasso')")
-    composer.add_argument("--out", required=True, help="where to write the composed diffusers UNet folder")
+    composer.add_argument("--out", required=True, help="where to write the composed diffusers UNet or transformer "
+                                                        "folder")
     composer.add_argument("--device", default="cpu", help="where to add the increments (default: cpu)")
     composer.set_defaults(func=_cmd_compose)
 
