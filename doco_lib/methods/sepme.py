@@ -283,7 +283,7 @@ class SepMEConfig:
     max_steps: int = 1000
     min_steps: int = 10
     momentum: float = 0.9
-    ddim_steps: int = 50
+    ddim_steps: int = 50  # DDPM models only: a flow draws t from its training grid
     batch_size: int = 1
     rtol: float = 1e-8
     max_base: int | None = None
