@@ -11,6 +11,7 @@ Linears; SepME trains its increment on the context embedder of SD 3.5, FLUX.1-de
 a null space; the tiny pipelines' are refused), leaving the outputs for "" and the decoupled concept as they were."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -474,6 +475,24 @@ def test_sepme_trains_the_context_embedder_of_sd35_and_flux(family, tmp_path, mo
     assert changed == {"context_embedder.weight"}
     eraser.restore("snoopy")
     assert all(torch.equal(w, original[n]) for n, w in eraser.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("pipeline, transformer, label", [
+    ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "SD base"),
+    ("FluxPipeline", "FluxTransformer2DModel", "FLUX.1 base")])
+def test_notebook_04_names_the_base_model_by_its_family(pipeline, transformer, label, tmp_path):
+    """The base model's row of notebook 04's tables is named from the pipeline's model_index.json: FLUX.1's was
+    labelled "SD base", beside the paper's SD v1.4 rows."""
+    model = tmp_path / "base"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": pipeline,
+                                                        "transformer": ["diffusers", transformer]}))
+    unet = tmp_path / "run" / "doco" / "unet"
+    unet.mkdir(parents=True)
+    (unet / "config.json").write_text("{}")
+    params = config.validate({"model": str(model), "target": "Snoopy", "eval_concepts": ["Snoopy"],
+                              "erased_concepts": ["Snoopy"], "eval_models": [str(unet)]})
+    assert [m.label for m in runs.evaluated_models(params)] == [label, "DoCo (run)"]
 
 
 @pytest.mark.slow

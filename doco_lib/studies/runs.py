@@ -24,7 +24,15 @@ from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.discriminator import check_discriminator_fits
 from doco_lib.methods.harness import DocoTrainer, ErasureTrainer, TrainingConfig, process_device
 from doco_lib.methods.rgd_prompts import load_slots, prompt_pairs
-from doco_lib.models import denoiser, denoiser_kind, is_toy, latent_shape, load_pipeline, toy_weights_dir
+from doco_lib.models import (
+    base_denoiser_class,
+    denoiser,
+    denoiser_kind,
+    is_toy,
+    latent_shape,
+    load_pipeline,
+    toy_weights_dir,
+)
 from doco_lib.sampling import sampling_settings
 
 
@@ -224,6 +232,13 @@ def evaluation_dir(params: dict) -> Path:
     return config.run_dir(params) / "evaluation"
 
 
+def base_label(model: str) -> str:
+    """The base model's row in the results tables: 'toy base', 'FLUX.1 base', or 'SD base' (SD v1, 2.x, XL, 3.x)."""
+    if is_toy(model):
+        return "toy base"
+    return "FLUX.1 base" if base_denoiser_class(model)[1].__name__ == "FluxTransformer2DModel" else "SD base"
+
+
 def evaluated_models(params: dict) -> list:
     """The base model first, then each erased UNet (default: this run's DoCo result).
 
@@ -249,7 +264,7 @@ def evaluated_models(params: dict) -> list:
         if not (Path(unet) / "config.json").is_file():
             raise config.ParamsError(f"eval_models: {unet!r} is not a trained UNet folder (no config.json); run "
                                      "notebook 03 first or list existing erased models.")
-    base = EvaluatedModel("toy base" if is_toy(params["model"]) else "SD base")
+    base = EvaluatedModel(base_label(params["model"]))
     names = {"doco": "DoCo", "esd": "ESD", "conabl": "ConAbl", "uce": "UCE", "spm": "SPM"}
     labels = [f"{names[Path(u).parent.name]} ({Path(u).parent.parent.name})" if Path(u).parent.name in names
               else Path(u).name for u in unets]
