@@ -8,15 +8,18 @@ registered parameters, and each update moves its own objective the right way on 
 fall, RGD's forget loss rises and its retain loss falls; an update of the wrong sign fails); UCE edits the two maps
 that take the text into SD 3.5's and FLUX.1's transformers, as UCE's Flux script does; SPM adapts FLUX.1-dev's block
 Linears; SepME trains its increment on the context embedder of SD 3.5, FLUX.1-dev and -schnell (T5 widened to leave
-a null space; the tiny pipelines' are refused), leaving the outputs for "" and the decoupled concept as they were."""
+a null space; the tiny pipelines' are refused), leaving the outputs for "" and the decoupled concept as they were.
+Notebooks 01-04 run through `doco batch` on SD 3.5 and FLUX.1-dev."""
 
 import copy
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_training import run_training_notebooks
+from tiny_training import TRAINING_NOTEBOOKS, run_training_notebooks
 
 from doco_lib import config
 from doco_lib.anchors import AnchorLatents
@@ -495,12 +498,35 @@ def test_notebook_04_names_the_base_model_by_its_family(pipeline, transformer, l
     assert [m.label for m in runs.evaluated_models(params)] == [label, "DoCo (run)"]
 
 
+# Counts only, for the notebooks: a comparison grid of 3 prompts × 1 seed (03); CLIP score, accuracy and FID of
+# one template × 2 images (the fewest FID's covariance takes) of the target and one related concept (04).
+NOTEBOOK_COUNTS = {**COUNTS, "grid_columns": 2, "related_concepts": "[Mickey]", "eval_concepts": "[Snoopy, Mickey]",
+                   "n_templates": 1, "images_per_template": 2}
+
+
+@pytest.fixture(scope="module")
+def clip_hub(flux_hub):
+    """SD 3.5, FLUX.1-dev and the tiny CLIP ViT-L/14 that notebook 04 scores with (the params' `clip_model`)."""
+    shaped.install_shaped("clip-l", flux_hub)
+    return flux_hub
+
+
 @pytest.mark.slow
-def test_notebooks_01_to_03_run_on_sd35(flow_hub, tmp_path, doco, monkeypatch):
-    """The notebooks' path (papermill, `doco batch`) on the SD-3.5-shaped pipeline: anchors drawn at 1024 px, D's
-    warm-up on 16-channel latents, DoCo's training and its comparison grid (notebook 04's evaluation ran on it by
-    hand, 2026-12-06)."""
-    run = run_training_notebooks(doco, "sd35_snoopy.yaml", flow_hub, tmp_path, COUNTS, monkeypatch)
-    assert type(load_pipeline(flow_shaped.SD35_ID, "cpu", unet=str(run / "doco" / "unet"))).__name__ == \
-        "StableDiffusion3Pipeline"
+@pytest.mark.parametrize("params_file, pipeline_class, base", [
+    ("sd35_snoopy.yaml", "StableDiffusion3Pipeline", "SD base"), ("flux_snoopy.yaml", "FluxPipeline", "FLUX.1 base")])
+def test_notebooks_01_to_04_run_on_sd35_and_flux_dev(params_file, pipeline_class, base, clip_hub, repo_root, tmp_path,
+                                                     doco, monkeypatch):
+    """The notebooks' path (papermill, `doco batch`) on the SD-3.5- and FLUX.1-dev-shaped pipelines at their native
+    1024 px: anchors, D's warm-up on 16-channel latents, DoCo's training and its comparison grid, then the
+    evaluation. The erased transformer loads into the family's pipeline class; notebook 04's table holds a finite
+    CLIP score and accuracy of both models for every evaluated concept, and the related-concept ranking is written."""
+    run = run_training_notebooks(doco, params_file, clip_hub, tmp_path, NOTEBOOK_COUNTS, monkeypatch,
+                                 notebooks=(*TRAINING_NOTEBOOKS, "04_evaluation"))
+    params = config.load_params(repo_root / "params" / "concepts" / params_file)
+    assert type(load_pipeline(params["model"], "cpu", unet=str(run / "doco" / "unet"))).__name__ == pipeline_class
     assert (run / "03_adversarial_training" / "original_vs_erased.png").is_file()
+    results = pd.read_csv(run / "04_evaluation" / "results_long.csv")
+    clip = results[results.metric.isin(["CS", "CA"])]
+    assert set(clip.model) == {base, f"DoCo ({params['run_name']})"}
+    assert len(clip) == 2 * 2 * 2 and set(clip.concept) == {"Snoopy", "Mickey"} and np.isfinite(clip.value).all()
+    assert len(pd.read_csv(run / "04_evaluation" / "related_concepts.csv")) == params["related_top_k"]

@@ -165,10 +165,11 @@ if __name__ == "__main__":
 TRAINING_NOTEBOOKS = ("01_data_preparation", "02_discriminator_warmup", "03_adversarial_training")
 
 
-def run_training_notebooks(doco, params_file: str, hub_cache, output_root, counts: dict, monkeypatch) -> Path:
-    """`doco batch` of notebooks 01-03 (papermill) for params/concepts/`params_file`, offline against `hub_cache` in
-    this process and in the kernels (processes of their own), the counts cut by `counts`; returns the concept's
-    run folder, once the batch has succeeded."""
+def run_training_notebooks(doco, params_file: str, hub_cache, output_root, counts: dict, monkeypatch,
+                           notebooks=TRAINING_NOTEBOOKS) -> Path:
+    """`doco batch` of `notebooks` (papermill; default 01-03) for params/concepts/`params_file`, offline against
+    `hub_cache` in this process and in the kernels (processes of their own), the counts cut by `counts`; returns the
+    concept's run folder, once the batch has succeeded."""
     import huggingface_hub.constants
 
     for name, value in (("HF_HUB_CACHE", str(hub_cache)), ("HF_HUB_OFFLINE", True)):
@@ -177,6 +178,6 @@ def run_training_notebooks(doco, params_file: str, hub_cache, output_root, count
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     sets = [arg for key, value in counts.items() for arg in ("--set", f"{key}={value}")]
     result = doco("batch", f"params/concepts/{params_file}", "--run-id", "nb", "--output-root", output_root,
-                  "--device", "cpu", "--notebooks", *TRAINING_NOTEBOOKS, *sets)
+                  "--device", "cpu", "--notebooks", *notebooks, *sets)
     assert result.returncode == 0, result.stderr[-3000:]
     return Path(output_root) / "nb" / Path(params_file).stem
