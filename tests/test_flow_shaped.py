@@ -150,3 +150,12 @@ def test_unknown_family_and_variant_are_refused(tmp_path):
         flow_shaped.make_flux_transformer("tiny", "pro", device="meta")
     with pytest.raises(ValueError, match="'tiny' or 'full'"):
         flow_shaped.make_sd35_transformer("small", device="meta")
+
+
+def test_pipelines_are_built_in_the_dtype_asked_and_the_default_dtype_is_restored():
+    """A full FLUX.1 is built in bfloat16 on a GPU (the rehearsal): every weight in that dtype from the start."""
+    pipe = flow_shaped.make_flux_pipeline("full", "dev", device="meta", dtype=torch.bfloat16)
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.text_encoder_2.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+    assert flow_shaped.make_sd35_pipeline("full", device="meta").transformer.dtype == torch.float32

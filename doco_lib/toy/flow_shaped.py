@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -160,8 +161,26 @@ def _t5_encoder(config: dict):
     return T5EncoderModel(T5Config(**config))
 
 
-def make_sd35_pipeline(size: str = "tiny", seed: int = 0, device: str = "cpu"):
-    """An SD-3.5-medium-shaped `StableDiffusion3Pipeline` with seeded random weights, initialised on `device`."""
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Modules built inside are initialised in `dtype`: a full FLUX.1 built in bfloat16 on a GPU never holds its
+    48 GB of float32 weights."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def make_sd35_pipeline(size: str = "tiny", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """An SD-3.5-medium-shaped `StableDiffusion3Pipeline` with seeded random weights, initialised on `device` in
+    `dtype`."""
+    with _default_dtype(dtype):
+        return _sd35_pipeline(size, seed, device)
+
+
+def _sd35_pipeline(size: str, seed: int, device: str):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -185,8 +204,15 @@ def build_sd35_pipeline(folder: Path, size: str = "tiny", seed: int = 0, device:
     return Path(folder)
 
 
-def make_flux_pipeline(size: str = "tiny", variant: str = "dev", seed: int = 0, device: str = "cpu"):
-    """A FLUX.1-dev- or FLUX.1-schnell-shaped `FluxPipeline` with seeded random weights, initialised on `device`."""
+def make_flux_pipeline(size: str = "tiny", variant: str = "dev", seed: int = 0, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32):
+    """A FLUX.1-dev- or FLUX.1-schnell-shaped `FluxPipeline` with seeded random weights, initialised on `device` in
+    `dtype`."""
+    with _default_dtype(dtype):
+        return _flux_pipeline(size, variant, seed, device)
+
+
+def _flux_pipeline(size: str, variant: str, seed: int, device: str):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
