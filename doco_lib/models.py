@@ -229,8 +229,8 @@ def denoiser_kind(model) -> str:
 def latent_shape(model) -> tuple[int, int]:
     """(channels, side) of the square latents the denoiser `model` draws at its native size, unpacked: SD v1's
     (4, 64), SDXL's (4, 128), SD 3.5's (16, 128), FLUX.1's (16, 128) (its 64 input channels are 2×2 patches of 16)."""
-    if denoiser_family(model) == "flux":
-        return model.config.in_channels // 4, FLUX_LATENT_SIZE
+    if denoiser_family(model) == "flux":  # its config names no sample size, unless one was registered (a rehearsal's)
+        return model.config.in_channels // 4, model.config.get("sample_size", FLUX_LATENT_SIZE)
     return model.config.in_channels, model.config.sample_size
 
 
