@@ -109,9 +109,11 @@ def _peaks(reading: dict) -> dict:
 
 def _sized(pipe, size: str):
     """`pipe`, with --tiny's latent size (`TINY_LATENT`) where `size` is tiny."""
+    from doco_lib.models import denoiser
+
     if size == "tiny":
-        pipe.unet.register_to_config(sample_size=TINY_LATENT)
-        pipe.default_sample_size = TINY_LATENT  # SDXL's pipeline reads the size it was built with from here
+        denoiser(pipe).register_to_config(sample_size=TINY_LATENT)  # FLUX.1's `latent_shape` reads it too
+        pipe.default_sample_size = TINY_LATENT  # SDXL's, SD 3's and FLUX.1's pipelines read their size from here
     return pipe
 
 
@@ -126,6 +128,46 @@ def _trained(trainer, repeats: int) -> dict[str, dict]:
         rows[phase] = {"units": 1, "repeats": len(seconds), "batch_seconds": seconds,
                        "units_per_s": len(seconds) / sum(seconds), **_peaks(meter.reading())}
     return rows
+
+
+def training_rows(family: str, params: dict, pipe, label: str, overrides: dict, repeats: int) -> list[dict]:
+    """DoCo's warm-up and adversarial iterations on `pipe` with `params` and `overrides`: one row per phase
+    (`_trained`), noting whether the run checkpointed (`auto` resolves by its memory check), with the batch size,
+    optimizer and mixed precision it ran with."""
+    from doco_lib.studies import runs
+
+    iterations = 1 + repeats
+    params = config.validate({**params, **overrides, "warmup_iterations": iterations, "iterations": 2 * iterations,
+                              "checkpoint_every": 10 ** 6, "run_name": f"training_{slug(label)}"})
+    runs.prepare_anchors(params, pipe)  # links the cached images into this run
+    trainer = runs.make_trainer(params, pipe)
+    try:
+        measured = _trained(trainer, repeats)
+        checkpointing = trainer.gradient_checkpointing
+        settings = {"batch_size": trainer.config.batch_size, "optimizer": trainer.config.optimizer,
+                    "mixed_precision": trainer.mixed_precision}
+    finally:
+        del trainer
+        _restore(pipe, params["device"])
+    return [{"family": family, "phase": f"DoCo {label}, {phase}", "unit": "iteration",
+             "note": f"gradient checkpointing: {checkpointing}", **settings, **values}
+            for phase, values in measured.items()]
+
+
+def _restore(pipe, device: str) -> None:
+    """The pipeline as before a trainer took it: every component on the device, checkpointing off."""
+    from doco_lib.models import denoiser
+
+    _restore_memory(device)
+    pipe.to(device)
+    denoiser(pipe).disable_gradient_checkpointing()
+    denoiser(pipe).requires_grad_(False)
+
+
+def _restore_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- direct mode
@@ -189,31 +231,7 @@ class Direct:
                           f"{pipe.unet.dtype}, {n} a batch")]
 
     def training(self, label: str, overrides: dict) -> list[dict]:
-        from doco_lib.studies import runs
-
-        iterations = 1 + self.repeats
-        params = config.validate({**self.params, **overrides, "warmup_iterations": iterations,
-                                  "iterations": 2 * iterations, "checkpoint_every": 10 ** 6,
-                                  "run_name": f"training_{slug(label)}"})
-        runs.prepare_anchors(params, self.pipe)  # links the cached images into this run
-        trainer = runs.make_trainer(params, self.pipe)
-        try:
-            measured = _trained(trainer, self.repeats)
-            checkpointing = trainer.gradient_checkpointing  # as the run resolved it (`auto`: by its memory check)
-        finally:
-            del trainer
-            self._restore()
-        return [self._row(f"DoCo {label}, {phase}", "iteration", values, f"gradient checkpointing: {checkpointing}")
-                for phase, values in measured.items()]
-
-    def _restore(self) -> None:
-        """The pipeline as before a trainer took it: every component on the device, checkpointing off."""
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.empty_cache()
-        self.pipe.to(self.device)
-        self.pipe.unet.disable_gradient_checkpointing()
-        self.pipe.unet.requires_grad_(False)
+        return training_rows(self.family, self.params, self.pipe, label, overrides, self.repeats)
 
     def phases(self) -> dict:
         phases = {
@@ -299,6 +317,81 @@ def direct(work: Path, size: str, device: str, repeats: int, seed: int, compile_
         if device == "cuda":
             torch.cuda.empty_cache()
     return {"rows": rows, "order": order}
+
+
+# ---------------------------------------------------------------------------------------------- MMDiT families
+MMDIT_FILES = {"flux": CONCEPTS / "flux_snoopy.yaml", "sd35": CONCEPTS / "sd35_snoopy.yaml"}
+# The trainers' data only (not timed): 8 anchor images in 2 steps, 4 a batch.
+MMDIT_ANCHORS = {"n_anchor_images": 8, "anchor_steps": 2, "anchor_shard_size": 4}
+# --tiny: 16×16 latents (`_sized`), batch 2, and D of 3 layers, which fit them.
+TINY_MMDIT = {"batch_size": 2, "disc_layers": 3}
+# What a 24 GB card would run: batch 1 (the paper's is 8) with gradient checkpointing and, where bitsandbytes is
+# installed, 8-bit Adam (the harness's smallest-memory options).
+SMALL_MEMORY = {"batch_size": 1, "gradient_checkpointing": True}
+
+
+def mmdit_trained_dtype(family: str, device: str) -> torch.dtype:
+    """The dtype of the pipeline the rehearsal trains: float32 as `doco run` loads a trained pipeline, except FLUX.1
+    on a GPU, in bfloat16: its float32 transformer (48 GB) and the trainer's copy of it before that copy is cast
+    (48 GB more) exceed an 80 GB card, so the shipped float32 path cannot run there at all."""
+    return torch.bfloat16 if family == "flux" and device == "cuda" else torch.float32
+
+
+def make_mmdit_pipeline(family: str, size: str, device: str):
+    """SD 3.5 medium's or FLUX.1-dev's shaped pipeline, built on `device` in `mmdit_trained_dtype`."""
+    from doco_lib.toy import flow_shaped
+
+    dtype = mmdit_trained_dtype(family, device)
+    if family == "flux":
+        return flow_shaped.make_flux_pipeline(size, "dev", device=device, dtype=dtype)
+    return flow_shaped.make_sd35_pipeline(size, device=device, dtype=dtype)
+
+
+def small_memory_overrides() -> dict:
+    """`SMALL_MEMORY`, with 8-bit Adam where bitsandbytes is installed."""
+    optimizer = "adam_8bit" if importlib.util.find_spec("bitsandbytes") is not None else "adam"
+    return {**SMALL_MEMORY, "optimizer": optimizer}
+
+
+def mmdit_direct(family: str, work: Path, size: str, device: str, repeats: int) -> list[dict]:
+    """DoCo's warm-up and adversarial iterations on `family` with the paper recipe as its concept file ships it
+    (batch 8, `gradient_checkpointing: auto`, bf16 autocast) and, for SD 3.5 only, with `small_memory_overrides`
+    (FLUX.1's weights alone, trained and frozen copy in bfloat16, are 44 GiB: no option fits it in 24 GB). A
+    configuration that runs out of GPU memory gives a row saying so instead of ending the rehearsal."""
+    from doco_lib.studies import runs
+
+    counts = {**MMDIT_ANCHORS, **(TINY_MMDIT if size == "tiny" else {}), "output_root": str(work / family),
+              "device": device}
+    params = config.load_params(MMDIT_FILES[family], counts)
+    pipe = _sized(make_mmdit_pipeline(family, size, device), size)
+    pipe.set_progress_bar_config(disable=True)
+    runs.prepare_anchors(params, pipe)  # the trainers' data; not timed
+    dtype = str(mmdit_trained_dtype(family, device)).removeprefix("torch.")
+    configurations = [("paper preset as shipped", {})]
+    if family == "sd35":
+        configurations.append(("batch 1, checkpointing (a 24 GB card)", small_memory_overrides()))
+    rows = []
+    for label, overrides in configurations:
+        try:
+            trained = training_rows(family, params, pipe, label, overrides, repeats)
+        except torch.cuda.OutOfMemoryError as error:
+            trained = [_out_of_memory_row(family, f"DoCo {label}", str(error))]
+        _restore_memory(device)  # here, not in the except block, whose error's traceback still holds tensors
+        for row in trained:
+            if "optimizer" in row:
+                row["note"] += (f"; batch {row['batch_size']}, {row['optimizer']}, mixed precision "
+                                f"{row['mixed_precision']}, trained weights {dtype}")
+            row["fits_24gb"] = None if row["peak_reserved_gib"] is None else row["peak_reserved_gib"] <= CARD_GIB
+        rows += trained
+    del pipe
+    _restore_memory(device)
+    return rows
+
+
+def _out_of_memory_row(family: str, phase: str, error: str) -> dict:
+    return {"family": family, "phase": phase, "unit": "iteration", "note": f"out of GPU memory: {error[:120]}",
+            "units": 0, "repeats": 0, "batch_seconds": [], "units_per_s": None, "peak_gpu_gib": None,
+            "peak_reserved_gib": None, "peak_rss_gib": None}
 
 
 # ---------------------------------------------------------------------------------------------- the budget
@@ -436,6 +529,28 @@ def _fmt(value, spec=".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _mmdit_lines(mmdit: dict | None, info: dict) -> list[str]:
+    """The report's section on SD 3.5 medium and FLUX.1-dev: DoCo's iterations, per configuration and phase."""
+    if not mmdit:
+        return []
+    lines = ["## SD 3.5 medium and FLUX.1-dev: DoCo's iterations (direct mode)", "",
+             "Pipelines with the published configs and random weights (`doco_lib.toy.flow_shaped`), 1024 px (128×128 "
+             "latents), each concept file's settings (`sd35_snoopy.yaml`, `flux_snoopy.yaml`: batch 8, "
+             f"`gradient_checkpointing: auto`, `mixed_precision: auto`); per phase the first iteration discarded, then "
+             f"{info['repeats']} timed. Fits 24 GB: the peak reserved by the allocator within {CARD_GIB} GiB.", "",
+             "| model | configuration, phase | s per iteration (median, range) | peak GPU GiB | fits 24 GB | notes |",
+             "|---|---|---|---|---|---|"]
+    for r in mmdit["rows"]:
+        seconds = r["batch_seconds"]
+        timing = (f"{statistics.median(seconds):.3f} ({min(seconds):.3f}–{max(seconds):.3f})" if seconds else "–")
+        peak = "–" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f} ({_fmt(r['peak_reserved_gib'], '.1f')})"
+        fits = {None: "–", True: "yes", False: "no"}[r.get("fits_24gb")]
+        lines.append(f"| {r['family']} | {r['phase']} | {timing} | {peak} | {fits} | {r['note']} |")
+    if mmdit["skipped"]:
+        lines += ["", f"Skipped (flag or time): {', '.join(mmdit['skipped'])}."]
+    return lines + [""]
+
+
 def write_results(results: dict, info: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{_stem(info['gpu'])}.json", out_dir / f"{_stem(info['gpu'])}.md"
@@ -475,6 +590,7 @@ def write_results(results: dict, info: dict, out_dir: Path) -> tuple[Path, Path]
             lines += ["", f"The paper recipe as a 24 GB card runs it (anchors 8 a batch, paper preset with "
                       f"checkpointing, evaluation 8 a batch, metrics) peaks at {_fmt(peak, '.1f')} GiB allocated: "
                       f"{'within' if peak is not None and peak <= CARD_GIB else 'not shown within'} {CARD_GIB} GB."]
+    lines += _mmdit_lines(results.get("mmdit"), info)
     notebook_results = results.get("notebooks")
     if notebook_results:
         lines += ["", "## Notebooks mode (papermill, `doco batch`; each phase once, cold)", "",
@@ -520,6 +636,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "(the four SD v1.4 instance concepts evaluate the same concepts)")
     parser.add_argument("--compile", action="store_true", help="also time evaluation sampling with a compiled UNet")
     parser.add_argument("--no-sdxl", action="store_true", help="leave out the SDXL phases")
+    parser.add_argument("--no-flux", action="store_true", help="leave out FLUX.1-dev's training phases")
+    parser.add_argument("--no-sd35", action="store_true", help="leave out SD 3.5 medium's training phases")
+    parser.add_argument("--skip-flux-after", type=float, default=60.0,
+                        help="direct mode: skip FLUX.1-dev's phases (the first) if this many seconds have passed")
+    parser.add_argument("--skip-sd35-after", type=float, default=300.0,
+                        help="direct mode: skip SD 3.5's phases (after FLUX.1's) if this many seconds have passed")
     parser.add_argument("--out", type=Path, help="folder for the results (default: benchmarks/results; with "
                         "--tiny, the work folder)")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
@@ -554,6 +676,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "seconds": time.perf_counter() - started}
 
     if args.mode in ("direct", "both"):
+        results["mmdit"] = {"rows": [], "skipped": []}
+        for family in ("flux", "sd35"):
+            if getattr(args, f"no_{family}") or time.perf_counter() - started >= getattr(args, f"skip_{family}_after"):
+                results["mmdit"]["skipped"].append(family)
+                continue
+            results["mmdit"]["rows"] += mmdit_direct(family, work / "direct", size, device, args.repeats)
+            write_results(results, info(), out_dir)
+
         def report(rows, order):
             results["direct"] = {"rows": rows, "order": order}
             write_results(results, info(), out_dir)
