@@ -15,6 +15,10 @@ with batch size, 512 px, 50 PNDM steps and every memory setting as the shipped p
   evaluation sampling (float16, channels last) at the batch
   the free memory allows and at 8 (what a 24 GB card holds), optionally compiled (`--compile`), PNG encoding
   and writing, CLIP-L scoring, FID Inception features and NudeNet; then SDXL's anchors, training and sampling.
+  Before all these, the MMDiTs (`doco_lib.toy.flow_shaped`, 1024 px): DoCo's warm-up and adversarial iterations
+  on FLUX.1-dev and then SD 3.5 medium with their concept files' paper recipe, and on SD 3.5 also with the
+  smallest-memory options (a 24 GB card); each left out by `--no-flux`/`--no-sd35` or once `--skip-flux-after`/
+  `--skip-sd35-after` seconds have passed (`mmdit_direct`).
 - **notebooks**: the real notebooks through papermill (`doco batch` of `sd14_snoopy.yaml` and
   `sd14_nudity.yaml`, notebooks 01-03 with the official preset and of `sdxl_snoopy.yaml`), counts cut to fit;
   each phase once, cold (model loading and first batches included), from the notebooks' cost records.
@@ -133,7 +137,7 @@ def _trained(trainer, repeats: int) -> dict[str, dict]:
 def training_rows(family: str, params: dict, pipe, label: str, overrides: dict, repeats: int) -> list[dict]:
     """DoCo's warm-up and adversarial iterations on `pipe` with `params` and `overrides`: one row per phase
     (`_trained`), noting whether the run checkpointed (`auto` resolves by its memory check), with the batch size,
-    optimizer and mixed precision it ran with."""
+    micro-batches accumulated, optimizer and mixed precision it ran with."""
     from doco_lib.studies import runs
 
     iterations = 1 + repeats
@@ -145,7 +149,7 @@ def training_rows(family: str, params: dict, pipe, label: str, overrides: dict, 
         measured = _trained(trainer, repeats)
         checkpointing = trainer.gradient_checkpointing
         settings = {"batch_size": trainer.config.batch_size, "optimizer": trainer.config.optimizer,
-                    "mixed_precision": trainer.mixed_precision}
+                    "accumulation": trainer.config.gradient_accumulation_steps, "mixed_precision": trainer.mixed_precision}
     finally:
         del trainer
         _restore(pipe, params["device"])
@@ -325,9 +329,9 @@ MMDIT_FILES = {"flux": CONCEPTS / "flux_snoopy.yaml", "sd35": CONCEPTS / "sd35_s
 MMDIT_ANCHORS = {"n_anchor_images": 8, "anchor_steps": 2, "anchor_shard_size": 4}
 # --tiny: 16×16 latents (`_sized`), batch 2, and D of 3 layers, which fit them.
 TINY_MMDIT = {"batch_size": 2, "disc_layers": 3}
-# What a 24 GB card would run: batch 1 (the paper's is 8) with gradient checkpointing and, where bitsandbytes is
-# installed, 8-bit Adam (the harness's smallest-memory options).
-SMALL_MEMORY = {"batch_size": 1, "gradient_checkpointing": True}
+# What a 24 GB card would run: the paper's batch of 8 as 8 accumulated micro-batches of 1, gradient checkpointing
+# and, where bitsandbytes is installed, 8-bit Adam (the harness's smallest-memory options).
+SMALL_MEMORY = {"batch_size": 1, "gradient_accumulation_steps": 8, "gradient_checkpointing": True}
 
 
 def mmdit_trained_dtype(family: str, device: str) -> torch.dtype:
@@ -369,7 +373,7 @@ def mmdit_direct(family: str, work: Path, size: str, device: str, repeats: int) 
     dtype = str(mmdit_trained_dtype(family, device)).removeprefix("torch.")
     configurations = [("paper preset as shipped", {})]
     if family == "sd35":
-        configurations.append(("batch 1, checkpointing (a 24 GB card)", small_memory_overrides()))
+        configurations.append(("batch 1 × 8 accumulated, checkpointing (a 24 GB card)", small_memory_overrides()))
     rows = []
     for label, overrides in configurations:
         try:
@@ -379,7 +383,7 @@ def mmdit_direct(family: str, work: Path, size: str, device: str, repeats: int) 
         _restore_memory(device)  # here, not in the except block, whose error's traceback still holds tensors
         for row in trained:
             if "optimizer" in row:
-                row["note"] += (f"; batch {row['batch_size']}, {row['optimizer']}, mixed precision "
+                row["note"] += (f"; batch {row['batch_size']} × {row['accumulation']}, {row['optimizer']}, mixed precision "
                                 f"{row['mixed_precision']}, trained weights {dtype}")
             row["fits_24gb"] = None if row["peak_reserved_gib"] is None else row["peak_reserved_gib"] <= CARD_GIB
         rows += trained
