@@ -58,6 +58,7 @@ import yaml
 
 from doco_lib import config, costs
 from doco_lib.config import read_params_file
+from doco_lib.errors import TrainingDoesNotFit
 from doco_lib.io import slug
 from doco_lib.toy import sd_shaped
 
@@ -361,7 +362,8 @@ def mmdit_direct(family: str, work: Path, size: str, device: str, repeats: int) 
     """DoCo's warm-up and adversarial iterations on `family` with the paper recipe as its concept file ships it
     (batch 8, `gradient_checkpointing: auto`, bf16 autocast) and, for SD 3.5 only, with `small_memory_overrides`
     (FLUX.1's weights alone, trained and frozen copy in bfloat16, are 44 GiB: no option fits it in 24 GB). A
-    configuration that runs out of GPU memory gives a row saying so instead of ending the rehearsal."""
+    configuration that runs out of GPU memory (or that the harness's memory check refuses) gives a row saying so
+    instead of ending the rehearsal."""
     from doco_lib.studies import runs
 
     counts = {**MMDIT_ANCHORS, **(TINY_MMDIT if size == "tiny" else {}), "output_root": str(work / family),
@@ -378,7 +380,7 @@ def mmdit_direct(family: str, work: Path, size: str, device: str, repeats: int) 
     for label, overrides in configurations:
         try:
             trained = training_rows(family, params, pipe, label, overrides, repeats)
-        except torch.cuda.OutOfMemoryError as error:
+        except (torch.cuda.OutOfMemoryError, TrainingDoesNotFit) as error:  # the latter: the harness's own check
             trained = [_out_of_memory_row(family, f"DoCo {label}", str(error))]
         _restore_memory(device)  # here, not in the except block, whose error's traceback still holds tensors
         for row in trained:

@@ -83,3 +83,18 @@ def test_sd35_and_flux_run_doco_as_their_concept_files_ship_it_and_sd35_also_as_
     text = markdown.read_text()
     assert "## SD 3.5 medium and FLUX.1-dev" in text
     assert "| flux | DoCo paper preset as shipped, adversarial |" in text
+
+
+def test_a_configuration_that_does_not_fit_gives_a_row_saying_so_and_the_rehearsal_goes_on(tmp_path, monkeypatch):
+    from doco_lib.errors import TrainingDoesNotFit
+
+    def refused(*args, **kwargs):
+        raise TrainingDoesNotFit("iteration 1 does not fit in the memory of cuda")
+
+    monkeypatch.setattr(sd_rehearsal, "training_rows", refused)
+    [row] = sd_rehearsal.mmdit_direct("flux", tmp_path, "tiny", "cpu", 3)
+    assert row["phase"] == "DoCo paper preset as shipped" and row["units_per_s"] is None
+    assert row["note"].startswith("out of GPU memory: iteration 1 does not fit") and row["fits_24gb"] is None
+    lines = sd_rehearsal._mmdit_lines({"rows": [row], "skipped": ["sd35"]}, {"repeats": 3})
+    assert "| flux | DoCo paper preset as shipped | – | – | – | out of GPU memory" in "\n".join(lines)
+    assert "Skipped (flag or time): sd35." in lines
