@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from test_attack import same_state, state
 
 from doco_lib import config, prompt_tokens
 from doco_lib.app.cli import main
@@ -55,15 +56,6 @@ def sd35():
         if isinstance(component, torch.nn.Module):
             component.eval()
     return pipe
-
-
-def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def same_state(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    after = module.state_dict()
-    return after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_a_prompts_conditioning_is_encode_prompts_and_samples_as_the_pipeline(mmdit, sd35):
