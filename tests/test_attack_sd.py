@@ -46,7 +46,7 @@ def attack(hub, repo_root, out, params: str, unet, *overrides: str) -> subproces
     counts = [arg for key, value in COUNTS.items() for arg in ("--set", f"{key}={value}")]
     return subprocess.run([sys.executable, "-m", "doco_lib", "attack", "--params", f"params/attacks/{params}",
                            "--unet", str(unet), "--out", str(out), "--set", "device=cpu", *counts, *overrides],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def test_every_attack_runs_on_sd14_judged_by_clip(sd_clip_hub, erased_unet, repo_root, tmp_path):
