@@ -174,17 +174,22 @@ class TrainingConfig:
                 if key not in not_trajectory and not key.startswith(other_methods)}
 
 
+def parameters_matching(model, include: str, exclude: str | None) -> dict[str, torch.nn.Parameter]:
+    """The parameters of `model` whose names match the regular expression `include` and not `exclude` (None: none
+    excluded), as the registry's tables give them."""
+    import re
+
+    return {name: p for name, p in model.named_parameters()
+            if re.search(include, name) and not (exclude and re.search(exclude, name))}
+
+
 def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
     """Parameters of the denoiser `unet` to fine-tune: cross-attention K/V (DoCo and ConAbl code), all
     cross-attention (ESD-x), everything but cross-attention (ESD-u), or the full UNet; on an MMDiT (SD 3.x,
     FLUX.1) their analogues, as `registry.TRAINABLE_PARAMETERS` lists them."""
-    import re
-
     if mode not in TRAINABLE:
         raise ValueError(f"trainable {mode!r} is not one of {TRAINABLE}")
-    include, exclude = TRAINABLE_PARAMETERS[denoiser_kind(unet)][mode]
-    selected = {name: p for name, p in unet.named_parameters()
-                if re.search(include, name) and not (exclude and re.search(exclude, name))}
+    selected = parameters_matching(unet, *TRAINABLE_PARAMETERS[denoiser_kind(unet)][mode])
     if not selected:
         raise ValueError(f"trainable={mode!r} selects no parameter of this {type(unet).__name__}")
     return selected

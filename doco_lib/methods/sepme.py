@@ -90,7 +90,7 @@ from torch.func import functional_call
 from doco_lib.anchors import AnchorLatents
 from doco_lib.config import ParamsError
 from doco_lib.io import CorruptFileError, atomic_directory, atomic_save_json, atomic_write_bytes
-from doco_lib.methods.harness import TrainingDiverged
+from doco_lib.methods.harness import TrainingDiverged, parameters_matching
 from doco_lib.methods.prediction import Parameterization
 from doco_lib.methods.registry import SEPME_PARAMETERS
 from doco_lib.models import (
@@ -120,11 +120,7 @@ MIN_REACH = 1e-4
 def edited_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The weights SepME's increments go on (`registry.SEPME_PARAMETERS`): a UNet's cross-attention K/V matrices, an
     MMDiT's context embedder."""
-    import re
-
-    include, exclude = SEPME_PARAMETERS[denoiser_kind(model)]
-    return {name: p for name, p in model.named_parameters()
-            if re.search(include, name) and not (exclude and re.search(exclude, name))}
+    return parameters_matching(model, *SEPME_PARAMETERS[denoiser_kind(model)])
 
 
 # ------------------------------------------------------------------------------------------ null space
