@@ -60,6 +60,7 @@ from doco_lib import config, costs
 from doco_lib.config import read_params_file
 from doco_lib.errors import TrainingDoesNotFit
 from doco_lib.io import slug
+from doco_lib.methods.harness import DTYPES
 from doco_lib.toy import sd_shaped
 
 REPO = Path(__file__).resolve().parent.parent
@@ -335,18 +336,11 @@ TINY_MMDIT = {"batch_size": 2, "disc_layers": 3}
 SMALL_MEMORY = {"batch_size": 1, "gradient_accumulation_steps": 8, "gradient_checkpointing": True}
 
 
-def mmdit_trained_dtype(family: str, device: str) -> torch.dtype:
-    """The dtype of the pipeline the rehearsal trains: float32 as `doco run` loads a trained pipeline, except FLUX.1
-    on a GPU, in bfloat16: its float32 transformer (48 GB) and the trainer's copy of it before that copy is cast
-    (48 GB more) exceed an 80 GB card, so the shipped float32 path cannot run there at all."""
-    return torch.bfloat16 if family == "flux" and device == "cuda" else torch.float32
-
-
-def make_mmdit_pipeline(family: str, size: str, device: str):
-    """SD 3.5 medium's or FLUX.1-dev's shaped pipeline, built on `device` in `mmdit_trained_dtype`."""
+def make_mmdit_pipeline(family: str, size: str, device: str, dtype: torch.dtype):
+    """SD 3.5 medium's or FLUX.1-dev's shaped pipeline, built on `device` in `dtype` (its concept file's
+    `weight_dtype`, as `doco run` loads it: bfloat16 for FLUX.1, float32 for SD 3.5)."""
     from doco_lib.toy import flow_shaped
 
-    dtype = mmdit_trained_dtype(family, device)
     if family == "flux":
         return flow_shaped.make_flux_pipeline(size, "dev", device=device, dtype=dtype)
     return flow_shaped.make_sd35_pipeline(size, device=device, dtype=dtype)
@@ -361,7 +355,8 @@ def small_memory_overrides() -> dict:
 def mmdit_direct(family: str, work: Path, size: str, device: str, repeats: int) -> list[dict]:
     """DoCo's warm-up and adversarial iterations on `family` with the paper recipe as its concept file ships it
     (batch 8, `gradient_checkpointing: auto`, bf16 autocast) and, for SD 3.5 only, with `small_memory_overrides`
-    (FLUX.1's weights alone, trained and frozen copy in bfloat16, are 44 GiB: no option fits it in 24 GB). A
+    (FLUX.1's weights alone, in bfloat16 with the trained parameters and Adam's moments in float32, are 26.8 GiB:
+    no option fits it in 24 GB). A
     configuration that runs out of GPU memory (or that the harness's memory check refuses) gives a row saying so
     instead of ending the rehearsal."""
     from doco_lib.studies import runs
@@ -369,10 +364,9 @@ def mmdit_direct(family: str, work: Path, size: str, device: str, repeats: int) 
     counts = {**MMDIT_ANCHORS, **(TINY_MMDIT if size == "tiny" else {}), "output_root": str(work / family),
               "device": device}
     params = config.load_params(MMDIT_FILES[family], counts)
-    pipe = _sized(make_mmdit_pipeline(family, size, device), size)
+    pipe = _sized(make_mmdit_pipeline(family, size, device, DTYPES[params["weight_dtype"]]), size)
     pipe.set_progress_bar_config(disable=True)
     runs.prepare_anchors(params, pipe)  # the trainers' data; not timed
-    dtype = str(mmdit_trained_dtype(family, device)).removeprefix("torch.")
     configurations = [("paper preset as shipped", {})]
     if family == "sd35":
         configurations.append(("batch 1 × 8 accumulated, checkpointing (a 24 GB card)", small_memory_overrides()))
@@ -386,7 +380,7 @@ def mmdit_direct(family: str, work: Path, size: str, device: str, repeats: int) 
         for row in trained:
             if "optimizer" in row:
                 row["note"] += (f"; batch {row['batch_size']} × {row['accumulation']}, {row['optimizer']}, mixed precision "
-                                f"{row['mixed_precision']}, trained weights {dtype}")
+                                f"{row['mixed_precision']}, weights {params['weight_dtype']}, trained parameters float32")
             row["fits_24gb"] = None if row["peak_reserved_gib"] is None else row["peak_reserved_gib"] <= CARD_GIB
         rows += trained
     del pipe

@@ -51,6 +51,7 @@ CONFIGURATIONS = {
     "+ gradient checkpointing": dict(gradient_checkpointing=True),
     "+ 8-bit Adam": dict(optimizer="adam_8bit"),
     "+ frozen UNet fp16": dict(frozen_dtype="float16"),
+    "+ shared original (no frozen copy)": dict(frozen_dtype="shared"),
     "bf16 + checkpointing + frozen fp16": dict(mixed_precision="bf16", gradient_checkpointing=True,
                                               frozen_dtype="float16"),
     "full UNet, fp32": dict(trainable="full"),

@@ -367,8 +367,15 @@ SCHEMA: dict[str, Param] = {
                                     "on; off on a CPU)", TRAINING, choices=(True, False, "auto")),
     "optimizer": Param("adam", str, "UNet optimizer: adam (multi-tensor), adam_fused, or adam_8bit (bitsandbytes)",
                        TRAINING, choices=registry.OPTIMIZERS, check=_optimizer),
-    "frozen_dtype": Param("auto", str, "dtype of the frozen original UNet (auto: float16 on GPUs)", TRAINING,
-                          choices=("auto", "float32", "float16", "bfloat16")),
+    "frozen_dtype": Param("shared", str, "the original denoiser ESD, ConAbl, DoCo's frozen real source and "
+                          "adversarial prompts read: shared (the trained one with its trained parameters' starting "
+                          "values swapped in per call, no second copy), or a separate copy in a dtype (auto: half "
+                          "precision on GPUs, float32 elsewhere)", TRAINING,
+                          choices=("shared", "auto", "float32", "float16", "bfloat16")),
+    "weight_dtype": Param("float32", str, "dtype the pipeline is loaded in for training; the trained parameters and "
+                          "their Adam state stay float32 (diffusers' cast_training_params). bfloat16 or float16 halve "
+                          "the frozen weights' memory (FLUX.1's transformer: 48 → 24 GB) and need mixed_precision",
+                          TRAINING, choices=("float32", "float16", "bfloat16")),
     "attention": Param("sdpa", str, "attention kernels: sdpa (torch's fused attention) or classic", TRAINING,
                        choices=("sdpa", "classic")),
     "compile_unet": Param(False, bool, "torch.compile the UNet (slow first steps, faster later ones on GPUs)",
@@ -616,6 +623,10 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
     if resolved["adv_prompt_every"] and resolved["method"] not in registry.ADV_PROMPT_METHODS:
         raise ParamsError(f"adv_prompt_every: {resolved['adv_prompt_every']} with method {resolved['method']!r}; "
                           f"adversarial prompts train with {' and '.join(registry.ADV_PROMPT_METHODS)} only (0: off).")
+    if resolved["weight_dtype"] != "float32" and resolved["mixed_precision"] == "no":
+        raise ParamsError(f"weight_dtype: {resolved['weight_dtype']} with mixed_precision: no; weights in half "
+                          "precision run under autocast: set mixed_precision to auto, bf16 or fp16, or weight_dtype "
+                          "to float32.")
     if resolved["method"] == "uce" and resolved["trainable"] != "cross_attention_kv":
         raise ParamsError(f"trainable: {resolved['trainable']!r} with method uce; UCE edits the cross-attention keys "
                           "and values only (trainable: cross_attention_kv).")

@@ -189,6 +189,26 @@ def _session(meter: Meter, first: int, last: int) -> dict:
     return {"first_step": first, "last_step": last, **meter.reading()}
 
 
+def weight_memory(model: torch.nn.Module, trained: set[str], weight_dtype: torch.dtype,
+                  original: torch.dtype | str | None = None) -> dict[str, int]:
+    """Bytes a training run holds for `model`'s weights before any activation, by part: the weights in
+    `weight_dtype` with the `trained` ones (names) in float32, their float32 gradients, Adam's two float32 moments,
+    and the original denoiser as the method keeps it (`original`): None (it reads none), "shared" (the trained
+    parameters' starting values, in `weight_dtype`) or a dtype (a separate copy in it). Works on the meta device, so
+    full configs are sized without their weights."""
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    n_trained, n_all = sum(sizes[name] for name in trained), sum(sizes.values())
+    width = torch.finfo(weight_dtype).bits // 8
+    if original is None:
+        kept = 0
+    elif original == "shared":
+        kept = n_trained * width
+    else:
+        kept = n_all * torch.finfo(original).bits // 8
+    return {"weights": (n_all - n_trained) * width + n_trained * 4, "gradients": n_trained * 4,
+            "adam": n_trained * 8, "original": kept}
+
+
 def stored_bytes(path: Path) -> int:
     """A file's size, or the total size of the files in a folder (recursively)."""
     path = Path(path)

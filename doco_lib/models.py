@@ -399,6 +399,29 @@ def denoiser_output(model, x_t: torch.Tensor, t: torch.Tensor, conditioning: tor
     return FluxPipeline._unpack_latents(output, height, width, 1)
 
 
+class DenoiserOutput(torch.nn.Module):
+    """`denoiser_output` of a denoiser as a module's forward, so that `torch.func.functional_call` can swap its
+    weights for one call (`output_with_weights`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t, t, conditioning):
+        return denoiser_output(self.model, x_t, t, conditioning)
+
+
+def output_with_weights(model, weights: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
+                        conditioning: torch.Tensor) -> torch.Tensor:
+    """`denoiser_output(model, x_t, t, conditioning)` with the named parameters replaced by `weights` for this call
+    only (`torch.func.functional_call`): the module is left as it was, every row of the batch sees the same weights,
+    and gradients reach `weights`."""
+    from torch.func import functional_call
+
+    return functional_call(DenoiserOutput(model), {f"model.{name}": w for name, w in weights.items()},
+                           (x_t, t, conditioning))
+
+
 def load_text_encoder(model: str = TOY, device: str = "auto"):
     """Only the tokenizer and text encoder of a pipeline (what ranking words by their text embeddings needs),
     as an object with `.tokenizer` and `.text_encoder`."""

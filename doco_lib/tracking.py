@@ -145,7 +145,7 @@ class RunTracking:
         elsewhere = {module: module.device for module in (*text_encoders(pipe), pipe.vae) if module.device != device}
         training = trainer.unet.training
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), trainer.accelerator.autocast():
                 for module in elsewhere:
                     module.to(device)
                 trainer.unet.eval()

@@ -20,7 +20,7 @@ def objective(trainer, delta: torch.Tensor, batch) -> float:
     """AdvUnlearn's attack objective for prefix `delta` on a fixed batch: ‖ε_θ(δ ⊕ P) − ε_θ₀(P)‖²."""
     x_t, t, index = batch
     with torch.no_grad():
-        reference = denoiser_output(trainer.frozen_unet, x_t, t, trainer.target_embeddings[index])
+        reference = trainer.original_output(x_t, t, trainer.target_embeddings[index])
         prediction = denoiser_output(trainer.unet, x_t, t, trainer.adv_prompts.conditioning(delta)[index])
     return F.mse_loss(prediction, reference).item()
 
@@ -33,7 +33,7 @@ def test_the_inner_attack_lowers_its_objective_and_leaves_the_unet_as_it_was(tmp
     weights = {name: p.detach().clone() for name, p in trainer.params.items()}
     assert trainer.adv_prompts.embeddings is None  # no round yet: the targets are the plain prompts
 
-    trainer.adv_prompts.attack(trainer.unet, trainer.frozen_unet, trainer._adversarial_batch,
+    trainer.adv_prompts.attack(trainer.unet, trainer.original_output, trainer._adversarial_batch,
                                trainer.target_embeddings, steps=30, lr=0.01)
 
     # Measured: 0.0033 → 0.0018 (the UNet is still the original, so random start words already come close).

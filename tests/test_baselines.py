@@ -75,7 +75,7 @@ def test_conabl_noise_variant_pulls_the_target_to_the_noise(tmp_path, monkeypatc
 
     for loss, expected, logs in _losses_at_each_step(trainer, monkeypatch, "_batch", formula):
         assert loss == pytest.approx(expected, rel=1e-4) and logs["g_loss"] == pytest.approx(loss, rel=1e-6)
-    assert trainer.frozen_unet is None  # the noise variant needs no copy of the original
+    assert trainer.frozen_unet is None and trainer.starting_weights is None  # the noise variant reads no original
 
 
 def test_esd_target_is_the_frozen_guidance_pushed_away_from_the_concept(tmp_path, monkeypatch, original):
@@ -103,3 +103,31 @@ def test_esd_target_is_the_frozen_guidance_pushed_away_from_the_concept(tmp_path
         assert loss == pytest.approx(expected, rel=1e-4) and loss > 1e-4
         assert logs["g_loss"] == pytest.approx(loss, rel=1e-6)
     assert any(not torch.equal(p, trainer.original[n]) for n, p in trainer.params.items())
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("esd", {}), ("conabl", {}), ("doco", {"fidelity": "official"}),  # the official preset's D reads the original
+    ("doco", {"adv_prompt_every": 2, "adv_prompt_steps": 2, "retain_mode": "cp"})])
+def test_the_shared_original_trains_as_a_separate_float32_copy_does(method, settings, tmp_path):
+    """`frozen_dtype: shared` keeps no second denoiser, only the trained parameters' starting values, and swaps them in
+    per call: every method that reads the original (ESD, ConAbl, DoCo's frozen real source, the adversarial prompts'
+    reference) ends with the same weights, bit for bit, as with a separate float32 copy; after training the shared
+    original's output is the original UNet's, not the trained one's."""
+    common = {"method": method, "iterations": 4, "warmup_iterations": 1 if method == "doco" else 0, **settings}
+    shared = tiny_trainer(tmp_path, "shared", frozen_dtype="shared", **common)
+    copied = tiny_trainer(tmp_path, "copied", frozen_dtype="float32", **common)
+    assert shared.frozen_unet is None and set(shared.starting_weights) == set(shared.params)
+    assert copied.frozen_unet is not None and copied.starting_weights is None
+    shared.run(progress=False)
+    copied.run(progress=False)
+    assert all(torch.equal(p, copied.params[name]) for name, p in shared.params.items())
+    assert any(not torch.equal(p, shared.starting_weights[name]) for name, p in shared.params.items())
+
+    x_t = torch.randn(2, *shared.anchors.latent_mean.shape[1:], generator=torch.Generator().manual_seed(0))
+    t, c = torch.tensor([500, 100]), shared.anchor_embeddings[:1].expand(2, -1, -1)
+    original_unet = load_pipeline("toy", "cpu", dtype=torch.float32).unet
+    assert torch.equal(shared.original_output(x_t, t, c), copied.original_output(x_t, t, c))
+    assert torch.allclose(shared.original_output(x_t, t, c), _unet(original_unet, x_t, t, c), atol=1e-5)
+    shared.unet.train()
+    shared.original_output(x_t, t, c)
+    assert shared.unet.training  # the call put back the mode it found

@@ -98,9 +98,7 @@ def leakage(delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def predict(unet, prompts_embeddings, x, t, deltas=None):
     with torch.no_grad():
-        if deltas is None:
-            return unet(x, t, encoder_hidden_states=prompts_embeddings).sample
-        return sepme.edited_forward(unet, deltas, x, t, encoder_hidden_states=prompts_embeddings).sample
+        return sepme.edited_output(unet, deltas, x, t, prompts_embeddings)
 
 
 def state(unet) -> dict[str, torch.Tensor]:

@@ -267,7 +267,7 @@ def test_the_memory_check_runs_an_adversarial_iteration_and_leaves_no_trace(tmp_
     monkeypatch.setattr(checked, "apply_update", out_of_memory)
     with pytest.raises(TrainingDoesNotFit, match=r"from iteration 3\) does not fit .*Tried to allocate 2\.00 GiB.*"
                        r"set any of: gradient_checkpointing: true; mixed_precision: auto; a smaller batch_size "
-                       r"\(now 4\)"):
+                       r"\(now 4\).*; weight_dtype: bfloat16"):
         checked.check_memory()
     _assert_same(before, _state(checked))
 

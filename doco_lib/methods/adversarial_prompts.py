@@ -59,10 +59,11 @@ class AdversarialPrompts:
         with soft_tokens(self.encoder, self.slots, delta):
             return self.encoder(self.ids)[0].float()
 
-    def attack(self, unet, frozen_unet, draw: Callable, plain: torch.Tensor, steps: int, lr: float,
+    def attack(self, unet, original: Callable, draw: Callable, plain: torch.Tensor, steps: int, lr: float,
                reduce: Callable = lambda grads: grads, autocast: Callable = contextlib.nullcontext) -> float:
         """`steps` Adam steps on δ against `unet` (left unchanged), each on a fresh batch `draw()` = (x_t, t, index
-        of each sample's target prompt); `plain`: the target prompts' own conditionings (P, L, D); `reduce`
+        of each sample's target prompt); `original(x_t, t, c)`: the starting denoiser's output, the reference
+        (the trainer's `original_output`); `plain`: the target prompts' own conditionings (P, L, D); `reduce`
         averages a gradient over processes, `autocast()` is the run's mixed precision. Returns the objective at the last step."""
         delta = torch.nn.Parameter(self.delta.clone())
         optimizer = torch.optim.Adam([delta], lr=lr)
@@ -70,8 +71,7 @@ class AdversarialPrompts:
         for _ in range(steps):
             x_t, t, index = draw()
             with torch.no_grad(), autocast():
-                reference = denoiser_output(frozen_unet, x_t.to(frozen_unet.dtype), t,
-                                            plain[index].to(frozen_unet.dtype)).float()
+                reference = original(x_t, t, plain[index]).float()
             with autocast():
                 prediction = denoiser_output(unet, x_t, t, self.conditioning(delta)[index]).float()
             loss = F.mse_loss(prediction, reference)

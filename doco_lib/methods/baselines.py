@@ -58,9 +58,7 @@ class ConAblTrainer(ErasureTrainer):
                                    else (x_t, t, diffusion_target, c))
         with self.accelerator.autocast():
             if cfg.conabl_variant == "model":
-                with torch.no_grad():
-                    frozen = self.frozen_unet
-                    target = denoiser_output(frozen, x_t.to(frozen.dtype), t, c.to(frozen.dtype)).float()
+                target = self.original_output(x_t, t, c).float()
             else:
                 target = diffusion_target
             both = denoiser_output(self.unet, torch.cat([x_t, x_r]), torch.cat([t, t_r]), torch.cat([c_star, c_r])).float()
@@ -107,9 +105,8 @@ class EsdTrainer(ErasureTrainer):
         x_t, t = self._partial_denoise(c_star)
         empty = self.empty_embedding.expand_as(c_star)
         with torch.no_grad(), self.accelerator.autocast():
-            frozen = self.frozen_unet
-            eps_empty, eps_prompt = denoiser_output(frozen, torch.cat([x_t, x_t]).to(frozen.dtype), torch.cat([t, t]),
-                                                torch.cat([empty, c_star]).to(frozen.dtype)).float().chunk(2)
+            eps_empty, eps_prompt = self.original_output(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                                         torch.cat([empty, c_star])).float().chunk(2)
             target = eps_empty - cfg.esd_eta * (eps_prompt - eps_empty)
         with self.accelerator.autocast():
             # The trained UNet reads P, or with adversarial prompts on, δ ⊕ P for a share of the batch.

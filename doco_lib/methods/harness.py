@@ -67,6 +67,7 @@ from doco_lib.models import (
     encode_prompts,
     half_dtype,
     latent_shape,
+    output_with_weights,
     pick_device,
     text_encoders,
     unconditional_conditioning,
@@ -144,6 +145,7 @@ class TrainingConfig:
     spm_lr_cycles: int = _schema_default("spm_lr_cycles")
     optimizer: str = _schema_default("optimizer")
     frozen_dtype: str = _schema_default("frozen_dtype")
+    weight_dtype: str = _schema_default("weight_dtype")
     attention: str = _schema_default("attention")
     compile_unet: bool = _schema_default("compile_unet")
     export_lora: bool = _schema_default("export_lora")
@@ -195,7 +197,7 @@ def select_trainable(unet, mode: str) -> dict[str, torch.nn.Parameter]:
     return selected
 
 
-FROZEN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -218,7 +220,15 @@ def frozen_dtype(name: str, device: torch.device, kind: str = "unet") -> torch.d
     unless told otherwise."""
     if name == "auto":
         return half_dtype(kind) if device.type == "cuda" else torch.float32
-    return FROZEN_DTYPES[name]
+    return DTYPES[name]
+
+
+def check_weight_dtype(weight_dtype: str, mixed_precision: str) -> None:
+    """Half-precision weights (`weight_dtype`) run only under autocast: refuse them without mixed precision
+    (`mixed_precision` as `resolve_precision` resolved it: `auto` is none on the CPU)."""
+    if weight_dtype != "float32" and mixed_precision == "no":
+        raise ParamsError(f"weight_dtype: {weight_dtype} needs mixed precision, and this run has none (mixed_precision "
+                          "no, or auto on the CPU); set mixed_precision: bf16 or fp16, or weight_dtype: float32.")
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -301,11 +311,19 @@ class ErasureTrainer:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # accelerate's "cuda" (autocast, D's optimizer) is then this GPU
         self.mixed_precision = resolve_precision(config.mixed_precision, self.device)
+        check_weight_dtype(config.weight_dtype, self.mixed_precision)
+        if launched_processes() == 1:  # accelerate keeps one precision a process: a later trainer may want another
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.device.type == "cpu",
                                        **tracking.accelerator_arguments(config.tracker, self.run_dir))
         self.loss_scale = FP16_LOSS_SCALE if self.accelerator.scaler is not None else 1.0
-        # The denoiser trained: a UNet, or the MMDiT transformer of SD 3.x or FLUX.1 (`models.denoiser`).
+        # The denoiser trained: a UNet, or the MMDiT transformer of SD 3.x or FLUX.1 (`models.denoiser`), held in
+        # `weight_dtype`; the parameters it trains are made float32 below, once the frozen copy is taken.
         self.unet = denoiser(pipe).to(self.device)
+        if self.unet.dtype != DTYPES[config.weight_dtype]:
+            self.unet.to(DTYPES[config.weight_dtype])
         self.unet.requires_grad_(False)
         # "auto": off, until a GPU's memory check finds the largest iteration does not fit without it (`fit_memory`).
         self.gradient_checkpointing = config.gradient_checkpointing is True
@@ -322,14 +340,19 @@ class ErasureTrainer:
         self.params = self.trained_parameters()
         for p in self.params.values():
             p.requires_grad_(True)
-        # The starting weights, for the exported delta only: on the CPU, the GPU's memory is for training.
-        self.original = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
-        self.frozen_unet = None
-        if self.needs_frozen_unet() or config.adv_prompt_every:  # the inner attack's reference is the original
+        # The original denoiser (`original_output`), for methods that read it; the inner attack's reference is it.
+        # Shared: only the trained parameters' starting values are kept, on the device (FLUX.1: 0.7 of 22 GiB).
+        self.frozen_unet, self.starting_weights = None, None
+        if (self.needs_frozen_unet() or config.adv_prompt_every) and config.frozen_dtype == "shared":
+            self.starting_weights = {name: p.detach().clone() for name, p in self.params.items()}
+        elif self.needs_frozen_unet() or config.adv_prompt_every:
             self.frozen_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
             dtype = frozen_dtype(config.frozen_dtype, self.device, denoiser_kind(self.unet))
             if dtype != self.frozen_unet.dtype:
                 self.frozen_unet.to(dtype)
+        self._train_in_float32(self.params)
+        # The starting weights, for the exported delta only: on the CPU, the GPU's memory is for training.
+        self.original = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
         if config.compile_unet:  # in place: parameter names, state dicts and save_pretrained are unchanged
             self.unet.compile()
             if self.frozen_unet is not None:
@@ -367,6 +390,7 @@ class ErasureTrainer:
 
         torch.manual_seed(config.seed)
         self.build_extra()
+        self._train_in_float32(self.params)  # again: build_extra may bring its own (SPM's adapters)
         self.opt_g = make_optimizer(config.optimizer, self.params.values(), config.lr)
         # Each process draws its own batches: rank 0 the single-process stream, the others streams hashed from
         # (seed, rank) (torch's CPU generator keeps only a seed's low 32 bits, so no offset by 2**32).
@@ -381,6 +405,31 @@ class ErasureTrainer:
         if self.checkpoint_path.exists():
             self._load_checkpoint()
         self.tracking = tracking.RunTracking(self, pipe)
+
+    @staticmethod
+    def _train_in_float32(params: dict[str, torch.nn.Parameter]) -> None:
+        """Make the trained parameters float32 whatever `weight_dtype` holds the rest in, as diffusers'
+        `cast_training_params` does: Adam's steps (lr 4e-6 on weights of about 1e-2) lie below bfloat16's resolution
+        near the weights and would round away."""
+        for p in params.values():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+
+    @torch.no_grad()
+    def original_output(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The starting denoiser's output for (x_t, t, c), without gradient (under the caller's autocast): the trained
+        denoiser with its trained parameters' starting values swapped in for the call and in eval mode, as the copy
+        is (`frozen_dtype: shared`), or the separate frozen copy in its dtype."""
+        if self.frozen_unet is not None:
+            dtype = self.frozen_unet.dtype
+            return denoiser_output(self.frozen_unet, x_t.to(dtype), t, c.to(dtype))
+        training = self.unet.training
+        self.unet.eval()
+        try:
+            return output_with_weights(self.unet, self.starting_weights, x_t.to(self.unet.dtype), t,
+                                       c.to(self.unet.dtype))
+        finally:
+            self.unet.train(training)
 
     def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The parameters the method changes, by name: those `trainable` selects (`select_trainable`)."""
@@ -444,7 +493,7 @@ class ErasureTrainer:
         if (self.adv_prompts is None or self.step < cfg.warmup_iterations
                 or (self.step - cfg.warmup_iterations) % cfg.adv_prompt_every):
             return {}
-        loss = self.adv_prompts.attack(self.unet, self.frozen_unet, self._adversarial_batch, self.target_embeddings,
+        loss = self.adv_prompts.attack(self.unet, self.original_output, self._adversarial_batch, self.target_embeddings,
                                        cfg.adv_prompt_steps, cfg.adv_prompt_lr, self.reduce, self.accelerator.autocast)
         return {"adv_prompt_loss": loss}
 
@@ -588,6 +637,8 @@ class ErasureTrainer:
                 keys.append("mixed_precision: auto")
             keys.append(f"a smaller batch_size (now {cfg.batch_size}) with a larger gradient_accumulation_steps "
                         f"(now {cfg.gradient_accumulation_steps})")
+            if cfg.weight_dtype == "float32":
+                keys.append("weight_dtype: bfloat16 (with mixed precision; the trained parameters stay float32)")
             raise TrainingDoesNotFit(f"{description} does not fit in the memory of {self.device} ({failure}); set any "
                                      f"of: {'; '.join(keys)}.")
         if cuda and self.accelerator.is_main_process:
@@ -836,8 +887,8 @@ class DocoTrainer(ErasureTrainer):
     def _real_prediction(self, x_t, t, c, retain_prediction) -> torch.Tensor:
         """D's "real" sample: the frozen original's prediction for the anchor prompt, or the trained UNet's."""
         if self.config.disc_real_source == "frozen":
-            with torch.no_grad(), self.accelerator.autocast():
-                return denoiser_output(self.frozen_unet, x_t.to(self.frozen_unet.dtype), t, c.to(self.frozen_unet.dtype))
+            with self.accelerator.autocast():
+                return self.original_output(x_t, t, c)
         if retain_prediction is not None:
             return retain_prediction[: len(x_t)]
         with torch.no_grad(), self.accelerator.autocast():
@@ -904,7 +955,7 @@ class DocoTrainer(ErasureTrainer):
         generator = torch.Generator().manual_seed(seed)
         prompts = self.prompt_index[self.heldout_index]
         c, c_star = self.anchor_embeddings[prompts], self.target_embeddings[prompts]
-        unet = self.frozen_unet if self.config.disc_real_source == "frozen" else self.unet
+        frozen = self.config.disc_real_source == "frozen"
         grid = self.parameterization.timesteps  # buckets of the training grid's steps (a flow's: falling σ)
         n_steps = len(grid)
         rows = []
@@ -914,8 +965,9 @@ class DocoTrainer(ErasureTrainer):
             z0 = self.anchors.sample(self.heldout_index, generator).to(self.device)
             noise = torch.randn(z0.shape, generator=generator).to(self.device)
             x_t = self.parameterization.add_noise(z0, noise, t)
-            real = denoiser_output(unet, x_t.to(unet.dtype), t, c.to(unet.dtype)).float()
-            fake = denoiser_output(self.unet, x_t, t, c_star)
+            with self.accelerator.autocast():  # the run's precision: its weights may be half (`weight_dtype`)
+                real = (self.original_output(x_t, t, c) if frozen else denoiser_output(self.unet, x_t, t, c)).float()
+                fake = denoiser_output(self.unet, x_t, t, c_star).float()
             d_real = self._discriminate(self._disc_view(real, x_t, t))
             d_fake = self._discriminate(self._disc_view(fake, x_t, t))
             accuracy = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item()

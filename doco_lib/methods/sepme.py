@@ -85,7 +85,6 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
-from torch.func import functional_call
 
 from doco_lib.anchors import AnchorLatents
 from doco_lib.config import ParamsError
@@ -103,6 +102,7 @@ from doco_lib.models import (
     denoiser_output,
     encode_prompts,
     is_toy,
+    output_with_weights,
     pick_device,
     resolve_model,
     text_encoders,
@@ -210,36 +210,15 @@ class SepMEIncrement(torch.nn.Module):
         return {name: p @ self.directions for name, p in zip(self.names, self.coefficients)}
 
 
-def edited_forward(model, deltas: Mapping[str, torch.Tensor], *args, **kwargs):
-    """`model(*args, **kwargs)` (a UNet, a transformer) with weights W0 + ΔW for the named parameters, W0 left
-    untouched.
-
-    The edited weights replace the parameters for this call only (`functional_call`), so every row of
-    the batch (the cond and uncond halves of classifier-free guidance alike) sees the same weights, and
-    gradients reach ΔW."""
-    params = dict(model.named_parameters())
-    weights = {name: params[name] + delta.to(params[name].dtype) for name, delta in deltas.items()}
-    return functional_call(model, weights, args, kwargs)
-
-
-class _Output(torch.nn.Module):
-    """`denoiser_output` of a denoiser as a module's forward, so that `edited_forward` can swap its weights."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_t, t, conditioning):
-        return denoiser_output(self.model, x_t, t, conditioning)
-
-
 def edited_output(model, deltas: Mapping[str, torch.Tensor] | None, x_t: torch.Tensor, t: torch.Tensor,
                   conditioning: torch.Tensor) -> torch.Tensor:
-    """`denoiser_output(model, x_t, t, conditioning)` with the increments `deltas` (None: the base weights)."""
+    """`denoiser_output(model, x_t, t, conditioning)` with weights W0 + ΔW for the parameters `deltas` names (None:
+    the base weights), W0 left untouched (`output_with_weights`), so gradients reach ΔW."""
     if not deltas:
         return denoiser_output(model, x_t, t, conditioning)
-    return edited_forward(_Output(model), {f"model.{name}": delta for name, delta in deltas.items()},
-                          x_t, t, conditioning)
+    params = dict(model.named_parameters())
+    return output_with_weights(model, {name: params[name] + delta.to(params[name].dtype)
+                                       for name, delta in deltas.items()}, x_t, t, conditioning)
 
 
 # ------------------------------------------------------------------------------------------ early stopping

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from doco_lib import config, export
 from doco_lib.anchors import (
     MANIFEST,
@@ -22,7 +20,15 @@ from doco_lib.evaluation.runner import EvaluatedModel, evaluate
 from doco_lib.io import atomic_directory
 from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.discriminator import check_discriminator_fits
-from doco_lib.methods.harness import DocoTrainer, ErasureTrainer, TrainingConfig, process_device
+from doco_lib.methods.harness import (
+    DTYPES,
+    DocoTrainer,
+    ErasureTrainer,
+    TrainingConfig,
+    check_weight_dtype,
+    process_device,
+    resolve_precision,
+)
 from doco_lib.methods.rgd_prompts import load_slots, prompt_pairs
 from doco_lib.models import (
     base_denoiser_class,
@@ -38,8 +44,11 @@ from doco_lib.sampling import sampling_settings
 
 def starting_pipeline(params: dict):
     """The model a run starts from: the base model, or an erased UNet on it (`base_unet`, sequential erasure), on
-    this process's device (under torchrun or `accelerate launch`, each process its own)."""
-    return load_pipeline(params["model"], str(process_device(params["device"])), dtype=torch.float32,  # trained
+    this process's device (under torchrun or `accelerate launch`, each process its own), in `weight_dtype` (what
+    the run trains is made float32 by the trainer)."""
+    device = process_device(params["device"])
+    check_weight_dtype(params["weight_dtype"], resolve_precision(params["mixed_precision"], device))  # before loading
+    return load_pipeline(params["model"], str(device), dtype=DTYPES[params["weight_dtype"]],
                          unet=params.get("base_unet") or None)
 
 

@@ -229,6 +229,8 @@ def _flux_pipeline(size: str, variant: str, seed: int, device: str):
 
 def build_flux_pipeline(folder: Path, size: str = "tiny", variant: str = "dev", seed: int = 0,
                         device: str = "cpu") -> Path:
-    """Write `make_flux_pipeline`'s pipeline to `folder` (safetensors)."""
-    make_flux_pipeline(size, variant, seed, device).save_pretrained(folder, safe_serialization=True)
+    """Write `make_flux_pipeline`'s pipeline to `folder` (safetensors) in bfloat16, as FLUX.1's checkpoints on the
+    hub are stored: a run that loads it in bfloat16 (`weight_dtype`) holds the stored weights exactly."""
+    make_flux_pipeline(size, variant, seed, device, dtype=torch.bfloat16).save_pretrained(folder,
+                                                                                            safe_serialization=True)
     return Path(folder)
