@@ -2,12 +2,13 @@
 
 The flow conversions of `doco_lib.methods.prediction` are checked against diffusers' FlowMatchEulerDiscreteScheduler
 (an ε-only or DDPM reading of the output fails here); `denoiser_output` against the pipelines' own denoising step;
-the MMDiT parameters each `trainable` mode selects on the full configs (meta device). On the SD-3.5-shaped tiny
-pipeline, installed under its hub id, DoCo, ESD, ConAbl and RGD train through `doco train` and change only their
-registered parameters, and each update moves its own objective the right way on a held batch (ESD's and ConAbl's
-fall, RGD's forget loss rises and its retain loss falls; an update of the wrong sign fails); UCE edits the two maps
-that take the text into SD 3.5's and FLUX.1's transformers, as UCE's Flux script does; SPM adapts FLUX.1-dev's block
-Linears; SepME trains its increment on the context embedder of SD 3.5, FLUX.1-dev and -schnell (T5 widened to leave
+the MMDiT parameters each `trainable` mode selects on the full configs (meta device). On the SD-3.5- and
+FLUX.1-dev-shaped tiny pipelines, installed under their hub ids, DoCo, ESD, ConAbl and RGD train through `doco train`
+and change only their registered parameters (FLUX.1 in bfloat16 weights with float32 trained parameters, as its
+file ships it, whose memory on the full config is computed here); on SD 3.5 each update moves its own objective the
+right way on a held batch (ESD's and ConAbl's fall, RGD's forget loss rises and its retain loss falls; an update of
+the wrong sign fails); UCE edits the two maps that take the text into SD 3.5's and FLUX.1's transformers, as UCE's
+Flux script does; SPM adapts both transformers' block Linears; SepME trains its increment on the context embedder of SD 3.5, FLUX.1-dev and -schnell (T5 widened to leave
 a null space; the tiny pipelines' are refused), leaving the outputs for "" and the decoupled concept as they were.
 Notebooks 01-04 run through `doco batch` on SD 3.5 and FLUX.1-dev."""
 
@@ -247,24 +248,33 @@ def _doco_train(repo_root, outputs, monkeypatch, params_file="sd35_snoopy.yaml",
     return code, config.load_params(repo_root / "params" / "concepts" / params_file, values)
 
 
+BASELINES = [("esd", "cross_attention", {}), ("conabl", "cross_attention_kv", {}),
+             ("rgd", "cross_attention", {"rgd_slots_file": "params/prompts/rgd_nudity_slots.yaml"})]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method, trainable, extra", [
-    ("esd", "cross_attention", {}), ("conabl", "cross_attention_kv", {}),
-    ("rgd", "cross_attention", {"rgd_slots_file": "params/prompts/rgd_nudity_slots.yaml"})])
-def test_baselines_train_sd35_through_doco_train(method, trainable, extra, offline, repo_root,
-                                                        tmp_path_factory, monkeypatch, one_torch_thread):
-    outputs = tmp_path_factory.getbasetemp() / "flow_outputs"  # one anchor cache for every method
-    code, params = _doco_train(repo_root, outputs, monkeypatch, method=method, trainable=trainable,
-                               run_name=f"sd35_{method}", **extra)
+@pytest.mark.parametrize("params_file, pipeline_class", [("sd35_snoopy.yaml", "StableDiffusion3Pipeline"),
+                                                         ("flux_snoopy.yaml", "FluxPipeline")])
+@pytest.mark.parametrize("method, trainable, extra", BASELINES)
+def test_baselines_train_the_mmdits_through_doco_train(method, trainable, extra, params_file, pipeline_class, flux_hub,
+                                                       offline, repo_root, tmp_path_factory, monkeypatch,
+                                                       one_torch_thread):
+    """ESD, ConAbl and RGD through `doco train` on SD 3.5 and FLUX.1-dev (FLUX.1 as its file ships it: bfloat16
+    weights, float32 trained parameters) change registered text-stream projections of the joint or double-stream
+    blocks and nothing else."""
+    outputs = tmp_path_factory.getbasetemp() / f"flow_outputs_{params_file}"  # one anchor cache a family
+    family = params_file.split("_")[0]
+    code, params = _doco_train(repo_root, outputs, monkeypatch, params_file, method=method, trainable=trainable,
+                               run_name=f"{family}_{method}", **extra)
     assert code == 0
     erased = load_pipeline(params["model"], "cpu", unet=str(runs.training_dir(params) / "unet"))
     base = load_pipeline(params["model"], "cpu")
-    assert type(erased).__name__ == "StableDiffusion3Pipeline"
+    assert type(erased).__name__ == pipeline_class
     original = base.transformer.state_dict()
     changed = {n for n, w in erased.transformer.state_dict().items() if not torch.equal(w, original[n])}
     registered = set(select_trainable(base.transformer, trainable))
     assert changed and changed <= registered, changed - registered
-    assert all(".attn.add_" in n for n in changed)
+    assert all(n.startswith("transformer_blocks.") and ".attn.add_" in n for n in changed)
 
 
 @pytest.mark.slow
@@ -308,21 +318,25 @@ def test_doco_trains_an_mmdit_and_exports_a_lora_that_diffusers_loads_onto_it(pa
 
 
 @pytest.mark.slow
-def test_spm_adapts_the_block_linears_of_flux_dev_through_doco_train(flux_hub, offline, repo_root, tmp_path,
-                                                                   monkeypatch, one_torch_thread):
-    """SPM on FLUX.1-dev: rank-1 adapters on every block's attention and feed-forward Linears, both streams (not the
-    AdaLN modulations); the exported transformer differs from the base in those weights only, and the adapter file,
-    under kohya's `lora_transformer_` names, loads back onto the base transformer."""
+@pytest.mark.parametrize("params_file, single_stream", [("sd35_snoopy.yaml", False), ("flux_snoopy.yaml", True)])
+def test_spm_adapts_the_block_linears_of_the_mmdits_through_doco_train(params_file, single_stream, flux_hub, offline,
+                                                                       repo_root, tmp_path, monkeypatch,
+                                                                       one_torch_thread):
+    """SPM on SD 3.5 and FLUX.1-dev: rank-1 adapters on every block's attention and feed-forward Linears, both
+    streams and FLUX.1's single-stream blocks (not the AdaLN modulations); the exported transformer differs from the
+    base in those weights only, and the adapter file, under kohya's `lora_transformer_` names, loads back onto the
+    base transformer."""
     from doco_lib.methods import spm
 
-    code, params = _doco_train(repo_root, tmp_path, monkeypatch, "flux_snoopy.yaml", method="spm", run_name="spm",
+    code, params = _doco_train(repo_root, tmp_path, monkeypatch, params_file, method="spm", run_name="spm",
                                spm_denoising_steps=3)
     assert code == 0
     run = runs.training_dir(params)
     base = load_pipeline(params["model"], "cpu").transformer
     erased = load_pipeline(params["model"], "cpu", unet=str(run / "unet")).transformer
     adapted = spm.adapted_modules(base)
-    assert any(p.startswith("single_transformer_blocks.") for p in adapted)
+    assert any(p.startswith("transformer_blocks.") for p in adapted)
+    assert any(p.startswith("single_transformer_blocks.") for p in adapted) == single_stream
     assert not any(".norm" in p for p in adapted)
     original = base.state_dict()
     changed = {n for n, w in erased.state_dict().items() if not torch.equal(w, original[n])}
