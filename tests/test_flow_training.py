@@ -189,8 +189,9 @@ def flow_hub(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def flux_hub(flow_hub):
-    """FLUX.1-dev beside SD 3.5, installed only by the tests that use it."""
+    """FLUX.1-dev and -schnell beside SD 3.5, installed only by the tests that use them."""
     shaped.install_shaped("flux-dev", flow_hub)
+    shaped.install_shaped("flux-schnell", flow_hub)
     return flow_hub
 
 
@@ -278,11 +279,11 @@ def test_baselines_train_the_mmdits_through_doco_train(method, trainable, extra,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("params_file", ["sd35_snoopy.yaml", "flux_snoopy.yaml"])
+@pytest.mark.parametrize("params_file", ["sd35_snoopy.yaml", "flux_snoopy.yaml", "flux_schnell_snoopy.yaml"])
 def test_doco_trains_an_mmdit_and_exports_a_lora_that_diffusers_loads_onto_it(params_file, flux_hub, offline,
                                                                               repo_root, tmp_path, monkeypatch,
                                                                               one_torch_thread):
-    """DoCo through `doco train` on SD 3.5 and FLUX.1-dev (FLUX.1: anchors drawn from packed noise, trained on
+    """DoCo through `doco train` on SD 3.5, FLUX.1-dev and -schnell (FLUX.1: anchors drawn from packed noise, trained on
     unpacked 16-channel latents) changes the text stream's K/V of the joint or double-stream blocks and nothing
     else; `export_lora` writes PEFT keys under `transformer.` with their config in the metadata, no kohya file (its
     names are UNet modules'); `load_lora_weights` then `fuse_lora` on the base pipeline gives the erased
