@@ -266,8 +266,9 @@ SCHEMA: dict[str, Param] = {
     "n_preservation_images": Param(128, int, "images the original model generates for the preservation prompts",
                                    (NB01, NB05, NB07, NB09, NB10), minimum=1),
     # -- 02-03: training
-    "method": Param("doco", str, "doco, or another method in the same harness: esd, conabl, rgd, uce or spm",
-                    TRAINING, choices=registry.METHODS),
+    "method": Param("doco", str, "doco, or another method in the same harness: esd, conabl, rgd, uce or spm; or "
+                    "sepme (doco train only: the target's increment, sepme_* keys)", TRAINING,
+                    choices=registry.TRAIN_METHODS),
     "rgd_slots_file": Param("params/prompts/rgd_toy_star_slots.yaml", str, "RGD: slot vocabularies of the "
                             "forget/retain prompt twins", TRAINING, check=_existing_file),
     "rgd_prompts": Param(64, int, "RGD: number of training prompt twins", TRAINING, minimum=1),
@@ -623,6 +624,10 @@ def _check_combinations(resolved: dict[str, Any]) -> None:
     if resolved["adv_prompt_every"] and resolved["method"] not in registry.ADV_PROMPT_METHODS:
         raise ParamsError(f"adv_prompt_every: {resolved['adv_prompt_every']} with method {resolved['method']!r}; "
                           f"adversarial prompts train with {' and '.join(registry.ADV_PROMPT_METHODS)} only (0: off).")
+    if resolved["method"] == "sepme" and resolved["target"] not in resolved["sepme_concepts"]:
+        raise ParamsError(f"sepme_concepts: {resolved['sepme_concepts']!r} does not name the target "
+                          f"{resolved['target']!r}; with method sepme it lists the target and the concepts its "
+                          "increment is decoupled against.")
     if resolved["weight_dtype"] != "float32" and resolved["mixed_precision"] == "no":
         raise ParamsError(f"weight_dtype: {resolved['weight_dtype']} with mixed_precision: no; weights in half "
                           "precision run under autocast: set mixed_precision to auto, bf16 or fp16, or weight_dtype "

@@ -518,3 +518,44 @@ def test_compose_and_restore_on_the_toy_mmdit_transformer(mmdit_pipe, tmp_path):
                                             {"base_model": "toy-mmdit"})
     with pytest.raises(ParamsError, match="is not the context embedder's weight of this SD3Transformer2DModel"):
         sepme.compose(transformer, [unet_increment], "toy-mmdit")
+
+
+def test_doco_train_trains_the_targets_sepme_increment_where_notebook_04_finds_it(tmp_path):
+    """`method: sepme` through `doco train` (toy-wide, whose text encoder leaves SepME room): the target's increment,
+    decoupled against "" and the other concept, composed as `<run>/sepme/unet` (the folder notebook 04 evaluates),
+    with the increment and the cost record beside it; the composed UNet differs from the base in SepME's edited
+    weights only, and its output for "" and for the other concept's name prompt is the base's. A second call reuses
+    the increment; a target missing from sepme_concepts is refused before any work."""
+    from conftest import run_doco
+    from tiny_training import write_params
+
+    from doco_lib.models import encode_prompts, load_pipeline
+
+    settings = dict(model="toy-wide", method="sepme", target="star", sepme_concepts=["star", "heart"],
+                    sepme_images=4, sepme_max_steps=4)
+    result = run_doco("train", "--params", write_params(tmp_path, "sepme_run", **settings), "--quiet")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "outputs" / "sepme_run" / "sepme"
+    assert (run / "increments" / "star.safetensors").is_file() and (run / "costs" / "training.json").is_file()
+    assert f"unet: {run / 'unet'}" in result.stdout
+    base, erased = load_pipeline("toy-wide", "cpu"), load_pipeline("toy-wide", "cpu", unet=str(run / "unet"))
+    original = base.unet.state_dict()
+    changed = {n for n, w in erased.unet.state_dict().items() if not torch.equal(w, original[n])}
+    assert changed and changed <= set(sepme.edited_parameters(base.unet))
+    conditioning = encode_prompts(base, ["", "a photo of a heart", "a photo of a star"])
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900, 500, 100])
+    with torch.no_grad():
+        before = base.unet(x, t, encoder_hidden_states=conditioning).sample
+        after = erased.unet(x, t, encoder_hidden_states=conditioning).sample
+    change = (after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)
+    assert change[0] < 1e-4 and change[1] < 1e-4 and change[2] > 1e-3, change
+
+    stamp = (run / "increments" / "star.safetensors").stat().st_mtime_ns
+    assert run_doco("train", "--params", write_params(tmp_path, "sepme_run", **settings), "--quiet").returncode == 0
+    assert (run / "increments" / "star.safetensors").stat().st_mtime_ns == stamp
+
+    refused = run_doco("train", "--params", write_params(tmp_path, "other", **{**settings, "target": "circle"}),
+                       "--quiet")
+    assert refused.returncode == 2 and "sepme_concepts" in refused.stderr and "'circle'" in refused.stderr
+    assert not (tmp_path / "outputs" / "other").exists()

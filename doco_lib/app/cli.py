@@ -261,6 +261,13 @@ def _cmd_train(args) -> None:
     import torch.distributed
 
     params = load_params(args.params, parse_overrides(args.set))
+    if params["method"] == "sepme":  # one increment, outside the harness (`runs.train_sepme`)
+        with run_lock(run_dir(params)):
+            write_resolved(params, run_dir(params))
+            paths = runs.train_sepme(params, progress=not args.quiet)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return
     process_device(params["device"])  # joins the process group of a launch: which process is the main one
     main = is_main_process()
     with run_lock(run_dir(params)) if main else contextlib.nullcontext():

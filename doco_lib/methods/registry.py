@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("doco", "esd", "conabl", "rgd", "uce", "spm")
+METHODS = ("doco", "esd", "conabl", "rgd", "uce", "spm")  # the harness's trainers (`doco_lib.methods.harness`)
+# What `method` may name: the harness's trainers, and SepME, whose one increment `doco train` trains outside the
+# harness (`doco_lib.studies.runs.train_sepme`).
+TRAIN_METHODS = (*METHODS, "sepme")
 UCE_CODE_VERSIONS = (2023, 2025)
 SPM_ANCHOR_BATCHES = ("official", "intended")
 SPM_PROMPTS = ("concept", "target_prompts")

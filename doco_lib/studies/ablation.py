@@ -142,24 +142,10 @@ def train_sepme(params: dict, seeds: list[int]) -> list[dict]:
         trained = sepme_study.train_increments(run, pipe, progress=False, concepts=[params["target"]])
         composed = sepme_study.compose_subsets(run, chosen=[(params["target"],)])
         unet = Path(composed.unet.iloc[0])
-        _write_sepme_cost(trained.iloc[0], sepme_study.increment_path(run, params["target"]), unet, pipe.unet)
+        sepme_study.write_cost_record(trained.iloc[0], sepme_study.increment_path(run, params["target"]), unet,
+                                      pipe.unet)
         rows.append({"variant": SEPME, "seed": seed, "unet": str(unet), "model": params["sepme_model"]})
     return rows
-
-
-def _write_sepme_cost(summary: pd.Series, increment: Path, unet: Path, base_unet) -> None:
-    """SepME's increments are trained outside the harness: their cost record, in the harness's layout
-    (`costs/training.json` beside the composed UNet), from what `train_increments` measured."""
-    cost = summary.get("cost")
-    if not isinstance(cost, dict):  # an increment trained before costs were recorded
-        return
-    record = {"phase": "training", "method": "sepme", "trainable": "sepme increment (K/V)",
-              "iterations": int(summary["steps"]), "measured_iterations": int(summary["steps"]), "sessions": 1,
-              **{k: cost[k] for k in ("seconds", "peak_gpu_bytes", "peak_gpu_reserved_bytes", "peak_rss_bytes",
-                                      "peak_rss_scope", "machine", "trainable_params", "changed_params")},
-              "unet_params": sum(p.numel() for p in base_unet.parameters()),
-              "stored_bytes": {"delta": costs.stored_bytes(increment), "unet": costs.stored_bytes(unet)}}
-    atomic_save_json(record, unet.parent / "costs" / "training.json")
 
 
 def stage_preservation_prompts(params: dict, stages: list[str], k: int) -> list[str]:

@@ -18,6 +18,7 @@ from doco_lib.evaluation.cache import model_caches
 from doco_lib.evaluation.nudity import read_i2p_csv
 from doco_lib.evaluation.runner import EvaluatedModel, evaluate
 from doco_lib.io import atomic_directory
+from doco_lib.methods import sepme
 from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.discriminator import check_discriminator_fits
 from doco_lib.methods.harness import (
@@ -26,6 +27,7 @@ from doco_lib.methods.harness import (
     ErasureTrainer,
     TrainingConfig,
     check_weight_dtype,
+    launched_processes,
     process_device,
     resolve_precision,
 )
@@ -40,6 +42,7 @@ from doco_lib.models import (
     toy_weights_dir,
 )
 from doco_lib.sampling import sampling_settings
+from doco_lib.studies import sepme_study
 
 
 def starting_pipeline(params: dict):
@@ -50,6 +53,27 @@ def starting_pipeline(params: dict):
     check_weight_dtype(params["weight_dtype"], resolve_precision(params["mixed_precision"], device))  # before loading
     return load_pipeline(params["model"], str(device), dtype=DTYPES[params["weight_dtype"]],
                          unet=params.get("base_unet") or None)
+
+
+def train_sepme(params: dict, progress: bool = True) -> dict[str, Path]:
+    """`method: sepme` through `doco train`: the target's SepME increment on the params' model, decoupled against ""
+    and the other `sepme_concepts`' name prompts (notebook 08's training, on the model's own images of the target),
+    composed onto the base denoiser as `<run>/sepme/unet`, which notebook 04 evaluates as any method's, beside
+    `increments/` (`doco compose` erases and restores from them) and the cost record. Reused while its settings
+    are unchanged."""
+    target = params["target"]  # one of sepme_concepts (`config`)
+    if launched_processes() > 1:
+        raise config.ParamsError("method: sepme trains on one process; run doco train without torchrun or "
+                                 "accelerate launch.")
+    run = {**params, "sepme_model": params["model"]}
+    pipe = load_pipeline(params["model"], params["device"], dtype=DTYPES["float32"])  # the increment trains
+    summary = sepme_study.train_increments(run, pipe, progress=progress, concepts=[target]).iloc[0]
+    increments = training_dir(params) / "increments"
+    unet = sepme.compose_to_folder(params["model"], increments, [target], training_dir(params) / "unet",
+                                   params["device"])
+    increment = sepme_study.increment_path(run, target)
+    sepme_study.write_cost_record(summary, increment, unet, denoiser(pipe))
+    return {"unet": unet, "increment": increment}
 
 
 def concept(params: dict) -> tuple[ConceptSpec, list[str]]:
@@ -185,6 +209,9 @@ def make_trainer(params: dict, pipe, rehearse: list[tuple[str, str, str]] | None
     """The trainer of `params['method']` over the cached anchor latents, writing to `<run>/<method>/`; it
     resumes from the checkpoint there when one exists. `rehearse`: concepts erased before this run, (target,
     anchor, anchor prompt file) each, whose target prompts over their anchors' images join the retaining batch."""
+    if params["method"] == "sepme":
+        raise config.ParamsError("method: sepme has no trainer of the harness; train it with `doco train --params "
+                                 "...` (`train_sepme`).")
     spec, _ = concept(params)
     cfg = training_config(params, latent_shape(denoiser(pipe))[1])
     if cfg.method == "rgd":

@@ -31,7 +31,7 @@ from doco_lib.anchors import prepare_anchor_latents
 from doco_lib.concepts import PromptFileError, read_prompt_file
 from doco_lib.config import ParamsError
 from doco_lib.evaluation.rating import rate_models
-from doco_lib.io import atomic_write_text, slug
+from doco_lib.io import atomic_save_json, atomic_write_text, slug
 from doco_lib.methods import sepme
 from doco_lib.models import is_toy, load_judge, load_pipeline, pick_device
 from doco_lib.sampling import generate
@@ -125,6 +125,21 @@ def train_increments(params: dict, pipe, progress: bool = True, concepts: list[s
         atomic_write_text(json.dumps({"settings": settings, "summary": summary}, indent=1), record)
         rows.append(summary)
     return pd.DataFrame(rows)
+
+
+def write_cost_record(summary: pd.Series | dict, increment: Path, unet: Path, base_denoiser) -> None:
+    """SepME's increments are trained outside the harness: their cost record, in the harness's layout
+    (`costs/training.json` beside the composed denoiser), from what `train_increments` measured."""
+    cost = summary.get("cost")
+    if not isinstance(cost, dict):  # an increment trained before costs were recorded
+        return
+    record = {"phase": "training", "method": "sepme", "trainable": "sepme increment (K/V)",
+              "iterations": int(summary["steps"]), "measured_iterations": int(summary["steps"]), "sessions": 1,
+              **{k: cost[k] for k in ("seconds", "peak_gpu_bytes", "peak_gpu_reserved_bytes", "peak_rss_bytes",
+                                      "peak_rss_scope", "machine", "trainable_params", "changed_params")},
+              "unet_params": sum(p.numel() for p in base_denoiser.parameters()),
+              "stored_bytes": {"delta": costs.stored_bytes(increment), "unet": costs.stored_bytes(unet)}}
+    atomic_save_json(record, unet.parent / "costs" / "training.json")
 
 
 @contextmanager
