@@ -37,6 +37,9 @@ def test_the_journal_table_has_each_sets_rate_then_ua_ira_cra():
     assert lines[1] == "|---|---|---|---|---|---|---|"
     # DoCo's star: 0 and 10 % → 5 ± t(0.975, 1) · 5 = 63.5; UA = 100 − star per seed: 95 ± 63.5; IRA = circle 90
     assert lines[3] == "| DoCo (cp) | 5.0 ± 63.5 | 5.0 ± 63.5 | 90.0 ± 0.0 | 95.0 ± 63.5 | 90.0 ± 0.0 | 100.0 ± 0.0 |"
+    # One seed recorded: its rates alone, with no "± 0.0" posing as an interval over seeds.
+    one_seed = journal.methods_table(rows[rows.seed == 1]).splitlines()
+    assert one_seed[3] == "| DoCo (cp) | 10.0 | 10.0 | 90.0 | 90.0 | 90.0 | 100.0 |"
 
 
 def test_the_params_file_compares_every_method_and_the_robust_variants(repo_root):
@@ -62,7 +65,7 @@ def test_recording_a_world_without_an_artefact_is_refused_before_any_run(doco, t
 
 
 # The digest of method_comparison.CODE when STUDY_VERSION was last decided on.
-PINNED_CODE_DIGEST = "33c3cd0459f42d3a33899a3760088af608169653ee07366453e98d2a8f25858d"
+PINNED_CODE_DIGEST = "bf2596a72f48a2078e6113eb50efb7597557b8635a05e6162e0e7864c44107f0"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

@@ -157,12 +157,13 @@ def student_t_interval(values, level: float = 0.95) -> tuple[float, float]:
 
 
 def summarise(judged: pd.DataFrame, by: str = "model") -> pd.DataFrame:
-    """Judged rate per (model, prompt set) as 'mean ± CI' strings and numeric columns, in percent."""
+    """Judged rate per (model, prompt set) as 'mean ± CI' strings (one seed: its rate alone, with no interval over
+    seeds to show) and numeric columns, in percent."""
     rows = []
     for (model, prompt_set), group in judged.groupby([by, "prompt set"], sort=False):
         mean, half = mean_ci(100 * group["rate"])
         rows.append({by: model, "prompt set": prompt_set, "mean": mean, "ci95": half, "seeds": len(group),
-                     "cell": f"{mean:.1f} ± {half:.1f}"})
+                     "cell": f"{mean:.1f} ± {half:.1f}" if len(group) > 1 else f"{mean:.1f}"})
     return pd.DataFrame(rows)
 
 
