@@ -343,9 +343,10 @@ class ErasureTrainer:
         # The original denoiser (`original_output`), for methods that read it; the inner attack's reference is it.
         # Shared: only the trained parameters' starting values are kept, on the device (FLUX.1: 0.7 of 22 GiB).
         self.frozen_unet, self.starting_weights = None, None
-        if (self.needs_frozen_unet() or config.adv_prompt_every) and config.frozen_dtype == "shared":
+        reads_original = self.needs_frozen_unet() or config.adv_prompt_every
+        if reads_original and config.frozen_dtype == "shared":
             self.starting_weights = {name: p.detach().clone() for name, p in self.params.items()}
-        elif self.needs_frozen_unet() or config.adv_prompt_every:
+        elif reads_original:
             self.frozen_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
             dtype = frozen_dtype(config.frozen_dtype, self.device, denoiser_kind(self.unet))
             if dtype != self.frozen_unet.dtype:
