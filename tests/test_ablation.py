@@ -1,3 +1,5 @@
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -163,6 +165,14 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     changed = ablation.run_params({**params, "lr": 1e-3}, "DoCo (cp)", 0, ablation.VARIANTS["DoCo (cp)"])
     with pytest.raises(config.ParamsError, match="trained with other settings \\(lr\\)"):
         ablation.train_run(changed)
+    # A run recorded before a setting existed was trained as its default: reused at the default, refused otherwise.
+    record = unet.parent / "ablation_run.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "weight_dtype"}))
+    assert ablation.train_run(run) == unet
+    half = ablation.run_params({**params, "weight_dtype": "bfloat16", "mixed_precision": "bf16"}, "DoCo (cp)", 0,
+                               ablation.VARIANTS["DoCo (cp)"])
+    with pytest.raises(config.ParamsError, match="trained with other settings \\(.*weight_dtype\\)"):
+        ablation.train_run(half)
 
 
 def test_a_run_from_an_erased_unet_trains_on_the_original_models_images(tmp_path):

@@ -65,7 +65,9 @@ def train_run(run: dict, concepts: list[tuple[str, str, str]] | None = None,
             raise config.ParamsError(f"{unet.parent} holds a finished run without a record of its settings "
                                      f"({record.name}); delete it to train it again, or use another run_name.")
         saved = json.loads(record.read_text())
-        changed = sorted(k for k in identity if saved.get(k) != identity[k])
+        # A setting added after the run was recorded counts as its default then, as in a checkpoint.
+        defaults = json.loads(json.dumps({key: param.default for key, param in config.SCHEMA.items()}))
+        changed = sorted(k for k in identity if saved.get(k, defaults.get(k)) != identity[k])
         if changed:
             raise config.ParamsError(f"{unet.parent} was trained with other settings ({', '.join(changed)}); delete "
                                      "it to train it again, or use another run_name.")
