@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world results-sepme results-methods results-methods-mmdit attacks attacks-mmdit
+.PHONY: demo test test-all install bench ablation ablation-quick sepme damage-matrix styles-attributes clean-outputs ui-check readme-figure results-retain-modes results-lora-export results-toy-world results-sepme results-methods results-methods-mmdit results-damage-matrix results-multi-concept attacks attacks-mmdit
 
 install: $(STAMP)
 
@@ -49,10 +49,9 @@ ablation-quick: $(STAMP)
 sepme: $(STAMP)
 	$(BIN)/doco demo --params params/toy_sepme.yaml --notebooks 08_sepme
 
-# The collateral-damage matrix (notebook 09); its figure is committed as docs/figures/damage_matrix.png.
+# The collateral-damage matrix (notebook 09), one seed; `make results-damage-matrix` records it over seeds.
 damage-matrix: $(STAMP)
 	$(BIN)/doco demo --params params/toy_damage_matrix.yaml --notebooks 09_damage_matrix
-	cp outputs/toy_damage_matrix/09_damage_matrix/damage_matrix.png docs/figures/damage_matrix.png
 
 # Toy Table 2 (styles) and toy Figure 6 (an implicit attribute), notebook 10; its bar chart and style grid are
 # committed under docs/figures/.
@@ -101,6 +100,21 @@ results-sepme: $(STAMP)
 METHOD_SEEDS ?= 0 1 2
 results-methods: $(STAMP)
 	$(BIN)/doco toy methods --params params/toy_methods.yaml --seeds $(METHOD_SEEDS) --record
+	$(BIN)/doco results
+
+# The collateral-damage matrix recorded seed by seed (docs/results/damage_matrix/; docs/figures/damage_matrix.png
+# drawn from it): notebook 09's runs (4 methods × 8 shapes, the demo's 400 iterations, shared with `make
+# damage-matrix`), every shape judged on 64 images after each. One part per call: `DAMAGE_SEEDS=0`, then 1, then 2.
+DAMAGE_SEEDS ?= 0 1 2
+results-damage-matrix: $(STAMP)
+	$(BIN)/doco toy damage-matrix --params params/toy_damage_matrix.yaml --set eval_samples=64 --seeds $(DAMAGE_SEEDS) --record
+	$(BIN)/doco results --figures
+
+# Notebook 05's multi-concept erasure recorded seed by seed (docs/results/multi_concept/): DoCo (cp) erasing star,
+# heart and cross one after another and at once on toy-wide, every stage judged on 64 images per prompt set.
+MULTI_SEEDS ?= 0 1 2
+results-multi-concept: $(STAMP)
+	$(BIN)/doco toy multi-concept --params params/toy_methods.yaml --seeds $(MULTI_SEEDS) --record
 	$(BIN)/doco results
 
 # The same comparison on toy-mmdit (docs/results/methods_toy_mmdit/): the eight methods that train its transformer.

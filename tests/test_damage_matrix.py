@@ -1,6 +1,7 @@
 """The collateral-damage matrix (doco_lib/studies/damage_matrix.py): its arithmetic on hand-made rates, the
-correlation with similarity and its shape-relabelling permutation test, and the settings it refuses before any
-run."""
+correlation with similarity and its shape-relabelling permutation test, the settings it refuses before any run, and
+the matrix recorded seed by seed (`doco toy damage-matrix`): its rows at a tiny budget, the journal's table and figure
+of them, and the pin of the code its numbers come from."""
 
 import itertools
 import math
@@ -11,6 +12,7 @@ import pytest
 from scipy import stats
 
 from doco_lib import config
+from doco_lib.app import journal
 from doco_lib.studies import damage_matrix
 
 SHAPES = ["star", "pentagon", "circle"]
@@ -181,3 +183,83 @@ def test_the_settings_it_cannot_run_are_refused_first(overrides, variants, shape
     params = {**config.validate({}), **overrides}
     with pytest.raises(config.ParamsError, match=message):
         damage_matrix.check_settings(params, variants, shapes)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_recorded_rows_at_a_tiny_budget_hold_every_run_and_the_shapes_similarity(tmp_path):
+    """UCE (closed form, no training loop) erasing each of three shapes, on two seeds, 2 images per shape."""
+    params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 4,
+                              "n_anchor_images": 4, "anchor_shard_size": 4, "eval_samples": 2})
+    rows = damage_matrix.matrix_rows(params, ["UCE"], SHAPES, [0, 1])
+    assert list(rows.columns) == damage_matrix.COLUMNS and set(rows.seed) == {0, 1} and (rows.samples == 2).all()
+    assert len(rows) == 2 * (3 + 3 * 3)  # per seed: the original's 3 shapes, then 3 runs × 3 shapes
+    assert rows[rows.model == "original"].similarity.isna().all()
+    runs = rows[rows.model == "UCE"]
+    similarity = runs.drop_duplicates(["erased", "judged"]).pivot(index="erased", columns="judged", values="similarity")
+    assert np.allclose(similarity.to_numpy(), similarity.to_numpy().T) and np.allclose(np.diag(similarity), 1)
+    per_seed, _ = damage_matrix.matrices_from_rows(rows)
+    assert set(per_seed["UCE"]) == {0, 1} and per_seed["UCE"][0].notna().all().all()
+
+
+def _recorded(similarity: dict[tuple[str, str], float]) -> pd.DataFrame:
+    """Rows as `matrix_rows` writes them: the original draws every shape; M erases its shape fully on seed 0 and to
+    20% on seed 1, and damages each other shape by a share of their similarity (0.5 on seed 0, 0.3 on seed 1)."""
+    sim = {**similarity, **{(b, a): v for (a, b), v in similarity.items()}, **{(s, s): 1.0 for s in SHAPES}}
+    rows = []
+    for seed, erased_rate, share in ((0, 0.0, 0.5), (1, 0.2, 0.3)):
+        rows += [{"model": "original", "seed": seed, "erased": "", "judged": s, "rate": 1.0,
+                  "similarity": math.nan, "samples": 64} for s in SHAPES]
+        rows += [{"model": "M", "seed": seed, "erased": e, "judged": s,
+                  "rate": erased_rate if e == s else 1 - share * sim[e, s], "similarity": sim[e, s], "samples": 64}
+                 for e in SHAPES for s in SHAPES]
+    return pd.DataFrame(rows)
+
+
+def test_the_journal_table_gives_each_seeds_numbers_with_intervals_and_the_mean_matrixs_permutation_p():
+    rows = _recorded({("star", "pentagon"): 0.9, ("star", "circle"): 0.1, ("pentagon", "circle"): 0.5})
+    lines = journal.damage_matrix_table(rows).splitlines()
+    assert lines[0] == ("| method | erasure (diagonal, pts) | damage (off the diagonal, pts) | ρ (damage, similarity) | "
+                        "ρ of the mean matrix | p (permutation) |")
+    # Erasure 100 and 80 → 90 ± t(0.975, 1) · 10 = 127.1; damage 50 · sim and 30 · sim, off-diagonal means 25 and 15
+    # → 20 ± 63.5; the damage ranks as the similarity on both seeds, ρ = 1. Of the 3! relabellings of three shapes,
+    # the identity and the one that swaps the most and least alike pairs reach |ρ| = 1: p = 2/6.
+    assert lines[2] == "| M | 90.0 ± 127.1 | 20.0 ± 63.5 | 1.00 ± 0.00 | 1.00 | 0.333 |"
+    assert journal.RENDERERS["damage_matrix"] is journal.damage_matrix_table
+
+
+def test_the_figure_is_drawn_from_the_artefacts_seed_mean_matrices():
+    import matplotlib.pyplot as plt
+
+    rows = _recorded({("star", "pentagon"): 0.9, ("star", "circle"): 0.1, ("pentagon", "circle"): 0.5})
+    matrices, similarity = damage_matrix.mean_matrices(rows)
+    assert matrices["M"].loc["star", "pentagon"] == pytest.approx((45 + 27) / 2)
+    assert matrices["M"].loc["circle", "circle"] == pytest.approx(90)
+    assert similarity.loc["pentagon", "star"] == 0.9 and list(similarity.index) == SHAPES
+    figure = journal.FIGURES["damage_matrix"][1](rows)
+    assert [ax.get_title() for ax in figure.axes] == ["M", "text-encoder similarity"]
+    plt.close(figure)
+
+
+def test_recording_another_world_is_refused_before_any_run(doco, tmp_path):
+    done = doco("toy", "damage-matrix", "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
+    assert done.returncode != 0 and "'toy-wide' has no damage_matrix artefact" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_settings_that_do_not_change_a_seeds_matrix_leave_its_identity():
+    params = config.validate({})
+    assert damage_matrix.study_identity(params) == damage_matrix.study_identity({**params, "damage_seed": 3,
+                                                                                  "run_name": "elsewhere"})
+    assert damage_matrix.study_identity(params) != damage_matrix.study_identity({**params, "eval_samples": 16})
+
+
+# The digest of damage_matrix.CODE when STUDY_VERSION was last decided on.
+PINNED_CODE_DIGEST = "50ef8dd2985293865eb37b83512722ef12f449e6cb88d41ed17d739fc273067b"
+
+
+def test_every_change_to_the_studys_code_is_a_decision_on_its_version():
+    digest = damage_matrix.code_digest()
+    assert digest == PINNED_CODE_DIGEST, (
+        "the damage matrix's code (damage_matrix.CODE) changed: if the change alters what it measures, bump "
+        "damage_matrix.STUDY_VERSION (recorded parts of other versions are then not joined); either way set "
+        f"PINNED_CODE_DIGEST to {digest!r}.")

@@ -25,7 +25,16 @@ from doco_lib.methods.harness import is_main_process, process_device, wait_for_e
 from doco_lib.methods.sepme import compose_to_folder
 from doco_lib.models import is_toy, load_judge, load_pipeline
 from doco_lib.sampling import generate
-from doco_lib.studies import attack_study, method_comparison, robustness, runs, sepme_study, versions
+from doco_lib.studies import (
+    attack_study,
+    damage_matrix,
+    method_comparison,
+    multi_concept,
+    robustness,
+    runs,
+    sepme_study,
+    versions,
+)
 from doco_lib.studies.lora_export import lora_export_study
 from doco_lib.studies.retain_modes import judged_rows, retain_mode_study
 from doco_lib.studies.toy_world_quality import quality_rows
@@ -168,6 +177,35 @@ def _cmd_toy_methods(args) -> None:
     print(journal.methods_table(rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
     if args.record:
         _record_parts(args, dict(zip(artefacts, [rows])), seeds, method_comparison.study_identity(params), started)
+
+
+def _cmd_toy_damage_matrix(args) -> None:
+    """Notebook 09's collateral-damage matrix, per seed: `damage_variants` erase each of `damage_shapes` (runs
+    trained or reused), every shape judged after each; --record records the seeds' part of artefact
+    `damage_matrix`."""
+    params = load_params(args.params, parse_overrides(args.set))
+    seeds = args.seeds or [params["damage_seed"]]
+    artefacts = _world_artefacts(params, ["damage_matrix"]) if args.record else []
+    started = time.time()
+    rows = damage_matrix.matrix_rows(params, params["damage_variants"], params["damage_shapes"], seeds)
+    written = _write_rows(rows, run_dir(params) / "damage_matrix" / "matrix_rows.csv")
+    print(journal.damage_matrix_table(rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
+    if args.record:
+        _record_parts(args, dict(zip(artefacts, [rows])), seeds, damage_matrix.study_identity(params), started)
+
+
+def _cmd_toy_multi_concept(args) -> None:
+    """Notebook 05's multi-concept erasure, per seed: `sequential_stages` erased one after another and all at once
+    (runs trained or reused), each judged; --record records the seeds' part of artefact `multi_concept`."""
+    params = load_params(args.params, parse_overrides(args.set))
+    seeds = args.seeds or params["multi_concept_seeds"]
+    artefacts = _world_artefacts(params, ["multi_concept"]) if args.record else []
+    started = time.time()
+    rows = multi_concept.multi_concept_rows(params, seeds)
+    written = _write_rows(rows, run_dir(params) / "multi_concept.csv")
+    print(journal.multi_concept_table(rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
+    if args.record:
+        _record_parts(args, dict(zip(artefacts, [rows])), seeds, multi_concept.study_identity(params), started)
 
 
 def _cmd_toy_sepme(args) -> None:
@@ -399,6 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
                          "artefact in docs/results (methods, methods_toy_mmdit)")
     methods.set_defaults(func=_cmd_toy_methods)
 
+    matrix = toy.add_parser("damage-matrix", help="notebook 09's collateral-damage matrix per seed: damage_variants "
+                            "erase each of damage_shapes in turn, every shape judged after each")
+    matrix.add_argument("--params", default="params/toy_damage_matrix.yaml")
+    matrix.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key "
+                        "(eval_samples: judged images per shape and seed)")
+    matrix.add_argument("--seeds", type=int, nargs="+", help="training and judging seeds (default: damage_seed)")
+    matrix.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefact "
+                        "damage_matrix in docs/results")
+    matrix.set_defaults(func=_cmd_toy_damage_matrix)
+
+    multi = toy.add_parser("multi-concept", help="notebook 05's multi-concept erasure per seed: sequential_stages "
+                           "erased one after another and all at once, each judged")
+    multi.add_argument("--params", default="params/toy_methods.yaml")
+    multi.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key "
+                       "(eval_samples: judged images per prompt set and seed)")
+    multi.add_argument("--seeds", type=int, nargs="+", help="training and judging seeds (default: multi_concept_seeds)")
+    multi.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefact "
+                       "multi_concept in docs/results")
+    multi.set_defaults(func=_cmd_toy_multi_concept)
+
     sepme_seeds = toy.add_parser("sepme", help="SepME's increments trained per seed, every subset of them judged "
                                  "(notebook 08's table over seeds)")
     sepme_seeds.add_argument("--params", default="params/toy_sepme.yaml")
@@ -412,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "docs/results/")
     results.add_argument("--check", action="store_true", help="change nothing; fail when a table differs")
     results.add_argument("--figures", action="store_true", help="also draw the figures drawn from artefacts (the "
-                         "attack study's) into docs/figures/")
+                         "attack study's, the damage matrix) into docs/figures/")
     results.set_defaults(func=_cmd_results)
 
     sample = commands.add_parser("sample", help="write N images for a prompt from a diffusers SD pipeline")

@@ -26,7 +26,7 @@ from doco_lib.app.batch import environment  # the batch manifest's record of the
 from doco_lib.evaluation import unlearn_canvas
 from doco_lib.evaluation.rating import mean_ci
 from doco_lib.io import atomic_write_bytes, atomic_write_text
-from doco_lib.studies import attack_study, versions
+from doco_lib.studies import attack_study, damage_matrix, versions
 
 REPO = Path(__file__).resolve().parents[2]
 ARTEFACTS = REPO / "docs" / "results"
@@ -84,10 +84,10 @@ def load(name: str, folder: Path = ARTEFACTS) -> tuple[pd.DataFrame, dict]:
     return pd.concat([rows for rows, _ in parts], ignore_index=True), {"parts": [how for _, how in parts]}
 
 
-def _cell(values: pd.Series) -> str:
+def _cell(values: pd.Series, digits: int = 1) -> str:
     """Mean ± 95% Student-t half-width over seeds; the value alone for a single seed (no interval to give)."""
     mean, half = mean_ci(values)
-    return f"{mean:.1f} ± {half:.1f}" if len(values) > 1 else f"{mean:.1f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def _rate_table(rows: pd.DataFrame, row_key: str, column_key: str, corner: str) -> str:
@@ -168,6 +168,29 @@ def methods_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def damage_matrix_table(rows: pd.DataFrame) -> str:
+    """The collateral-damage matrix per method: the erasure (mean of the diagonal) and the damage (off it) in points
+    and Spearman's ρ of the damage against the shapes' similarity, each per seed, then mean ± 95% Student-t
+    half-width over seeds; beside them ρ of the seed-mean matrix and its shape-relabelling permutation p
+    (`damage_matrix.mantel_spearman`)."""
+    per_seed = damage_matrix.seed_summaries(rows)
+    of_mean = damage_matrix.summary(*damage_matrix.mean_matrices(rows))
+    lines = ["| method | erasure (diagonal, pts) | damage (off the diagonal, pts) | ρ (damage, similarity) | "
+             "ρ of the mean matrix | p (permutation) |", "|---" * 6 + "|"]
+    for method, group in per_seed.groupby("method", sort=False):
+        rho, p = of_mean.loc[method, "Spearman ρ (damage, similarity)"], of_mean.loc[method, "p (permutation)"]
+        lines.append(f"| {method} | {_cell(group['erasure (diagonal, pts)'])} | "
+                     f"{_cell(group['damage (off the diagonal, pts)'])} | "
+                     f"{_cell(group['Spearman ρ (damage, similarity)'], digits=2)} | {rho:.2f} | "
+                     f"{'< 0.001' if p < 0.001 else f'{p:.3f}'} |")
+    return "\n".join(lines)
+
+
+def multi_concept_table(rows: pd.DataFrame) -> str:
+    """Judged rate (%) of each prompt set (columns) after each sequential stage and the all-at-once run (rows)."""
+    return _rate_table(rows, "model", "prompt set", "model")
+
+
 def relearning_table(rows: pd.DataFrame) -> str:
     """The relearning curve: judged-target rate (%) of each model's start prompts (rows) after each number of
     fine-tuning steps (columns), the mean over attempts per seed, then over seeds."""
@@ -181,15 +204,17 @@ WORLD_STUDIES: dict[str, Callable[[pd.DataFrame], str]] = {"attacks": attacks_ta
                                                            "methods": methods_table}
 RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {
     "retain_modes": retain_modes_table, "lora_export": lora_export_table, "toy_world": toy_world_table,
-    "sepme": sepme_table, **{versions.artefact_name(study, {"model": world}): table
+    "sepme": sepme_table, "damage_matrix": damage_matrix_table,
+    "multi_concept": multi_concept_table, **{versions.artefact_name(study, {"model": world}): table
                              for world in WORLDS for study, table in WORLD_STUDIES.items()}}
 
 
 # Artefact → (figure file in docs/figures/, the study's function that draws it from the artefact's rows).
 FIGURES: dict[str, tuple[str, Callable]] = {
-    name: (f"{name}.png", draw) for world in WORLDS
-    for name, draw in ((versions.artefact_name("attacks", {"model": world}), attack_study.asr_figure),
-                       (versions.artefact_name("relearning", {"model": world}), attack_study.relearning_figure))}
+    **{name: (f"{name}.png", draw) for world in WORLDS
+       for name, draw in ((versions.artefact_name("attacks", {"model": world}), attack_study.asr_figure),
+                          (versions.artefact_name("relearning", {"model": world}), attack_study.relearning_figure))},
+    "damage_matrix": ("damage_matrix.png", damage_matrix.artefact_figure)}
 
 
 def draw_figures(folder: Path = ARTEFACTS, figures: Path = REPO / "docs" / "figures") -> list[Path]:

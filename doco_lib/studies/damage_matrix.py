@@ -18,6 +18,10 @@ Mantel-style permutation test (`mantel_spearman`): under the null hypothesis the
 so the rows and columns of the similarity matrix are permuted together and Spearman's ρ recomputed against the
 fixed damage; exact over all n! relabellings for up to `EXACT_UP_TO` shapes (8 shapes: 40,320), otherwise a
 seeded Monte Carlo sample with the observed labelling counted in (p = (1 + hits) / (1 + permutations)).
+
+Recorded seed by seed (`doco toy damage-matrix`, artefact `damage_matrix`): a row per (model, seed, erased shape,
+judged shape), with the two shapes' similarity beside the rate, so that the journal's table (`seed_summaries`,
+`summary` of the seed-mean matrices) and figure (`artefact_figure`) are made from the rows alone.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from doco_lib import config
 from doco_lib.io import slug
 from doco_lib.methods.registry import VARIANTS
 from doco_lib.models import concept_similarity, load_judge, load_pipeline
+from doco_lib.studies import versions
 from doco_lib.studies.ablation import check_toy_study, run_params, train_run
 from doco_lib.toy.erasure import cached_judged_rates, prompt_sets
 from doco_lib.toy.render import SHAPES
@@ -41,6 +46,13 @@ ANCHOR, ANCHOR_PROMPTS = "shape", "params/prompts/toy_shape.txt"
 EXACT_UP_TO = 8  # shapes: up to 8! = 40,320 relabellings are enumerated; more are sampled
 MONTE_CARLO_PERMUTATIONS = 9999
 ALTERNATIVES = ("two-sided", "greater", "less")
+COLUMNS = ["model", "seed", "erased", "judged", "rate", "similarity", "samples"]
+# Bump when a change alters what the recorded matrix measures (training, the toy world, its judge, sampling, a
+# default); tests/test_damage_matrix.py pins the contents of `CODE`, so that every change there is that decision.
+STUDY_VERSION = 1
+CODE = ("doco_lib/methods", "doco_lib/toy", "doco_lib/studies/damage_matrix.py", "doco_lib/studies/ablation.py",
+        "doco_lib/studies/runs.py", "doco_lib/models.py", "doco_lib/sampling.py", "doco_lib/anchors.py",
+        "doco_lib/config.py", "doco_lib/studies/versions.py")
 
 
 def check_settings(params: dict, variants: list[str], shapes: list[str]) -> None:
@@ -174,3 +186,71 @@ def summary(matrices: dict[str, pd.DataFrame], similarity_matrix: pd.DataFrame) 
                      "damage (off the diagonal, pts)": matrix.where(~on_diagonal).stack().mean(),
                      "Spearman ρ (damage, similarity)": rho, "p (permutation)": p})
     return pd.DataFrame(rows).set_index("method")
+
+
+def matrix_rows(params: dict, variants: list[str], shapes: list[str], seeds: list[int]) -> pd.DataFrame:
+    """Train (or reuse) and judge the matrix on each seed, `eval_samples` images per shape: the artefact's rows,
+    the original model's with no erased shape and no similarity."""
+    check_settings(params, variants, shapes)
+    text_similarity = similarity(params, shapes)
+    rows = pd.concat([judge_matrix(params, train_matrix(params, variants, shapes, seed), shapes,
+                                   params["eval_samples"]).assign(seed=seed) for seed in seeds], ignore_index=True)
+    rows["similarity"] = [text_similarity.loc[e, s] if e else math.nan for e, s in zip(rows.erased, rows.judged)]
+    return rows.assign(samples=params["eval_samples"])[COLUMNS]
+
+
+def matrices_from_rows(rows: pd.DataFrame) -> tuple[dict[str, dict[int, pd.DataFrame]], pd.DataFrame]:
+    """From the artefact's rows: each method's damage matrix per seed, and the shapes' similarity."""
+    shapes = list(dict.fromkeys(rows.judged))
+    variants = [m for m in dict.fromkeys(rows.model) if m != "original"]
+    per_seed = {v: {seed: damage(group, v, shapes) for seed, group in rows.groupby("seed")} for v in variants}
+    runs = rows[rows.model != "original"]
+    text_similarity = runs.pivot_table(index="erased", columns="judged", values="similarity", aggfunc="first")
+    return per_seed, text_similarity.reindex(index=shapes, columns=shapes)
+
+
+def seed_summaries(rows: pd.DataFrame) -> pd.DataFrame:
+    """`summary` of each seed's matrices, a row per (method, seed)."""
+    per_seed, text_similarity = matrices_from_rows(rows)
+    seeds = sorted(rows.seed.unique())
+    return pd.concat([summary({v: m[seed] for v, m in per_seed.items()}, text_similarity).assign(seed=seed)
+                      for seed in seeds]).reset_index()
+
+
+def mean_matrices(rows: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Each method's damage matrix averaged over seeds, and the similarity."""
+    per_seed, text_similarity = matrices_from_rows(rows)
+    return {v: sum(m.values()) / len(m) for v, m in per_seed.items()}, text_similarity
+
+
+def damage_figure(matrices: dict[str, pd.DataFrame], text_similarity: pd.DataFrame, title: str = ""):
+    """A heatmap per method of its damage (rows erased, columns judged, points), then the similarity's."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    figure, axes = plt.subplots(1, len(matrices) + 1, figsize=(4.2 * (len(matrices) + 1), 4))
+    for ax, (variant, matrix) in zip(axes, matrices.items()):
+        sns.heatmap(matrix, ax=ax, cmap="RdBu_r", center=0, vmin=-100, vmax=100, annot=True, fmt=".0f", cbar=False,
+                    annot_kws={"size": 7}, square=True)
+        ax.set(title=variant, xlabel="judged", ylabel="erased")
+    sns.heatmap(text_similarity, ax=axes[-1], cmap="RdBu_r", center=0, vmin=-1, vmax=1, annot=True, fmt=".1f",
+                cbar=False, annot_kws={"size": 7}, square=True)
+    axes[-1].set(title="text-encoder similarity", xlabel="", ylabel="")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def artefact_figure(rows: pd.DataFrame):
+    """`damage_figure` of the artefact's matrices averaged over its seeds."""
+    seeds = sorted(rows.seed.unique())
+    return damage_figure(*mean_matrices(rows), title=f"points of judged rate lost, mean over seeds {seeds}")
+
+
+def code_digest() -> str:
+    return versions.code_digest(CODE)
+
+
+def study_identity(params: dict) -> str:
+    return versions.identity(STUDY_VERSION, params)
