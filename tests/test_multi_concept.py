@@ -55,7 +55,7 @@ def test_the_seeds_a_call_runs_leave_its_identity():
 
 
 # The digest of multi_concept.CODE when STUDY_VERSION was last decided on.
-PINNED_CODE_DIGEST = "95b1992f2d88c24179be1818f44f6673d4677908e988cfbe5495b7a8c64fe8e2"
+PINNED_CODE_DIGEST = "0ec71412268cbb729f878e88eae4977287e5a9358203035b7593be5783fdc875"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

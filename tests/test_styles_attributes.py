@@ -1,5 +1,7 @@
 """Notebook 10's two studies: toy Table 2 (styles erased to the plain background) and toy Figure 6 (a colour erased
-wherever it appears, counted on implicit prompts through the nudity evaluation's code)."""
+wherever it appears, counted on implicit prompts through the nudity evaluation's code), and both recorded seed by
+seed (`doco toy styles-attributes`): the rows at a tiny budget, the journal's tables and figure of them, and the pin
+of the code their numbers come from."""
 
 import numpy as np
 import pandas as pd
@@ -8,11 +10,12 @@ import torch
 from scipy import stats
 
 from doco_lib import config
+from doco_lib.app import journal
 from doco_lib.evaluation import nudity, unlearn_canvas
 from doco_lib.evaluation.runner import _judge_accuracy, concept_prompts
 from doco_lib.figures import labelled_grid
 from doco_lib.models import load_judge
-from doco_lib.studies import implicit_attribute, style_table
+from doco_lib.studies import implicit_attribute, style_table, styles_attributes
 from doco_lib.toy import erasure, render
 
 TOY = {"model": "toy"}
@@ -249,3 +252,83 @@ def test_judge_kind_reads_every_head_for_the_original_and_each_run(tmp_path, one
                      for m in ("original", "UCE"))
     pd.testing.assert_frame_equal(original, run)  # same weights, same prompts and seeds: the same images
     assert (tmp_path / "run" / "judged_style.json").is_file() and (tmp_path / "r" / "judged").is_dir()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_recorded_rows_at_a_tiny_budget_feed_the_journals_tables(tmp_path):
+    """UCE (closed form) erasing striped and orange on seed 1, 2 judged images per set at 2 steps; every candidate
+    prompt is implicit at threshold 0, each counted on 1 held-out image."""
+    words = tmp_path / "words.txt"
+    words.write_text("apple\n")
+    params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 2,
+                              "n_anchor_images": 4, "anchor_shard_size": 4, "eval_samples": 2, "n_templates": 2,
+                              "images_per_template": 1, "study_variants": ["UCE"], "style_targets": ["striped"],
+                              "implicit_candidates_file": str(words), "implicit_samples": 1,
+                              "implicit_threshold": 0.0, "implicit_images": 1})
+    studies = styles_attributes.study_rows(params, [1])
+    assert list(studies) == list(styles_attributes.ARTEFACTS)
+    styles, counts, colours = studies.values()
+    assert set(styles.model) == {"original", "UCE"} and set(styles.seed) == {1} and (styles.samples == 2).all()
+    assert {"judged (erased) ↓", "CS (kept) ↑", "FID ↓", "UA ↑"} <= set(styles.measure)
+    prompts = counts.prompts.iloc[0]
+    assert prompts == len(implicit_attribute.candidate_prompts(["apple"])) and (counts.attribute == "orange").all()
+    totals = counts[counts["class"] == "total"].set_index("model")["count"]
+    assert set(totals.index) == {"original", "UCE"} and totals.between(0, prompts).all()
+    assert set(colours["prompt set"]) == set(render.COLOURS) and colours.rate.between(0, 1).all()
+    for name, rows in studies.items():  # each renders, a row per model
+        assert "UCE" in journal.RENDERERS[name](rows)
+
+
+def test_the_journals_figure_6_tables_read_counts_and_named_colours():
+    counts = pd.DataFrame([{"model": m, "seed": s, "class": "total", "count": c, "attribute": "orange",
+                            "prompts": 13, "images": 16}
+                           for m, s, c in [("original", 0, 40), ("original", 1, 40), ("UCE", 0, 10), ("UCE", 1, 30)]])
+    lines = journal.implicit_attribute_table(counts).splitlines()
+    assert lines[0] == "| model | images judged orange on the implicit prompts (of 208) | reduction (%) ↑ | per seed |"
+    assert lines[2] == "| original | 40 | — | 40, 40 |"
+    # UCE: 10 and 30 → 20 ± t(0.975, 1) · 10 = 127.1; reductions 75 and 25 % → 50 ± 317.7
+    assert lines[3] == "| UCE | 20.0 ± 127.1 | 50.0 ± 317.7 | 10, 30 |"
+    colours = pd.DataFrame([{"model": m, "seed": 0, "prompt set": c, "rate": r, "shape rate": 1.0, "style rate": 0.5,
+                             "attribute": "orange"}
+                            for m, orange, red in (("original", 1.0, 1.0), ("UCE", 0.25, 0.75))
+                            for c, r in (("red", red), ("orange", orange))])
+    lines = journal.attribute_colours_table(colours).splitlines()
+    assert lines[0] == "| model | red | orange | UA ↑ | IRA ↑ | CRA ↑ |"
+    assert lines[3] == "| UCE | 75.0 | 25.0 | 75.0 | 75.0 | 75.0 |"  # CRA: shape 100, style 50 on red's images
+
+
+def test_the_journals_table_2_has_a_row_per_erased_style_and_model():
+    long = pd.DataFrame([{"erased": "striped", "model": m, "seed": s, "measure": k, "value": v, "samples": 64}
+                         for m, s, k, v in [("original", 0, "judged (erased) ↓", 100.0), ("UCE", 0, "judged (erased) ↓", 20.0),
+                                            ("UCE", 0, "FID ↓", 4.0)]])
+    lines = journal.styles_table(long).splitlines()
+    assert lines[0] == "| erased | model | judged (erased) ↓ | FID ↓ |"
+    assert lines[2:] == ["| striped | original | 100.0 | — |", "| striped | UCE | 20.0 | 4.0 |"]  # one seed: no ±
+
+
+def test_the_implicit_attribute_figure_is_drawn_from_the_artefact():
+    import matplotlib.pyplot as plt
+
+    counts = pd.DataFrame([{"model": m, "seed": 0, "class": c, "count": n, "attribute": "orange", "prompts": 13,
+                            "images": 16} for m in ("original", "UCE") for c, n in (("ORANGE_STAR", 3), ("total", 3))])
+    figure = journal.FIGURES["implicit_attribute"][1](counts)
+    assert "'orange' on 13 implicit prompts × 16 images" in figure.axes[0].get_title()
+    plt.close(figure)
+
+
+def test_recording_another_world_is_refused_before_any_run(doco, tmp_path):
+    done = doco("toy", "styles-attributes", "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
+    assert done.returncode != 0 and "'toy-wide' has no styles or implicit_attribute or attribute_colours" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+# The digest of styles_attributes.CODE when STUDY_VERSION was last decided on.
+PINNED_CODE_DIGEST = "65e901c2319fbb5b70d6cec845a251840e65b4a44a61c17eb02919336d69ac72"
+
+
+def test_every_change_to_the_studys_code_is_a_decision_on_its_version():
+    digest = styles_attributes.code_digest()
+    assert digest == PINNED_CODE_DIGEST, (
+        "notebook 10's recorded studies' code (styles_attributes.CODE) changed: if the change alters what they "
+        "measure, bump styles_attributes.STUDY_VERSION (recorded parts of other versions are then not joined); "
+        f"either way set PINNED_CODE_DIGEST to {digest!r}.")

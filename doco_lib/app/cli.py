@@ -33,6 +33,7 @@ from doco_lib.studies import (
     robustness,
     runs,
     sepme_study,
+    styles_attributes,
     versions,
 )
 from doco_lib.studies.lora_export import lora_export_study
@@ -206,6 +207,22 @@ def _cmd_toy_multi_concept(args) -> None:
     print(journal.multi_concept_table(rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
     if args.record:
         _record_parts(args, dict(zip(artefacts, [rows])), seeds, multi_concept.study_identity(params), started)
+
+
+def _cmd_toy_styles_attributes(args) -> None:
+    """Notebook 10's toy Table 2 and Figure 6, per seed: the style and attribute runs trained (or reused) and
+    measured; --record records the seeds' part of artefacts `styles`, `implicit_attribute` and `attribute_colours`."""
+    params = load_params(args.params, parse_overrides(args.set))
+    seeds = args.seeds or params["study_seeds"]
+    artefacts = _world_artefacts(params, list(styles_attributes.ARTEFACTS)) if args.record else []
+    started = time.time()
+    studies = styles_attributes.study_rows(params, seeds)
+    written = [path for name, rows in studies.items() for path in _write_rows(rows, run_dir(params) / f"{name}.csv")]
+    print(*(journal.RENDERERS[name](rows) for name, rows in studies.items()),
+          f"written to {', '.join(map(str, written))}", sep="\n\n")
+    if args.record:
+        _record_parts(args, dict(zip(artefacts, studies.values())), seeds, styles_attributes.study_identity(params),
+                      started)
 
 
 def _cmd_toy_sepme(args) -> None:
@@ -456,6 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefact "
                        "multi_concept in docs/results")
     multi.set_defaults(func=_cmd_toy_multi_concept)
+
+    styles = toy.add_parser("styles-attributes", help="notebook 10's toy Table 2 (styles) and Figure 6 (an implicit "
+                            "attribute) per seed: the runs trained (or reused) and measured")
+    styles.add_argument("--params", default="params/toy_styles_attributes.yaml")
+    styles.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key "
+                        "(eval_samples: judged images per prompt set and seed)")
+    styles.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: study_seeds)")
+    styles.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefacts "
+                        "styles, implicit_attribute and attribute_colours in docs/results")
+    styles.set_defaults(func=_cmd_toy_styles_attributes)
 
     sepme_seeds = toy.add_parser("sepme", help="SepME's increments trained per seed, every subset of them judged "
                                  "(notebook 08's table over seeds)")

@@ -26,7 +26,7 @@ from doco_lib.app.batch import environment  # the batch manifest's record of the
 from doco_lib.evaluation import unlearn_canvas
 from doco_lib.evaluation.rating import mean_ci
 from doco_lib.io import atomic_write_bytes, atomic_write_text
-from doco_lib.studies import attack_study, damage_matrix, versions
+from doco_lib.studies import attack_study, damage_matrix, implicit_attribute, style_table, versions
 
 REPO = Path(__file__).resolve().parents[2]
 ARTEFACTS = REPO / "docs" / "results"
@@ -155,17 +155,50 @@ def attacks_table(rows: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def methods_table(rows: pd.DataFrame) -> str:
-    """Notebook 05's comparison: each prompt set's judged rate (%) per model (rows), then UnlearnCanvas's UA, IRA and
-    CRA (`unlearn_canvas.table`), mean ± 95% Student-t half-width over seeds."""
+def _rates_with_accuracy(rows: pd.DataFrame, accuracy: pd.DataFrame) -> str:
+    """Each prompt set's judged rate (%) per model (rows), then the columns of `accuracy` (a row per model)."""
     rates = _rate_table(rows, "model", "prompt set", "model").splitlines()
-    target = rows.loc[rows.role == "target", "prompt set"].iloc[0]
-    accuracy = unlearn_canvas.table(rows, target, erased=list(rows.loc[rows.role == "erased", "prompt set"].unique()),
-                                    cross_domain=list(rows.loc[rows.role == "cross-domain", "prompt set"].unique()))
     lines = [rates[0] + " " + " | ".join(accuracy.columns) + " |", rates[1] + "---|" * len(accuracy.columns)]
     for line, (_, metrics) in zip(rates[2:], accuracy.iterrows()):
         lines.append(line + " " + " | ".join(metrics) + " |")
     return "\n".join(lines)
+
+
+def methods_table(rows: pd.DataFrame) -> str:
+    """Notebook 05's comparison: each prompt set's judged rate (%) per model (rows), then UnlearnCanvas's UA, IRA and
+    CRA (`unlearn_canvas.table`), mean ± 95% Student-t half-width over seeds."""
+    target = rows.loc[rows.role == "target", "prompt set"].iloc[0]
+    return _rates_with_accuracy(rows, unlearn_canvas.table(
+        rows, target, erased=list(rows.loc[rows.role == "erased", "prompt set"].unique()),
+        cross_domain=list(rows.loc[rows.role == "cross-domain", "prompt set"].unique())))
+
+
+def styles_table(rows: pd.DataFrame) -> str:
+    """Toy Table 2 (`style_table.table_of_measures`): a row per erased style and model, a column per measure."""
+    table = style_table.table_of_measures(rows).reset_index()
+    lines = ["| " + " | ".join(table.columns) + " |", "|---" * len(table.columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)])
+
+
+def implicit_attribute_table(rows: pd.DataFrame) -> str:
+    """Toy Figure 6's numbers: per model the images judged in the attribute on the implicit prompts (all shapes) and
+    their reduction against the original's (`implicit_attribute.reduction`), then each seed's count."""
+    reduction = implicit_attribute.reduction(rows)
+    totals = rows[rows["class"] == "total"]
+    attribute, images = rows["attribute"].iloc[0], rows["prompts"].iloc[0] * rows["images"].iloc[0]
+    lines = [f"| model | images judged {attribute} on the implicit prompts (of {images}) | reduction (%) ↑ | per seed |",
+             "|---|---|---|---|"]
+    for model, row in reduction.iterrows():
+        per_seed = ", ".join(f"{count:g}" for count in totals[totals.model == model].sort_values("seed")["count"])
+        lines.append(f"| {model} | {row['detections']} | {row['reduction (%) ↑']} | {per_seed} |")
+    return "\n".join(lines)
+
+
+def attribute_colours_table(rows: pd.DataFrame) -> str:
+    """The attribute runs where each colour is named: the colour head's judged rate (%) per colour, then UA (the
+    attribute's prompts), IRA (the other colours') and CRA (the shape and style heads on their images)."""
+    return _rates_with_accuracy(rows, unlearn_canvas.table(rows, rows["attribute"].iloc[0],
+                                                           cross_heads=implicit_attribute.CROSS_HEADS))
 
 
 def damage_matrix_table(rows: pd.DataFrame) -> str:
@@ -205,7 +238,8 @@ WORLD_STUDIES: dict[str, Callable[[pd.DataFrame], str]] = {"attacks": attacks_ta
 RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {
     "retain_modes": retain_modes_table, "lora_export": lora_export_table, "toy_world": toy_world_table,
     "sepme": sepme_table, "damage_matrix": damage_matrix_table,
-    "multi_concept": multi_concept_table, **{versions.artefact_name(study, {"model": world}): table
+    "multi_concept": multi_concept_table, "styles": styles_table, "implicit_attribute": implicit_attribute_table,
+    "attribute_colours": attribute_colours_table, **{versions.artefact_name(study, {"model": world}): table
                              for world in WORLDS for study, table in WORLD_STUDIES.items()}}
 
 
@@ -214,7 +248,8 @@ FIGURES: dict[str, tuple[str, Callable]] = {
     **{name: (f"{name}.png", draw) for world in WORLDS
        for name, draw in ((versions.artefact_name("attacks", {"model": world}), attack_study.asr_figure),
                           (versions.artefact_name("relearning", {"model": world}), attack_study.relearning_figure))},
-    "damage_matrix": ("damage_matrix.png", damage_matrix.artefact_figure)}
+    "damage_matrix": ("damage_matrix.png", damage_matrix.artefact_figure),
+    "implicit_attribute": ("implicit_attribute.png", implicit_attribute.artefact_figure)}
 
 
 def draw_figures(folder: Path = ARTEFACTS, figures: Path = REPO / "docs" / "figures") -> list[Path]:

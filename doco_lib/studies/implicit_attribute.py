@@ -219,3 +219,8 @@ def counts_plot(counts: pd.DataFrame, attribute: str, n_prompts: int, n_images: 
     axes.legend(title="model", bbox_to_anchor=(1.01, 1), loc="upper left")
     figure.tight_layout()
     return figure
+
+
+def artefact_figure(rows: pd.DataFrame):
+    """`counts_plot` of artefact `implicit_attribute`'s rows (its attribute, number of prompts and images)."""
+    return counts_plot(rows, rows["attribute"].iloc[0], int(rows["prompts"].iloc[0]), int(rows["images"].iloc[0]))

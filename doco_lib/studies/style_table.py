@@ -98,11 +98,11 @@ def clip_metrics(params: dict, trained: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def table(judged: pd.DataFrame, metrics: pd.DataFrame, styles: list[str]) -> pd.DataFrame:
-    """Toy Table 2: per erased style and method, mean ± 95% CI over seeds (%, FID unitless) of the erased style's
-    judged rate, CS and CA (lower: erased), the same over the retained styles (every other style, the anchor
-    included: higher is kept), FID over all styles' images, and UA / IRA / CRA."""
-    measures = []
+def measures(judged: pd.DataFrame, metrics: pd.DataFrame, styles: list[str]) -> pd.DataFrame:
+    """Toy Table 2's measures per erased style, model and seed (rows: erased, model, seed, measure, value; %, FID
+    unitless): the erased style's judged rate, CS and CA (lower: erased), the same over the retained styles (every
+    other style, the anchor included: higher is kept), FID over all styles' images, and UA / IRA / CRA."""
+    measured = []
     originals = judged[judged.model == "original"]
     for style in styles:
         runs = pd.concat([originals, judged[judged.erased == style]])
@@ -117,14 +117,27 @@ def table(judged: pd.DataFrame, metrics: pd.DataFrame, styles: list[str]) -> pd.
                    "CA (erased) ↓": own.loc[style, "CA"], "judged (kept) ↑": 100 * rates[kept].mean(),
                    "CS (kept) ↑": own.loc[kept, "CS"].mean(), "CA (kept) ↑": own.loc[kept, "CA"].mean(),
                    "FID ↓": own["FID"].mean() if model != "original" else float("nan")}
-            measures += [{**row, "measure": k, "value": v} for k, v in row.items() if k not in ("erased", "model", "seed")]
+            measured += [{**row, "measure": k, "value": v} for k, v in row.items() if k not in ("erased", "model", "seed")]
         accuracy = unlearn_canvas.accuracies(runs.drop(columns="erased"), style, cross_heads=CROSS_HEADS)
-        measures += [{"erased": style, "model": r["model"], "seed": r["seed"], "measure": f"{r['prompt set']} ↑",
+        measured += [{"erased": style, "model": r["model"], "seed": r["seed"], "measure": f"{r['prompt set']} ↑",
                       "value": 100 * r["rate"]} for r in accuracy.to_dict("records")]
-    long = pd.DataFrame(measures).dropna(subset=["value"])
-    cells = [{"erased": erased, "model": model, "measure": measure, "cell": f"{m:.1f} ± {h:.1f}"}
-             for (erased, model, measure), group in long.groupby(["erased", "model", "measure"], sort=False)
-             for m, h in [rating.mean_ci(group["value"])]]
+    return pd.DataFrame(measured).dropna(subset=["value"])
+
+
+def table_of_measures(long: pd.DataFrame) -> pd.DataFrame:
+    """`measures` as Toy Table 2: a row per (erased, model), a column per measure, mean ± 95% Student-t half-width
+    over seeds (one seed: its value alone); '—' where nothing measured it (the original's FID)."""
+    def cell(values: pd.Series) -> str:
+        mean, half = rating.mean_ci(values)
+        return f"{mean:.1f} ± {half:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+    cells = [{"erased": erased, "model": model, "measure": measure, "cell": cell(group["value"])}
+             for (erased, model, measure), group in long.groupby(["erased", "model", "measure"], sort=False)]
     wide = pd.DataFrame(cells).pivot_table(index=["erased", "model"], columns="measure", values="cell",
                                            aggfunc="first", sort=False)
     return wide.reindex(columns=list(dict.fromkeys(long.measure))).fillna("—").rename_axis(columns=None)
+
+
+def table(judged: pd.DataFrame, metrics: pd.DataFrame, styles: list[str]) -> pd.DataFrame:
+    """Toy Table 2 (`table_of_measures` of `measures`)."""
+    return table_of_measures(measures(judged, metrics, styles))

@@ -13,7 +13,8 @@ from doco_lib.config import SCHEMA
 
 REPO = Path(__file__).resolve().parents[2]
 # Keys that say where outputs go or which seeds a call runs, not what a seed measures.
-NOT_MEASURED = ("attack_model_seeds", "ablation_seeds", "damage_seed", "multi_concept_seeds", "output_root", "run_name")
+NOT_MEASURED = ("attack_model_seeds", "ablation_seeds", "damage_seed", "multi_concept_seeds", "study_seeds", "output_root",
+                "run_name")
 
 
 def artefact_name(study: str, params: dict) -> str:
