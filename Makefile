@@ -94,8 +94,10 @@ results-sepme: $(STAMP)
 	$(BIN)/doco results
 
 # Notebook 05's method comparison (docs/results/methods/): every method and the two robust variants, each shape's
-# judged rate and UA / IRA / CRA at 64 judged images per prompt set. Recorded seed by seed like the attack study,
-# whose trained runs it reuses: `make results-methods METHOD_SEEDS=0` after `make attacks ATTACK_SEEDS=0`.
+# judged rate and UA / IRA / CRA at 64 judged images per prompt set, with the same runs' training costs
+# (method_costs/) and the target judged across sampling settings (sampling_sweep/). Recorded seed by seed like the
+# attack study, whose trained runs it reuses: `make results-methods METHOD_SEEDS=0` after `make attacks
+# ATTACK_SEEDS=0`; a part already recorded with the same rows is left as it was.
 METHOD_SEEDS ?= 0 1 2
 results-methods: $(STAMP)
 	$(BIN)/doco toy methods --params params/toy_methods.yaml --seeds $(METHOD_SEEDS) --record

@@ -242,7 +242,7 @@ def test_the_figure_is_drawn_from_the_artefacts_seed_mean_matrices():
 
 def test_recording_another_world_is_refused_before_any_run(doco, tmp_path):
     done = doco("toy", "damage-matrix", "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
-    assert done.returncode != 0 and "'toy-wide' has no damage_matrix artefact" in done.stderr
+    assert done.returncode != 0 and "'toy-wide' has no artefact damage_matrix" in done.stderr
     assert not any(tmp_path.iterdir())
 
 

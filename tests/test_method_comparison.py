@@ -16,12 +16,23 @@ def test_rows_at_a_tiny_budget_name_each_sets_role(tmp_path):
     params = config.validate({"output_root": str(tmp_path), "device": "cpu", "num_inference_steps": 4,
                               "related_concepts": ["pentagon", "circle"], "n_anchor_images": 4,
                               "anchor_shard_size": 4})
-    rows = method_comparison.method_rows(params, ["UCE"], [1], samples=2)
+    studies = method_comparison.study_rows({**params, "sweep_guidance_scales": [2.0, 5.0], "sweep_steps": [3]},
+                                           ["UCE"], [1], samples=2)
+    rows = studies["methods"]
     assert list(rows.columns) == method_comparison.COLUMNS
     assert list(dict.fromkeys(rows.model)) == ["original", "UCE"] and set(rows.seed) == {1}
     roles = rows.drop_duplicates("prompt set").set_index("prompt set")["role"].to_dict()
     assert roles == {"star": "target", "pentagram": "erased", "pentagon": "retained", "circle": "retained"}
     assert rows.rate.between(0, 1).all() and (rows.samples == 2).all()
+    assert rows.equals(method_comparison.method_rows(params, ["UCE"], [1], samples=2))  # reused, judged the same
+    costs = studies["method_costs"]
+    assert list(costs.columns) == method_comparison.COST_COLUMNS and list(costs.variant) == ["UCE"]
+    assert costs["changed params"].iloc[0] > 0
+    swept = studies["sampling_sweep"]  # each guidance at the params' 4 steps, then 3 steps at guidance 5
+    assert set(zip(swept.guidance, swept.steps)) == {(2.0, 4), (5.0, 4), (5.0, 3)}
+    assert set(swept.role) == {"target", "erased"} and list(dict.fromkeys(swept.model)) == ["original", "UCE"]
+    lines = journal.sampling_sweep_table(swept).splitlines()
+    assert lines[0] == "| model (w = guidance at 4 steps; steps at w 5) | w 2 | w 5 | 3 steps |"
 
 
 def test_the_journal_table_has_each_sets_rate_then_ua_ira_cra():
@@ -42,6 +53,23 @@ def test_the_journal_table_has_each_sets_rate_then_ua_ira_cra():
     assert one_seed[3] == "| DoCo (cp) | 10.0 | 10.0 | 90.0 | 90.0 | 90.0 | 100.0 |"
 
 
+def test_the_journal_tables_of_the_sweep_and_the_costs():
+    swept = pd.DataFrame([{"model": model, "seed": seed, "prompt set": "star", "role": "target", "guidance": g,
+                           "steps": steps, "rate": rate, "samples": 64}
+                          for seed in (0, 1) for model, rate in (("original", 1.0), ("UCE", 0.25 * seed))
+                          for g, steps in ((1.5, 25), (5.0, 25), (5.0, 50))])
+    lines = journal.sampling_sweep_table(swept).splitlines()
+    assert lines[0] == "| model (w = guidance at 25 steps; steps at w 5) | w 1.5 | w 5 | 50 steps |"
+    assert lines[3] == "| UCE | 12.5 ± 158.8 | 12.5 ± 158.8 | 12.5 ± 158.8 |"
+    costs = pd.DataFrame([{"variant": "UCE", "seed": seed, "method": "uce", "seconds": seconds, "iterations": 1,
+                           "peak memory (MB)": 1000.0, "memory": "CPU resident", "trainable params": 10,
+                           "changed params": 10, "stored delta (MB)": 0.09, "stored UNet (MB)": 4.1,
+                           "machine": "2 CPU cores"} for seed, seconds in ((0, 1.0), (1, 3.0))])
+    lines = journal.method_costs_table(costs).splitlines()
+    assert lines[0].startswith("| variant | time (s) | peak memory (MB) | trainable params |")
+    assert lines[2].startswith("| UCE | 2.0 ± 12.7 | 1,000 | 10 | 10 | 0.09 | 4.1 | 2 |")
+
+
 def test_the_params_file_compares_every_method_and_the_robust_variants(repo_root):
     params = config.load_params(repo_root / "params" / "toy_methods.yaml")
     attacks = config.load_params(repo_root / "params" / "toy_attacks.yaml")
@@ -60,12 +88,12 @@ def test_toy_mmdit_compares_every_method_that_trains_its_transformer_as_its_own_
 
 def test_recording_a_world_without_an_artefact_is_refused_before_any_run(doco, tmp_path):
     done = doco("toy", "methods", "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
-    assert done.returncode != 0 and "'toy-wide' has no methods artefact" in done.stderr
+    assert done.returncode != 0 and "'toy-wide' has no artefact methods or method_costs or sampling_sweep" in done.stderr
     assert not any(tmp_path.iterdir())
 
 
 # The digest of method_comparison.CODE when STUDY_VERSION was last decided on.
-PINNED_CODE_DIGEST = "594c2258a737695613bbe8e197bf5c451a368d2d7f63017dcc9e3bcbe52926db"
+PINNED_CODE_DIGEST = "dc172b2b810cf3aa7062d7e5c748a0640633be4c208d079b0dbf37abf4856414"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

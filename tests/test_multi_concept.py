@@ -44,7 +44,7 @@ def test_the_journal_table_has_a_row_per_stage_and_a_column_per_shape():
 
 def test_recording_another_world_is_refused_before_any_run(doco, tmp_path):
     done = doco("toy", "multi-concept", "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
-    assert done.returncode != 0 and "'toy-wide' has no multi_concept artefact" in done.stderr
+    assert done.returncode != 0 and "'toy-wide' has no artefact multi_concept" in done.stderr
     assert not any(tmp_path.iterdir())
 
 

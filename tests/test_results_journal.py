@@ -168,3 +168,18 @@ def test_one_seed_shows_no_interval_over_seeds_but_an_attacks_wilson_interval(tm
     assert "1 seed (0), 20 attempts per model, attack and seed; one seed, so no interval over seeds" in \
         journal.render("attacks", tmp_path)
     assert journal._cell(pd.Series([12.5])) == "12.5" and journal._cell(pd.Series([10.0, 20.0])).startswith("15.0 ± ")
+
+
+def test_recording_the_same_rows_again_keeps_their_first_record(tmp_path):
+    """A rerun that reused every run and image (say `doco toy methods --record` again, for a new artefact beside it)
+    leaves the part's date, commit and wall time as first measured; other rows or another identity replace it."""
+    rows = _attack_rows(0, 0.5)
+    assert journal.record("attacks", rows, "first", time.time() - 600, folder=tmp_path, part="seeds_0", identity="a")
+    first = (tmp_path / "attacks" / "seeds_0.json").read_text()
+    assert not journal.record("attacks", rows, "again", time.time(), folder=tmp_path, part="seeds_0", identity="a")
+    assert (tmp_path / "attacks" / "seeds_0.json").read_text() == first
+    assert journal.record("attacks", rows, "other code", time.time(), folder=tmp_path, part="seeds_0", identity="b")
+    assert journal.load("attacks", tmp_path)[1]["parts"][0]["command"] == "other code"
+    assert journal.record("attacks", _attack_rows(0, 0.25), "new rows", time.time(), folder=tmp_path, part="seeds_0",
+                          identity="b")
+    assert journal.load("attacks", tmp_path)[1]["parts"][0]["command"] == "new rows"

@@ -318,7 +318,7 @@ def test_the_implicit_attribute_figure_is_drawn_from_the_artefact():
 
 def test_recording_another_world_is_refused_before_any_run(doco, tmp_path):
     done = doco("toy", "styles-attributes", "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
-    assert done.returncode != 0 and "'toy-wide' has no styles or implicit_attribute or attribute_colours" in done.stderr
+    assert done.returncode != 0 and "'toy-wide' has no artefact styles or implicit_attribute or attribute_colours" in done.stderr
     assert not any(tmp_path.iterdir())
 
 

@@ -142,20 +142,25 @@ def _cmd_toy_attacks(args) -> None:
 def _world_artefacts(params: dict, studies: list[str]) -> list[str]:
     """The artefacts `studies` are recorded as on the params' toy world (`versions.artefact_name`), refused before
     any run for a world that has none in docs/results.md."""
-    names = [versions.artefact_name(study, params) for study in studies]
-    if any(name not in journal.RENDERERS for name in names):
-        raise ParamsError(f"model: {params['model']!r} has no {' or '.join(studies)} artefact in docs/results.md "
-                          f"(worlds with one: {', '.join(journal.WORLDS)}); run without --record.")
-    return names
+    def recorded_on(model: str) -> list[str] | None:
+        names = [versions.artefact_name(study, {"model": model}) for study in studies]
+        return names if all(name in journal.RENDERERS for name in names) else None
+
+    if recorded_on(params["model"]) is None:
+        worlds = [world for world in journal.WORLDS if recorded_on(world)]
+        raise ParamsError(f"model: {params['model']!r} has no artefact {' or '.join(studies)} in docs/results.md "
+                          f"(worlds with them: {', '.join(worlds)}); run without --record.")
+    return recorded_on(params["model"])
 
 
 def _record_parts(args, artefacts: dict[str, pd.DataFrame], seeds: list[int], identity: str, started: float) -> None:
     """Record each artefact's rows as its part named by `seeds` (a study recorded seed by seed)."""
     part = "seeds_" + "_".join(map(str, sorted(seeds)))
     for name, rows in artefacts.items():
-        journal.record(name, rows, "doco " + shlex.join(map(str, args.argv)), started, part=part, identity=identity)
-    print(", ".join(f"docs/results/{name}/{part}.csv" for name in artefacts) + " recorded; `doco results` updates "
-          "docs/results.md")
+        wrote = journal.record(name, rows, "doco " + shlex.join(map(str, args.argv)), started, part=part,
+                               identity=identity)
+        print(f"docs/results/{name}/{part}.csv " + ("recorded" if wrote else "unchanged: the rows already recorded"))
+    print("`doco results` updates docs/results.md")
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -167,17 +172,24 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _cmd_toy_methods(args) -> None:
-    """Notebook 05's method comparison, per seed: `ablation_variants` trained (or reused) and judged; --record records
-    the seeds' part of the world's artefact (`methods`, `methods_toy_mmdit`: `versions.artefact_name`)."""
+    """Notebook 05's method comparison, per seed: `ablation_variants` trained (or reused) and judged, their cost
+    records, and (unless --no-sweep) the target judged across sampling settings; --record records the seeds' part of
+    the world's artefacts (`methods`, `method_costs`, `sampling_sweep`; `methods_toy_mmdit`, …:
+    `versions.artefact_name`)."""
     params = load_params(args.params, parse_overrides(args.set))
     seeds = args.seeds or params["ablation_seeds"]
-    artefacts = _world_artefacts(params, ["methods"]) if args.record else []
+    studies = ["methods", "method_costs"] + ([] if args.no_sweep else ["sampling_sweep"])
+    artefacts = _world_artefacts(params, studies) if args.record else []
     started = time.time()
-    rows = method_comparison.method_rows(params, params["ablation_variants"], seeds, args.samples or params["eval_samples"])
-    written = _write_rows(rows, run_dir(params) / "method_comparison.csv")
-    print(journal.methods_table(rows), f"\nwritten to {', '.join(map(str, written))}", sep="\n")
+    measured = method_comparison.study_rows(params, params["ablation_variants"], seeds,
+                                            args.samples or params["eval_samples"], sweep=not args.no_sweep)
+    written = [path for study, rows in measured.items() for path in
+               _write_rows(rows, run_dir(params) / ("method_comparison.csv" if study == "methods" else f"{study}.csv"))]
+    print(*(journal.WORLD_STUDIES[study](rows) for study, rows in measured.items()),
+          f"written to {', '.join(map(str, written))}", sep="\n\n")
     if args.record:
-        _record_parts(args, dict(zip(artefacts, [rows])), seeds, method_comparison.study_identity(params), started)
+        _record_parts(args, dict(zip(artefacts, measured.values())), seeds, method_comparison.study_identity(params),
+                      started)
 
 
 def _cmd_toy_damage_matrix(args) -> None:
@@ -450,8 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
     methods.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: ablation_seeds)")
     methods.add_argument("--samples", type=int, help="judged images per prompt set and seed (default: eval_samples)")
+    methods.add_argument("--no-sweep", action="store_true", help="judge at the params' sampling settings only, "
+                         "without the sweep over sweep_guidance_scales and sweep_steps (and its artefact)")
     methods.add_argument("--record", action="store_true", help="write the rows as the seeds' part of the world's "
-                         "artefact in docs/results (methods, methods_toy_mmdit)")
+                         "artefacts in docs/results (methods, method_costs, sampling_sweep; on toy-mmdit each with "
+                         "_toy_mmdit)")
     methods.set_defaults(func=_cmd_toy_methods)
 
     matrix = toy.add_parser("damage-matrix", help="notebook 09's collateral-damage matrix per seed: damage_variants "

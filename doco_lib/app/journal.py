@@ -23,7 +23,7 @@ import pandas as pd
 
 from doco_lib import costs
 from doco_lib.app.batch import environment  # the batch manifest's record of the code and packages
-from doco_lib.evaluation import unlearn_canvas
+from doco_lib.evaluation import costs_table, unlearn_canvas
 from doco_lib.evaluation.rating import mean_ci
 from doco_lib.io import atomic_write_bytes, atomic_write_text
 from doco_lib.studies import attack_study, damage_matrix, implicit_attribute, style_table, versions
@@ -35,10 +35,12 @@ BLOCK = re.compile(r"(<!-- artefact: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /
 
 
 def record(name: str, rows: pd.DataFrame, command: str, started: float, folder: Path = ARTEFACTS,
-           part: str | None = None, identity: str | None = None) -> None:
+           part: str | None = None, identity: str | None = None) -> bool:
     """Write artefact `name`: `rows` as CSV and how they were measured (`started`: the study's time.time()). With
     `part`, one part of it (`<name>/<part>.csv`, say one seed of a study too long for one session): `load` joins
-    the parts, which must share `identity` (what the rows depend on: settings and code) and no seed."""
+    the parts, which must share `identity` (what the rows depend on: settings and code) and no seed. Rows equal to
+    those recorded, under the same identity, leave the record as it was (its date, commit and wall time: a rerun
+    that reused everything measured nothing new); returns whether it wrote."""
     run = environment()
     changed = subprocess.run(["git", "status", "--porcelain", "--", "doco_lib", "params", "notebooks"], cwd=REPO,
                              capture_output=True, text=True).stdout.strip()
@@ -50,9 +52,19 @@ def record(name: str, rows: pd.DataFrame, command: str, started: float, folder: 
     if part is not None:
         provenance.update(part=part, identity=identity)
         stem = stem / part
+    text = rows.to_csv(index=False)
+    table = stem.with_suffix(".csv")
+    if table.is_file() and table.read_text() == text and _identity(stem) == identity:
+        return False  # the same rows again (a rerun that reused every run and image): their first record stands
     stem.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(rows.to_csv(index=False), stem.with_suffix(".csv"))
+    atomic_write_text(text, table)
     atomic_write_text(json.dumps(provenance, indent=2) + "\n", stem.with_suffix(".json"))
+    return True
+
+
+def _identity(stem: Path) -> str | None:
+    path = stem.with_suffix(".json")
+    return json.loads(path.read_text()).get("identity") if path.is_file() else None
 
 
 def names(folder: Path = ARTEFACTS) -> set[str]:
@@ -224,6 +236,25 @@ def multi_concept_table(rows: pd.DataFrame) -> str:
     return _rate_table(rows, "model", "prompt set", "model")
 
 
+def sampling_sweep_table(rows: pd.DataFrame) -> str:
+    """The target's judged rate (%) per model (rows) at each sampling setting (columns: each guidance scale at the
+    base step count, then each other step count at the base guidance; the base setting is the one both sweeps
+    share), mean ± 95% Student-t half-width over seeds."""
+    target = rows[rows.role == "target"]
+    base_steps, base_guidance = target["steps"].mode().iloc[0], target["guidance"].mode().iloc[0]
+    labels = [f"w {g:g}" if s == base_steps else f"{s} steps" for g, s in zip(target["guidance"], target["steps"])]
+    return _rate_table(target.assign(setting=labels), "model", "setting",
+                       f"model (w = guidance at {base_steps} steps; steps at w {base_guidance:g})")
+
+
+def method_costs_table(rows: pd.DataFrame) -> str:
+    """What each run cost to train (`costs_table.efficiency_table`): a row per variant, each measure over its seeds
+    (mean ± 95% Student-t half-width; one value where the seeds agree), the memory measured and the machine."""
+    table = costs_table.efficiency_table(rows).reset_index()
+    lines = ["| " + " | ".join(table.columns) + " |", "|---" * len(table.columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)])
+
+
 def relearning_table(rows: pd.DataFrame) -> str:
     """The relearning curve: judged-target rate (%) of each model's start prompts (rows) after each number of
     fine-tuning steps (columns), the mean over attempts per seed, then over seeds."""
@@ -234,7 +265,9 @@ def relearning_table(rows: pd.DataFrame) -> str:
 # world, `<study>_toy_mmdit` for toy-mmdit (`versions.artefact_name`).
 WORLDS = ("toy", "toy-mmdit")
 WORLD_STUDIES: dict[str, Callable[[pd.DataFrame], str]] = {"attacks": attacks_table, "relearning": relearning_table,
-                                                           "methods": methods_table}
+                                                           "methods": methods_table,
+                                                           "sampling_sweep": sampling_sweep_table,
+                                                           "method_costs": method_costs_table}
 RENDERERS: dict[str, Callable[[pd.DataFrame], str]] = {
     "retain_modes": retain_modes_table, "lora_export": lora_export_table, "toy_world": toy_world_table,
     "sepme": sepme_table, "damage_matrix": damage_matrix_table,
