@@ -183,3 +183,12 @@ def test_recording_the_same_rows_again_keeps_their_first_record(tmp_path):
     assert journal.record("attacks", _attack_rows(0, 0.25), "new rows", time.time(), folder=tmp_path, part="seeds_0",
                           identity="b")
     assert journal.load("attacks", tmp_path)[1]["parts"][0]["command"] == "new rows"
+
+
+@pytest.mark.parametrize("command, artefacts", [
+    ("methods", "methods or method_costs or sampling_sweep"), ("damage-matrix", "damage_matrix"),
+    ("multi-concept", "multi_concept"), ("styles-attributes", "styles or implicit_attribute or attribute_colours")])
+def test_recording_a_world_without_the_studys_artefacts_is_refused_before_any_run(doco, tmp_path, command, artefacts):
+    done = doco("toy", command, "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
+    assert done.returncode != 0 and f"'toy-wide' has no artefact {artefacts} in docs/results.md" in done.stderr
+    assert not any(tmp_path.iterdir())

@@ -15,7 +15,7 @@ from doco_lib.evaluation import nudity, unlearn_canvas
 from doco_lib.evaluation.runner import _judge_accuracy, concept_prompts
 from doco_lib.figures import labelled_grid
 from doco_lib.models import load_judge
-from doco_lib.studies import implicit_attribute, style_table, styles_attributes
+from doco_lib.studies import implicit_attribute, style_table, styles_attributes, versions
 from doco_lib.toy import erasure, render
 
 TOY = {"model": "toy"}
@@ -316,19 +316,11 @@ def test_the_implicit_attribute_figure_is_drawn_from_the_artefact():
     plt.close(figure)
 
 
-def test_recording_another_world_is_refused_before_any_run(doco, tmp_path):
-    done = doco("toy", "styles-attributes", "--set", "model=toy-wide", "--set", f"output_root={tmp_path}", "--record")
-    assert done.returncode != 0 and "'toy-wide' has no artefact styles or implicit_attribute or attribute_colours" in done.stderr
-    assert not any(tmp_path.iterdir())
-
 
 # The digest of styles_attributes.CODE when STUDY_VERSION was last decided on.
-PINNED_CODE_DIGEST = "65e901c2319fbb5b70d6cec845a251840e65b4a44a61c17eb02919336d69ac72"
+PINNED_CODE_DIGEST = "af682a9985e85c1122f9b980d752072c20650774c1cab50ddbaab387c7a8409f"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():
     digest = styles_attributes.code_digest()
-    assert digest == PINNED_CODE_DIGEST, (
-        "notebook 10's recorded studies' code (styles_attributes.CODE) changed: if the change alters what they "
-        "measure, bump styles_attributes.STUDY_VERSION (recorded parts of other versions are then not joined); "
-        f"either way set PINNED_CODE_DIGEST to {digest!r}.")
+    assert digest == PINNED_CODE_DIGEST, versions.pin_message("styles_attributes", digest)

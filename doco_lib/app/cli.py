@@ -163,6 +163,20 @@ def _record_parts(args, artefacts: dict[str, pd.DataFrame], seeds: list[int], id
     print("`doco results` updates docs/results.md")
 
 
+def _seeded_study(toy, name: str, summary: str, params: str, seeds_key: str, artefacts: str, func):
+    """A `doco toy` study recorded seed by seed: --params, --set, --seeds (default: the params' `seeds_key`) and
+    --record (the seeds' part of `artefacts`)."""
+    study = toy.add_parser(name, help=summary)
+    study.add_argument("--params", default=params)
+    study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key "
+                       "(eval_samples: judged images per prompt set and seed)")
+    study.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default: {seeds_key})")
+    study.add_argument("--record", action="store_true", help=f"write the rows as the seeds' part of the world's "
+                       f"artefacts in docs/results ({artefacts})")
+    study.set_defaults(func=func)
+    return study
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         shard, shards = (int(n) for n in text.split("/"))
@@ -444,60 +458,29 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--record", action="store_true", help="write the rows as artefact toy_world of docs/results")
     quality.set_defaults(func=_cmd_toy_quality)
 
-    attack = toy.add_parser("attacks", help="train attack_variants per seed as notebook 05 does and run every attack "
-                            "of attacks on each (notebook 07's study): ASR with intervals, cost, controls")
-    attack.add_argument("--params", default="params/toy_attacks.yaml")
-    attack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
-    attack.add_argument("--seeds", type=int, nargs="+", help="training and attack seeds (default: attack_model_seeds)")
+    attack = _seeded_study(toy, "attacks", "train attack_variants per seed as notebook 05 does and run every attack "
+                           "of attacks on each (notebook 07's study): ASR with intervals, cost, controls",
+                           "params/toy_attacks.yaml", "attack_model_seeds",
+                           "attacks and relearning; toy-mmdit: attacks_toy_mmdit and relearning_toy_mmdit",
+                           _cmd_toy_attacks)
     attack.add_argument("--shard", type=_shard, metavar="K/N", help="train and attack shard K of N of the models only "
                         "(round robin; run the N side by side, then once without --shard to combine)")
-    attack.add_argument("--record", action="store_true", help="write the rows as the seeds' part of the world's "
-                        "artefacts in docs/results (attacks and relearning; toy-mmdit: attacks_toy_mmdit and "
-                        "relearning_toy_mmdit)")
-    attack.set_defaults(func=_cmd_toy_attacks)
-
-    methods = toy.add_parser("methods", help="notebook 05's method comparison per seed: ablation_variants trained (or "
-                             "reused) and judged, each shape's rate and UA / IRA / CRA")
-    methods.add_argument("--params", default="params/toy_methods.yaml")
-    methods.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key")
-    methods.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: ablation_seeds)")
+    methods = _seeded_study(toy, "methods", "notebook 05's method comparison per seed: ablation_variants trained (or "
+                            "reused) and judged, each shape's rate and UA / IRA / CRA, their costs and the sampling "
+                            "sweep", "params/toy_methods.yaml", "ablation_seeds",
+                            "methods, method_costs, sampling_sweep; on toy-mmdit each with _toy_mmdit", _cmd_toy_methods)
     methods.add_argument("--samples", type=int, help="judged images per prompt set and seed (default: eval_samples)")
     methods.add_argument("--no-sweep", action="store_true", help="judge at the params' sampling settings only, "
                          "without the sweep over sweep_guidance_scales and sweep_steps (and its artefact)")
-    methods.add_argument("--record", action="store_true", help="write the rows as the seeds' part of the world's "
-                         "artefacts in docs/results (methods, method_costs, sampling_sweep; on toy-mmdit each with "
-                         "_toy_mmdit)")
-    methods.set_defaults(func=_cmd_toy_methods)
-
-    matrix = toy.add_parser("damage-matrix", help="notebook 09's collateral-damage matrix per seed: damage_variants "
-                            "erase each of damage_shapes in turn, every shape judged after each")
-    matrix.add_argument("--params", default="params/toy_damage_matrix.yaml")
-    matrix.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key "
-                        "(eval_samples: judged images per shape and seed)")
-    matrix.add_argument("--seeds", type=int, nargs="+", help="training and judging seeds (default: damage_seed)")
-    matrix.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefact "
-                        "damage_matrix in docs/results")
-    matrix.set_defaults(func=_cmd_toy_damage_matrix)
-
-    multi = toy.add_parser("multi-concept", help="notebook 05's multi-concept erasure per seed: sequential_stages "
-                           "erased one after another and all at once, each judged")
-    multi.add_argument("--params", default="params/toy_methods.yaml")
-    multi.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key "
-                       "(eval_samples: judged images per prompt set and seed)")
-    multi.add_argument("--seeds", type=int, nargs="+", help="training and judging seeds (default: multi_concept_seeds)")
-    multi.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefact "
-                       "multi_concept in docs/results")
-    multi.set_defaults(func=_cmd_toy_multi_concept)
-
-    styles = toy.add_parser("styles-attributes", help="notebook 10's toy Table 2 (styles) and Figure 6 (an implicit "
-                            "attribute) per seed: the runs trained (or reused) and measured")
-    styles.add_argument("--params", default="params/toy_styles_attributes.yaml")
-    styles.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key "
-                        "(eval_samples: judged images per prompt set and seed)")
-    styles.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: study_seeds)")
-    styles.add_argument("--record", action="store_true", help="write the rows as the seeds' part of artefacts "
-                        "styles, implicit_attribute and attribute_colours in docs/results")
-    styles.set_defaults(func=_cmd_toy_styles_attributes)
+    _seeded_study(toy, "damage-matrix", "notebook 09's collateral-damage matrix per seed: damage_variants erase each "
+                  "of damage_shapes in turn, every shape judged after each", "params/toy_damage_matrix.yaml",
+                  "damage_seed", "damage_matrix", _cmd_toy_damage_matrix)
+    _seeded_study(toy, "multi-concept", "notebook 05's multi-concept erasure per seed: sequential_stages erased one "
+                  "after another and all at once, each judged", "params/toy_methods.yaml", "multi_concept_seeds",
+                  "multi_concept", _cmd_toy_multi_concept)
+    _seeded_study(toy, "styles-attributes", "notebook 10's toy Table 2 (styles) and Figure 6 (an implicit attribute) "
+                  "per seed: the runs trained (or reused) and measured", "params/toy_styles_attributes.yaml",
+                  "study_seeds", "styles, implicit_attribute and attribute_colours", _cmd_toy_styles_attributes)
 
     sepme_seeds = toy.add_parser("sepme", help="SepME's increments trained per seed, every subset of them judged "
                                  "(notebook 08's table over seeds)")

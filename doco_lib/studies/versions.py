@@ -45,3 +45,10 @@ def code_digest(paths: tuple[str, ...]) -> str:
         for file in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
             digest.update(file.relative_to(REPO).as_posix().encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
+
+
+def pin_message(study: str, digest: str) -> str:
+    """What the test pinning the code digest of study module `study` says when that code changed."""
+    return (f"the code of {study}.CODE changed: if the change alters what the study measures, bump "
+            f"{study}.STUDY_VERSION (recorded parts of other versions are then not joined); either way set "
+            f"PINNED_CODE_DIGEST to {digest!r}.")
