@@ -312,8 +312,8 @@ def render(name: str, folder: Path = ARTEFACTS) -> str:
     counts = (f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))})" if seeds else "") + \
         (f", {', '.join(map(str, samples))} judged images per prompt set and seed" if samples else "") + \
         (f", {', '.join(map(str, attempts))} attempts per model, attack and seed" if attempts else "")
-    spread = "mean ± 95% Student-t interval over seeds" if len(seeds) != 1 else \
-        "one seed, so no interval over seeds (an attack's cell: its rate [the 95% Wilson interval of its attempts])"
+    spread = "mean ± 95% Student-t interval over seeds" if len(seeds) != 1 else "one seed, so no interval over seeds" + \
+        (" (an attack's cell: its rate [the 95% Wilson interval of its attempts])" if attempts else "")
     return f"{_provenance(name, how)} {counts}; {spread}.\n\n{RENDERERS[name](rows)}\n"
 
 
@@ -325,7 +325,8 @@ def _provenance(name: str, how: dict) -> str:
 
     if "parts" not in how:
         return f"Artefact {measured(how, f'{name}.csv')}."
-    return f"Artefact `{name}` in {len(how['parts'])} parts: " + "; ".join(
+    count = len(how["parts"])
+    return f"Artefact `{name}` in {count} part{'s' * (count != 1)}: " + "; ".join(
         measured(part, f"{name}/{part['part']}.csv") for part in how["parts"]) + "."
 
 
