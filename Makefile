@@ -136,10 +136,12 @@ results-methods-mmdit: $(STAMP)
 # every method of notebook 05 and the two robust variants × every attack of params/toy_attacks.yaml, 20 attempts
 # each, and the circle control. Two shards, a process per core, then a call that combines their chunks and records
 # the seeds' part of the artefacts. A seed is 13 models (11 erasures, the toy and toy-wide originals) × 20 attempts ×
-# 9 attacks and the control's 3: measured 2026-12-06 on a loaded 2-core machine (both shards and the test suite),
-# 18 min (the original, DoCo none) to 28 min (DoCo cp) per model on its share of a core, after 20-25 min of
-# training; on two idle cores expect about half, 1.5-2 h per seed. So `make attacks ATTACK_SEEDS=0` records one
-# seed per session; every part must come from the same settings and STUDY_VERSION (`doco results` refuses others).
+# 9 attacks and the control's 3. Measured on 2 cores, each seed beside a session's other work: seed 0 (2026-12-06,
+# beside the test suite) 18 min (the original, DoCo none) to 28 min (DoCo cp) per model on its share of a core,
+# after 20-25 min of training; seed 2 (2026-12-07, nice 19, beside about 40 min of test runs) 30 min of training
+# and 83 min of attacks, 1 h 53 min in all. So the three seeds take about 6 h: `make attacks ATTACK_SEEDS=0` records
+# one seed per session; every part must come from the same settings and STUDY_VERSION (`doco results` refuses
+# others).
 ATTACK_SEEDS ?= 0 1 2
 ATTACK_PARAMS ?= params/toy_attacks.yaml
 ATTACKS = $(BIN)/doco toy attacks --params $(ATTACK_PARAMS) --seeds $(ATTACK_SEEDS)
