@@ -16,7 +16,6 @@ from doco_lib.studies.retain_modes import judged_rows
 # leaves this list when a rerun records its artefact. A new section's tables must come from an artefact.
 LEGACY_SECTIONS = {
     "The collateral-damage matrix (notebook 09)", "Styles and an implicit attribute (notebook 10)",
-    "Multi-concept erasure (notebook 05)",
     "Reliability", "The README figure",
 }
 
