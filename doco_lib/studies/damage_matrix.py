@@ -244,7 +244,7 @@ def damage_figure(matrices: dict[str, pd.DataFrame], text_similarity: pd.DataFra
 
 def artefact_figure(rows: pd.DataFrame):
     """`damage_figure` of the artefact's matrices averaged over its seeds."""
-    seeds = sorted(rows.seed.unique())
+    seeds = sorted(int(seed) for seed in rows.seed.unique())
     return damage_figure(*mean_matrices(rows), title=f"points of judged rate lost, mean over seeds {seeds}")
 
 
