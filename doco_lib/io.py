@@ -131,6 +131,11 @@ def atomic_directory(path: Path):
         raise
 
 
+def ignore_temporaries(directory: str, names: list[str]) -> list[str]:
+    """`shutil.copytree`'s `ignore`: writers' temporaries, which vanish mid-copy when their writer renames them."""
+    return [name for name in names if _TEMPORARY.fullmatch(name)]
+
+
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Remove the temporaries that killed writers left under `directory`: this host's whose process is gone, and
     another host's untouched for `FOREIGN_TEMPORARY_AGE_S` (on a shared filesystem a live writer on another node

@@ -215,6 +215,31 @@ def test_temporaries_are_named_after_their_host(tmp_path, monkeypatch):
     assert io._TEMPORARY.fullmatch(names[0])["host"] == "gpu-node-cluster-example"
 
 
+def test_a_run_links_a_shared_cache_while_another_process_still_writes_a_preview_into_it(tmp_path, monkeypatch):
+    """A process whose anchor shards are all recorded links the cache into its run while the process that made the
+    last shard still writes that shard's preview PNG (a temporary, renamed when done): the copy leaves the
+    temporary out instead of failing on it (before: shutil.Error, "No such file or directory")."""
+    from doco_lib.studies import runs
+
+    shared, run = tmp_path / "latent_cache" / "key", tmp_path / "run" / "anchor_latents"
+    (shared / "images").mkdir(parents=True)
+    (shared / "manifest.json").write_text("{}")
+    (shared / "images" / "00000.png").write_text("done")
+    preview = shared / "images" / f".00001.png.{os.getpid() + 1}@{io._host()}.k3j4h5g6.tmp"
+    preview.write_text("half")
+    real_link = os.link
+
+    def link(source, target):
+        if preview.exists():  # the writer renames its temporary while the copy is under way
+            preview.rename(shared / "images" / "00001.png")
+        return real_link(source, target)
+
+    monkeypatch.setattr(os, "link", link)
+    runs._link_copy(shared, run)
+    assert sorted(p.name for p in (run / "images").iterdir()) in (["00000.png"], ["00000.png", "00001.png"])
+    assert (run / "manifest.json").read_text() == "{}"
+
+
 # ------------------------------------------------------------------------------------ filesystems without flock
 @pytest.fixture
 def no_flock(monkeypatch, tmp_path):

@@ -17,7 +17,7 @@ from doco_lib.concepts import ConceptSpec, read_preservation_file, read_prompt_f
 from doco_lib.evaluation.cache import model_caches
 from doco_lib.evaluation.nudity import read_i2p_csv
 from doco_lib.evaluation.runner import EvaluatedModel, evaluate
-from doco_lib.io import atomic_directory
+from doco_lib.io import atomic_directory, ignore_temporaries
 from doco_lib.methods import sepme
 from doco_lib.methods.baselines import TRAINERS
 from doco_lib.methods.discriminator import check_discriminator_fits
@@ -132,7 +132,8 @@ def _generate(params: dict, pipe, prompts: list[str], directory: Path, n_images:
 
 def _link_copy(source: Path, destination: Path) -> None:
     """Make `destination` a copy of `source` of hard links (no extra disk; plain copies where links fail),
-    replaced as a whole, so it is always complete."""
+    replaced as a whole, so it is always complete. Writers' temporaries are left out: another process sharing the
+    cache may still be writing its shards' preview images, whose temporaries vanish when renamed."""
     import os
     import shutil
 
@@ -144,7 +145,7 @@ def _link_copy(source: Path, destination: Path) -> None:
             shutil.copy2(src, dst)
 
     with atomic_directory(destination) as tmp:
-        shutil.copytree(source, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
+        shutil.copytree(source, tmp, copy_function=link_or_copy, dirs_exist_ok=True, ignore=ignore_temporaries)
 
 
 def prepare_anchors(params: dict, pipe) -> AnchorLatents:
