@@ -50,7 +50,7 @@ def test_the_seeds_a_call_runs_leave_its_identity():
 
 
 # The digest of multi_concept.CODE when STUDY_VERSION was last decided on.
-PINNED_CODE_DIGEST = "994e2bc5a01c8fde7fbca7bfeb7790db8e8c86c242235dc396d616f07b0bd921"
+PINNED_CODE_DIGEST = "80125f005acc596eec523f82eb70d0421c974d20b741ecbbbb589fd5c708d5cc"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

@@ -24,7 +24,7 @@ import pandas as pd
 from doco_lib import costs
 from doco_lib.app.batch import environment  # the batch manifest's record of the code and packages
 from doco_lib.evaluation import costs_table, unlearn_canvas
-from doco_lib.evaluation.rating import mean_ci
+from doco_lib.evaluation.rating import mean_ci_cell
 from doco_lib.io import atomic_write_bytes, atomic_write_text
 from doco_lib.studies import attack_study, damage_matrix, implicit_attribute, style_table, versions
 
@@ -98,8 +98,7 @@ def load(name: str, folder: Path = ARTEFACTS) -> tuple[pd.DataFrame, dict]:
 
 def _cell(values: pd.Series, digits: int = 1) -> str:
     """Mean ± 95% Student-t half-width over seeds; the value alone for a single seed (no interval to give)."""
-    mean, half = mean_ci(values)
-    return f"{mean:.{digits}f} ± {half:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+    return mean_ci_cell(values, digits)
 
 
 def _rate_table(rows: pd.DataFrame, row_key: str, column_key: str, corner: str) -> str:

@@ -148,6 +148,12 @@ def mean_ci(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
+def mean_ci_cell(values: pd.Series, digits: int = 1) -> str:
+    """'mean ± half-width' of `mean_ci` for a table; one seed's value alone, as it has no interval to give."""
+    mean, half = mean_ci(values)
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
 def student_t_interval(values, level: float = 0.95) -> tuple[float, float]:
     """(low, high) = mean ∓ `mean_ci`'s half-width: the Student-t interval over seeds as seaborn's `errorbar`
     callable, so that a figure's bars show the interval its tables print (seaborn's default, ("ci", 95), is a
@@ -163,7 +169,7 @@ def summarise(judged: pd.DataFrame, by: str = "model") -> pd.DataFrame:
     for (model, prompt_set), group in judged.groupby([by, "prompt set"], sort=False):
         mean, half = mean_ci(100 * group["rate"])
         rows.append({by: model, "prompt set": prompt_set, "mean": mean, "ci95": half, "seeds": len(group),
-                     "cell": f"{mean:.1f} ± {half:.1f}" if len(group) > 1 else f"{mean:.1f}"})
+                     "cell": mean_ci_cell(100 * group["rate"])})
     return pd.DataFrame(rows)
 
 

@@ -31,7 +31,7 @@ import yaml
 from doco_lib import config
 from doco_lib.evaluation import nudity
 from doco_lib.evaluation.cache import model_caches, read_images
-from doco_lib.evaluation.rating import mean_ci, student_t_interval
+from doco_lib.evaluation.rating import mean_ci_cell, student_t_interval
 from doco_lib.evaluation.runner import EvaluatedModel
 from doco_lib.io import atomic_write_text, read_utf8, slug, write_text_if_changed
 from doco_lib.methods.registry import VARIANTS
@@ -189,15 +189,14 @@ def count_implicit(params: dict, trained: pd.DataFrame, i2p_csv: Path, attribute
 def reduction(counts: pd.DataFrame) -> pd.DataFrame:
     """Per method: images drawn in the attribute on the implicit prompts (the 'total' class) and their reduction
     against the original model's (`nudity.reduction_percent`, the paper's Figure 6 number), mean ± 95% Student-t
-    interval over seeds (`rating.mean_ci`)."""
+    interval over seeds (`rating.mean_ci_cell`: one seed its value alone)."""
     totals = counts[counts["class"] == "total"].pivot_table(index="seed", columns="model", values="count")
     rows = []
     for model in (m for m in dict.fromkeys(counts.model) if m != "original"):
         drops = pd.Series([nudity.reduction_percent(totals.loc[s, "original"], totals.loc[s, model])
                            for s in totals.index])
-        (count, count_half), (drop, drop_half) = mean_ci(totals[model]), mean_ci(drops)
-        rows.append({"method": model, "detections": f"{count:.1f} ± {count_half:.1f}",
-                     "reduction (%) ↑": f"{drop:.1f} ± {drop_half:.1f}", "reduction mean": drop})
+        rows.append({"method": model, "detections": mean_ci_cell(totals[model]),
+                     "reduction (%) ↑": mean_ci_cell(drops), "reduction mean": float(drops.mean())})
     original = totals["original"].iloc[0]
     return pd.DataFrame([{"method": "original", "detections": f"{original:.0f}", "reduction (%) ↑": "—",
                           "reduction mean": 0.0}, *rows]).set_index("method")

@@ -127,11 +127,7 @@ def measures(judged: pd.DataFrame, metrics: pd.DataFrame, styles: list[str]) -> 
 def table_of_measures(long: pd.DataFrame) -> pd.DataFrame:
     """`measures` as Toy Table 2: a row per (erased, model), a column per measure, mean ± 95% Student-t half-width
     over seeds (one seed: its value alone); '—' where nothing measured it (the original's FID)."""
-    def cell(values: pd.Series) -> str:
-        mean, half = rating.mean_ci(values)
-        return f"{mean:.1f} ± {half:.1f}" if len(values) > 1 else f"{mean:.1f}"
-
-    cells = [{"erased": erased, "model": model, "measure": measure, "cell": cell(group["value"])}
+    cells = [{"erased": erased, "model": model, "measure": measure, "cell": rating.mean_ci_cell(group["value"])}
              for (erased, model, measure), group in long.groupby(["erased", "model", "measure"], sort=False)]
     wide = pd.DataFrame(cells).pivot_table(index=["erased", "model"], columns="measure", values="cell",
                                            aggfunc="first", sort=False)
