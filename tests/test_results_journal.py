@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from doco_lib.app import journal
+from doco_lib.evaluation.rating import mean_ci_cell
 from doco_lib.studies.retain_modes import judged_rows
 
 # Sections whose tables were recorded before docs/results/ existed, from runs whose outputs were not kept; each
@@ -164,7 +165,7 @@ def test_one_seed_shows_no_interval_over_seeds_but_an_attacks_wilson_interval(tm
                    identity="one")
     assert "1 seed (0), 20 attempts per model, attack and seed; one seed, so no interval over seeds" in \
         journal.render("attacks", tmp_path)
-    assert journal._cell(pd.Series([12.5])) == "12.5" and journal._cell(pd.Series([10.0, 20.0])).startswith("15.0 ± ")
+    assert mean_ci_cell(pd.Series([12.5])) == "12.5" and mean_ci_cell(pd.Series([10.0, 20.0])).startswith("15.0 ± ")
 
 
 def test_recording_the_same_rows_again_keeps_their_first_record(tmp_path):

@@ -96,11 +96,6 @@ def load(name: str, folder: Path = ARTEFACTS) -> tuple[pd.DataFrame, dict]:
     return pd.concat([rows for rows, _ in parts], ignore_index=True), {"parts": [how for _, how in parts]}
 
 
-def _cell(values: pd.Series, digits: int = 1) -> str:
-    """Mean ± 95% Student-t half-width over seeds; the value alone for a single seed (no interval to give)."""
-    return mean_ci_cell(values, digits)
-
-
 def _rate_table(rows: pd.DataFrame, row_key: str, column_key: str, corner: str) -> str:
     """Judged rate (%) per value of `row_key` (rows) and `column_key` (columns): mean ± 95% Student-t half-width
     over seeds; `corner` heads the first column."""
@@ -108,7 +103,7 @@ def _rate_table(rows: pd.DataFrame, row_key: str, column_key: str, corner: str) 
     columns = list(dict.fromkeys(rows[column_key]))
     lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, group in rows.groupby(row_key, sort=False):
-        cells = [_cell(group[group[column_key] == column]["percent"]) for column in columns]
+        cells = [mean_ci_cell(group[group[column_key] == column]["percent"]) for column in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -154,7 +149,7 @@ def attacks_table(rows: pd.DataFrame) -> str:
         if len(chosen) == 1:  # one seed: its attempts' Wilson interval
             row = chosen.iloc[0]
             return f"{row.percent:.0f} [{100 * row.asr_low:.0f}–{100 * row.asr_high:.0f}]"
-        return _cell(chosen["percent"]) if len(chosen) else "–"
+        return mean_ci_cell(chosen["percent"]) if len(chosen) else "–"
 
     for label, group in rows.groupby("label", sort=False):
         cells = [cell(group[group.attack == attack]) for attack in attacks]
@@ -223,9 +218,9 @@ def damage_matrix_table(rows: pd.DataFrame) -> str:
              "ρ of the mean matrix | p (permutation) |", "|---" * 6 + "|"]
     for method, group in per_seed.groupby("method", sort=False):
         rho, p = of_mean.loc[method, "Spearman ρ (damage, similarity)"], of_mean.loc[method, "p (permutation)"]
-        lines.append(f"| {method} | {_cell(group['erasure (diagonal, pts)'])} | "
-                     f"{_cell(group['damage (off the diagonal, pts)'])} | "
-                     f"{_cell(group['Spearman ρ (damage, similarity)'], digits=2)} | {rho:.2f} | "
+        lines.append(f"| {method} | {mean_ci_cell(group['erasure (diagonal, pts)'])} | "
+                     f"{mean_ci_cell(group['damage (off the diagonal, pts)'])} | "
+                     f"{mean_ci_cell(group['Spearman ρ (damage, similarity)'], digits=2)} | {rho:.2f} | "
                      f"{'< 0.001' if p < 0.001 else f'{p:.3f}'} |")
     return "\n".join(lines)
 
