@@ -1,6 +1,6 @@
 """docs/results.md's tables come from committed artefacts (docs/results/, doco_lib/app/journal.py): each
-generated block equals what its artefact renders, a changed number is caught, and every table outside the
-sections recorded before the artefacts existed sits in such a block."""
+generated block equals what its artefact renders, a changed number is caught, and every table sits in such a
+block."""
 
 import re
 import shutil
@@ -12,13 +12,6 @@ import pytest
 from doco_lib.app import journal
 from doco_lib.evaluation.rating import mean_ci_cell
 from doco_lib.studies.retain_modes import judged_rows
-
-# Sections whose tables were recorded before docs/results/ existed, from runs whose outputs were not kept; each
-# leaves this list when a rerun records its artefact. A new section's tables must come from an artefact.
-LEGACY_SECTIONS = {
-    "Styles and an implicit attribute (notebook 10)", "Reliability", "The README figure",
-}
-
 
 def test_every_block_of_results_md_is_what_its_artefact_renders(doco):
     result = doco("results", "--check")
@@ -43,12 +36,8 @@ def _sections(text: str) -> dict[str, str]:
     return dict(zip(parts[1::2], parts[2::2]))
 
 
-def test_every_table_outside_the_legacy_sections_comes_from_an_artefact():
-    sections = _sections(journal.JOURNAL.read_text())
-    assert LEGACY_SECTIONS <= set(sections), LEGACY_SECTIONS - set(sections)  # the list stays true
-    for title, body in sections.items():
-        if title in LEGACY_SECTIONS:
-            continue
+def test_every_table_of_results_md_comes_from_an_artefact():
+    for title, body in _sections(journal.JOURNAL.read_text()).items():
         outside = journal.BLOCK.sub("", body)
         assert not re.search(r"^\|", outside, flags=re.M), f"{title!r}: a table that no artefact generates"
 
