@@ -13,6 +13,7 @@ from doco_lib.app import journal
 from doco_lib.evaluation.rating import mean_ci_cell
 from doco_lib.studies.retain_modes import judged_rows
 
+
 def test_every_block_of_results_md_is_what_its_artefact_renders(doco):
     result = doco("results", "--check")
     assert result.returncode == 0, result.stderr
