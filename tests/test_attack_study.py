@@ -238,7 +238,7 @@ def test_record_on_toy_mmdit_writes_its_own_artefacts(doco, tmp_path, monkeypatc
 
 
 # The digest of attack_study.CODE when STUDY_VERSION was last decided on (see attack_study.STUDY_VERSION).
-PINNED_CODE_DIGEST = "8ad8962a3901a7ab2b8c72b7380cb9e25fe71bec6582dae87d8172345e30668f"
+PINNED_CODE_DIGEST = "51c552bd741603f0ac835cd37f0cf824a1cdd389f4dd0df4f3ea96a0ab9ab60f"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

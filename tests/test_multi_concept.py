@@ -50,7 +50,7 @@ def test_the_seeds_a_call_runs_leave_its_identity():
 
 
 # The digest of multi_concept.CODE when STUDY_VERSION was last decided on.
-PINNED_CODE_DIGEST = "80125f005acc596eec523f82eb70d0421c974d20b741ecbbbb589fd5c708d5cc"
+PINNED_CODE_DIGEST = "068141c3360b7e4d2b93576d3fab57d32c74456866da0e1565db93b83fa2c224"
 
 
 def test_every_change_to_the_studys_code_is_a_decision_on_its_version():

@@ -150,8 +150,12 @@ def mean_ci(values: pd.Series, level: float = 0.95) -> tuple[float, float]:
 
 def mean_ci_cell(values: pd.Series, digits: int = 1) -> str:
     """'mean ± half-width' of `mean_ci` for a table; one seed's value alone, as it has no interval to give."""
-    mean, half = mean_ci(values)
-    return f"{mean:.{digits}f} ± {half:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+    return format_mean_ci(*mean_ci(values), seeds=len(values), digits=digits)
+
+
+def format_mean_ci(mean: float, half: float, seeds: int, digits: int = 1) -> str:
+    """`mean_ci_cell` of an interval already computed."""
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
 
 
 def student_t_interval(values, level: float = 0.95) -> tuple[float, float]:
@@ -169,7 +173,7 @@ def summarise(judged: pd.DataFrame, by: str = "model") -> pd.DataFrame:
     for (model, prompt_set), group in judged.groupby([by, "prompt set"], sort=False):
         mean, half = mean_ci(100 * group["rate"])
         rows.append({by: model, "prompt set": prompt_set, "mean": mean, "ci95": half, "seeds": len(group),
-                     "cell": mean_ci_cell(100 * group["rate"])})
+                     "cell": format_mean_ci(mean, half, seeds=len(group))})
     return pd.DataFrame(rows)
 
 
